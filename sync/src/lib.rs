@@ -1,0 +1,15 @@
+//! Usage records and their journey from the edge box to core billing.
+//!
+//! This crate owns the billing contract ([`record`], compiled from
+//! `proto/usage.proto`), the node's signing identity ([`identity`]) and the
+//! durable, signed, hash-chained usage log ([`log`]). Later it also holds the
+//! QUIC uploader (edge side) and the `core-ingest` server (core side).
+//!
+//! It knows nothing of HTTP, plans or models: the agent hands it a finished
+//! [`record::UsageRecord`] and gets back a sequence number once the record is
+//! durable.
+#![warn(missing_docs)]
+
+pub mod identity;
+pub mod log;
+pub mod record;
