@@ -472,7 +472,7 @@ mod tests {
         *flip_last.last_mut().unwrap() ^= 1;
         check("flip in last frame", flip_last, 2, "torn");
         let mut flip_mid = full.clone();
-        flip_mid[h + frame + 30] ^= 1;
+        flip_mid[h + frame + 26] ^= 1;
         check("flip in middle frame", flip_mid, 1, "damaged");
         check("empty segment", full[..h].to_vec(), 0, "clean");
         check("no header", vec![0; 10], 0, "header");
