@@ -49,6 +49,7 @@ pub use backend::{BackendChoice, BackendKind, FileBackend, SegmentBackend};
 #[cfg(target_os = "linux")]
 pub use backend::UringBackend;
 pub use format::AckState;
+pub use writer::probe_uring;
 pub use recovery::LostRange;
 
 use crate::identity::NodeIdentity;
