@@ -12,6 +12,7 @@
 //! | `ack`                      | acknowledged position (replaced atomically)               |
 //! | `lost`                     | seq ranges given up by `edge-agent log salvage`, one JSON object a line |
 //! | `damaged/`                 | segments moved aside by `salvage`, kept for forensics     |
+//! | `reserve`                  | 64 KiB of ballast, given up so an `ack` can be written on a full disk |
 //!
 //! # Segment header (64 bytes, little-endian)
 //!

@@ -523,6 +523,7 @@ impl UsageLog {
         }
         if !doomed.is_empty() {
             recovery::sync_dir(&self.shared.dir)?;
+            recovery::ensure_reserve(&self.shared.dir);
         }
         Ok(())
     }

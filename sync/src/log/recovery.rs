@@ -16,6 +16,12 @@ use crate::record::SignedRecord;
 pub const ACK_FILE: &str = "ack";
 /// Name of the lost-ranges file.
 pub const LOST_FILE: &str = "lost";
+/// A ballast file kept so that an acknowledgement can be written, and
+/// segments freed, even when the disk is full: `ack` deletes it when writing
+/// the ack file fails for want of space, then recreates it.
+pub const RESERVE_FILE: &str = "reserve";
+/// Size of the reserve file.
+pub const RESERVE_BYTES: usize = 64 * 1024;
 /// Folder for segments moved aside by `salvage`.
 pub const DAMAGED_DIR: &str = "damaged";
 
@@ -59,8 +65,37 @@ pub(crate) fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), L
     sync_dir(dir)
 }
 
+/// Writes the ack file atomically. On a full disk it gives up the reserve
+/// file and tries once more: an acknowledgement is what frees room.
 pub(crate) fn write_ack(dir: &Path, ack: &AckState) -> Result<(), LogError> {
-    replace_file(dir, ACK_FILE, &ack.encode())
+    match replace_file(dir, ACK_FILE, &ack.encode()) {
+        Err(LogError::Io { .. }) if dir.join(RESERVE_FILE).exists() => {
+            let _ = fs::remove_file(dir.join(ACK_FILE).with_extension("tmp"));
+            let reserve = dir.join(RESERVE_FILE);
+            fs::remove_file(&reserve).map_err(|e| LogError::io(&reserve, e))?;
+            sync_dir(dir)?;
+            tracing::warn!(dir = %dir.display(), "disk full: released the reserve file to record an acknowledgement");
+            replace_file(dir, ACK_FILE, &ack.encode())
+        }
+        other => other,
+    }
+}
+
+/// Creates the reserve file if it is missing (best effort: on a full disk it
+/// stays missing until room is freed, and the log says so).
+pub(crate) fn ensure_reserve(dir: &Path) {
+    let path = dir.join(RESERVE_FILE);
+    if fs::metadata(&path).map(|m| m.len() as usize == RESERVE_BYTES).unwrap_or(false) {
+        return;
+    }
+    let res = fs::write(&path, vec![0u8; RESERVE_BYTES])
+        .and_then(|()| fs::File::open(&path)?.sync_all())
+        .map_err(|e| LogError::io(&path, e))
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = res {
+        let _ = fs::remove_file(&path);
+        tracing::warn!(error = %e, "cannot create the usage log's reserve file; an acknowledgement on a full disk may fail");
+    }
 }
 
 /// Reads the `ack` file (none: nothing acknowledged).
@@ -146,6 +181,7 @@ fn create_segment(dir: &Path, header: SegmentHeader) -> Result<SegmentIndex, Log
 pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Result<Recovered, LogError> {
     fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
     let ack = read_ack(dir)?;
+    ensure_reserve(dir);
     let lost = read_lost(dir)?;
     let files = list_segments(dir)?;
 
