@@ -70,7 +70,10 @@ pub struct BenchArgs {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_AGENT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Parses the command line, runs it, and maps the outcome to an exit code:

@@ -27,14 +27,19 @@ pub fn identity_dir(state_dir: &Path) -> PathBuf {
 /// `log verify`: JSON summary on stdout; exit 1 when anything is wrong.
 pub fn verify(dir: &Path) -> anyhow::Result<ExitCode> {
     let pub_path = identity_dir(dir).join(identity::PUB_FILE);
-    let key = identity::load_public_key(&pub_path).context("cannot check signatures without the node's public key")?;
+    let key = identity::load_public_key(&pub_path)
+        .context("cannot check signatures without the node's public key")?;
     let log = log_dir(dir);
     anyhow::ensure!(log.is_dir(), "{}: no usage log here", log.display());
     let report = verify::verify_log(&log, &key);
     let mut json = serde_json::to_value(&report)?;
     json["ok"] = report.ok().into();
     println!("{}", serde_json::to_string_pretty(&json)?);
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `log dump`: one JSON object per record.
@@ -73,7 +78,10 @@ pub fn salvage(dir: &Path) -> anyhow::Result<ExitCode> {
     let log = log_dir(dir);
     match mec_sync::log::salvage::salvage(&log)? {
         Some(report) => println!("{}", serde_json::to_string_pretty(&report)?),
-        None => println!("{}", serde_json::json!({ "salvaged": null, "message": "no damaged segment" })),
+        None => println!(
+            "{}",
+            serde_json::json!({ "salvaged": null, "message": "no damaged segment" })
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -111,17 +119,31 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 
 /// `log bench`.
 pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.records > 0 && args.concurrency > 0, "--records and --concurrency must be at least 1");
+    anyhow::ensure!(
+        args.records > 0 && args.concurrency > 0,
+        "--records and --concurrency must be at least 1"
+    );
     let identity = NodeIdentity::load_or_create(&identity_dir(&args.dir))?;
-    let options = LogOptions { backend: args.backend, ..LogOptions::default() };
-    let log = Arc::new(UsageLog::open(&log_dir(&args.dir), identity.clone(), "bench-node", options)?);
+    let options = LogOptions {
+        backend: args.backend,
+        ..LogOptions::default()
+    };
+    let log = Arc::new(UsageLog::open(
+        &log_dir(&args.dir),
+        identity.clone(),
+        "bench-node",
+        options,
+    )?);
     let backend = log.backend();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let (elapsed, mut latencies) = rt.block_on(async {
         let start = Instant::now();
         let mut tasks = Vec::new();
         for t in 0..args.concurrency {
-            let n = args.records / args.concurrency + u64::from(t < args.records % args.concurrency);
+            let n =
+                args.records / args.concurrency + u64::from(t < args.records % args.concurrency);
             let log = log.clone();
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::with_capacity(n as usize);

@@ -41,7 +41,11 @@ fn kill_loop(backend: &str) {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout).lines().map_while(Result::ok).filter_map(|l| l.parse::<u64>().ok()).collect::<Vec<u64>>()
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| l.parse::<u64>().ok())
+                .collect::<Vec<u64>>()
         });
         std::thread::sleep(next_delay(&mut rng));
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
@@ -51,16 +55,32 @@ fn kill_loop(backend: &str) {
 
         // `edge-agent log verify` semantics on the crashed log, before any reopen.
         let report = verify::verify_log(&log_dir, &key.verifying_key());
-        assert!(report.ok(), "round {round}: verify after SIGKILL: {:?}", report.problems);
+        assert!(
+            report.ok(),
+            "round {round}: verify after SIGKILL: {:?}",
+            report.problems
+        );
         let last = report.last_seq.unwrap_or(0);
         let max_printed = printed.iter().next_back().copied().unwrap_or(0);
-        assert!(last >= max_printed, "round {round}: printed seq {max_printed} but the log ends at {last}");
+        assert!(
+            last >= max_printed,
+            "round {round}: printed seq {max_printed} but the log ends at {last}"
+        );
         assert_eq!(report.first_seq.unwrap_or(1), 1);
         assert_eq!(report.records, last, "round {round}: seqs dense from 1");
     }
     // Reopen through recovery and read every record back.
     let identity = NodeIdentity::from_signing_key(key);
-    let log = UsageLog::open(&log_dir, identity, "kill-test-node", LogOptions { backend: BackendChoice::File, ..LogOptions::default() }).unwrap();
+    let log = UsageLog::open(
+        &log_dir,
+        identity,
+        "kill-test-node",
+        LogOptions {
+            backend: BackendChoice::File,
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
     let durable = log.stats().durable_seq;
     let all = log.read_from(1, usize::MAX, usize::MAX).unwrap();
     assert_eq!(all.len() as u64, durable);
@@ -72,7 +92,10 @@ fn kill_loop(backend: &str) {
         signed.verify(&log.identity().verifying_key()).unwrap();
         assert_eq!(signed.record().unwrap().seq, *seq);
     }
-    eprintln!("kill test ({backend}): {ROUNDS} SIGKILLs, {} acknowledged seqs, {durable} durable records", printed.len());
+    eprintln!(
+        "kill test ({backend}): {ROUNDS} SIGKILLs, {} acknowledged seqs, {durable} durable records",
+        printed.len()
+    );
     assert!(printed.len() > ROUNDS as usize, "the child made progress");
 }
 

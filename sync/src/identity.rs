@@ -68,7 +68,10 @@ pub enum IdentityError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
-    move |source| IdentityError::Io { path: path.to_path_buf(), source }
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One node's signing identity.
@@ -80,7 +83,9 @@ pub struct NodeIdentity {
 
 impl std::fmt::Debug for NodeIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeIdentity").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("NodeIdentity")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -94,14 +99,19 @@ impl NodeIdentity {
     /// Wraps an existing key (tests and benchmarks).
     pub fn from_signing_key(signing_key: SigningKey) -> NodeIdentity {
         let key_id = key_id(&signing_key.verifying_key());
-        NodeIdentity { signing_key, key_id }
+        NodeIdentity {
+            signing_key,
+            key_id,
+        }
     }
 
     /// Generates a fresh key from the operating system's random source.
     pub fn generate() -> Result<NodeIdentity, IdentityError> {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
-        Ok(NodeIdentity::from_signing_key(SigningKey::from_bytes(&seed)))
+        Ok(NodeIdentity::from_signing_key(SigningKey::from_bytes(
+            &seed,
+        )))
     }
 
     /// The signing key.
@@ -133,7 +143,10 @@ impl NodeIdentity {
         let meta = fs::metadata(&key_path).map_err(io_err(&key_path))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(IdentityError::InsecureKeyFile { path: key_path, mode });
+            return Err(IdentityError::InsecureKeyFile {
+                path: key_path,
+                mode,
+            });
         }
         let pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let signing_key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| IdentityError::BadKey {
@@ -197,10 +210,13 @@ impl NodeIdentity {
             .mode(0o644)
             .open(&tmp)
             .map_err(io_err(&tmp))?;
-        f.write_all(self.public_key_pem().as_bytes()).map_err(io_err(&tmp))?;
+        f.write_all(self.public_key_pem().as_bytes())
+            .map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, &pub_path).map_err(io_err(&pub_path))?;
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
         Ok(())
     }
 }
@@ -223,12 +239,18 @@ mod tests {
     fn create_then_load_gives_the_same_key_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
         let created = NodeIdentity::create(dir.path()).unwrap();
-        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let loaded = NodeIdentity::load(dir.path()).unwrap();
         assert_eq!(created.verifying_key(), loaded.verifying_key());
         assert_eq!(created.key_id(), loaded.key_id());
-        assert_eq!(load_public_key(&dir.path().join(PUB_FILE)).unwrap(), created.verifying_key());
+        assert_eq!(
+            load_public_key(&dir.path().join(PUB_FILE)).unwrap(),
+            created.verifying_key()
+        );
     }
 
     #[test]
@@ -238,14 +260,20 @@ mod tests {
         let key = dir.path().join(KEY_FILE);
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
         let err = NodeIdentity::load(dir.path()).unwrap_err();
-        assert!(matches!(err, IdentityError::InsecureKeyFile { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, IdentityError::InsecureKeyFile { mode: 0o644, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn existing_key_is_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         NodeIdentity::create(dir.path()).unwrap();
-        assert!(matches!(NodeIdentity::create(dir.path()), Err(IdentityError::Io { .. })));
+        assert!(matches!(
+            NodeIdentity::create(dir.path()),
+            Err(IdentityError::Io { .. })
+        ));
     }
 
     #[test]
@@ -255,14 +283,23 @@ mod tests {
         NodeIdentity::create(a.path()).unwrap();
         NodeIdentity::create(b.path()).unwrap();
         fs::copy(b.path().join(PUB_FILE), a.path().join(PUB_FILE)).unwrap();
-        assert!(matches!(NodeIdentity::load(a.path()), Err(IdentityError::Mismatch { .. })));
+        assert!(matches!(
+            NodeIdentity::load(a.path()),
+            Err(IdentityError::Mismatch { .. })
+        ));
     }
 
     #[test]
     fn garbage_key_file_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join(KEY_FILE);
-        fs::OpenOptions::new().write(true).create(true).mode(0o600).open(&key).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key)
+            .unwrap();
         fs::write(&key, "not a key").unwrap();
         let err = NodeIdentity::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("node.key") && err.contains("PKCS#8"), "{err}");

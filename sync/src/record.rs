@@ -125,8 +125,14 @@ mod tests {
         let mut signed = SignedRecord::sign(body, &key);
         assert_eq!(signed.verify(&key.verifying_key()), Ok(()));
         signed.body[0] ^= 1;
-        assert_eq!(signed.verify(&key.verifying_key()), Err(RecordError::BadSignature));
+        assert_eq!(
+            signed.verify(&key.verifying_key()),
+            Err(RecordError::BadSignature)
+        );
         signed.signature.pop();
-        assert_eq!(signed.verify(&key.verifying_key()), Err(RecordError::SignatureLength(63)));
+        assert_eq!(
+            signed.verify(&key.verifying_key()),
+            Err(RecordError::SignatureLength(63))
+        );
     }
 }

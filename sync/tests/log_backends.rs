@@ -16,7 +16,12 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .unwrap()
         .map(|e| e.unwrap())
         .filter(|e| e.file_type().unwrap().is_file())
-        .map(|e| (e.file_name().into_string().unwrap(), fs::read(e.path()).unwrap()))
+        .map(|e| {
+            (
+                e.file_name().into_string().unwrap(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -32,7 +37,11 @@ fn uring_available() -> bool {
 
 /// A fixed script: appends, rotations (small segments), acks, a reopen.
 fn script(dir: &Path, backend: BackendChoice) -> BackendKind {
-    let opts = LogOptions { segment_bytes: 2048, backend, ..LogOptions::default() };
+    let opts = LogOptions {
+        segment_bytes: 2048,
+        backend,
+        ..LogOptions::default()
+    };
     let log = open(dir, opts.clone()).unwrap();
     let kind = log.backend();
     append_seq(&log, 1, 25);
@@ -58,7 +67,11 @@ fn uring_and_file_backends_write_identical_bytes() {
     assert_eq!(script(b.path(), BackendChoice::File), BackendKind::File);
     let fa = files(a.path());
     let fb = files(b.path());
-    assert!(fa.keys().filter(|k| k.starts_with("seg-")).count() > 1, "the script rotates: {:?}", fa.keys());
+    assert!(
+        fa.keys().filter(|k| k.starts_with("seg-")).count() > 1,
+        "the script rotates: {:?}",
+        fa.keys()
+    );
     assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
     for (name, bytes) in &fa {
         assert!(bytes == &fb[name], "{name} differs between backends");
@@ -68,7 +81,17 @@ fn uring_and_file_backends_write_identical_bytes() {
 
 fn concurrent_appends(backend: BackendChoice) {
     let dir = tempfile::tempdir().unwrap();
-    let log = std::sync::Arc::new(open(dir.path(), LogOptions { segment_bytes: 64 << 10, backend, ..LogOptions::default() }).unwrap());
+    let log = std::sync::Arc::new(
+        open(
+            dir.path(),
+            LogOptions {
+                segment_bytes: 64 << 10,
+                backend,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     let seqs = rt().block_on(async {
         let mut tasks = Vec::new();
         for t in 0..64u64 {
@@ -89,7 +112,11 @@ fn concurrent_appends(backend: BackendChoice) {
     });
     let mut sorted = seqs.clone();
     sorted.sort_unstable();
-    assert_eq!(sorted, (1..=3200).collect::<Vec<_>>(), "every append got a distinct dense seq");
+    assert_eq!(
+        sorted,
+        (1..=3200).collect::<Vec<_>>(),
+        "every append got a distinct dense seq"
+    );
     drop(log);
     let report = verify(dir.path());
     assert!(report.ok(), "{:?}", report.problems);

@@ -25,7 +25,11 @@ fn ten_records(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
 }
 
 fn frame_offsets(bytes: &[u8]) -> Vec<u64> {
-    format::scan_segment(bytes).frames.iter().map(|f| f.offset).collect()
+    format::scan_segment(bytes)
+        .frames
+        .iter()
+        .map(|f| f.offset)
+        .collect()
 }
 
 #[test]
@@ -36,11 +40,19 @@ fn writer_recovers_when_last_frame_was_torn() {
     // Cut frame 10 in half.
     fs::write(&seg, &bytes[..offs[9] as usize + 20]).unwrap();
     let report = verify(dir.path());
-    assert!(report.ok(), "verify leaves a torn tail alone and passes: {:?}", report.problems);
+    assert!(
+        report.ok(),
+        "verify leaves a torn tail alone and passes: {:?}",
+        report.problems
+    );
     assert_eq!(report.last_seq, Some(9));
     let log = open(dir.path(), file_opts()).unwrap();
     assert_eq!(log.stats().durable_seq, 9);
-    assert_eq!(fs::metadata(&seg).unwrap().len(), offs[9], "the torn bytes are truncated");
+    assert_eq!(
+        fs::metadata(&seg).unwrap().len(),
+        offs[9],
+        "the torn bytes are truncated"
+    );
     // Seq 10 was never acknowledged to anyone: it is reused, chained to record 9.
     assert_eq!(append_seq(&log, 100, 2), vec![10, 11]);
     log.close();
@@ -54,7 +66,12 @@ fn writer_recovers_from_zero_filled_tail() {
     let dir = tempfile::tempdir().unwrap();
     let (seg, _) = ten_records(dir.path());
     let len = fs::metadata(&seg).unwrap().len();
-    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(&[0u8; 4096]).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&[0u8; 4096])
+        .unwrap();
     let log = open(dir.path(), file_opts()).unwrap();
     assert_eq!(log.stats().durable_seq, 10);
     assert_eq!(fs::metadata(&seg).unwrap().len(), len);
@@ -81,26 +98,45 @@ fn damaged_middle_frame_refuses_to_open_then_salvage_continues() {
         other => panic!("expected Damaged, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("seg-00000000000000000001.log") && msg.contains("salvage"), "{msg}");
+    assert!(
+        msg.contains("seg-00000000000000000001.log") && msg.contains("salvage"),
+        "{msg}"
+    );
     assert!(!verify(dir.path()).ok(), "verify reports the damage");
-    assert_eq!(fs::read(&seg).unwrap(), bytes, "a refused open changes nothing");
+    assert_eq!(
+        fs::read(&seg).unwrap(),
+        bytes,
+        "a refused open changes nothing"
+    );
 
-    let report = mec_sync::log::salvage::salvage(dir.path()).unwrap().expect("something to salvage");
+    let report = mec_sync::log::salvage::salvage(dir.path())
+        .unwrap()
+        .expect("something to salvage");
     assert_eq!((report.lost.first, report.lost.last), (5, 5));
     assert_eq!((report.kept_before, report.kept_after), (4, 5));
-    assert!(std::path::Path::new(&report.moved_to).exists(), "the damaged original is kept");
+    assert!(
+        std::path::Path::new(&report.moved_to).exists(),
+        "the damaged original is kept"
+    );
 
     let log = open(dir.path(), file_opts()).unwrap();
     assert_eq!(log.lost_ranges().len(), 1);
     assert_eq!(log.stats().durable_seq, 10);
     assert_eq!(append_seq(&log, 11, 1), vec![11]);
-    let seqs: Vec<u64> = log.read_from(1, 100, 1 << 20).unwrap().iter().map(|r| r.0).collect();
+    let seqs: Vec<u64> = log
+        .read_from(1, 100, 1 << 20)
+        .unwrap()
+        .iter()
+        .map(|r| r.0)
+        .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 6, 7, 8, 9, 10, 11]);
     log.close();
     let v = verify(dir.path());
     assert!(v.ok(), "{:?}", v.problems);
     assert_eq!(v.lost.len(), 1);
-    assert!(mec_sync::log::salvage::salvage(dir.path()).unwrap().is_none());
+    assert!(mec_sync::log::salvage::salvage(dir.path())
+        .unwrap()
+        .is_none());
 }
 
 #[test]
@@ -110,15 +146,26 @@ fn acknowledged_position_ahead_of_the_data_never_reuses_a_seq() {
     // The core acknowledged up to 20 (with that record's hash), but the box
     // only has 10 records: its tail was lost.
     let hash = [0xabu8; 32];
-    fs::write(dir.path().join("ack"), format::AckState { seq: 20, hash }.encode()).unwrap();
+    fs::write(
+        dir.path().join("ack"),
+        format::AckState { seq: 20, hash }.encode(),
+    )
+    .unwrap();
     let _ = (seg, bytes);
     let log = open(dir.path(), file_opts()).unwrap();
     assert_eq!(log.stats().acked_seq, 20);
     assert_eq!(append_seq(&log, 21, 1), vec![21]);
     let got = log.read_from(1, 10, 1 << 20).unwrap();
     assert_eq!(got.len(), 1);
-    let rec = mec_sync::record::SignedRecord::from_bytes(&got[0].1).unwrap().record().unwrap();
-    assert_eq!(rec.prev_hash, hash.to_vec(), "the chain continues from the acknowledged record");
+    let rec = mec_sync::record::SignedRecord::from_bytes(&got[0].1)
+        .unwrap()
+        .record()
+        .unwrap();
+    assert_eq!(
+        rec.prev_hash,
+        hash.to_vec(),
+        "the chain continues from the acknowledged record"
+    );
     log.close();
     assert!(verify(dir.path()).ok());
 }
@@ -129,7 +176,11 @@ fn rotation_interrupted_before_header_was_durable() {
     ten_records(dir.path());
     // The next segment's file exists, with half a header.
     let next = dir.path().join(format::segment_file_name(11));
-    let header = SegmentHeader { base_seq: 11, prev_hash: [0; 32] }.encode();
+    let header = SegmentHeader {
+        base_seq: 11,
+        prev_hash: [0; 32],
+    }
+    .encode();
     fs::write(&next, &header[..SEGMENT_HEADER_LEN / 2]).unwrap();
     let log = open(dir.path(), file_opts()).unwrap();
     assert!(!next.exists(), "the half-made segment is removed");
@@ -144,22 +195,39 @@ fn rotation_interrupted_after_header_continues_in_the_new_segment() {
     let (seg, bytes) = ten_records(dir.path());
     let scan = format::scan_segment(&bytes);
     let last = scan.frames.last().unwrap();
-    let payload = &bytes[last.offset as usize + FRAME_HEADER_LEN..(last.offset + last.len as u64) as usize];
-    let body = mec_sync::record::SignedRecord::from_bytes(payload).unwrap().body;
+    let payload =
+        &bytes[last.offset as usize + FRAME_HEADER_LEN..(last.offset + last.len as u64) as usize];
+    let body = mec_sync::record::SignedRecord::from_bytes(payload)
+        .unwrap()
+        .body;
     let next = dir.path().join(format::segment_file_name(11));
-    fs::write(&next, SegmentHeader { base_seq: 11, prev_hash: format::sha256(&body) }.encode()).unwrap();
+    fs::write(
+        &next,
+        SegmentHeader {
+            base_seq: 11,
+            prev_hash: format::sha256(&body),
+        }
+        .encode(),
+    )
+    .unwrap();
     let log = open(dir.path(), file_opts()).unwrap();
     assert_eq!(append_seq(&log, 11, 1), vec![11]);
     log.close();
     assert_eq!(fs::read(&seg).unwrap(), bytes);
-    assert_eq!(format::scan_segment(&fs::read(&next).unwrap()).frames.len(), 1);
+    assert_eq!(
+        format::scan_segment(&fs::read(&next).unwrap()).frames.len(),
+        1
+    );
     assert!(verify(dir.path()).ok());
 }
 
 #[test]
 fn missing_segment_between_others_is_a_named_gap() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = LogOptions { segment_bytes: 1, ..file_opts() };
+    let opts = LogOptions {
+        segment_bytes: 1,
+        ..file_opts()
+    };
     let log = open(dir.path(), opts.clone()).unwrap();
     append_seq(&log, 1, 5);
     log.close();
@@ -174,12 +242,21 @@ fn missing_segment_between_others_is_a_named_gap() {
 #[test]
 fn ack_deletes_whole_segments_and_persists() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = LogOptions { segment_bytes: 600, ..file_opts() };
+    let opts = LogOptions {
+        segment_bytes: 600,
+        ..file_opts()
+    };
     let log = open(dir.path(), opts.clone()).unwrap();
     append_seq(&log, 1, 20);
     let before = segments(dir.path()).len();
     assert!(before > 3);
-    assert!(matches!(log.ack(21), Err(LogError::AckBeyondDurable { seq: 21, durable: 20 })));
+    assert!(matches!(
+        log.ack(21),
+        Err(LogError::AckBeyondDurable {
+            seq: 21,
+            durable: 20
+        })
+    ));
     log.ack(12).unwrap();
     log.ack(5).unwrap(); // older: no change
     assert_eq!(log.stats().acked_seq, 12);
@@ -193,8 +270,16 @@ fn ack_deletes_whole_segments_and_persists() {
     assert_eq!(log.stats().acked_seq, 12);
     assert_eq!(log.read_from(13, 100, 1 << 20).unwrap().len(), 8);
     log.ack(20).unwrap();
-    assert_eq!(segments(dir.path()).len(), 1, "the active segment is never deleted");
-    assert_eq!(append_seq(&log, 21, 1), vec![21], "the chain continues after everything was acknowledged");
+    assert_eq!(
+        segments(dir.path()).len(),
+        1,
+        "the active segment is never deleted"
+    );
+    assert_eq!(
+        append_seq(&log, 21, 1),
+        vec![21],
+        "the chain continues after everything was acknowledged"
+    );
     log.close();
     assert!(verify(dir.path()).ok());
 }
@@ -212,7 +297,9 @@ fn damaged_ack_file_is_refused_with_its_name() {
 fn log_of_another_node_key_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     ten_records(dir.path());
-    let other = mec_sync::identity::NodeIdentity::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&[2; 32]));
+    let other = mec_sync::identity::NodeIdentity::from_signing_key(
+        ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+    );
     let err = mec_sync::log::UsageLog::open(dir.path(), other, NODE, file_opts()).unwrap_err();
     assert!(err.to_string().contains("belongs to node"), "{err}");
 }

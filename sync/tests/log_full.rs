@@ -28,7 +28,12 @@ fn fill(log: &UsageLog, from: u64, max: u64) -> (Vec<u64>, LogError) {
 #[test]
 fn budget_full_refuses_then_ack_frees_room() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = LogOptions { budget_bytes: 8 * 1024, segment_bytes: 2048, backend: BackendChoice::File, ..LogOptions::default() };
+    let opts = LogOptions {
+        budget_bytes: 8 * 1024,
+        segment_bytes: 2048,
+        backend: BackendChoice::File,
+        ..LogOptions::default()
+    };
     let log = open(dir.path(), opts).unwrap();
     let (ok, err) = fill(&log, 1, 10_000);
     assert!(matches!(err, LogError::Full(_)), "{err:?}");
@@ -83,10 +88,18 @@ fn disk_full(backend: BackendChoice) {
         }
     };
     let dir = fs.path().join("log");
-    let opts = LogOptions { budget_bytes: 1 << 30, segment_bytes: 16 * 1024, backend, ..LogOptions::default() };
+    let opts = LogOptions {
+        budget_bytes: 1 << 30,
+        segment_bytes: 16 * 1024,
+        backend,
+        ..LogOptions::default()
+    };
     let log = open(&dir, opts.clone()).unwrap();
     let (ok, err) = fill(&log, 1, 100_000);
-    assert!(matches!(err, LogError::Full(ref m) if m.contains("No space")), "{err:?}");
+    assert!(
+        matches!(err, LogError::Full(ref m) if m.contains("No space")),
+        "{err:?}"
+    );
     let n = ok.len() as u64;
     assert_eq!(ok, (1..=n).collect::<Vec<_>>());
     // Refused again while the disk is full; nothing durable is lost.
@@ -96,7 +109,10 @@ fn disk_full(backend: BackendChoice) {
     // The core acknowledges: whole segments go, and appends work again.
     log.ack(n).unwrap();
     let (more, _) = fill(&log, 60_000, 100_000);
-    assert!(more.len() > 10, "appends work again after the ack freed room");
+    assert!(
+        more.len() > 10,
+        "appends work again after the ack freed room"
+    );
     assert_eq!(more[0], n + 1, "no seq was burnt by the failed appends");
     log.close();
     let report = verify(&dir);

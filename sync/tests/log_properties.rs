@@ -8,13 +8,20 @@ mod common;
 use std::fs;
 
 use common::*;
-use mec_sync::log::format::{self, SegmentEnd, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
+use mec_sync::log::format::{
+    self, SegmentEnd, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
 use mec_sync::log::BackendChoice;
 use proptest::prelude::*;
 
 /// A segment of frames with the given payloads, each frame its own write.
 fn build(payloads: &[Vec<u8>], batch_every: usize) -> (Vec<u8>, Vec<usize>) {
-    let mut b = SegmentHeader { base_seq: 1, prev_hash: [0; 32] }.encode().to_vec();
+    let mut b = SegmentHeader {
+        base_seq: 1,
+        prev_hash: [0; 32],
+    }
+    .encode()
+    .to_vec();
     let mut ends = Vec::new();
     let mut batch_start = 1;
     for (i, p) in payloads.iter().enumerate() {

@@ -1,1 +1,197 @@
-fn main() {}
+//! `cargo xtask`: the project's set-up, demo, test and benchmark commands, in
+//! Rust so they run the same on every machine with cargo.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Set up and run the main job: build in release, write a signed usage log
+    /// under ./state with the log benchmark, verify it, and show its first records.
+    Run,
+    /// Run every test of the workspace.
+    Test,
+    /// Benchmark the usage log: C = 1, 16, 256 on both backends, beside the raw
+    /// fdatasync rate and the signing rate; writes bench/out/log-bench.json.
+    BenchLog {
+        /// Records per run.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn release_agent() -> anyhow::Result<PathBuf> {
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    Ok(root().join("target/release/edge-agent"))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Run => {
+            let agent = release_agent()?;
+            let state = root().join("state");
+            let s = state.to_str().unwrap();
+            run(Command::new(&agent).args([
+                "log",
+                "bench",
+                "--dir",
+                s,
+                "--records",
+                "100000",
+                "--concurrency",
+                "256",
+            ]))?;
+            run(Command::new(&agent).args(["log", "verify", "--dir", s]))?;
+            let dump = output(Command::new(&agent).args(["log", "dump", "--dir", s]))?;
+            for line in dump.lines().take(2) {
+                println!("{line}");
+            }
+            println!(
+                "usage log in {}: try `{} log dump --dir {s} | head`",
+                state.display(),
+                agent.display()
+            );
+            Ok(())
+        }
+        Task::Test => run(cargo().args(["test", "--workspace", "--all-targets"])),
+        Task::BenchLog { records } => bench_log(records),
+    }
+}
+
+fn bench_log(records: u64) -> anyhow::Result<()> {
+    let agent = release_agent()?;
+    let mut rows = Vec::new();
+    let mut baselines = serde_json::Value::Null;
+    for backend in ["uring", "file"] {
+        for c in [1u64, 16, 256] {
+            let dir = tempfile::tempdir_in(root().join("target"))?;
+            // Fewer records at C = 1: each waits for its own fdatasync.
+            let n = if c == 1 {
+                (records / 20).max(1000)
+            } else {
+                records
+            };
+            let mut cmd = Command::new(&agent);
+            cmd.args(["log", "bench", "--dir", dir.path().to_str().unwrap()])
+                .args([
+                    "--records",
+                    &n.to_string(),
+                    "--concurrency",
+                    &c.to_string(),
+                    "--backend",
+                    backend,
+                ]);
+            if baselines.is_null() {
+                cmd.arg("--baselines");
+            }
+            let line = output(&mut cmd)?;
+            let v: serde_json::Value = serde_json::from_str(line.trim())?;
+            if baselines.is_null() {
+                baselines = serde_json::json!({
+                    "fdatasync_per_s": v["fdatasync_per_s"],
+                    "sign_per_s_one_core": v["sign_per_s_one_core"],
+                });
+            }
+            eprintln!("{line}");
+            rows.push(v);
+        }
+    }
+    let fsync = baselines["fdatasync_per_s"].as_f64().unwrap_or(f64::NAN);
+    let sign = baselines["sign_per_s_one_core"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    println!(
+        "| backend | C | records/s | p50 µs | p99 µs | × fdatasync rate | × one-core signing |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let rps = r["records_per_s"].as_f64().unwrap();
+        println!(
+            "| {} | {} | {:.0} | {} | {} | {:.1} | {:.2} |",
+            r["backend"].as_str().unwrap(),
+            r["concurrency"],
+            rps,
+            r["append_latency_us_p50"],
+            r["append_latency_us_p99"],
+            rps / fsync,
+            rps / sign
+        );
+    }
+    println!("baselines: fdatasync {fsync:.0}/s, signing {sign:.0}/s on one core");
+    let uring256 = rows
+        .iter()
+        .find(|r| r["backend"] == "uring" && r["concurrency"] == 256);
+    let file256 = rows
+        .iter()
+        .find(|r| r["backend"] == "file" && r["concurrency"] == 256);
+    if let (Some(u), Some(f)) = (uring256, file256) {
+        println!(
+            "uring / file at C = 256: {:.2}",
+            u["records_per_s"].as_f64().unwrap() / f["records_per_s"].as_f64().unwrap()
+        );
+    }
+    let out = root().join("bench/out");
+    std::fs::create_dir_all(&out)?;
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let report = serde_json::json!({
+        "command": "cargo xtask bench-log",
+        "machine": { "cores": nproc, "os": std::env::consts::OS, "arch": std::env::consts::ARCH },
+        "baselines": baselines,
+        "runs": rows,
+    });
+    std::fs::write(
+        out.join("log-bench.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!("wrote {}", out.join("log-bench.json").display());
+    Ok(())
+}

@@ -31,7 +31,9 @@ impl std::str::FromStr for BackendChoice {
             "auto" => Ok(BackendChoice::Auto),
             "uring" | "io_uring" => Ok(BackendChoice::Uring),
             "file" => Ok(BackendChoice::File),
-            other => Err(format!("unknown log backend {other:?}: expected auto, uring or file")),
+            other => Err(format!(
+                "unknown log backend {other:?}: expected auto, uring or file"
+            )),
         }
     }
 }
@@ -65,7 +67,12 @@ pub trait SegmentBackend {
     /// Creates a new segment; fails if it exists.
     async fn create(&mut self, path: &Path) -> io::Result<Self::File>;
     /// Writes all of `buf` at `offset`.
-    async fn write_all_at(&mut self, file: &Self::File, buf: Vec<u8>, offset: u64) -> (io::Result<()>, Vec<u8>);
+    async fn write_all_at(
+        &mut self,
+        file: &Self::File,
+        buf: Vec<u8>,
+        offset: u64,
+    ) -> (io::Result<()>, Vec<u8>);
     /// `fdatasync`.
     async fn sync_data(&mut self, file: &Self::File) -> io::Result<()>;
     /// `ftruncate` (used to drop bytes whose sync failed).
@@ -80,14 +87,26 @@ impl SegmentBackend for FileBackend {
     type File = std::fs::File;
 
     async fn open(&mut self, path: &Path) -> io::Result<std::fs::File> {
-        std::fs::OpenOptions::new().read(true).write(true).open(path)
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
     }
 
     async fn create(&mut self, path: &Path) -> io::Result<std::fs::File> {
-        std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
     }
 
-    async fn write_all_at(&mut self, file: &std::fs::File, buf: Vec<u8>, offset: u64) -> (io::Result<()>, Vec<u8>) {
+    async fn write_all_at(
+        &mut self,
+        file: &std::fs::File,
+        buf: Vec<u8>,
+        offset: u64,
+    ) -> (io::Result<()>, Vec<u8>) {
         use std::os::unix::fs::FileExt;
         (file.write_all_at(&buf, offset), buf)
     }
@@ -112,11 +131,20 @@ impl SegmentBackend for UringBackend {
     type File = tokio_uring::fs::File;
 
     async fn open(&mut self, path: &Path) -> io::Result<tokio_uring::fs::File> {
-        tokio_uring::fs::OpenOptions::new().read(true).write(true).open(path).await
+        tokio_uring::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .await
     }
 
     async fn create(&mut self, path: &Path) -> io::Result<tokio_uring::fs::File> {
-        tokio_uring::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).await
+        tokio_uring::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .await
     }
 
     async fn write_all_at(

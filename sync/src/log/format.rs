@@ -113,7 +113,10 @@ impl SegmentHeader {
     /// Parses a header, saying what is wrong with it.
     pub fn decode(b: &[u8]) -> Result<SegmentHeader, String> {
         if b.len() < SEGMENT_HEADER_LEN {
-            return Err(format!("header is {} bytes, expected {SEGMENT_HEADER_LEN}", b.len()));
+            return Err(format!(
+                "header is {} bytes, expected {SEGMENT_HEADER_LEN}",
+                b.len()
+            ));
         }
         if b[0..8] != SEGMENT_MAGIC {
             return Err("bad magic: not a usage log segment".into());
@@ -124,7 +127,9 @@ impl SegmentHeader {
         }
         let version = u16::from_le_bytes(b[8..10].try_into().unwrap());
         if version != FORMAT_VERSION {
-            return Err(format!("format version {version}, this build reads {FORMAT_VERSION}"));
+            return Err(format!(
+                "format version {version}, this build reads {FORMAT_VERSION}"
+            ));
         }
         Ok(SegmentHeader {
             base_seq: u64::from_le_bytes(b[16..24].try_into().unwrap()),
@@ -149,7 +154,10 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
 
 /// Appends one frame to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, seq: u64, batch_start: u64, payload: &[u8]) {
-    assert!(!payload.is_empty() && payload.len() <= MAX_PAYLOAD, "payload size out of range");
+    assert!(
+        !payload.is_empty() && payload.len() <= MAX_PAYLOAD,
+        "payload size out of range"
+    );
     let start = out.len();
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
@@ -200,7 +208,11 @@ pub fn read_frame(b: &[u8]) -> FrameRead<'_> {
         return FrameRead::End;
     }
     if b.len() < FRAME_HEADER_LEN {
-        return if b.iter().all(|&x| x == 0) { FrameRead::ZeroTail } else { FrameRead::Truncated };
+        return if b.iter().all(|&x| x == 0) {
+            FrameRead::ZeroTail
+        } else {
+            FrameRead::Truncated
+        };
     }
     let len = u32::from_le_bytes(b[0..4].try_into().unwrap()) as usize;
     if len == 0 {
@@ -315,9 +327,18 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
     let end = loop {
         let problem = match read_frame(&bytes[offset..]) {
             FrameRead::End => break SegmentEnd::Clean,
-            FrameRead::Frame { seq, batch_start, len, .. } => {
+            FrameRead::Frame {
+                seq,
+                batch_start,
+                len,
+                ..
+            } => {
                 if seq == expected && batch_start <= seq {
-                    frames.push(FrameInfo { seq, offset: offset as u64, len: len as u32 });
+                    frames.push(FrameInfo {
+                        seq,
+                        offset: offset as u64,
+                        len: len as u32,
+                    });
                     offset += len;
                     expected += 1;
                     continue;
@@ -330,7 +351,12 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
         };
         break classify_damage(bytes, offset, expected, problem);
     };
-    SegmentScan { header: Some(header), frames, valid_end: offset as u64, end }
+    SegmentScan {
+        header: Some(header),
+        frames,
+        valid_end: offset as u64,
+        end,
+    }
 }
 
 /// Decides whether the bad bytes at `offset` (where frame `expected` should
@@ -345,7 +371,10 @@ fn classify_damage(bytes: &[u8], offset: usize, expected: u64, reason: &str) -> 
         if seq < expected || seq > expected + max_frames_left {
             continue;
         }
-        if let FrameRead::Frame { seq, batch_start, .. } = read_frame(&bytes[p..]) {
+        if let FrameRead::Frame {
+            seq, batch_start, ..
+        } = read_frame(&bytes[p..])
+        {
             if batch_start > expected {
                 return SegmentEnd::Damaged {
                     offset: offset as u64,
@@ -356,7 +385,10 @@ fn classify_damage(bytes: &[u8], offset: usize, expected: u64, reason: &str) -> 
             }
         }
     }
-    SegmentEnd::TornTail { offset: offset as u64, reason: reason.to_string() }
+    SegmentEnd::TornTail {
+        offset: offset as u64,
+        reason: reason.to_string(),
+    }
 }
 
 /// The acknowledged position: the highest seq the core holds durably with no
@@ -372,7 +404,10 @@ pub struct AckState {
 
 impl AckState {
     /// Nothing acknowledged yet.
-    pub const NONE: AckState = AckState { seq: 0, hash: [0; 32] };
+    pub const NONE: AckState = AckState {
+        seq: 0,
+        hash: [0; 32],
+    };
 
     /// The `ack` file's bytes: magic, seq, hash, CRC32C of what precedes it.
     pub fn encode(&self) -> [u8; ACK_LEN] {
@@ -409,12 +444,24 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// Offset of the first intact frame anywhere after the segment header, if
+/// any (used to tell an interrupted rotation from a damaged header).
+pub fn find_any_intact_frame(bytes: &[u8]) -> Option<usize> {
+    (SEGMENT_HEADER_LEN..bytes.len().saturating_sub(FRAME_HEADER_LEN - 1))
+        .find(|&p| matches!(read_frame(&bytes[p..]), FrameRead::Frame { .. }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn segment(base: u64, frames: &[(u64, u64, &[u8])]) -> Vec<u8> {
-        let mut b = SegmentHeader { base_seq: base, prev_hash: [9; 32] }.encode().to_vec();
+        let mut b = SegmentHeader {
+            base_seq: base,
+            prev_hash: [9; 32],
+        }
+        .encode()
+        .to_vec();
         for (seq, batch, payload) in frames {
             encode_frame(&mut b, *seq, *batch, payload);
         }
@@ -423,7 +470,10 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_rejects_flips() {
-        let h = SegmentHeader { base_seq: 42, prev_hash: [3; 32] };
+        let h = SegmentHeader {
+            base_seq: 42,
+            prev_hash: [3; 32],
+        };
         let mut b = h.encode();
         assert_eq!(SegmentHeader::decode(&b), Ok(h));
         b[20] ^= 0x10;
@@ -439,7 +489,10 @@ mod tests {
 
     #[test]
     fn ack_round_trips_and_rejects_flips() {
-        let a = AckState { seq: 9, hash: [1; 32] };
+        let a = AckState {
+            seq: 9,
+            hash: [1; 32],
+        };
         let mut b = a.encode();
         assert_eq!(AckState::decode(&b), Ok(a));
         b[9] ^= 1;
@@ -464,8 +517,18 @@ mod tests {
             assert_eq!(kind, end, "{name}: {:?}", scan.end);
         };
         check("intact", full.clone(), 3, "clean");
-        check("cut mid frame", full[..h + 2 * frame + 5].to_vec(), 2, "torn");
-        check("cut mid header", full[..h + 2 * frame + 3].to_vec(), 2, "torn");
+        check(
+            "cut mid frame",
+            full[..h + 2 * frame + 5].to_vec(),
+            2,
+            "torn",
+        );
+        check(
+            "cut mid header",
+            full[..h + 2 * frame + 3].to_vec(),
+            2,
+            "torn",
+        );
         let mut zeros = full.clone();
         zeros.extend_from_slice(&[0; 100]);
         check("zero tail", zeros, 3, "torn");
@@ -489,13 +552,10 @@ mod tests {
         b[h + frame + 26] ^= 0xff;
         let scan = scan_segment(&b);
         assert_eq!(scan.frames.len(), 1);
-        assert!(matches!(scan.end, SegmentEnd::TornTail { .. }), "{:?}", scan.end);
+        assert!(
+            matches!(scan.end, SegmentEnd::TornTail { .. }),
+            "{:?}",
+            scan.end
+        );
     }
-}
-
-/// Offset of the first intact frame anywhere after the segment header, if
-/// any (used to tell an interrupted rotation from a damaged header).
-pub fn find_any_intact_frame(bytes: &[u8]) -> Option<usize> {
-    (SEGMENT_HEADER_LEN..bytes.len().saturating_sub(FRAME_HEADER_LEN - 1))
-        .find(|&p| matches!(read_frame(&bytes[p..]), FrameRead::Frame { .. }))
 }

@@ -45,12 +45,12 @@ use std::sync::{Arc, Mutex};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
-pub use backend::{BackendChoice, BackendKind, FileBackend, SegmentBackend};
 #[cfg(target_os = "linux")]
 pub use backend::UringBackend;
+pub use backend::{BackendChoice, BackendKind, FileBackend, SegmentBackend};
 pub use format::AckState;
-pub use writer::probe_uring;
 pub use recovery::LostRange;
+pub use writer::probe_uring;
 
 use crate::identity::NodeIdentity;
 use crate::record::{SignedRecord, UsageRecord, SCHEMA_VERSION};
@@ -137,11 +137,17 @@ pub enum LogError {
 impl LogError {
     /// True for the errors after which the agent must refuse new billable work.
     pub fn refuses_billable_work(&self) -> bool {
-        matches!(self, LogError::Full(_) | LogError::Unavailable(_) | LogError::Closed)
+        matches!(
+            self,
+            LogError::Full(_) | LogError::Unavailable(_) | LogError::Closed
+        )
     }
 
     pub(crate) fn io(path: &Path, e: impl std::fmt::Display) -> LogError {
-        LogError::Io { path: path.to_path_buf(), message: e.to_string() }
+        LogError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
     }
 
     /// Maps a write/sync failure: a full disk is `Full`, anything else `Unavailable`.
@@ -210,6 +216,10 @@ pub(crate) struct Item {
     pub reply: oneshot::Sender<Result<u64, LogError>>,
 }
 
+/// One contiguous read: a segment, the offset to start at, and the frames
+/// (seq, offset, length) to take from it.
+type ReadPlan = (PathBuf, u64, Vec<(u64, u64, u32)>);
+
 /// Counts for metrics and the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct LogStats {
@@ -249,22 +259,40 @@ impl std::fmt::Debug for UsageLog {
 /// The size of the `SignedRecord` encoding for a body of `body_len` bytes
 /// (the signature is always 64 bytes, so the size is known before signing).
 fn signed_len(body_len: usize) -> usize {
-    SignedRecord { body: vec![0; body_len], signature: vec![0; 64] }.encoded_len()
+    SignedRecord {
+        body: vec![0; body_len],
+        signature: vec![0; 64],
+    }
+    .encoded_len()
 }
 
 impl UsageLog {
     /// Opens (or creates) the log in `dir`, recovering from any crash, and
     /// starts its writer. Records are signed by `identity` in the name of `node_id`.
-    pub fn open(dir: &Path, identity: NodeIdentity, node_id: &str, options: LogOptions) -> Result<UsageLog, LogError> {
+    pub fn open(
+        dir: &Path,
+        identity: NodeIdentity,
+        node_id: &str,
+        options: LogOptions,
+    ) -> Result<UsageLog, LogError> {
         let recovered = recovery::recover(dir, &identity, node_id)?;
-        let active = recovered.segments.last().expect("recovery leaves an active segment").clone();
+        let active = recovered
+            .segments
+            .last()
+            .expect("recovery leaves an active segment")
+            .clone();
         let active_len = recovered.active_len;
         let durable_seq = recovered.durable_seq;
         let durable_hash = recovered.durable_hash;
         let unacked: u64 = recovered
             .segments
             .iter()
-            .flat_map(|s| s.frames.iter().enumerate().map(move |(i, f)| (s.base_seq + i as u64, f.1)))
+            .flat_map(|s| {
+                s.frames
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, f)| (s.base_seq + i as u64, f.1))
+            })
             .filter(|(seq, _)| *seq > recovered.ack.seq)
             .map(|(_, len)| len as u64)
             .sum();
@@ -277,7 +305,10 @@ impl UsageLog {
                 pending_bytes: 0,
                 failure: None,
             }),
-            index: Mutex::new(Index { segments: recovered.segments, durable_seq }),
+            index: Mutex::new(Index {
+                segments: recovered.segments,
+                durable_seq,
+            }),
             unacked_durable: AtomicU64::new(unacked),
             ack: Mutex::new(recovered.ack),
             lost: recovered.lost,
@@ -338,7 +369,10 @@ impl UsageLog {
     }
 
     /// The synchronous half of `append`: assign, chain, sign, hand to the writer.
-    fn submit(&self, mut record: UsageRecord) -> Result<oneshot::Receiver<Result<u64, LogError>>, LogError> {
+    fn submit(
+        &self,
+        mut record: UsageRecord,
+    ) -> Result<oneshot::Receiver<Result<u64, LogError>>, LogError> {
         let tx = self.tx.as_ref().ok_or(LogError::Closed)?;
         let (epoch, seq, body, body_hash, frame_bytes) = {
             let mut s = self.shared.seq.lock().unwrap();
@@ -371,8 +405,15 @@ impl UsageLog {
         };
         let payload = SignedRecord::sign(body, self.identity.signing_key()).encode_to_vec();
         let (reply, rx) = oneshot::channel();
-        tx.send(Item { epoch, seq, payload, body_hash, frame_bytes, reply })
-            .map_err(|_| LogError::Closed)?;
+        tx.send(Item {
+            epoch,
+            seq,
+            payload,
+            body_hash,
+            frame_bytes,
+            reply,
+        })
+        .map_err(|_| LogError::Closed)?;
         Ok(rx)
     }
 
@@ -397,8 +438,13 @@ impl UsageLog {
     /// Reads durable records from `from_seq` on, at most `max_records` of them
     /// and at most `max_bytes` of payload (at least one record when any is
     /// there). Returns `(seq, SignedRecord bytes)`. Blocking file I/O.
-    pub fn read_from(&self, from_seq: u64, max_records: usize, max_bytes: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
-        let plan: Vec<(PathBuf, u64, Vec<(u64, u64, u32)>)> = {
+    pub fn read_from(
+        &self,
+        from_seq: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+        let plan: Vec<ReadPlan> = {
             let index = self.shared.index.lock().unwrap();
             let mut plan = Vec::new();
             let mut seq = from_seq.max(1);
@@ -437,11 +483,14 @@ impl UsageLog {
             let end = last_off + last_len as u64;
             let mut buf = vec![0u8; (end - start) as usize];
             let file = std::fs::File::open(&path).map_err(|e| LogError::io(&path, e))?;
-            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, start).map_err(|e| LogError::io(&path, e))?;
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, start)
+                .map_err(|e| LogError::io(&path, e))?;
             for (seq, off, len) in frames {
                 let at = (off - start) as usize;
                 match format::read_frame(&buf[at..at + len as usize]) {
-                    format::FrameRead::Frame { seq: s, payload, .. } if s == seq => out.push((seq, payload.to_vec())),
+                    format::FrameRead::Frame {
+                        seq: s, payload, ..
+                    } if s == seq => out.push((seq, payload.to_vec())),
                     other => {
                         return Err(LogError::Damaged {
                             path: path.clone(),
@@ -467,7 +516,10 @@ impl UsageLog {
         let (path, offset, len, freed) = {
             let index = self.shared.index.lock().unwrap();
             if seq > index.durable_seq {
-                return Err(LogError::AckBeyondDurable { seq, durable: index.durable_seq });
+                return Err(LogError::AckBeyondDurable {
+                    seq,
+                    durable: index.durable_seq,
+                });
             }
             let seg = index
                 .segments
@@ -475,13 +527,20 @@ impl UsageLog {
                 .find(|s| !s.frames.is_empty() && s.base_seq <= seq && seq <= s.last_seq())
                 .ok_or_else(|| LogError::Inconsistent {
                     path: self.shared.dir.clone(),
-                    reason: format!("seq {seq} is in a recorded lost range and cannot be acknowledged"),
+                    reason: format!(
+                        "seq {seq} is in a recorded lost range and cannot be acknowledged"
+                    ),
                 })?;
             let (offset, len) = seg.frames[(seq - seg.base_seq) as usize];
             let freed: u64 = index
                 .segments
                 .iter()
-                .flat_map(|s| s.frames.iter().enumerate().map(move |(i, f)| (s.base_seq + i as u64, f.1)))
+                .flat_map(|s| {
+                    s.frames
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, f)| (s.base_seq + i as u64, f.1))
+                })
                 .filter(|(s, _)| *s > ack.seq && *s <= seq)
                 .map(|(_, l)| l as u64)
                 .sum();
@@ -489,20 +548,28 @@ impl UsageLog {
         };
         let mut buf = vec![0u8; len as usize];
         let file = std::fs::File::open(&path).map_err(|e| LogError::io(&path, e))?;
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, offset).map_err(|e| LogError::io(&path, e))?;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, offset)
+            .map_err(|e| LogError::io(&path, e))?;
         let hash = match format::read_frame(&buf) {
             format::FrameRead::Frame { payload, .. } => {
-                let signed = SignedRecord::from_bytes(payload).map_err(|e| LogError::io(&path, e))?;
+                let signed =
+                    SignedRecord::from_bytes(payload).map_err(|e| LogError::io(&path, e))?;
                 format::sha256(&signed.body)
             }
             other => {
-                return Err(LogError::Damaged { path, offset, reason: format!("frame {seq} no longer reads back intact ({other:?})") })
+                return Err(LogError::Damaged {
+                    path,
+                    offset,
+                    reason: format!("frame {seq} no longer reads back intact ({other:?})"),
+                })
             }
         };
         let new_ack = AckState { seq, hash };
         recovery::write_ack(&self.shared.dir, &new_ack)?;
         *ack = new_ack;
-        self.shared.unacked_durable.fetch_sub(freed, Ordering::AcqRel);
+        self.shared
+            .unacked_durable
+            .fetch_sub(freed, Ordering::AcqRel);
         let doomed: Vec<PathBuf> = {
             let mut index = self.shared.index.lock().unwrap();
             let keep_from = index.segments.len() - 1;

@@ -50,7 +50,9 @@ pub(crate) struct Recovered {
 
 /// Fsyncs a directory, so that creations, renames and deletions in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| LogError::io(dir, e))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io(dir, e))
 }
 
 /// Replaces `dir/name` atomically: temp file, fsync, rename, fsync of the directory.
@@ -85,7 +87,10 @@ pub(crate) fn write_ack(dir: &Path, ack: &AckState) -> Result<(), LogError> {
 /// stays missing until room is freed, and the log says so).
 pub(crate) fn ensure_reserve(dir: &Path) {
     let path = dir.join(RESERVE_FILE);
-    if fs::metadata(&path).map(|m| m.len() as usize == RESERVE_BYTES).unwrap_or(false) {
+    if fs::metadata(&path)
+        .map(|m| m.len() as usize == RESERVE_BYTES)
+        .unwrap_or(false)
+    {
         return;
     }
     let res = fs::write(&path, vec![0u8; RESERVE_BYTES])
@@ -136,7 +141,11 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| LogError::io(dir, e))? {
         let entry = entry.map_err(|e| LogError::io(dir, e))?;
-        if let Some(base) = entry.file_name().to_str().and_then(format::parse_segment_file_name) {
+        if let Some(base) = entry
+            .file_name()
+            .to_str()
+            .and_then(format::parse_segment_file_name)
+        {
             out.push((base, entry.path()));
         }
     }
@@ -160,25 +169,45 @@ pub(crate) fn covered_by_lost(lost: &[LostRange], first: u64, last: u64) -> bool
     next > last
 }
 
-fn decode_payload(path: &Path, bytes: &[u8], f: &format::FrameInfo) -> Result<SignedRecord, LogError> {
+fn decode_payload(
+    path: &Path,
+    bytes: &[u8],
+    f: &format::FrameInfo,
+) -> Result<SignedRecord, LogError> {
     let frame = &bytes[f.offset as usize..(f.offset + f.len as u64) as usize];
     SignedRecord::from_bytes(&frame[format::FRAME_HEADER_LEN..]).map_err(|e| LogError::Damaged {
         path: path.to_path_buf(),
         offset: f.offset,
-        reason: format!("frame {} has an intact checksum but does not decode: {e}", f.seq),
+        reason: format!(
+            "frame {} has an intact checksum but does not decode: {e}",
+            f.seq
+        ),
     })
 }
 
 fn create_segment(dir: &Path, header: SegmentHeader) -> Result<SegmentIndex, LogError> {
     let path = dir.join(format::segment_file_name(header.base_seq));
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| LogError::io(&path, e))?;
-    f.write_all(&header.encode()).map_err(|e| LogError::io(&path, e))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| LogError::io(&path, e))?;
+    f.write_all(&header.encode())
+        .map_err(|e| LogError::io(&path, e))?;
     f.sync_data().map_err(|e| LogError::io(&path, e))?;
     sync_dir(dir)?;
-    Ok(SegmentIndex { base_seq: header.base_seq, path, frames: Vec::new() })
+    Ok(SegmentIndex {
+        base_seq: header.base_seq,
+        path,
+        frames: Vec::new(),
+    })
 }
 
-pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Result<Recovered, LogError> {
+pub(crate) fn recover(
+    dir: &Path,
+    identity: &NodeIdentity,
+    node_id: &str,
+) -> Result<Recovered, LogError> {
     fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
     let ack = read_ack(dir)?;
     ensure_reserve(dir);
@@ -204,7 +233,11 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
                     sync_dir(dir)?;
                     continue;
                 }
-                return Err(LogError::Damaged { path, offset: 0, reason: format!("segment header: {reason}") });
+                return Err(LogError::Damaged {
+                    path,
+                    offset: 0,
+                    reason: format!("segment header: {reason}"),
+                });
             }
             (_, Some(h)) => h,
             (_, None) => unreachable!("a scan without header ends in BadHeader"),
@@ -212,7 +245,10 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
         if header.base_seq != base {
             return Err(LogError::Inconsistent {
                 path,
-                reason: format!("header says base seq {}, file name says {base}", header.base_seq),
+                reason: format!(
+                    "header says base seq {}, file name says {base}",
+                    header.base_seq
+                ),
             });
         }
         match &scan.end {
@@ -220,7 +256,10 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
             SegmentEnd::TornTail { offset, reason } if is_last => {
                 tracing::warn!(path = %path.display(), offset, %reason, dropped_bytes = bytes.len() as u64 - offset,
                     "truncating the torn tail of the usage log (a write that was never acknowledged)");
-                let f = fs::OpenOptions::new().write(true).open(&path).map_err(|e| LogError::io(&path, e))?;
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| LogError::io(&path, e))?;
                 f.set_len(*offset).map_err(|e| LogError::io(&path, e))?;
                 f.sync_all().map_err(|e| LogError::io(&path, e))?;
             }
@@ -231,7 +270,12 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
                     reason: format!("{reason} in a segment that is not the last one"),
                 })
             }
-            SegmentEnd::Damaged { offset, reason, next_seq, .. } => {
+            SegmentEnd::Damaged {
+                offset,
+                reason,
+                next_seq,
+                ..
+            } => {
                 return Err(LogError::Damaged {
                     path,
                     offset: *offset,
@@ -245,26 +289,36 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
                 if base <= prev_seq || !covered_by_lost(&lost, prev_seq + 1, base - 1) {
                     return Err(LogError::Inconsistent {
                         path,
-                        reason: format!("segment starts at seq {base} but the previous record is {prev_seq}"),
+                        reason: format!(
+                            "segment starts at seq {base} but the previous record is {prev_seq}"
+                        ),
                     });
                 }
             } else if header.prev_hash != prev_hash {
                 return Err(LogError::Inconsistent {
                     path,
-                    reason: format!("chain broken: segment header's prev_hash does not match record {prev_seq}"),
+                    reason: format!(
+                        "chain broken: segment header's prev_hash does not match record {prev_seq}"
+                    ),
                 });
             }
         }
         last = Some(match scan.frames.last() {
-            Some(f) => (f.seq, format::sha256(&decode_payload(&path, &bytes, f)?.body)),
+            Some(f) => (
+                f.seq,
+                format::sha256(&decode_payload(&path, &bytes, f)?.body),
+            ),
             None => (base - 1, header.prev_hash),
         });
         if let Some(f) = scan.frames.last() {
-            let rec = decode_payload(&path, &bytes, f)?.record().map_err(|e| LogError::Damaged {
-                path: path.clone(),
-                offset: f.offset,
-                reason: e.to_string(),
-            })?;
+            let rec =
+                decode_payload(&path, &bytes, f)?
+                    .record()
+                    .map_err(|e| LogError::Damaged {
+                        path: path.clone(),
+                        offset: f.offset,
+                        reason: e.to_string(),
+                    })?;
             if is_last && (rec.key_id != identity.key_id() || rec.node_id != node_id) {
                 return Err(LogError::Inconsistent {
                     path,
@@ -287,7 +341,13 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
 
     let (mut durable_seq, mut durable_hash) = last.unwrap_or((ack.seq, ack.hash));
     if segments.is_empty() {
-        segments.push(create_segment(dir, SegmentHeader { base_seq: ack.seq + 1, prev_hash: ack.hash })?);
+        segments.push(create_segment(
+            dir,
+            SegmentHeader {
+                base_seq: ack.seq + 1,
+                prev_hash: ack.hash,
+            },
+        )?);
         active_len = SEGMENT_HEADER_LEN as u64;
         durable_seq = ack.seq;
         durable_hash = ack.hash;
@@ -295,11 +355,21 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
         // The core holds records this log no longer has (a lost tail, or a
         // restored backup). Never reuse an acknowledged seq: continue after the
         // ack, chained to the hash the core acknowledged.
-        tracing::warn!(acked_seq = ack.seq, durable_seq, "acknowledged position is ahead of the log's data; continuing after it");
+        tracing::warn!(
+            acked_seq = ack.seq,
+            durable_seq,
+            "acknowledged position is ahead of the log's data; continuing after it"
+        );
         for s in segments.drain(..) {
             fs::remove_file(&s.path).map_err(|e| LogError::io(&s.path, e))?;
         }
-        segments.push(create_segment(dir, SegmentHeader { base_seq: ack.seq + 1, prev_hash: ack.hash })?);
+        segments.push(create_segment(
+            dir,
+            SegmentHeader {
+                base_seq: ack.seq + 1,
+                prev_hash: ack.hash,
+            },
+        )?);
         active_len = SEGMENT_HEADER_LEN as u64;
         durable_seq = ack.seq;
         durable_hash = ack.hash;
@@ -317,15 +387,26 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
             });
         }
         if ack.seq >= first {
-            if let Some(seg) = segments.iter().find(|s| !s.frames.is_empty() && s.base_seq <= ack.seq && ack.seq < s.base_seq + s.frames.len() as u64) {
+            if let Some(seg) = segments.iter().find(|s| {
+                !s.frames.is_empty()
+                    && s.base_seq <= ack.seq
+                    && ack.seq < s.base_seq + s.frames.len() as u64
+            }) {
                 let (off, len) = seg.frames[(ack.seq - seg.base_seq) as usize];
                 let bytes = fs::read(&seg.path).map_err(|e| LogError::io(&seg.path, e))?;
-                let f = format::FrameInfo { seq: ack.seq, offset: off, len };
+                let f = format::FrameInfo {
+                    seq: ack.seq,
+                    offset: off,
+                    len,
+                };
                 let hash = format::sha256(&decode_payload(&seg.path, &bytes, &f)?.body);
                 if hash != ack.hash {
                     return Err(LogError::Inconsistent {
                         path: dir.join(ACK_FILE),
-                        reason: format!("acknowledged record {} has a different hash than the log's record {}", ack.seq, ack.seq),
+                        reason: format!(
+                            "acknowledged record {} has a different hash than the log's record {}",
+                            ack.seq, ack.seq
+                        ),
                     });
                 }
             }
@@ -353,5 +434,12 @@ pub(crate) fn recover(dir: &Path, identity: &NodeIdentity, node_id: &str) -> Res
             sync_dir(dir)?;
         }
     }
-    Ok(Recovered { segments, active_len, durable_seq, durable_hash, ack, lost })
+    Ok(Recovered {
+        segments,
+        active_len,
+        durable_seq,
+        durable_hash,
+        ack,
+        lost,
+    })
 }

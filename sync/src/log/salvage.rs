@@ -47,7 +47,11 @@ pub fn salvage(dir: &Path) -> Result<Option<SalvageReport>, LogError> {
             SegmentEnd::Clean => continue,
             SegmentEnd::TornTail { .. } if is_last => continue,
             SegmentEnd::TornTail { reason, .. } => (reason.clone(), None),
-            SegmentEnd::Damaged { reason, next_intact, .. } => (reason.clone(), Some(*next_intact as usize)),
+            SegmentEnd::Damaged {
+                reason,
+                next_intact,
+                ..
+            } => (reason.clone(), Some(*next_intact as usize)),
             SegmentEnd::BadHeader(reason) => match format::find_any_intact_frame(&bytes) {
                 None if is_last => continue,
                 found => (format!("header: {reason}"), found),
@@ -57,7 +61,10 @@ pub fn salvage(dir: &Path) -> Result<Option<SalvageReport>, LogError> {
         let damaged_dir = dir.join(DAMAGED_DIR);
         fs::create_dir_all(&damaged_dir).map_err(|e| LogError::io(&damaged_dir, e))?;
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
         let moved_to = damaged_dir.join(format!("{name}.{stamp}"));
 
         // The records after the damage, as a segment of their own.
@@ -69,7 +76,12 @@ pub fn salvage(dir: &Path) -> Result<Option<SalvageReport>, LogError> {
                     .ok()
                     .and_then(|r| r.prev_hash.try_into().ok())
                     .unwrap_or([0u8; 32]);
-                let mut seg = SegmentHeader { base_seq: seq, prev_hash }.encode().to_vec();
+                let mut seg = SegmentHeader {
+                    base_seq: seq,
+                    prev_hash,
+                }
+                .encode()
+                .to_vec();
                 seg.extend_from_slice(&bytes[p..]);
                 let rescan = format::scan_segment(&seg);
                 seg.truncate(rescan.valid_end as usize);
@@ -86,7 +98,8 @@ pub fn salvage(dir: &Path) -> Result<Option<SalvageReport>, LogError> {
         if last_lost < first_lost {
             return Err(LogError::Inconsistent {
                 path: path.clone(),
-                reason: "damaged, but no record range can be named as lost; inspect it by hand".into(),
+                reason: "damaged, but no record range can be named as lost; inspect it by hand"
+                    .into(),
             });
         }
         let lost = LostRange {
@@ -106,7 +119,11 @@ pub fn salvage(dir: &Path) -> Result<Option<SalvageReport>, LogError> {
         recovery::sync_dir(dir)?;
         let kept_before = scan.frames.len() as u64;
         if scan.header.is_some() && (kept_before > 0 || after.is_none()) {
-            write_new(dir, &name, &bytes[..scan.valid_end.max(SEGMENT_HEADER_LEN as u64) as usize])?;
+            write_new(
+                dir,
+                &name,
+                &bytes[..scan.valid_end.max(SEGMENT_HEADER_LEN as u64) as usize],
+            )?;
         }
         let mut kept_after = 0;
         if let Some((seq, seg, frames)) = after {

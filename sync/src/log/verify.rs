@@ -54,7 +54,8 @@ pub fn for_each_record(
         let bytes = std::fs::read(&path).map_err(|e| super::LogError::io(&path, e))?;
         let scan = format::scan_segment(&bytes);
         for f in &scan.frames {
-            let payload = &bytes[f.offset as usize + format::FRAME_HEADER_LEN..(f.offset + f.len as u64) as usize];
+            let payload = &bytes
+                [f.offset as usize + format::FRAME_HEADER_LEN..(f.offset + f.len as u64) as usize];
             match SignedRecord::from_bytes(payload) {
                 Ok(signed) => {
                     let rec = signed.record().map_err(|e| e.to_string());
@@ -69,7 +70,10 @@ pub fn for_each_record(
 
 /// Verifies the log in `dir` against `key`.
 pub fn verify_log(dir: &Path, key: &VerifyingKey) -> VerifyReport {
-    let mut report = VerifyReport { dir: dir.display().to_string(), ..Default::default() };
+    let mut report = VerifyReport {
+        dir: dir.display().to_string(),
+        ..Default::default()
+    };
     let problem = |r: &mut VerifyReport, p: String| {
         if r.problems.len() < 100 {
             r.problems.push(p);
@@ -136,30 +140,59 @@ pub fn verify_log(dir: &Path, key: &VerifyingKey) -> VerifyReport {
         }
         let Some(header) = scan.header else { continue };
         if header.base_seq != *base {
-            problem(&mut report, format!("{name}: header base seq {} differs from its file name", header.base_seq));
+            problem(
+                &mut report,
+                format!(
+                    "{name}: header base seq {} differs from its file name",
+                    header.base_seq
+                ),
+            );
         }
         // Where the chain stands entering this segment.
         let mut expect = match prev {
             None => (header.base_seq, header.prev_hash),
             Some((s, h)) if header.base_seq == s + 1 => {
                 if header.prev_hash != h {
-                    problem(&mut report, format!("{name}: header prev_hash does not match record {s}"));
+                    problem(
+                        &mut report,
+                        format!("{name}: header prev_hash does not match record {s}"),
+                    );
                 }
                 (s + 1, h)
             }
             Some((s, _)) => {
-                if header.base_seq <= s || !covered_by_lost(&report.lost, s + 1, header.base_seq - 1) {
-                    problem(&mut report, format!("{name}: seqs {}..={} are missing", s + 1, header.base_seq.saturating_sub(1)));
+                if header.base_seq <= s
+                    || !covered_by_lost(&report.lost, s + 1, header.base_seq - 1)
+                {
+                    problem(
+                        &mut report,
+                        format!(
+                            "{name}: seqs {}..={} are missing",
+                            s + 1,
+                            header.base_seq.saturating_sub(1)
+                        ),
+                    );
                 }
                 (header.base_seq, header.prev_hash)
             }
         };
-        if prev.is_none() && ack.seq + 1 < header.base_seq && !covered_by_lost(&report.lost, ack.seq + 1, header.base_seq - 1) {
-            problem(&mut report, format!("seqs {}..={} are neither acknowledged nor in the log", ack.seq + 1, header.base_seq - 1));
+        if prev.is_none()
+            && ack.seq + 1 < header.base_seq
+            && !covered_by_lost(&report.lost, ack.seq + 1, header.base_seq - 1)
+        {
+            problem(
+                &mut report,
+                format!(
+                    "seqs {}..={} are neither acknowledged nor in the log",
+                    ack.seq + 1,
+                    header.base_seq - 1
+                ),
+            );
         }
         for f in &scan.frames {
             let seq = f.seq;
-            let payload = &bytes[f.offset as usize + format::FRAME_HEADER_LEN..(f.offset + f.len as u64) as usize];
+            let payload = &bytes
+                [f.offset as usize + format::FRAME_HEADER_LEN..(f.offset + f.len as u64) as usize];
             report.records += 1;
             report.first_seq.get_or_insert(seq);
             report.last_seq = Some(seq);
@@ -178,26 +211,39 @@ pub fn verify_log(dir: &Path, key: &VerifyingKey) -> VerifyReport {
             match signed.record() {
                 Ok(r) => {
                     if r.seq != seq {
-                        problem(&mut report, format!("record {seq}: body says seq {}", r.seq));
+                        problem(
+                            &mut report,
+                            format!("record {seq}: body says seq {}", r.seq),
+                        );
                     }
                     if r.prev_hash != expect.1 {
                         problem(&mut report, format!("record {seq}: prev_hash does not match the previous record (chain broken)"));
                     }
                     if r.key_id != key_id {
-                        problem(&mut report, format!("record {seq}: key_id {} is not the node key {key_id}", r.key_id));
+                        problem(
+                            &mut report,
+                            format!(
+                                "record {seq}: key_id {} is not the node key {key_id}",
+                                r.key_id
+                            ),
+                        );
                     }
                     match &node_id {
                         None => node_id = Some(r.node_id.clone()),
-                        Some(n) if *n != r.node_id => {
-                            problem(&mut report, format!("record {seq}: node_id {:?} differs from {n:?}", r.node_id))
-                        }
+                        Some(n) if *n != r.node_id => problem(
+                            &mut report,
+                            format!("record {seq}: node_id {:?} differs from {n:?}", r.node_id),
+                        ),
                         _ => {}
                     }
                 }
                 Err(e) => problem(&mut report, format!("record {seq}: {e}")),
             }
             if seq == ack.seq && hash != ack.hash {
-                problem(&mut report, format!("ack file's hash for record {seq} does not match the record"));
+                problem(
+                    &mut report,
+                    format!("ack file's hash for record {seq} does not match the record"),
+                );
             }
             expect = (seq + 1, hash);
         }

@@ -32,11 +32,16 @@ type Ready = std::sync::mpsc::Sender<Result<(), LogError>>;
 
 /// Starts the writer thread with the chosen backend, probing io_uring for
 /// `Auto`. Returns once the writer has opened the active segment.
-pub(crate) fn spawn(choice: BackendChoice, start: WriterStart) -> Result<(std::thread::JoinHandle<()>, BackendKind), LogError> {
+pub(crate) fn spawn(
+    choice: BackendChoice,
+    start: WriterStart,
+) -> Result<(std::thread::JoinHandle<()>, BackendKind), LogError> {
     let kind = match choice {
         BackendChoice::File => BackendKind::File,
         BackendChoice::Uring => {
-            probe_uring().map_err(|e| LogError::Unavailable(format!("io_uring was requested but is not available: {e}")))?;
+            probe_uring().map_err(|e| {
+                LogError::Unavailable(format!("io_uring was requested but is not available: {e}"))
+            })?;
             BackendKind::Uring
         }
         BackendChoice::Auto => match probe_uring() {
@@ -52,11 +57,14 @@ pub(crate) fn spawn(choice: BackendChoice, start: WriterStart) -> Result<(std::t
         .name(format!("usage-log-{}", kind.as_str()))
         .spawn(move || match kind {
             BackendKind::File => {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_time().build();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build();
                 match rt {
                     Ok(rt) => rt.block_on(run(FileBackend, start, ready_tx)),
                     Err(e) => {
-                        let _ = ready_tx.send(Err(LogError::Unavailable(format!("writer runtime: {e}"))));
+                        let _ = ready_tx
+                            .send(Err(LogError::Unavailable(format!("writer runtime: {e}"))));
                     }
                 }
             }
@@ -64,7 +72,8 @@ pub(crate) fn spawn(choice: BackendChoice, start: WriterStart) -> Result<(std::t
             BackendKind::Uring => match tokio_uring::Runtime::new(&tokio_uring::builder()) {
                 Ok(rt) => rt.block_on(run(super::backend::UringBackend, start, ready_tx)),
                 Err(e) => {
-                    let _ = ready_tx.send(Err(LogError::Unavailable(format!("io_uring runtime: {e}"))));
+                    let _ =
+                        ready_tx.send(Err(LogError::Unavailable(format!("io_uring runtime: {e}"))));
                 }
             },
             #[cfg(not(target_os = "linux"))]
@@ -79,7 +88,9 @@ pub(crate) fn spawn(choice: BackendChoice, start: WriterStart) -> Result<(std::t
         }
         Err(_) => {
             let _ = handle.join();
-            Err(LogError::Unavailable("the writer thread stopped while starting".into()))
+            Err(LogError::Unavailable(
+                "the writer thread stopped while starting".into(),
+            ))
         }
     }
 }
@@ -147,7 +158,12 @@ async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready
     let mut w = Writer {
         backend,
         shared: start.shared,
-        active: Active { file, path: start.active_path, base_seq: start.active_base, len: start.active_len },
+        active: Active {
+            file,
+            path: start.active_path,
+            base_seq: start.active_base,
+            len: start.active_len,
+        },
         durable_seq: start.durable_seq,
         durable_hash: start.durable_hash,
         epoch: 0,
@@ -224,9 +240,16 @@ impl<B: SegmentBackend> Writer<B> {
             frames.push((offset, item.frame_bytes as u32));
         }
         let written = buf.len() as u64;
-        let (res, _buf) = self.backend.write_all_at(&self.active.file, buf, self.active.len).await;
+        let (res, _buf) = self
+            .backend
+            .write_all_at(&self.active.file, buf, self.active.len)
+            .await;
         let res = match res {
-            Ok(()) => self.backend.sync_data(&self.active.file).await.map_err(|e| LogError::from_write_failure("fdatasync", &e)),
+            Ok(()) => self
+                .backend
+                .sync_data(&self.active.file)
+                .await
+                .map_err(|e| LogError::from_write_failure("fdatasync", &e)),
             Err(e) => Err(LogError::from_write_failure("write", &e)),
         };
         if let Err(e) = res {
@@ -244,7 +267,9 @@ impl<B: SegmentBackend> Writer<B> {
             index.segments.last_mut().unwrap().frames.extend(frames);
             index.durable_seq = self.durable_seq;
         }
-        self.shared.unacked_durable.fetch_add(bytes, Ordering::AcqRel);
+        self.shared
+            .unacked_durable
+            .fetch_add(bytes, Ordering::AcqRel);
         self.shared.seq.lock().unwrap().pending_bytes -= bytes;
         for item in batch {
             let _ = item.reply.send(Ok(item.seq));
@@ -256,11 +281,20 @@ impl<B: SegmentBackend> Writer<B> {
     async fn rotate(&mut self, base_seq: u64) -> Result<(), LogError> {
         let dir = self.shared.dir.clone();
         let path = dir.join(format::segment_file_name(base_seq));
-        let header = SegmentHeader { base_seq, prev_hash: self.durable_hash }.encode().to_vec();
+        let header = SegmentHeader {
+            base_seq,
+            prev_hash: self.durable_hash,
+        }
+        .encode()
+        .to_vec();
         // A file of this name can only be left over from a rotation that failed
         // earlier: it holds nothing durable (every durable seq is below base_seq).
         let _ = std::fs::remove_file(&path);
-        let file = self.backend.create(&path).await.map_err(|e| LogError::from_write_failure("create segment", &e))?;
+        let file = self
+            .backend
+            .create(&path)
+            .await
+            .map_err(|e| LogError::from_write_failure("create segment", &e))?;
         let (res, _) = self.backend.write_all_at(&file, header, 0).await;
         let res = match res {
             Ok(()) => self.backend.sync_data(&file).await,
@@ -275,9 +309,23 @@ impl<B: SegmentBackend> Writer<B> {
             let _ = std::fs::remove_file(&path);
             return Err(LogError::Unavailable(e.to_string()));
         }
-        self.shared.index.lock().unwrap().segments.push(SegmentIndex { base_seq, path: path.clone(), frames: Vec::new() });
+        self.shared
+            .index
+            .lock()
+            .unwrap()
+            .segments
+            .push(SegmentIndex {
+                base_seq,
+                path: path.clone(),
+                frames: Vec::new(),
+            });
         tracing::debug!(path = %path.display(), base_seq, "usage log segment started");
-        self.active = Active { file, path, base_seq, len: format::SEGMENT_HEADER_LEN as u64 };
+        self.active = Active {
+            file,
+            path,
+            base_seq,
+            len: format::SEGMENT_HEADER_LEN as u64,
+        };
         Ok(())
     }
 
@@ -322,7 +370,9 @@ impl<B: SegmentBackend> Writer<B> {
     /// Drops whatever a failed write may have left after the synced length,
     /// syncs that, and reopens the file so no stale error state carries over.
     async fn repair(&mut self) -> Result<(), std::io::Error> {
-        self.backend.set_len(&self.active.file, self.active.len).await?;
+        self.backend
+            .set_len(&self.active.file, self.active.len)
+            .await?;
         self.backend.sync_data(&self.active.file).await?;
         let file = self.backend.open(&self.active.path).await?;
         self.active.file = file;

@@ -33,7 +33,10 @@ pub fn record(i: u64) -> UsageRecord {
 }
 
 pub fn options(backend: BackendChoice) -> LogOptions {
-    LogOptions { backend, ..LogOptions::default() }
+    LogOptions {
+        backend,
+        ..LogOptions::default()
+    }
 }
 
 pub fn open(dir: &Path, options: LogOptions) -> Result<UsageLog, LogError> {
@@ -41,7 +44,11 @@ pub fn open(dir: &Path, options: LogOptions) -> Result<UsageLog, LogError> {
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Appends records `from..from+n` one after the other; returns their seqs.
