@@ -256,6 +256,22 @@ impl std::fmt::Debug for UsageLog {
     }
 }
 
+/// Frame bytes of the records with `above < seq <= upto`.
+fn frame_bytes_between(segments: &[SegmentIndex], above: u64, upto: u64) -> u64 {
+    segments
+        .iter()
+        .flat_map(|s| {
+            let base = s.base_seq;
+            s.frames
+                .iter()
+                .enumerate()
+                .map(move |(i, f)| (base + i as u64, f.1))
+        })
+        .filter(|&(seq, _)| seq > above && seq <= upto)
+        .map(|(_, len)| len as u64)
+        .sum()
+}
+
 /// The size of the `SignedRecord` encoding for a body of `body_len` bytes
 /// (the signature is always 64 bytes, so the size is known before signing).
 fn signed_len(body_len: usize) -> usize {
@@ -284,18 +300,7 @@ impl UsageLog {
         let active_len = recovered.active_len;
         let durable_seq = recovered.durable_seq;
         let durable_hash = recovered.durable_hash;
-        let unacked: u64 = recovered
-            .segments
-            .iter()
-            .flat_map(|s| {
-                s.frames
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, f)| (s.base_seq + i as u64, f.1))
-            })
-            .filter(|(seq, _)| *seq > recovered.ack.seq)
-            .map(|(_, len)| len as u64)
-            .sum();
+        let unacked = frame_bytes_between(&recovered.segments, recovered.ack.seq, u64::MAX);
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             seq: Mutex::new(Sequencer {
@@ -532,18 +537,7 @@ impl UsageLog {
                     ),
                 })?;
             let (offset, len) = seg.frames[(seq - seg.base_seq) as usize];
-            let freed: u64 = index
-                .segments
-                .iter()
-                .flat_map(|s| {
-                    s.frames
-                        .iter()
-                        .enumerate()
-                        .map(move |(i, f)| (s.base_seq + i as u64, f.1))
-                })
-                .filter(|(s, _)| *s > ack.seq && *s <= seq)
-                .map(|(_, l)| l as u64)
-                .sum();
+            let freed = frame_bytes_between(&index.segments, ack.seq, seq);
             (seg.path.clone(), offset, len, freed)
         };
         let mut buf = vec![0u8; len as usize];

@@ -340,28 +340,19 @@ pub(crate) fn recover(
     }
 
     let (mut durable_seq, mut durable_hash) = last.unwrap_or((ack.seq, ack.hash));
-    if segments.is_empty() {
-        segments.push(create_segment(
-            dir,
-            SegmentHeader {
-                base_seq: ack.seq + 1,
-                prev_hash: ack.hash,
-            },
-        )?);
-        active_len = SEGMENT_HEADER_LEN as u64;
-        durable_seq = ack.seq;
-        durable_hash = ack.hash;
-    } else if ack.seq > durable_seq {
-        // The core holds records this log no longer has (a lost tail, or a
-        // restored backup). Never reuse an acknowledged seq: continue after the
-        // ack, chained to the hash the core acknowledged.
-        tracing::warn!(
-            acked_seq = ack.seq,
-            durable_seq,
-            "acknowledged position is ahead of the log's data; continuing after it"
-        );
-        for s in segments.drain(..) {
-            fs::remove_file(&s.path).map_err(|e| LogError::io(&s.path, e))?;
+    if segments.is_empty() || ack.seq > durable_seq {
+        if !segments.is_empty() {
+            // The core holds records this log no longer has (a lost tail, or a
+            // restored backup). Never reuse an acknowledged seq: continue after
+            // the ack, chained to the hash the core acknowledged.
+            tracing::warn!(
+                acked_seq = ack.seq,
+                durable_seq,
+                "acknowledged position is ahead of the log's data; continuing after it"
+            );
+            for s in segments.drain(..) {
+                fs::remove_file(&s.path).map_err(|e| LogError::io(&s.path, e))?;
+            }
         }
         segments.push(create_segment(
             dir,
