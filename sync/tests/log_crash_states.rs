@@ -112,7 +112,11 @@ fn damaged_middle_frame_refuses_to_open_then_salvage_continues() {
     let report = mec_sync::log::salvage::salvage(dir.path())
         .unwrap()
         .expect("something to salvage");
-    assert_eq!((report.lost.first, report.lost.last), (5, 5));
+    assert_eq!(
+        (report.lost.first, report.lost.last),
+        (5, 5),
+        "only the damaged record is lost"
+    );
     assert_eq!((report.kept_before, report.kept_after), (4, 5));
     assert!(
         std::path::Path::new(&report.moved_to).exists(),
@@ -302,4 +306,42 @@ fn log_of_another_node_key_is_refused() {
     );
     let err = mec_sync::log::UsageLog::open(dir.path(), other, NODE, file_opts()).unwrap_err();
     assert!(err.to_string().contains("belongs to node"), "{err}");
+}
+
+#[test]
+fn salvage_keeps_intact_records_of_the_damaged_records_own_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), file_opts()).unwrap();
+    // One group commit of 40 records, then one more write.
+    let log = std::sync::Arc::new(log);
+    rt().block_on(async {
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(record(i)).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    append_seq(&log, 100, 1);
+    drop(log);
+    let seg = segments(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&seg).unwrap();
+    let offs = frame_offsets(&bytes);
+    bytes[offs[2] as usize + FRAME_HEADER_LEN + 5] ^= 0x01;
+    fs::write(&seg, &bytes).unwrap();
+    if let Ok(log) = open(dir.path(), file_opts()) {
+        // All 40 landed in separate writes on this run: damage is refused the same way.
+        panic!("damaged log opened: {:?}", log.stats());
+    }
+    let report = mec_sync::log::salvage::salvage(dir.path())
+        .unwrap()
+        .unwrap();
+    assert_eq!((report.lost.first, report.lost.last), (3, 3));
+    assert_eq!(report.kept_before + report.kept_after, 40);
+    let v = verify(dir.path());
+    assert!(v.ok(), "{:?}", v.problems);
+    assert_eq!(v.records, 40);
 }

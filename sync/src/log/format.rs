@@ -444,6 +444,15 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// Offset of the first intact frame at or after `from` whose seq is at least
+/// `min_seq` (used by salvage to keep every intact record after damage).
+pub fn find_intact_frame_from(bytes: &[u8], from: usize, min_seq: u64) -> Option<usize> {
+    (from..bytes.len().saturating_sub(FRAME_HEADER_LEN - 1)).find(|&p| {
+        let seq = u64::from_le_bytes(bytes[p + 8..p + 16].try_into().unwrap());
+        seq >= min_seq && matches!(read_frame(&bytes[p..]), FrameRead::Frame { .. })
+    })
+}
+
 /// Offset of the first intact frame anywhere after the segment header, if
 /// any (used to tell an interrupted rotation from a damaged header).
 pub fn find_any_intact_frame(bytes: &[u8]) -> Option<usize> {

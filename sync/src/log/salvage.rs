@@ -58,6 +58,14 @@ pub fn salvage(dir: &Path) -> Result<Option<SalvageReport>, LogError> {
             },
         };
         let first_lost = scan.last_seq().map(|s| s + 1).unwrap_or(*base);
+        // Keep every intact record after the damage, including those written in
+        // the same group commit as the damaged one (they were synced too: a
+        // later write exists).
+        let next_intact = next_intact.map(|p| {
+            format::find_intact_frame_from(&bytes, scan.valid_end as usize + 1, first_lost + 1)
+                .filter(|&q| q <= p)
+                .unwrap_or(p)
+        });
         let damaged_dir = dir.join(DAMAGED_DIR);
         fs::create_dir_all(&damaged_dir).map_err(|e| LogError::io(&damaged_dir, e))?;
         let name = path.file_name().unwrap().to_string_lossy().to_string();
