@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// Backend: auto, uring or file.
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
+    /// Group-commit delay in microseconds (see LogOptions::commit_delay).
+    #[arg(long, default_value_t = 200)]
+    pub commit_delay_us: u64,
     /// Also measure the disk's raw fdatasync rate and the signing rate, in the same run.
     #[arg(long)]
     pub baselines: bool,

@@ -126,6 +126,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let identity = NodeIdentity::load_or_create(&identity_dir(&args.dir))?;
     let options = LogOptions {
         backend: args.backend,
+        commit_delay: Duration::from_micros(args.commit_delay_us),
         ..LogOptions::default()
     };
     let log = Arc::new(UsageLog::open(
@@ -168,6 +169,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         "backend": backend.as_str(),
         "records": args.records,
         "concurrency": args.concurrency,
+        "commit_delay_us": args.commit_delay_us,
         "seconds": elapsed.as_secs_f64(),
         "records_per_s": args.records as f64 / elapsed.as_secs_f64(),
         "append_latency_us_p50": percentile(&latencies, 0.50),
@@ -180,6 +182,14 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if args.baselines {
         out["fdatasync_per_s"] = fdatasync_rate(&args.dir, Duration::from_secs(2))?.into();
         out["sign_per_s_one_core"] = sign_rate(&identity, Duration::from_secs(2)).into();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let all: f64 = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..cores)
+                .map(|_| s.spawn(|| sign_rate(&identity, Duration::from_secs(2))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        out["sign_per_s_all_cores"] = all.into();
     }
     println!("{out}");
     Ok(ExitCode::SUCCESS)

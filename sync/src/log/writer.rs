@@ -26,7 +26,11 @@ pub(crate) struct WriterStart {
     pub durable_hash: [u8; 32],
     pub segment_bytes: u64,
     pub max_batch_bytes: usize,
+    pub commit_delay: Duration,
 }
+
+/// The commit delay applies only after a write of at least this many records.
+const COMMIT_SIBLINGS: usize = 24;
 
 type Ready = std::sync::mpsc::Sender<Result<(), LogError>>;
 
@@ -143,6 +147,8 @@ struct Writer<B: SegmentBackend> {
     pending: BTreeMap<u64, Item>,
     segment_bytes: u64,
     max_batch_bytes: usize,
+    commit_delay: Duration,
+    last_batch_len: usize,
 }
 
 async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready) {
@@ -170,6 +176,8 @@ async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready
         pending: BTreeMap::new(),
         segment_bytes: start.segment_bytes,
         max_batch_bytes: start.max_batch_bytes,
+        commit_delay: start.commit_delay,
+        last_batch_len: 0,
     };
     loop {
         if !w.pending.contains_key(&(w.durable_seq + 1)) {
@@ -186,6 +194,16 @@ async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready
                 }
             }
         }
+        // Group-commit delay (PostgreSQL's commit_delay and commit_siblings):
+        // when the last write carried many records, appenders are many, so wait
+        // a moment for more before paying for a sync. Each fdatasync costs CPU
+        // (VM exits, journal work) that signing needs. With few appenders the
+        // wait would only add latency, so they never wait.
+        if w.last_batch_len >= COMMIT_SIBLINGS && !w.commit_delay.is_zero() {
+            // A blocking sleep: this thread runs nothing but the writer, and
+            // tokio's timer is too coarse (1 ms) for this.
+            std::thread::sleep(w.commit_delay);
+        }
         while let Ok(item) = rx.try_recv() {
             w.accept(item);
         }
@@ -193,6 +211,7 @@ async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready
         if batch.is_empty() {
             continue;
         }
+        w.last_batch_len = batch.len();
         w.commit(batch).await;
     }
 }
