@@ -1,10 +1,25 @@
-//! Local inference runtime (issue 3, not built yet).
+//! Local inference runtime.
 //!
-//! This crate will load llama-family GGUF models with candle (CPU by default,
-//! CUDA behind a `cuda` feature), tokenize with the GGUF's own byte-level BPE
-//! and chat template, sample (greedy, temperature, top-p/k, seed, stop
-//! sequences), stream tokens with exact counts, cancel within one decode step,
-//! schedule concurrent requests over slots with their own KV caches and a
-//! prefix cache, and report GPUs through NVML (none means CPU). It knows
+//! Loads llama-family GGUF models with candle (CPU by default), tokenizes
+//! with the GGUF's own byte-level BPE and chat template, and generates with
+//! exact token counts. Planned next (issue 3): sampling, streaming with
+//! cancellation, a scheduler of concurrent requests over slots with their own
+//! KV caches and a prefix cache, and GPU discovery through NVML. It knows
 //! nothing of HTTP or billing.
 #![warn(missing_docs)]
+
+pub mod gguf;
+pub mod tokenizer;
+
+/// The default model's path: `$MEC_MODEL` when set, else
+/// `models/SmolLM2-135M-Instruct.Q4_1.gguf` at the workspace root (where
+/// `cargo xtask setup` puts it).
+pub fn default_model_path() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("MEC_MODEL") {
+        return p.into();
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the crate sits in the workspace")
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
