@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod gguf;
+pub mod model;
 pub mod tokenizer;
 
 /// The default model's path: `$MEC_MODEL` when set, else

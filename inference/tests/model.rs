@@ -1,0 +1,194 @@
+//! The model forward pass on the real model (SmolLM2-135M-Instruct Q4_1).
+
+use candle_core::Device;
+use mec_inference::gguf::{GgufFile, ModelError};
+use mec_inference::model::{KvCache, Model};
+use mec_inference::tokenizer::Tokenizer;
+
+fn load() -> (Model, Tokenizer) {
+    let path = mec_inference::default_model_path();
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        path.display()
+    );
+    let mut f = GgufFile::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&f).unwrap();
+    (Model::load(&mut f, &Device::Cpu).unwrap(), tok)
+}
+
+fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = KvCache::new(model);
+    let mut logits = model.forward(prompt, &mut cache).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        out.push(next);
+        logits = model.forward(&[next], &mut cache).unwrap();
+    }
+    out
+}
+
+/// candle-transformers' quantized llama, on the same file: a reference
+/// implementation to compare against.
+fn reference_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
+    let path = mec_inference::default_model_path();
+    let dev = Device::Cpu;
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut m = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        content, &mut file, &dev,
+    )
+    .unwrap();
+    let input = candle_core::Tensor::new(prompt, &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut logits = m.forward(&input, 0).unwrap().squeeze(0).unwrap();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        out.push(next);
+        let input = candle_core::Tensor::new(&[next], &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        logits = m
+            .forward(&input, prompt.len() + i)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+    }
+    out
+}
+
+#[test]
+fn greedy_completion_of_a_fixed_prompt_is_the_expected_text() {
+    let (model, tok) = load();
+    let ids = tok.encode("The capital of France is").unwrap();
+    assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
+    let out = greedy(&model, &ids, 6);
+    assert_eq!(tok.decode(&out, false).unwrap(), " Paris.\n\nThe United");
+}
+
+#[test]
+fn forward_matches_the_candle_transformers_reference() {
+    let (model, tok) = load();
+    for prompt in [
+        "The capital of France is",
+        "<|im_start|>user\nWrite a haiku about edge computing.<|im_end|>\n<|im_start|>assistant\n",
+    ] {
+        let ids = tok.encode(prompt).unwrap();
+        assert_eq!(
+            greedy(&model, &ids, 16),
+            reference_greedy(&ids, 16),
+            "prompt {prompt:?}"
+        );
+    }
+}
+
+#[test]
+fn prefill_at_once_equals_token_by_token() {
+    let (model, tok) = load();
+    let ids = tok
+        .encode("Edge boxes serve tokens close to the phone.")
+        .unwrap();
+    let mut a = KvCache::new(&model);
+    let whole = model.forward(&ids, &mut a).unwrap();
+    let mut b = KvCache::new(&model);
+    let mut step = None;
+    for id in &ids {
+        step = Some(model.forward(&[*id], &mut b).unwrap());
+    }
+    let step = step.unwrap();
+    assert_eq!(a.len(), b.len());
+    assert_eq!(
+        whole.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+        step.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+    );
+    let diff = (whole - step)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 0.5, "logits differ by {diff}");
+}
+
+#[test]
+fn truncated_cache_reuses_a_prefix_exactly() {
+    let (model, tok) = load();
+    let ids = tok.encode("One two three four five six").unwrap();
+    let mut cache = KvCache::new(&model);
+    model.forward(&ids, &mut cache).unwrap();
+    cache.truncate(3).unwrap();
+    let reused = model.forward(&ids[3..], &mut cache).unwrap();
+    let mut fresh = KvCache::new(&model);
+    let full = model.forward(&ids, &mut fresh).unwrap();
+    let diff = (reused - full)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 0.5, "logits differ by {diff}");
+}
+
+#[test]
+fn prompt_beyond_the_context_is_an_error() {
+    let (model, _) = load();
+    let mut cache = KvCache::new(&model);
+    let too_long = vec![504u32; model.config().context_length + 1];
+    assert!(model.forward(&too_long, &mut cache).is_err());
+}
+
+fn check_refused(bytes: &[u8], expect: impl Fn(&ModelError) -> bool, words: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let err = GgufFile::open(&path).unwrap_err();
+    assert!(expect(&err), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("bad.gguf") && msg.contains(words), "{msg}");
+}
+
+#[test]
+fn bad_files_are_refused_with_the_file_and_the_reason() {
+    check_refused(
+        b"PK\x03\x04 this is a zip",
+        |e| matches!(e, ModelError::NotGguf { .. }),
+        "not a GGUF file",
+    );
+    check_refused(
+        b"",
+        |e| matches!(e, ModelError::NotGguf { .. }),
+        "not a GGUF file",
+    );
+    let real = std::fs::read(mec_inference::default_model_path()).unwrap();
+    check_refused(
+        &real[..real.len() / 2],
+        |e| matches!(e, ModelError::Truncated { .. }),
+        "truncated",
+    );
+    check_refused(
+        &real[..1000],
+        |e| matches!(e, ModelError::Corrupt { .. } | ModelError::Truncated { .. }),
+        "GGUF",
+    );
+    // The whole file, with the value of general.architecture changed from
+    // "llama" to "llamb" (key, then a u32 type tag and a u64 length, then the value).
+    let mut other = real.clone();
+    let key = b"general.architecture";
+    let at = other.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4 + 8;
+    assert_eq!(&other[at..at + 5], b"llama");
+    other[at + 4] = b'b';
+    check_refused(
+        &other,
+        |e| matches!(e, ModelError::UnsupportedArchitecture { .. }),
+        "unsupported architecture \"llamb\"",
+    );
+}
