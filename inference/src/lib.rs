@@ -8,8 +8,10 @@
 //! nothing of HTTP or billing.
 #![warn(missing_docs)]
 
+pub mod engine;
 pub mod gguf;
 pub mod model;
+pub mod sampling;
 pub mod tokenizer;
 
 /// The default model's path: `$MEC_MODEL` when set, else

@@ -1,0 +1,248 @@
+//! The engine on the real model: counts, concurrency, cancellation, prefix
+//! cache, overload and fairness.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use mec_inference::engine::{
+    Engine, EngineConfig, FinishReason, GenerateRequest, SubmitError, Summary,
+};
+use mec_inference::gguf::GgufFile;
+use mec_inference::model::Model;
+use mec_inference::sampling::SamplingParams;
+use mec_inference::tokenizer::{ChatMessage, Tokenizer};
+
+fn engine(config: EngineConfig) -> Engine {
+    let path = mec_inference::default_model_path();
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        path.display()
+    );
+    let mut f = GgufFile::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&f).unwrap();
+    let model = Model::load(&mut f, &Device::Cpu).unwrap();
+    Engine::start(Arc::new(model), Arc::new(tok), config)
+}
+
+fn chat(e: &Engine, text: &str) -> Vec<u32> {
+    let t = e.tokenizer();
+    t.encode(&t.apply_chat_template(&[ChatMessage::user(text)]).unwrap())
+        .unwrap()
+}
+
+fn req(prompt: Vec<u32>, max_tokens: usize, subscriber: &str) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        params: SamplingParams {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        },
+        subscriber: subscriber.into(),
+    }
+}
+
+async fn collect(e: &Engine, r: GenerateRequest) -> (String, Summary) {
+    let mut g = e.submit(r).unwrap();
+    let mut text = String::new();
+    let mut ids = 0;
+    while let Some(d) = g.deltas.recv().await {
+        text.push_str(&d.text);
+        ids += d.token_ids.len();
+    }
+    let s = g.summary.await.unwrap();
+    assert!(
+        ids <= s.completion_tokens,
+        "deltas carry at most the counted tokens"
+    );
+    (text, s)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn counts_are_the_engines_own_and_max_tokens_gives_length() {
+    let e = engine(EngineConfig {
+        slots: 1,
+        ..Default::default()
+    });
+    let prompt = chat(&e, "Name three colours.");
+    let (text, s) = rt().block_on(collect(&e, req(prompt.clone(), 8, "a")));
+    assert_eq!(s.prompt_tokens, prompt.len());
+    assert_eq!(s.completion_tokens, 8);
+    assert_eq!(s.finish_reason, FinishReason::Length);
+    assert!(!text.is_empty());
+    assert!(s.ttft > Duration::ZERO);
+}
+
+#[test]
+fn concurrent_greedy_requests_equal_each_run_alone() {
+    let prompts = [
+        "What is 2 + 2?",
+        "Write one word about the sea.",
+        "Say hello in French.",
+        "What colour is the sky?",
+    ];
+    let alone: Vec<String> = {
+        let e = engine(EngineConfig {
+            slots: 1,
+            prefix_cache_tokens: 0,
+            ..Default::default()
+        });
+        prompts
+            .iter()
+            .map(|p| rt().block_on(collect(&e, req(chat(&e, p), 12, "a"))).0)
+            .collect()
+    };
+    let e = engine(EngineConfig {
+        slots: 4,
+        prefix_cache_tokens: 0,
+        ..Default::default()
+    });
+    let together = rt().block_on(async {
+        let futs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| collect(&e, req(chat(&e, p), 12, &format!("s{i}"))))
+            .collect();
+        let mut out = Vec::new();
+        for f in futs {
+            out.push(f.await.0);
+        }
+        out
+    });
+    assert_eq!(alone, together);
+}
+
+#[test]
+fn prefix_cache_hit_gives_the_same_text_and_reports_cached_tokens() {
+    let e = engine(EngineConfig {
+        slots: 1,
+        ..Default::default()
+    });
+    let prompt = chat(&e, "Explain what a token package is, in one sentence.");
+    let (first, s1) = rt().block_on(collect(&e, req(prompt.clone(), 10, "a")));
+    let (second, s2) = rt().block_on(collect(&e, req(prompt.clone(), 10, "a")));
+    assert_eq!(s1.cached_prompt_tokens, 0);
+    assert_eq!(
+        s2.cached_prompt_tokens,
+        prompt.len() - 1,
+        "all but the last prompt token reused"
+    );
+    assert_eq!(first, second);
+    // A different question after the same system prompt shares its beginning.
+    let other = chat(&e, "Why do edge boxes exist?");
+    let (_, s3) = rt().block_on(collect(&e, req(other, 4, "a")));
+    assert!(s3.cached_prompt_tokens >= 20, "{s3:?}");
+}
+
+#[test]
+fn dropping_the_stream_cancels_within_a_step_and_still_reports_tokens() {
+    let e = engine(EngineConfig {
+        slots: 1,
+        ..Default::default()
+    });
+    let prompt = chat(&e, "Tell me a long story about a lighthouse keeper.");
+    let summary = rt().block_on(async {
+        let mut g = e.submit(req(prompt, 200, "a")).unwrap();
+        let mut seen = 0;
+        while let Some(d) = g.deltas.recv().await {
+            seen += d.token_ids.len();
+            if seen >= 3 {
+                break;
+            }
+        }
+        drop(g.deltas);
+        let s = g.summary.await.unwrap();
+        (seen, s)
+    });
+    let (seen, s) = summary;
+    assert_eq!(s.finish_reason, FinishReason::Cancelled);
+    assert!(s.completion_tokens >= seen, "{s:?}");
+    assert!(
+        s.completion_tokens <= seen + 3,
+        "stopped within a step or two of the drop: {s:?}"
+    );
+}
+
+#[test]
+fn full_queue_is_overloaded_and_long_prompts_are_refused() {
+    let e = engine(EngineConfig {
+        slots: 1,
+        queue_capacity: 1,
+        ..Default::default()
+    });
+    let p = chat(&e, "Count to one hundred.");
+    let _running = e.submit(req(p.clone(), 60, "a")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _queued = e.submit(req(p.clone(), 60, "a")).unwrap();
+    assert!(matches!(
+        e.submit(req(p.clone(), 60, "a")),
+        Err(SubmitError::Overloaded(1))
+    ));
+    let context = e.model().config().context_length;
+    assert!(matches!(
+        e.submit(req(vec![504; context], 1, "a")),
+        Err(SubmitError::PromptTooLong { .. })
+    ));
+    assert!(matches!(
+        e.submit(req(vec![], 1, "a")),
+        Err(SubmitError::EmptyPrompt)
+    ));
+}
+
+#[test]
+fn one_subscribers_burst_does_not_starve_another() {
+    let e = engine(EngineConfig {
+        slots: 1,
+        queue_capacity: 16,
+        prefix_cache_tokens: 0,
+    });
+    let p = chat(&e, "Say something.");
+    rt().block_on(async {
+        let mut a: Vec<_> = (0..4)
+            .map(|_| e.submit(req(p.clone(), 6, "burst")).unwrap())
+            .collect();
+        let b = e.submit(req(p.clone(), 6, "quiet")).unwrap();
+        let b_done = b.summary.await.unwrap();
+        // Round robin: the quiet subscriber's request ran second, so at least
+        // two of the burst's requests were still waiting or running.
+        let mut unfinished = Vec::new();
+        for g in a.iter_mut() {
+            if g.summary.try_recv().is_err() {
+                unfinished.push(g);
+            }
+        }
+        assert!(
+            unfinished.len() >= 2,
+            "quiet request waited behind the whole burst ({b_done:?})"
+        );
+        for g in unfinished {
+            (&mut g.summary).await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn stop_sequence_cuts_the_text_but_counts_its_tokens() {
+    let e = engine(EngineConfig {
+        slots: 1,
+        ..Default::default()
+    });
+    let prompt = e.tokenizer().encode("The capital of France is").unwrap();
+    let mut r = req(prompt, 20, "a");
+    r.params.stop = vec!["\n".into()];
+    let (text, s) = rt().block_on(collect(&e, r));
+    assert_eq!(text, " Paris.");
+    assert_eq!(s.finish_reason, FinishReason::Stop);
+    assert_eq!(
+        s.completion_tokens, 3,
+        "' Paris', '.', and the newline token"
+    );
+}
