@@ -22,6 +22,37 @@ pub enum Command {
     /// Inspect, check and benchmark the durable usage log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Generate text with a local model (for technicians and benchmarks).
+    Generate(GenerateArgs),
+}
+
+/// Arguments of `edge-agent generate`.
+#[derive(Debug, Args, Clone)]
+pub struct GenerateArgs {
+    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $MEC_MODEL].
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// The prompt: one user message through the chat template, unless --raw.
+    #[arg(long)]
+    pub prompt: String,
+    /// Most completion tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Send the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Print one JSON object with the text and the counts instead of streaming.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where a log lives: `DIR/identity/` holds the node keys, `DIR/log/` the segments.
@@ -100,5 +131,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log(LogCommand::Dump(a)) => crate::log_cmd::dump(&a.dir),
         Command::Log(LogCommand::Bench(a)) => crate::log_cmd::bench(&a),
         Command::Log(LogCommand::Salvage(a)) => crate::log_cmd::salvage(&a.dir),
+        Command::Generate(a) => crate::generate_cmd::generate(&a),
     }
 }

@@ -8,6 +8,8 @@
 //! nothing of HTTP or billing.
 #![warn(missing_docs)]
 
+pub use candle_core::Device;
+
 pub mod engine;
 pub mod gguf;
 pub mod model;

@@ -1,0 +1,108 @@
+//! `edge-agent generate`: one prompt through the local model, streamed to
+//! stdout, or as one JSON object with the counts.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use mec_inference::engine::{Engine, EngineConfig, GenerateRequest};
+use mec_inference::gguf::GgufFile;
+use mec_inference::model::Model;
+use mec_inference::sampling::SamplingParams;
+use mec_inference::tokenizer::{ChatMessage, Tokenizer};
+
+use crate::cli::GenerateArgs;
+
+/// Runs one generation.
+pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(mec_inference::default_model_path);
+    let mut file = GgufFile::open(&path)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let model = Model::load(&mut file, &candle_core_device())?;
+    let prompt = if args.raw {
+        args.prompt.clone()
+    } else {
+        tokenizer
+            .apply_chat_template(&[ChatMessage::user(args.prompt.clone())])
+            .map_err(anyhow::Error::msg)?
+    };
+    let ids = tokenizer.encode(&prompt).map_err(anyhow::Error::msg)?;
+    let engine = Engine::start(
+        Arc::new(model),
+        Arc::new(tokenizer),
+        EngineConfig {
+            slots: 1,
+            ..Default::default()
+        },
+    );
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_tokens: Some(args.max_tokens),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut generation = engine.submit(GenerateRequest {
+        prompt: ids,
+        params,
+        subscriber: "cli".into(),
+    })?;
+    let (text, summary) = rt.block_on(async {
+        let mut text = String::new();
+        let stdout = std::io::stdout();
+        while let Some(delta) = generation.deltas.recv().await {
+            if !args.json {
+                let mut out = stdout.lock();
+                let _ = out.write_all(delta.text.as_bytes());
+                let _ = out.flush();
+            }
+            text.push_str(&delta.text);
+        }
+        let summary = (&mut generation.summary)
+            .await
+            .context("the engine stopped without a summary")?;
+        Ok::<_, anyhow::Error>((text, summary))
+    })?;
+    let decode_tokens_per_s = if summary.decode_time.is_zero() || summary.completion_tokens < 2 {
+        0.0
+    } else {
+        (summary.completion_tokens - 1) as f64 / summary.decode_time.as_secs_f64()
+    };
+    let report = serde_json::json!({
+        "text": text,
+        "prompt_tokens": summary.prompt_tokens,
+        "cached_prompt_tokens": summary.cached_prompt_tokens,
+        "completion_tokens": summary.completion_tokens,
+        "finish_reason": summary.finish_reason,
+        "ttft_ms": summary.ttft.as_secs_f64() * 1e3,
+        "decode_tokens_per_s": decode_tokens_per_s,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt + {} completion tokens, finish {:?}, ttft {:.0} ms, {:.1} tokens/s]",
+            summary.prompt_tokens,
+            summary.completion_tokens,
+            summary.finish_reason,
+            summary.ttft.as_secs_f64() * 1e3,
+            decode_tokens_per_s
+        );
+    }
+    if let Some(e) = summary.error {
+        anyhow::bail!("generation failed: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn candle_core_device() -> mec_inference::Device {
+    mec_inference::Device::Cpu
+}
