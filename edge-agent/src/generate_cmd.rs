@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use mec_inference::engine::{Engine, EngineConfig, GenerateRequest};
 use mec_inference::gguf::GgufFile;
+use mec_inference::gpu;
 use mec_inference::model::Model;
 use mec_inference::sampling::SamplingParams;
 use mec_inference::tokenizer::{ChatMessage, Tokenizer};
@@ -22,7 +23,11 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(mec_inference::default_model_path);
     let mut file = GgufFile::open(&path)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let model = Model::load(&mut file, &candle_core_device())?;
+    let model_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let found = gpu::discover(None);
+    // Room for the weights and as much again for KV caches and activations.
+    let choice = gpu::choose_device(&found, gpu::CUDA_BUILT, model_bytes * 2);
+    let model = Model::load(&mut file, &gpu::device_for(&choice))?;
     let prompt = if args.raw {
         args.prompt.clone()
     } else {
@@ -101,8 +106,4 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("generation failed: {e}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn candle_core_device() -> mec_inference::Device {
-    mec_inference::Device::Cpu
 }

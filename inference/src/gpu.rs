@@ -1,0 +1,324 @@
+//! GPU discovery and telemetry through NVML, and the choice of device.
+//!
+//! NVML (`libnvidia-ml.so`) is loaded at run time by nvml-wrapper, so the
+//! same binary runs on boxes with and without NVIDIA drivers: no library, no
+//! device, or a build without the `cuda` feature all mean CPU, said once in
+//! the log with the reason.
+//!
+//! The choice is a plain function of what was found ([`choose_device`]), so
+//! it is tested without hardware.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::Nvml;
+
+/// One GPU as NVML reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GpuInfo {
+    /// NVML index (the CUDA ordinal on ordinary systems).
+    pub index: u32,
+    /// Product name.
+    pub name: String,
+    /// Memory in all, bytes.
+    pub memory_total_bytes: u64,
+    /// Memory free, bytes.
+    pub memory_free_bytes: u64,
+    /// GPU utilisation, percent.
+    pub utilization_percent: Option<u32>,
+    /// Core temperature, °C.
+    pub temperature_c: Option<u32>,
+    /// Power draw, milliwatts.
+    pub power_mw: Option<u32>,
+}
+
+/// What discovery found.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Discovery {
+    /// GPUs found (empty without NVML).
+    pub gpus: Vec<GpuInfo>,
+    /// Why there are none, when there are none.
+    pub reason: Option<String>,
+}
+
+/// Queries NVML; loads `lib_path` instead of the system library when given.
+pub fn discover(lib_path: Option<&Path>) -> Discovery {
+    let nvml = match lib_path {
+        Some(p) => Nvml::builder().lib_path(p.as_os_str()).init(),
+        None => Nvml::init(),
+    };
+    let nvml = match nvml {
+        Ok(n) => n,
+        Err(e) => {
+            return Discovery {
+                gpus: Vec::new(),
+                reason: Some(format!("NVML is not available: {e}")),
+            }
+        }
+    };
+    match read_all(&nvml) {
+        Ok(gpus) if gpus.is_empty() => Discovery {
+            gpus,
+            reason: Some("NVML reports no GPU".into()),
+        },
+        Ok(gpus) => Discovery { gpus, reason: None },
+        Err(e) => Discovery {
+            gpus: Vec::new(),
+            reason: Some(format!("NVML failed: {e}")),
+        },
+    }
+}
+
+fn read_all(nvml: &Nvml) -> Result<Vec<GpuInfo>, nvml_wrapper::error::NvmlError> {
+    let mut out = Vec::new();
+    for index in 0..nvml.device_count()? {
+        let d = nvml.device_by_index(index)?;
+        let mem = d.memory_info()?;
+        out.push(GpuInfo {
+            index,
+            name: d.name().unwrap_or_else(|_| "unknown".into()),
+            memory_total_bytes: mem.total,
+            memory_free_bytes: mem.free,
+            utilization_percent: d.utilization_rates().ok().map(|u| u.gpu),
+            temperature_c: d.temperature(TemperatureSensor::Gpu).ok(),
+            power_mw: d.power_usage().ok(),
+        });
+    }
+    Ok(out)
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// On the CPU, and why.
+    Cpu {
+        /// Why not a GPU.
+        reason: String,
+    },
+    /// On CUDA device `index`.
+    Cuda {
+        /// NVML/CUDA index.
+        index: u32,
+    },
+}
+
+/// The policy: the GPU with the most free memory among those with room for
+/// `needed_bytes` (weights plus KV cache), lowest index on a tie; CPU when the
+/// build has no CUDA, when NVML found nothing, or when no GPU has room.
+pub fn choose_device(found: &Discovery, cuda_built: bool, needed_bytes: u64) -> DeviceChoice {
+    if !cuda_built {
+        let seen = if found.gpus.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} GPU(s) present)", found.gpus.len())
+        };
+        return DeviceChoice::Cpu {
+            reason: format!("built without the cuda feature{seen}"),
+        };
+    }
+    if found.gpus.is_empty() {
+        return DeviceChoice::Cpu {
+            reason: found.reason.clone().unwrap_or_else(|| "no GPU".into()),
+        };
+    }
+    found
+        .gpus
+        .iter()
+        .filter(|g| g.memory_free_bytes >= needed_bytes)
+        .max_by(|a, b| {
+            a.memory_free_bytes
+                .cmp(&b.memory_free_bytes)
+                .then(b.index.cmp(&a.index))
+        })
+        .map(|g| DeviceChoice::Cuda { index: g.index })
+        .unwrap_or_else(|| DeviceChoice::Cpu {
+            reason: format!("no GPU has {} MiB free", needed_bytes >> 20),
+        })
+}
+
+/// Whether this build carries the CUDA backend.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+/// Turns a choice into a candle device (falling back to CPU, with a log line,
+/// if the CUDA device cannot be opened).
+pub fn device_for(choice: &DeviceChoice) -> candle_core::Device {
+    match choice {
+        DeviceChoice::Cpu { reason } => {
+            tracing::info!(%reason, "inference runs on the CPU");
+            candle_core::Device::Cpu
+        }
+        DeviceChoice::Cuda { index } => match candle_core::Device::new_cuda(*index as usize) {
+            Ok(d) => {
+                tracing::info!(index, "inference runs on CUDA");
+                d
+            }
+            Err(e) => {
+                tracing::warn!(index, error = %e, "cannot open the CUDA device; inference runs on the CPU");
+                candle_core::Device::Cpu
+            }
+        },
+    }
+}
+
+/// The latest telemetry, for metrics.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TelemetrySnapshot {
+    /// When it was taken.
+    pub taken_at: SystemTime,
+    /// What was found.
+    pub discovery: Discovery,
+}
+
+/// Refreshes a [`TelemetrySnapshot`] every `period` on a thread of its own
+/// until dropped. Without NVML it keeps an empty snapshot with the reason.
+pub struct TelemetryPoller {
+    latest: Arc<RwLock<TelemetrySnapshot>>,
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TelemetryPoller {
+    /// Starts polling.
+    pub fn start(period: Duration, lib_path: Option<std::path::PathBuf>) -> TelemetryPoller {
+        let first = TelemetrySnapshot {
+            taken_at: SystemTime::now(),
+            discovery: discover(lib_path.as_deref()),
+        };
+        let latest = Arc::new(RwLock::new(first));
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let (l, s) = (latest.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("gpu-telemetry".into())
+            .spawn(move || loop {
+                let (lock, cv) = &*s;
+                let guard = cv.wait_timeout(lock.lock().unwrap(), period).unwrap().0;
+                if *guard {
+                    return;
+                }
+                drop(guard);
+                let snap = TelemetrySnapshot {
+                    taken_at: SystemTime::now(),
+                    discovery: discover(lib_path.as_deref()),
+                };
+                *l.write().unwrap() = snap;
+            })
+            .ok();
+        TelemetryPoller {
+            latest,
+            stop,
+            thread,
+        }
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> TelemetrySnapshot {
+        self.latest.read().unwrap().clone()
+    }
+}
+
+impl Drop for TelemetryPoller {
+    fn drop(&mut self) {
+        *self.stop.0.lock().unwrap() = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(index: u32, free_gib: u64) -> GpuInfo {
+        GpuInfo {
+            index,
+            name: format!("test-gpu-{index}"),
+            memory_total_bytes: 24 << 30,
+            memory_free_bytes: free_gib << 30,
+            utilization_percent: Some(0),
+            temperature_c: Some(40),
+            power_mw: Some(50_000),
+        }
+    }
+
+    fn found(gpus: Vec<GpuInfo>) -> Discovery {
+        Discovery { gpus, reason: None }
+    }
+
+    #[test]
+    fn policy_table() {
+        let check = |d: Discovery, cuda: bool, need_gib: u64, want: DeviceChoice| {
+            assert_eq!(choose_device(&d, cuda, need_gib << 30), want);
+        };
+        let cpu = |r: &str| DeviceChoice::Cpu { reason: r.into() };
+        check(
+            found(vec![gpu(0, 10)]),
+            false,
+            1,
+            cpu("built without the cuda feature (1 GPU(s) present)"),
+        );
+        check(
+            Discovery {
+                gpus: vec![],
+                reason: Some("NVML is not available: x".into()),
+            },
+            true,
+            1,
+            cpu("NVML is not available: x"),
+        );
+        check(
+            found(vec![gpu(0, 4), gpu(1, 10), gpu(2, 8)]),
+            true,
+            1,
+            DeviceChoice::Cuda { index: 1 },
+        );
+        check(
+            found(vec![gpu(0, 10), gpu(1, 10)]),
+            true,
+            1,
+            DeviceChoice::Cuda { index: 0 },
+        );
+        check(
+            found(vec![gpu(0, 2), gpu(1, 3)]),
+            true,
+            4,
+            cpu("no GPU has 4096 MiB free"),
+        );
+    }
+
+    #[test]
+    fn missing_nvml_library_means_cpu_with_the_reason() {
+        let d = discover(Some(Path::new("/nonexistent/libnvidia-ml.so.1")));
+        assert!(d.gpus.is_empty());
+        assert!(
+            d.reason
+                .as_deref()
+                .unwrap()
+                .contains("NVML is not available"),
+            "{d:?}"
+        );
+        let choice = choose_device(&d, true, 1);
+        assert!(
+            matches!(choice, DeviceChoice::Cpu { ref reason } if reason.contains("NVML")),
+            "{choice:?}"
+        );
+        assert!(device_for(&choice).is_cpu());
+    }
+
+    #[test]
+    fn poller_without_nvml_keeps_an_empty_snapshot_and_stops() {
+        let p = TelemetryPoller::start(
+            Duration::from_millis(20),
+            Some("/nonexistent/libnvidia-ml.so.1".into()),
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        let s = p.snapshot();
+        assert!(s.discovery.gpus.is_empty());
+        assert!(s.discovery.reason.is_some());
+        drop(p);
+    }
+}
