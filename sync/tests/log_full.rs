@@ -135,3 +135,42 @@ fn disk_full_refuses_then_ack_frees_room_on_uring_backend() {
         eprintln!("SKIPPED: io_uring refused here");
     }
 }
+
+#[test]
+fn closing_a_log_whose_disk_cannot_be_repaired_does_not_hang() {
+    let fs = match Tmpfs::mount("128k") {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: cannot mount a small tmpfs here ({e}); needs root or CAP_SYS_ADMIN"
+            );
+            return;
+        }
+    };
+    let dir = fs.path().join("log");
+    let opts = LogOptions {
+        budget_bytes: 1 << 30,
+        segment_bytes: 1 << 30,
+        backend: BackendChoice::File,
+        ..LogOptions::default()
+    };
+    let log = open(&dir, opts).unwrap();
+    let (ok, err) = fill(&log, 1, 100_000);
+    assert!(matches!(err, LogError::Full(_)));
+    // The active segment disappears: the writer can no longer reopen it, so
+    // every repair fails and the log stays refusing.
+    for seg in segments(&dir) {
+        std::fs::remove_file(seg).unwrap();
+    }
+    let e = fill(&log, 200_000, 3).1;
+    assert!(e.refuses_billable_work(), "{e:?}");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(log);
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("closing the log must not wait for a disk that never recovers");
+    assert!(!ok.is_empty());
+}

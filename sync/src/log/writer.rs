@@ -149,7 +149,13 @@ struct Writer<B: SegmentBackend> {
     max_batch_bytes: usize,
     commit_delay: Duration,
     last_batch_len: usize,
+    /// Set after a failed write until the active segment is repaired.
+    broken: Option<LogError>,
+    repair_delay: Duration,
 }
+
+const REPAIR_DELAY_MIN: Duration = Duration::from_millis(10);
+const REPAIR_DELAY_MAX: Duration = Duration::from_secs(2);
 
 async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready) {
     let file = match backend.open(&start.active_path).await {
@@ -178,8 +184,26 @@ async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready
         max_batch_bytes: start.max_batch_bytes,
         commit_delay: start.commit_delay,
         last_batch_len: 0,
+        broken: None,
+        repair_delay: REPAIR_DELAY_MIN,
     };
     loop {
+        if let Some(failure) = w.broken.clone() {
+            if !w.try_repair().await {
+                // Wait before the next attempt, but stay responsive: a record
+                // that arrives meanwhile is refused, a closed log ends the writer.
+                match tokio::time::timeout(w.repair_delay, rx.recv()).await {
+                    Ok(Some(item)) => {
+                        w.accept(item);
+                        w.fail_all(failure);
+                    }
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+                w.repair_delay = (w.repair_delay * 2).min(REPAIR_DELAY_MAX);
+                continue;
+            }
+        }
         if !w.pending.contains_key(&(w.durable_seq + 1)) {
             match rx.recv().await {
                 Some(item) => w.accept(item),
@@ -365,19 +389,27 @@ impl<B: SegmentBackend> Writer<B> {
         for item in batch {
             let _ = item.reply.send(Err(error.clone()));
         }
-        self.fail_all(error);
-        let mut delay = Duration::from_millis(10);
-        loop {
-            match self.repair().await {
-                Ok(()) => break,
-                Err(e) => {
+        self.fail_all(error.clone());
+        // The run loop repairs before it writes again.
+        self.broken = Some(error);
+    }
+
+    /// One repair attempt; on success the log accepts appends again.
+    async fn try_repair(&mut self) -> bool {
+        match self.repair().await {
+            Ok(()) => {
+                self.broken = None;
+                self.repair_delay = REPAIR_DELAY_MIN;
+                self.shared.seq.lock().unwrap().failure = None;
+                true
+            }
+            Err(e) => {
+                if self.repair_delay == REPAIR_DELAY_MIN || self.repair_delay == REPAIR_DELAY_MAX {
                     tracing::error!(error = %e, "usage log repair failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
+                false
             }
         }
-        self.shared.seq.lock().unwrap().failure = None;
     }
 
     fn fail_all(&mut self, error: LogError) {
