@@ -13,6 +13,7 @@ pub use candle_core::Device;
 pub mod engine;
 pub mod gguf;
 pub mod gpu;
+pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

@@ -35,19 +35,55 @@ pub struct ModelConfig {
     pub vocab_size: usize,
 }
 
+/// A weight matrix applied to activations: our own kernel where we have
+/// one (Q4_1 on the CPU), candle's `QMatMul` otherwise.
+enum Linear {
+    Q41(crate::kernels::q4_1::Q41Matrix),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn new(t: QTensor, device: &Device) -> candle_core::Result<Linear> {
+        if device.is_cpu() && t.dtype() == candle_core::quantized::GgmlDType::Q4_1 {
+            let (rows, cols) = t.shape().dims2()?;
+            let m = crate::kernels::q4_1::Q41Matrix::from_raw(rows, cols, t.data()?.into_owned())
+                .map_err(candle_core::Error::msg)?;
+            return Ok(Linear::Q41(m));
+        }
+        Ok(Linear::Candle(QMatMul::from_qtensor(t)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Candle(q) => q.forward(x),
+            Linear::Q41(m) => {
+                let dims = x.dims().to_vec();
+                let cols = *dims.last().unwrap();
+                let n = x.elem_count() / cols;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; n * m.rows()];
+                m.matmul(&xs, n, &mut out);
+                let mut shape = dims;
+                *shape.last_mut().unwrap() = m.rows();
+                Tensor::from_vec(out, shape, x.device())
+            }
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
-    o: QMatMul,
+    o: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// A loaded model: immutable, shared by every sequence that runs on it.
@@ -150,9 +186,9 @@ impl Model {
             vocab_size: 0,
             arch: arch.clone(),
         };
-        let q = |file: &mut GgufFile, name: &str| -> Result<QMatMul, ModelError> {
+        let q = |file: &mut GgufFile, name: &str| -> Result<Linear, ModelError> {
             let t = file.tensor(name, device)?;
-            QMatMul::from_qtensor(t).map_err(|e| load_err(file, e))
+            Linear::new(t, device).map_err(|e| load_err(file, e))
         };
         let dense = |file: &mut GgufFile, name: &str| -> Result<Tensor, ModelError> {
             let t = file.tensor(name, device)?;
@@ -188,7 +224,8 @@ impl Model {
         let norm = dense(file, "output_norm.weight")?;
         // Small models tie the output projection to the token embedding.
         let output = if file.has_tensor("output.weight") {
-            q(file, "output.weight")?
+            let t = file.tensor("output.weight", device)?;
+            QMatMul::from_qtensor(t).map_err(|e| load_err(file, e))?
         } else {
             QMatMul::from_arc(embedding.clone()).map_err(|e| load_err(file, e))?
         };
