@@ -56,6 +56,17 @@ fn reference_logits(tokens: &[u32]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
@@ -130,14 +141,7 @@ fn prefill_at_once_equals_token_by_token() {
         whole.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
         step.argmax(0).unwrap().to_scalar::<u32>().unwrap()
     );
-    let diff = (whole - step)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&whole, &step);
     assert!(diff < 0.5, "logits differ by {diff}");
 }
 
@@ -151,14 +155,7 @@ fn truncated_cache_reuses_a_prefix_exactly() {
     let reused = model.forward(&ids[3..], &mut cache).unwrap();
     let mut fresh = KvCache::new(&model);
     let full = model.forward(&ids, &mut fresh).unwrap();
-    let diff = (reused - full)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&reused, &full);
     assert!(diff < 0.5, "logits differ by {diff}");
 }
 
