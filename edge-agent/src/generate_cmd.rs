@@ -7,11 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use mec_inference::engine::{Engine, EngineConfig, GenerateRequest};
-use mec_inference::gguf::GgufFile;
 use mec_inference::gpu;
-use mec_inference::model::Model;
 use mec_inference::sampling::SamplingParams;
-use mec_inference::tokenizer::{ChatMessage, Tokenizer};
+use mec_inference::tokenizer::ChatMessage;
 
 use crate::cli::GenerateArgs;
 
@@ -21,13 +19,11 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         .model
         .clone()
         .unwrap_or_else(mec_inference::default_model_path);
-    let mut file = GgufFile::open(&path)?;
-    let tokenizer = Tokenizer::from_gguf(&file)?;
     let model_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let found = gpu::discover(None);
     // Room for the weights and as much again for KV caches and activations.
     let choice = gpu::choose_device(&found, gpu::CUDA_BUILT, model_bytes * 2);
-    let model = Model::load(&mut file, &gpu::device_for(&choice))?;
+    let (model, tokenizer) = mec_inference::load(&path, &gpu::device_for(&choice))?;
     let prompt = if args.raw {
         args.prompt.clone()
     } else {

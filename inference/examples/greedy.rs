@@ -3,15 +3,12 @@
 //! mec-inference --example greedy -- "your question"` (prefix `raw:` to skip
 //! the chat template).
 
-use mec_inference::gguf::GgufFile;
-use mec_inference::model::{KvCache, Model};
-use mec_inference::tokenizer::{ChatMessage, Tokenizer};
+use mec_inference::model::KvCache;
+use mec_inference::tokenizer::ChatMessage;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = mec_inference::default_model_path();
-    let mut f = GgufFile::open(&path)?;
-    let tok = Tokenizer::from_gguf(&f)?;
-    let model = Model::load(&mut f, &candle_core::Device::Cpu)?;
+    let (model, tok) = mec_inference::load(&path, &candle_core::Device::Cpu)?;
     let arg = std::env::args()
         .nth(1)
         .unwrap_or("What is the capital of France?".into());

@@ -30,3 +30,15 @@ pub fn default_model_path() -> std::path::PathBuf {
         .expect("the crate sits in the workspace")
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
+
+/// Opens a GGUF file and loads its tokenizer and weights onto `device`: the one
+/// way every caller (agent, CLI, tests) gets a runnable model.
+pub fn load(
+    path: &std::path::Path,
+    device: &Device,
+) -> Result<(model::Model, tokenizer::Tokenizer), gguf::ModelError> {
+    let mut file = gguf::GgufFile::open(path)?;
+    let tokenizer = tokenizer::Tokenizer::from_gguf(&file)?;
+    let model = model::Model::load(&mut file, device)?;
+    Ok((model, tokenizer))
+}

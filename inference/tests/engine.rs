@@ -8,10 +8,8 @@ use candle_core::Device;
 use mec_inference::engine::{
     Engine, EngineConfig, FinishReason, GenerateRequest, SubmitError, Summary,
 };
-use mec_inference::gguf::GgufFile;
-use mec_inference::model::Model;
 use mec_inference::sampling::SamplingParams;
-use mec_inference::tokenizer::{ChatMessage, Tokenizer};
+use mec_inference::tokenizer::ChatMessage;
 
 fn engine(config: EngineConfig) -> Engine {
     let path = mec_inference::default_model_path();
@@ -20,9 +18,7 @@ fn engine(config: EngineConfig) -> Engine {
         "{} is missing: run `cargo xtask setup`",
         path.display()
     );
-    let mut f = GgufFile::open(&path).unwrap();
-    let tok = Tokenizer::from_gguf(&f).unwrap();
-    let model = Model::load(&mut f, &Device::Cpu).unwrap();
+    let (model, tok) = mec_inference::load(&path, &Device::Cpu).unwrap();
     Engine::start(Arc::new(model), Arc::new(tok), config)
 }
 

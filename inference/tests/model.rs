@@ -12,9 +12,7 @@ fn load() -> (Model, Tokenizer) {
         "{} is missing: run `cargo xtask setup`",
         path.display()
     );
-    let mut f = GgufFile::open(&path).unwrap();
-    let tok = Tokenizer::from_gguf(&f).unwrap();
-    (Model::load(&mut f, &Device::Cpu).unwrap(), tok)
+    mec_inference::load(&path, &Device::Cpu).unwrap()
 }
 
 fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {

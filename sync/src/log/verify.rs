@@ -123,9 +123,8 @@ pub fn verify_log(dir: &Path, key: &VerifyingKey) -> VerifyReport {
         match &scan.end {
             SegmentEnd::Clean => {}
             SegmentEnd::TornTail { offset, .. } if is_last => report.torn_tail_bytes = bytes.len() as u64 - offset,
-            SegmentEnd::BadHeader(reason) if is_last && format::find_any_intact_frame(&bytes).is_none() => {
+            SegmentEnd::BadHeader(_) if is_last && format::find_any_intact_frame(&bytes).is_none() => {
                 // An interrupted rotation: nothing was written into it.
-                let _ = reason;
                 report.torn_tail_bytes = bytes.len() as u64;
                 continue;
             }
