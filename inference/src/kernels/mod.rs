@@ -1,7 +1,109 @@
-//! CPU kernels of our own where candle has no fast path: today the Q4_1
-//! weight × Q8_1 activation product, the format of the default model.
+//! CPU kernels of our own where candle has no fast path: the Q4_1 weight ×
+//! Q8_1 activation product (the default model's layers) and the Q8_0 × Q8_0
+//! product (its tied output projection).
 //! Each kernel has a scalar version (the reference, and the fallback) and an
 //! AVX2 version chosen at run time; tests hold them to each other and to
-//! candle's dequantised product.
+//! candle's dequantised product. `par_matmul` spreads the weight rows of one
+//! product over rayon's threads.
+
+use rayon::prelude::*;
 
 pub mod q4_1;
+pub mod q8_0;
+
+/// Weight rows per rayon task: enough tasks to balance, few enough that
+/// dispatch stays small next to the work.
+fn rows_per_task(rows: usize) -> usize {
+    (rows / (rayon::current_num_threads() * 4)).max(16)
+}
+
+/// `out[i * rows + r] = dot(r, i)` for every weight row `r` and activation
+/// row `i < n`, weight rows split across rayon's threads. Each task keeps one
+/// weight row hot while it walks the activation rows.
+pub(crate) fn par_matmul(
+    rows: usize,
+    n: usize,
+    out: &mut [f32],
+    dot: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    assert_eq!(out.len(), rows * n, "output size");
+    let chunk = rows_per_task(rows);
+    if n == 1 {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            for (k, v) in o.iter_mut().enumerate() {
+                *v = dot(c * chunk + k, 0);
+            }
+        });
+        return;
+    }
+    // Row-major by weight row, then transposed into `out`.
+    let mut by_row = vec![0f32; rows * n];
+    by_row
+        .par_chunks_mut(chunk * n)
+        .enumerate()
+        .for_each(|(c, o)| {
+            for (k, row_out) in o.chunks_exact_mut(n).enumerate() {
+                let r = c * chunk + k;
+                for (i, v) in row_out.iter_mut().enumerate() {
+                    *v = dot(r, i);
+                }
+            }
+        });
+    for (r, row_out) in by_row.chunks_exact(n).enumerate() {
+        for (i, &v) in row_out.iter().enumerate() {
+            out[i * rows + r] = v;
+        }
+    }
+}
+
+/// The sum of the eight lanes of `acc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_avx(acc: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let hi = _mm256_extractf128_ps(acc, 1);
+    let lo = _mm256_castps256_ps128(acc);
+    let s = _mm_add_ps(hi, lo);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    /// Quantises random weights to `dtype` and multiplies random activations
+    /// with candle's `QMatMul` and with `ours(rows, cols, raw, x, n, out)`;
+    /// every output must agree within `tol` (relative, floor 1).
+    pub fn assert_agrees_with_candle(
+        dtype: GgmlDType,
+        tol: f32,
+        ours: impl Fn(usize, usize, &[u8], &[f32], usize, &mut [f32]),
+    ) {
+        let (rows, cols, n) = (64, 576, 3);
+        let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let raw = q.data().unwrap().into_owned();
+        let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
+        let theirs = QMatMul::from_qtensor(q)
+            .unwrap()
+            .forward(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut out = vec![0f32; n * rows];
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        ours(rows, cols, &raw, &xs, n, &mut out);
+        for (i, want) in theirs.iter().enumerate() {
+            for (r, &b) in want.iter().enumerate() {
+                let a = out[i * rows + r];
+                assert!(
+                    (a - b).abs() <= tol * b.abs().max(1.0),
+                    "[{i},{r}] ours {a} candle {b}"
+                );
+            }
+        }
+    }
+}

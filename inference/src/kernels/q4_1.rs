@@ -8,7 +8,6 @@
 //! * Q8_1 (ours, in memory only): `d: f32`, `s: f32 = d · Σ q`, 32 `i8`.
 
 use half::f16;
-use rayon::prelude::*;
 
 /// Values per block.
 pub const QK: usize = 32;
@@ -94,40 +93,26 @@ impl Q41Matrix {
     /// (`n × cols`, row-major), written to `out` (`n × rows`).
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols, "activation size");
-        assert_eq!(out.len(), n * self.rows, "output size");
         let xq: Vec<Q81Block> = x
             .chunks_exact(self.cols)
             .flat_map(quantize_row_q8_1)
             .collect();
-        let blocks_per_row = self.cols / QK;
+        let per_row = self.cols / QK;
         let dot = pick_dot();
-        // Each task computes a run of weight rows for every activation row.
-        let chunk = (self.rows / (rayon::current_num_threads() * 4)).max(16);
-        let results: Vec<(usize, Vec<f32>)> = (0..self.rows)
-            .step_by(chunk)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|r0| {
-                let r1 = (r0 + chunk).min(self.rows);
-                let mut part = vec![0f32; (r1 - r0) * n];
-                for r in r0..r1 {
-                    let w = self.row(r);
-                    for i in 0..n {
-                        part[(r - r0) * n + i] =
-                            dot(w, &xq[i * blocks_per_row..(i + 1) * blocks_per_row]);
-                    }
-                }
-                (r0, part)
-            })
-            .collect();
-        for (r0, part) in results {
-            let rows_here = part.len() / n;
-            for k in 0..rows_here {
-                for i in 0..n {
-                    out[i * self.rows + r0 + k] = part[k * n + i];
-                }
-            }
+        super::par_matmul(self.rows, n, out, |r, i| {
+            dot(self.row(r), &xq[i * per_row..(i + 1) * per_row])
+        });
+    }
+
+    /// Appends the rows of `other` (same width) below these.
+    pub fn append_rows(&mut self, other: Q41Matrix) -> Result<(), String> {
+        if other.cols != self.cols {
+            return Err(format!("{} columns against {}", other.cols, self.cols));
         }
+        self.rows += other.rows;
+        self.dm.extend(other.dm);
+        self.qs.extend(other.qs);
+        Ok(())
     }
 }
 
@@ -222,12 +207,7 @@ unsafe fn dot_avx2(w: Row<'_>, x: &[Q81Block]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
         summs += m * xb.s;
     }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let lo = _mm256_castps256_ps128(acc);
-    let s = _mm_add_ps(hi, lo);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + summs
+    super::hsum_avx(acc) + summs
 }
 
 #[cfg(test)]
@@ -310,39 +290,21 @@ mod tests {
 #[cfg(test)]
 mod against_candle {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::quantized::GgmlDType;
 
     /// Same weights, same activations: our product equals candle's Q4_1 ×
     /// Q8_1 product up to the rounding of each activation block's sum `s`
     /// (llama.cpp and we store f16(Σq·d); candle f16(Σq)·f16(d) in f16).
     #[test]
     fn equals_candles_q4_1_product() {
-        let (rows, cols) = (64, 576);
-        let w = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let ours = Q41Matrix::from_raw(rows, cols, q.data().unwrap().into_owned()).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, cols), &Device::Cpu).unwrap();
-        let theirs = QMatMul::from_qtensor(q)
-            .unwrap()
-            .forward(&x)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let mut out = vec![0f32; 2 * rows];
-        ours.matmul(
-            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            2,
-            &mut out,
+        crate::kernels::testing::assert_agrees_with_candle(
+            GgmlDType::Q4_1,
+            3e-3,
+            |rows, cols, raw, x, n, out| {
+                Q41Matrix::from_raw(rows, cols, raw.to_vec())
+                    .unwrap()
+                    .matmul(x, n, out)
+            },
         );
-        for i in 0..2 {
-            for r in 0..rows {
-                let (a, b) = (out[i * rows + r], theirs[i][r]);
-                assert!(
-                    (a - b).abs() <= 3e-3 * b.abs().max(1.0),
-                    "[{i},{r}] ours {a} candle {b}"
-                );
-            }
-        }
     }
 }

@@ -1,95 +1,33 @@
-//! The llama-family transformer over candle tensors: quantized weights kept
-//! as GGUF stores them (`QMatMul`), a KV cache per sequence, RoPE, grouped
-//! query attention, SwiGLU. Qwen2 differs only by attention biases and the
-//! RoPE layout.
+//! The forward pass as candle tensor operations: the path for devices we
+//! have no kernels of our own for (CUDA), and on the CPU a second
+//! implementation the tests compare the native one with. Weights stay as GGUF
+//! stores them (`QMatMul`); the KV cache concatenates per step.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::{load_err, ModelConfig};
 use crate::gguf::{GgufFile, ModelError};
-
-/// Hyperparameters read from the GGUF metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelConfig {
-    /// `general.architecture`.
-    pub arch: String,
-    /// Transformer blocks.
-    pub n_layer: usize,
-    /// Attention heads.
-    pub n_head: usize,
-    /// Key/value heads (grouped-query attention).
-    pub n_kv_head: usize,
-    /// Embedding width.
-    pub dim: usize,
-    /// Width of one head.
-    pub head_dim: usize,
-    /// RMS norm epsilon.
-    pub eps: f64,
-    /// RoPE base frequency.
-    pub rope_base: f32,
-    /// Context length the model was trained for.
-    pub context_length: usize,
-    /// Vocabulary size (rows of the token embedding).
-    pub vocab_size: usize,
-}
-
-/// A weight matrix applied to activations: our own kernel where we have
-/// one (Q4_1 on the CPU), candle's `QMatMul` otherwise.
-enum Linear {
-    Q41(crate::kernels::q4_1::Q41Matrix),
-    Candle(QMatMul),
-}
-
-impl Linear {
-    fn new(t: QTensor, device: &Device) -> candle_core::Result<Linear> {
-        if device.is_cpu() && t.dtype() == candle_core::quantized::GgmlDType::Q4_1 {
-            let (rows, cols) = t.shape().dims2()?;
-            let m = crate::kernels::q4_1::Q41Matrix::from_raw(rows, cols, t.data()?.into_owned())
-                .map_err(candle_core::Error::msg)?;
-            return Ok(Linear::Q41(m));
-        }
-        Ok(Linear::Candle(QMatMul::from_qtensor(t)?))
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Linear::Candle(q) => q.forward(x),
-            Linear::Q41(m) => {
-                let dims = x.dims().to_vec();
-                let cols = *dims.last().unwrap();
-                let n = x.elem_count() / cols;
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; n * m.rows()];
-                m.matmul(&xs, n, &mut out);
-                let mut shape = dims;
-                *shape.last_mut().unwrap() = m.rows();
-                Tensor::from_vec(out, shape, x.device())
-            }
-        }
-    }
-}
 
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
-    o: Linear,
+    o: QMatMul,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
 }
 
-/// A loaded model: immutable, shared by every sequence that runs on it.
-pub struct Model {
-    config: ModelConfig,
-    device: Device,
+/// The weights, as candle tensors.
+pub(super) struct TensorWeights {
     embedding: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -97,98 +35,34 @@ pub struct Model {
     /// RoPE tables, `[context_length, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
-    /// GGUF llama weights are permuted for interleaved (GPT-J style) RoPE;
-    /// Qwen2 keeps the halves (NeoX style).
-    interleaved_rope: bool,
 }
 
-impl std::fmt::Debug for Model {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The keys and values of one sequence, per layer.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+/// Keeps the first `len` positions of every layer.
+pub(super) fn truncate(
+    layers: &mut [Option<(Tensor, Tensor)>],
     len: usize,
-}
-
-impl KvCache {
-    /// An empty cache for `model`.
-    pub fn new(model: &Model) -> KvCache {
-        KvCache {
-            layers: vec![None; model.config.n_layer],
-            len: 0,
-        }
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True when nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Keeps the first `len` positions (to reuse a shared prefix).
-    pub fn truncate(&mut self, len: usize) -> candle_core::Result<()> {
-        if len >= self.len {
-            return Ok(());
-        }
-        for l in self.layers.iter_mut() {
-            if let Some((k, v)) = l.take() {
-                if len > 0 {
-                    *l = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
-                }
+) -> candle_core::Result<()> {
+    for l in layers.iter_mut() {
+        if let Some((k, v)) = l.take() {
+            if len > 0 {
+                *l = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
             }
         }
-        self.len = len;
-        Ok(())
     }
+    Ok(())
 }
 
-fn load_err(file: &GgufFile, e: candle_core::Error) -> ModelError {
-    ModelError::Load {
-        path: file.path().to_path_buf(),
-        reason: e.to_string(),
-    }
-}
-
-impl Model {
-    /// Loads the weights of `file` onto `device`.
-    pub fn load(file: &mut GgufFile, device: &Device) -> Result<Model, ModelError> {
-        let arch = file.arch().to_string();
-        let key = |k: &str| format!("{arch}.{k}");
-        let n_head = file.u64(&key("attention.head_count"))? as usize;
-        let dim = file.u64(&key("embedding_length"))? as usize;
-        let head_dim = match file.u64(&key("attention.key_length")) {
-            Ok(d) => d as usize,
-            Err(_) => dim / n_head,
-        };
-        let config = ModelConfig {
-            n_layer: file.u64(&key("block_count"))? as usize,
-            n_head,
-            n_kv_head: file
-                .u64(&key("attention.head_count_kv"))
-                .map(|v| v as usize)
-                .unwrap_or(n_head),
-            dim,
-            head_dim,
-            eps: file.f32(&key("attention.layer_norm_rms_epsilon"))? as f64,
-            rope_base: file.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
-            context_length: file.u64(&key("context_length"))? as usize,
-            vocab_size: 0,
-            arch: arch.clone(),
-        };
-        let q = |file: &mut GgufFile, name: &str| -> Result<Linear, ModelError> {
+impl TensorWeights {
+    /// Loads the weights of `file` onto `device` and fills in
+    /// `config.vocab_size`.
+    pub(super) fn load(
+        file: &mut GgufFile,
+        config: &mut ModelConfig,
+        device: &Device,
+    ) -> Result<TensorWeights, ModelError> {
+        let q = |file: &mut GgufFile, name: &str| -> Result<QMatMul, ModelError> {
             let t = file.tensor(name, device)?;
-            Linear::new(t, device).map_err(|e| load_err(file, e))
+            QMatMul::from_qtensor(t).map_err(|e| load_err(file, e))
         };
         let dense = |file: &mut GgufFile, name: &str| -> Result<Tensor, ModelError> {
             let t = file.tensor(name, device)?;
@@ -236,60 +110,39 @@ impl Model {
             device,
         )
         .map_err(|e| load_err(file, e))?;
-        let interleaved_rope = arch == "llama";
-        Ok(Model {
-            config: ModelConfig {
-                vocab_size,
-                ..config
-            },
-            device: device.clone(),
+        config.vocab_size = vocab_size;
+        Ok(TensorWeights {
             embedding,
             layers,
             norm,
             output,
             cos,
             sin,
-            interleaved_rope,
         })
     }
 
-    /// Hyperparameters.
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    /// The device the weights are on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Runs `tokens` after what `cache` holds, appends them to the cache, and
-    /// returns the logits for the next token after the last one (`[vocab]`, f32).
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    /// Runs `tokens` at positions `pos..`, appends their keys and values to
+    /// `cache`, and returns the logits after the last one.
+    pub(super) fn forward(
+        &self,
+        c: &ModelConfig,
+        device: &Device,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut [Option<(Tensor, Tensor)>],
+    ) -> candle_core::Result<Tensor> {
         let t = tokens.len();
-        let pos = cache.len;
-        if t == 0 {
-            candle_core::bail!("forward needs at least one token");
-        }
-        if pos + t > self.config.context_length {
-            candle_core::bail!(
-                "{} positions exceed the context of {}",
-                pos + t,
-                self.config.context_length
-            );
-        }
-        let c = &self.config;
-        let ids = Tensor::new(tokens, &self.device)?;
+        let ids = Tensor::new(tokens, device)?;
         let mut x = self.embedding.embedding(&ids)?.unsqueeze(0)?; // [1, t, dim]
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
         let mask = if t > 1 {
-            Some(causal_mask(t, pos, &self.device)?)
+            Some(causal_mask(t, pos, device)?)
         } else {
             None
         };
         let n_rep = c.n_head / c.n_kv_head;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (layer, kv) in self.layers.iter().zip(cache.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps as f32)?;
             let add_bias = |y: Tensor, b: &Option<Tensor>| match b {
                 Some(b) => y.broadcast_add(b),
@@ -310,7 +163,7 @@ impl Model {
                 .reshape((1, t, c.n_kv_head, c.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let (q, k) = if self.interleaved_rope {
+            let (q, k) = if c.interleaved_rope {
                 (
                     candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
                     candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
@@ -343,7 +196,6 @@ impl Model {
             let ff = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
             x = (x + ff)?;
         }
-        cache.len += t;
         let last = x.narrow(1, t - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, c.eps as f32)?;
         self.output

@@ -1,0 +1,289 @@
+//! The llama-family transformer: RMS norm, RoPE, grouped-query attention,
+//! SwiGLU; Qwen2 differs only by attention biases and the RoPE layout.
+//!
+//! Two implementations of one forward pass, chosen at load:
+//! * [`native`] (the CPU default): plain `f32` slices and our own quantised
+//!   kernels, fused projections, a position-major KV cache that grows in
+//!   place. A 135M model does ~200 small products per token, and a tensor
+//!   library's per-op cost (allocation, shape checks, a copy per
+//!   concatenation) was most of the decode time.
+//! * [`tensor`]: the same arithmetic as candle tensor ops, for devices we
+//!   have no kernels of our own for (CUDA). On the CPU it serves as a second
+//!   implementation the tests hold the first to.
+
+use candle_core::{Device, Tensor};
+
+use crate::gguf::{GgufFile, ModelError};
+
+mod native;
+mod tensor;
+
+/// Hyperparameters read from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `general.architecture`.
+    pub arch: String,
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Key/value heads (grouped-query attention).
+    pub n_kv_head: usize,
+    /// Embedding width.
+    pub dim: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMS norm epsilon.
+    pub eps: f64,
+    /// RoPE base frequency.
+    pub rope_base: f32,
+    /// Context length the model was trained for.
+    pub context_length: usize,
+    /// Vocabulary size (rows of the token embedding).
+    pub vocab_size: usize,
+    /// GGUF llama weights are permuted for interleaved (GPT-J style) RoPE;
+    /// Qwen2 keeps the halves (NeoX style).
+    pub interleaved_rope: bool,
+}
+
+impl ModelConfig {
+    fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
+        let arch = file.arch().to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_head = file.u64(&key("attention.head_count"))? as usize;
+        let dim = file.u64(&key("embedding_length"))? as usize;
+        let head_dim = match file.u64(&key("attention.key_length")) {
+            Ok(d) => d as usize,
+            Err(_) => dim / n_head,
+        };
+        let config = ModelConfig {
+            n_layer: file.u64(&key("block_count"))? as usize,
+            n_head,
+            n_kv_head: file
+                .u64(&key("attention.head_count_kv"))
+                .map(|v| v as usize)
+                .unwrap_or(n_head),
+            dim,
+            head_dim,
+            eps: file.f32(&key("attention.layer_norm_rms_epsilon"))? as f64,
+            rope_base: file.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
+            context_length: file.u64(&key("context_length"))? as usize,
+            vocab_size: 0,
+            interleaved_rope: arch == "llama",
+            arch,
+        };
+        if config.n_head == 0
+            || config.n_kv_head == 0
+            || config.n_head % config.n_kv_head != 0
+            || config.head_dim % 2 != 0
+        {
+            return Err(ModelError::Load {
+                path: file.path().to_path_buf(),
+                reason: format!(
+                    "inconsistent attention shape: {} heads, {} key/value heads, head width {}",
+                    config.n_head, config.n_kv_head, config.head_dim
+                ),
+            });
+        }
+        Ok(config)
+    }
+
+    /// RoPE inverse frequencies, one per pair of a head's dimensions.
+    fn rope_inv_freq(&self) -> Vec<f32> {
+        (0..self.head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / self.rope_base.powf(i as f32 / self.head_dim as f32))
+            .collect()
+    }
+}
+
+/// Which implementation of the forward pass a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardPath {
+    /// Our own CPU kernels (CPU only).
+    Native,
+    /// candle tensor operations (any device candle supports).
+    Tensor,
+}
+
+impl ForwardPath {
+    /// The path for `device`: native on the CPU, tensor ops elsewhere.
+    pub fn for_device(device: &Device) -> ForwardPath {
+        if device.is_cpu() {
+            ForwardPath::Native
+        } else {
+            ForwardPath::Tensor
+        }
+    }
+}
+
+enum Weights {
+    Native(native::NativeWeights),
+    Tensor(tensor::TensorWeights),
+}
+
+/// A loaded model: immutable, shared by every sequence that runs on it.
+pub struct Model {
+    config: ModelConfig,
+    device: Device,
+    weights: Weights,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("path", &self.forward_path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The keys and values of one sequence, per layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: CacheLayers,
+    len: usize,
+}
+
+#[derive(Debug, Clone)]
+enum CacheLayers {
+    Native(Vec<native::LayerKv>),
+    Tensor(Vec<Option<(Tensor, Tensor)>>),
+}
+
+impl KvCache {
+    /// An empty cache for `model`.
+    pub fn new(model: &Model) -> KvCache {
+        let n = model.config.n_layer;
+        let layers = match model.weights {
+            Weights::Native(_) => CacheLayers::Native(vec![native::LayerKv::default(); n]),
+            Weights::Tensor(_) => CacheLayers::Tensor(vec![None; n]),
+        };
+        KvCache { layers, len: 0 }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps the first `len` positions (to reuse a shared prefix).
+    pub fn truncate(&mut self, len: usize) -> candle_core::Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        match &mut self.layers {
+            CacheLayers::Native(layers) => {
+                for l in layers {
+                    l.truncate(len, self.len);
+                }
+            }
+            CacheLayers::Tensor(layers) => tensor::truncate(layers, len)?,
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+impl Model {
+    /// Loads the weights of `file` onto `device`, with the forward path
+    /// that suits it.
+    pub fn load(file: &mut GgufFile, device: &Device) -> Result<Model, ModelError> {
+        Model::load_with(file, device, ForwardPath::for_device(device))
+    }
+
+    /// Loads with a chosen forward path (`Native` needs the CPU).
+    pub fn load_with(
+        file: &mut GgufFile,
+        device: &Device,
+        path: ForwardPath,
+    ) -> Result<Model, ModelError> {
+        let mut config = ModelConfig::from_gguf(file)?;
+        let weights = match path {
+            ForwardPath::Native => {
+                if !device.is_cpu() {
+                    return Err(ModelError::Load {
+                        path: file.path().to_path_buf(),
+                        reason: "the native forward path runs on the CPU only".into(),
+                    });
+                }
+                Weights::Native(native::NativeWeights::load(file, &mut config)?)
+            }
+            ForwardPath::Tensor => {
+                Weights::Tensor(tensor::TensorWeights::load(file, &mut config, device)?)
+            }
+        };
+        Ok(Model {
+            config,
+            device: device.clone(),
+            weights,
+        })
+    }
+
+    /// Hyperparameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The implementation this model runs.
+    pub fn forward_path(&self) -> ForwardPath {
+        match self.weights {
+            Weights::Native(_) => ForwardPath::Native,
+            Weights::Tensor(_) => ForwardPath::Tensor,
+        }
+    }
+
+    /// Runs `tokens` after what `cache` holds, appends them to the cache, and
+    /// returns the logits for the next token after the last one (`[vocab]`, f32).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            candle_core::bail!("forward needs at least one token");
+        }
+        if cache.len + t > self.config.context_length {
+            candle_core::bail!(
+                "{} positions exceed the context of {}",
+                cache.len + t,
+                self.config.context_length
+            );
+        }
+        if let Some(bad) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            candle_core::bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            );
+        }
+        let logits = match (&self.weights, &mut cache.layers) {
+            (Weights::Native(w), CacheLayers::Native(kv)) => {
+                let logits = w.forward(&self.config, tokens, cache.len, kv)?;
+                Tensor::from_vec(logits, self.config.vocab_size, &self.device)?
+            }
+            (Weights::Tensor(w), CacheLayers::Tensor(kv)) => {
+                w.forward(&self.config, &self.device, tokens, cache.len, kv)?
+            }
+            _ => candle_core::bail!("this KV cache was made for another model"),
+        };
+        cache.len += t;
+        Ok(logits)
+    }
+}
+
+pub(crate) fn load_err(file: &GgufFile, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Load {
+        path: file.path().to_path_buf(),
+        reason: e.to_string(),
+    }
+}
