@@ -24,6 +24,29 @@ pub enum Command {
     Log(LogCommand),
     /// Generate text with a local model (for technicians and benchmarks).
     Generate(GenerateArgs),
+    /// Benchmark the inference engine; prints one JSON object
+    /// (`cargo xtask bench-inference` runs it beside llama.cpp).
+    BenchInference(BenchInferenceArgs),
+}
+
+/// Arguments of `edge-agent bench-inference`.
+#[derive(Debug, Args, Clone)]
+pub struct BenchInferenceArgs {
+    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $MEC_MODEL].
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Kernel threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(usize))]
+    pub threads: usize,
+    /// Least prompt tokens of the long prompt (after the chat template).
+    #[arg(long, default_value_t = 200)]
+    pub prompt_tokens: usize,
+    /// Most tokens decoded per stream.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Write the prompt token ids used here (for the peer's run) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub prompts_out: Option<PathBuf>,
 }
 
 /// Arguments of `edge-agent generate`.
@@ -132,5 +155,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log(LogCommand::Bench(a)) => crate::log_cmd::bench(&a),
         Command::Log(LogCommand::Salvage(a)) => crate::log_cmd::salvage(&a.dir),
         Command::Generate(a) => crate::generate_cmd::generate(&a),
+        Command::BenchInference(a) => crate::bench_inference_cmd::bench(&a),
     }
 }

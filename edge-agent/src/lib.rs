@@ -5,6 +5,7 @@
 //! wiring of inference and sync, and systemd integration.
 #![warn(missing_docs)]
 
+pub mod bench_inference_cmd;
 pub mod cli;
 pub mod generate_cmd;
 pub mod log_cmd;

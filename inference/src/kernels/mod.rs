@@ -17,21 +17,23 @@ fn rows_per_task(rows: usize) -> usize {
     (rows / (rayon::current_num_threads() * 4)).max(16)
 }
 
-/// `out[i * rows + r] = dot(r, i)` for every weight row `r` and activation
-/// row `i < n`, weight rows split across rayon's threads. Each task keeps one
-/// weight row hot while it walks the activation rows.
+/// `out[i * rows + r]` = weight row `r` · activation row `i`, for every
+/// weight row and the `n` activation rows: `row_product(r, o)` fills `o`
+/// (`n` values) with row `r`'s products, so a kernel can unpack a weight
+/// block once for several activation rows. Weight rows are split across
+/// rayon's threads.
 pub(crate) fn par_matmul(
     rows: usize,
     n: usize,
     out: &mut [f32],
-    dot: impl Fn(usize, usize) -> f32 + Sync,
+    row_product: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(out.len(), rows * n, "output size");
     let chunk = rows_per_task(rows);
     if n == 1 {
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-            for (k, v) in o.iter_mut().enumerate() {
-                *v = dot(c * chunk + k, 0);
+            for (k, v) in o.chunks_exact_mut(1).enumerate() {
+                row_product(c * chunk + k, v);
             }
         });
         return;
@@ -43,10 +45,7 @@ pub(crate) fn par_matmul(
         .enumerate()
         .for_each(|(c, o)| {
             for (k, row_out) in o.chunks_exact_mut(n).enumerate() {
-                let r = c * chunk + k;
-                for (i, v) in row_out.iter_mut().enumerate() {
-                    *v = dot(r, i);
-                }
+                row_product(c * chunk + k, row_out);
             }
         });
     for (r, row_out) in by_row.chunks_exact(n).enumerate() {

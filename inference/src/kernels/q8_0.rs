@@ -99,8 +99,10 @@ impl Q80Matrix {
             .collect();
         let per_row = self.cols / QK;
         let dot = pick_dot();
-        super::par_matmul(self.rows, n, out, |r, i| {
-            dot(self.row(r), &xq[i * per_row..(i + 1) * per_row])
+        super::par_matmul(self.rows, n, out, |r, o| {
+            for (v, x) in o.iter_mut().zip(xq.chunks_exact(per_row)) {
+                *v = dot(self.row(r), x);
+            }
         });
     }
 }
