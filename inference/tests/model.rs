@@ -133,7 +133,9 @@ fn native_and_tensor_paths_agree() {
     let a = native.forward(&ids, &mut KvCache::new(&native)).unwrap();
     let b = tensor.forward(&ids, &mut KvCache::new(&tensor)).unwrap();
     // candle rounds each activation block's sum differently from llama.cpp
-    // and us (see the kernel's test), so the two differ by a little.
+    // and us (see the kernel's test), and a different rounding of one
+    // activation moves later ones across 30 layers: the same bound as
+    // against candle-transformers.
     let spread = b
         .abs()
         .unwrap()
@@ -144,7 +146,7 @@ fn native_and_tensor_paths_agree() {
     let diff = max_abs_diff(&a, &b);
     eprintln!("max logit difference {diff:.3} (scale {spread:.1})");
     assert!(
-        diff <= 0.05 * spread,
+        diff <= 0.1 * spread,
         "logits differ by {diff} (scale {spread})"
     );
     assert_eq!(greedy(&native, &ids, 6), greedy(&tensor, &ids, 6));
@@ -173,9 +175,11 @@ fn out_of_vocabulary_ids_are_an_error() {
 #[test]
 fn prefill_at_once_equals_token_by_token() {
     let (model, tok) = load();
+    // Long enough for the four-row kernel and the parallel attention.
     let ids = tok
-        .encode("Edge boxes serve tokens close to the phone.")
+        .encode(&"Edge boxes serve tokens close to the phone. ".repeat(6))
         .unwrap();
+    assert!(ids.len() >= 50, "{} tokens", ids.len());
     let mut a = KvCache::new(&model);
     let whole = model.forward(&ids, &mut a).unwrap();
     let mut b = KvCache::new(&model);
@@ -185,12 +189,12 @@ fn prefill_at_once_equals_token_by_token() {
     }
     let step = step.unwrap();
     assert_eq!(a.len(), b.len());
+    // The native kernels sum in the same order however many rows they
+    // take, so the two are the same to the bit.
     assert_eq!(
-        whole.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
-        step.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+        whole.to_vec1::<f32>().unwrap(),
+        step.to_vec1::<f32>().unwrap()
     );
-    let diff = max_abs_diff(&whole, &step);
-    assert!(diff < 0.5, "logits differ by {diff}");
 }
 
 #[test]
@@ -203,8 +207,10 @@ fn truncated_cache_reuses_a_prefix_exactly() {
     let reused = model.forward(&ids[3..], &mut cache).unwrap();
     let mut fresh = KvCache::new(&model);
     let full = model.forward(&ids, &mut fresh).unwrap();
-    let diff = max_abs_diff(&reused, &full);
-    assert!(diff < 0.5, "logits differ by {diff}");
+    assert_eq!(
+        reused.to_vec1::<f32>().unwrap(),
+        full.to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]

@@ -254,8 +254,9 @@ unsafe fn dot_avx2(w: Row<'_>, x: &[Q81Block]) -> f32 {
 }
 
 /// One weight row against four activation rows: each block's nibbles are
-/// unpacked once for all four (prefill), and the four accumulators are
-/// independent chains.
+/// unpacked once for all four (prefill). Each row sums exactly as
+/// `dot_avx2` does (even and odd blocks apart, then together), so a prompt
+/// prefilled at once computes the same values as token by token.
 ///
 /// # Safety
 /// AVX2 and FMA must be present; every `x[k]` has as many blocks as `w`.
@@ -263,36 +264,46 @@ unsafe fn dot_avx2(w: Row<'_>, x: &[Q81Block]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot4_avx2(w: Row<'_>, x: [&[Q81Block]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
-    let (mut a0, mut a1, mut a2, mut a3) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
+    let z = _mm256_setzero_ps();
+    // Accumulators of even and odd blocks, for each of the four rows.
+    let (mut e0, mut e1, mut e2, mut e3) = (z, z, z, z);
+    let (mut o0, mut o1, mut o2, mut o3) = (z, z, z, z);
     let mut summs = [0f32; 4];
-    for (b, (&(d, m), qs)) in w.dm.iter().zip(w.qs).enumerate() {
-        let wq = unpack_nibbles(qs);
-        let (x0, x1, x2, x3) = (
-            x[0].get_unchecked(b),
-            x[1].get_unchecked(b),
-            x[2].get_unchecked(b),
-            x[3].get_unchecked(b),
-        );
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(d * x0.d), block_products(wq, x0), a0);
-        a1 = _mm256_fmadd_ps(_mm256_set1_ps(d * x1.d), block_products(wq, x1), a1);
-        a2 = _mm256_fmadd_ps(_mm256_set1_ps(d * x2.d), block_products(wq, x2), a2);
-        a3 = _mm256_fmadd_ps(_mm256_set1_ps(d * x3.d), block_products(wq, x3), a3);
-        summs[0] += m * x0.s;
-        summs[1] += m * x1.s;
-        summs[2] += m * x2.s;
-        summs[3] += m * x3.s;
+    let n = w.dm.len();
+    // One block into one accumulator of each row.
+    macro_rules! block {
+        ($b:expr, $a0:ident, $a1:ident, $a2:ident, $a3:ident) => {{
+            let b = $b;
+            let (d, m) = *w.dm.get_unchecked(b);
+            let wq = unpack_nibbles(w.qs.get_unchecked(b));
+            let (x0, x1, x2, x3) = (
+                x[0].get_unchecked(b),
+                x[1].get_unchecked(b),
+                x[2].get_unchecked(b),
+                x[3].get_unchecked(b),
+            );
+            $a0 = _mm256_fmadd_ps(_mm256_set1_ps(d * x0.d), block_products(wq, x0), $a0);
+            $a1 = _mm256_fmadd_ps(_mm256_set1_ps(d * x1.d), block_products(wq, x1), $a1);
+            $a2 = _mm256_fmadd_ps(_mm256_set1_ps(d * x2.d), block_products(wq, x2), $a2);
+            $a3 = _mm256_fmadd_ps(_mm256_set1_ps(d * x3.d), block_products(wq, x3), $a3);
+            summs[0] += m * x0.s;
+            summs[1] += m * x1.s;
+            summs[2] += m * x2.s;
+            summs[3] += m * x3.s;
+        }};
     }
-    [
-        super::hsum_avx(a0) + summs[0],
-        super::hsum_avx(a1) + summs[1],
-        super::hsum_avx(a2) + summs[2],
-        super::hsum_avx(a3) + summs[3],
-    ]
+    let mut b = 0;
+    while b + 1 < n {
+        block!(b, e0, e1, e2, e3);
+        block!(b + 1, o0, o1, o2, o3);
+        b += 2;
+    }
+    if b < n {
+        block!(b, e0, e1, e2, e3);
+    }
+    let acc = [(e0, o0), (e1, o1), (e2, o2), (e3, o3)];
+    let total = |k: usize| super::hsum_avx(_mm256_add_ps(acc[k].0, acc[k].1)) + summs[k];
+    [total(0), total(1), total(2), total(3)]
 }
 
 #[cfg(test)]
@@ -339,7 +350,10 @@ mod tests {
             dots_scalar(w.row(r), &xq, 18, &mut want);
             pick_dots()(w.row(r), &xq, 18, &mut got);
             for (s, v) in want.iter().zip(&got) {
-                assert!((s - v).abs() <= 1e-3 * s.abs().max(1.0), "row {r}: {s} vs {v}");
+                assert!(
+                    (s - v).abs() <= 1e-3 * s.abs().max(1.0),
+                    "row {r}: {s} vs {v}"
+                );
             }
         }
     }

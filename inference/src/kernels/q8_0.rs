@@ -173,18 +173,24 @@ fn dot_avx2_entry(w: Row<'_>, x: &[Q80Block]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(w: Row<'_>, x: &[Q80Block]) -> f32 {
     use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    for ((&d, qs), xb) in w.d.iter().zip(w.qs).zip(x) {
+    let block = |qs: &[i8; QK], xb: &Q80Block| {
         let wq = _mm256_loadu_si256(qs.as_ptr() as *const __m256i);
         let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
         let abs_w = _mm256_sign_epi8(wq, wq);
         let signed_x = _mm256_sign_epi8(xq, wq);
         let p16 = _mm256_maddubs_epi16(abs_w, signed_x);
-        let p32 = _mm256_madd_epi16(p16, ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    };
+    // Two accumulators hide the FMA latency.
+    let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut blocks = w.d.iter().zip(w.qs).zip(x);
+    while let Some(((d0, q0), x0)) = blocks.next() {
+        even = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x0.d), block(q0, x0), even);
+        if let Some(((d1, q1), x1)) = blocks.next() {
+            odd = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x1.d), block(q1, x1), odd);
+        }
     }
-    super::hsum_avx(acc)
+    super::hsum_avx(_mm256_add_ps(even, odd))
 }
 
 #[cfg(test)]

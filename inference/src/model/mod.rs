@@ -268,7 +268,11 @@ impl Model {
         }
         let logits = match (&self.weights, &mut cache.layers) {
             (Weights::Native(w), CacheLayers::Native(kv)) => {
-                let logits = w.forward(&self.config, tokens, cache.len, kv)?;
+                // The whole pass runs on one of rayon's workers, so each
+                // product's fork and join stay inside the pool instead of
+                // waking a sleeping caller ~120 times per token.
+                let pos = cache.len;
+                let logits = rayon::scope(|_| w.forward(&self.config, tokens, pos, kv))?;
                 Tensor::from_vec(logits, self.config.vocab_size, &self.device)?
             }
             (Weights::Tensor(w), CacheLayers::Tensor(kv)) => {

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::{load_err, ModelConfig};
 use crate::gguf::{GgufFile, ModelError};
-use crate::kernels::{q4_1::Q41Matrix, q8_0::Q80Matrix};
+use crate::kernels::{q4_1::Q41Matrix, q8_0::Q80Matrix, vector::VectorOps};
 
 /// One weight matrix, `rows × cols`, applied as `y = W x`.
 enum Linear {
@@ -425,24 +425,6 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums, so the compiler can keep them in vector registers.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Causal attention of the `t` new queries (in `qkv`, rows `q | k | v`) over
 /// every cached position, written to `out` (`[t, n_head · head_dim]`).
 fn attention(c: &ModelConfig, qkv: &[f32], pos: usize, t: usize, kv: &LayerKv, out: &mut [f32]) {
@@ -451,13 +433,14 @@ fn attention(c: &ModelConfig, qkv: &[f32], pos: usize, t: usize, kv: &LayerKv, o
     let qkv_w = c.n_head * hd + 2 * kv_dim;
     let group = c.n_head / c.n_kv_head;
     let scale = 1.0 / (hd as f32).sqrt();
+    let ops = VectorOps::detect();
     let one = |idx: usize, o: &mut [f32]| {
         let (i, head) = (idx / c.n_head, idx % c.n_head);
         let q = &qkv[i * qkv_w + head * hd..][..hd];
         let kvh = head / group;
         let seen = pos + i + 1;
         let mut scores: Vec<f32> = (0..seen)
-            .map(|j| dot(q, &kv.k[j * kv_dim + kvh * hd..][..hd]) * scale)
+            .map(|j| (ops.dot)(q, &kv.k[j * kv_dim + kvh * hd..][..hd]) * scale)
             .collect();
         let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0f32;
@@ -467,9 +450,7 @@ fn attention(c: &ModelConfig, qkv: &[f32], pos: usize, t: usize, kv: &LayerKv, o
         }
         o.fill(0.0);
         for (j, s) in scores.iter().enumerate() {
-            let p = s / sum;
-            let v = &kv.v[j * kv_dim + kvh * hd..][..hd];
-            o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+            (ops.axpy)(s / sum, &kv.v[j * kv_dim + kvh * hd..][..hd], o);
         }
     };
     // A decode step over a short context is too little work to split.
