@@ -6,6 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
+mod bench_inference;
 mod model;
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,20 @@ enum Task {
         /// Records per run.
         #[arg(long, default_value_t = 200_000)]
         records: u64,
+    },
+    /// Benchmark inference beside llama.cpp (llama-cpp-python in bench/venv,
+    /// installed on first use): same model, prompt ids and threads, in
+    /// alternating rounds; writes bench/out/inference-bench.json.
+    BenchInference {
+        /// Alternating rounds (each figure is the median).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Threads for both engines.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Most tokens decoded per stream.
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
     },
 }
 
@@ -111,6 +126,11 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["test", "--workspace", "--all-targets"]))
         }
         Task::BenchLog { records } => bench_log(records),
+        Task::BenchInference {
+            rounds,
+            threads,
+            decode_tokens,
+        } => bench_inference::bench(rounds, threads, decode_tokens),
     }
 }
 
