@@ -14,17 +14,23 @@ pub const QK: usize = 32;
 /// Bytes of a Q4_1 block.
 pub const Q4_1_BLOCK_BYTES: usize = 20;
 
-/// A weight matrix in Q4_1, `rows × cols`, row-major blocks, repacked at load:
-/// the f16 scale and minimum of each block widened to f32 (no conversion in
-/// the inner loop), the nibbles kept as they are.
+/// A weight matrix in Q4_1, `rows × cols`, row-major blocks, kept as GGUF
+/// stores them: decoding a token streams every weight once, so the bytes read
+/// set the speed, and widening the f16 scales to f32 would add a fifth.
 #[derive(Debug, Clone)]
 pub struct Q41Matrix {
     rows: usize,
     cols: usize,
-    /// (d, m) of each block.
-    dm: Vec<(f32, f32)>,
-    /// The 16 nibble bytes of each block.
-    qs: Vec<[u8; 16]>,
+    blocks: Vec<BlockQ41>,
+}
+
+/// One Q4_1 block as in the file.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ41 {
+    d: f16,
+    m: f16,
+    qs: [u8; 16],
 }
 
 /// One activation block in Q8_1.
@@ -49,12 +55,15 @@ impl Q41Matrix {
                 data.len()
             ));
         }
-        let dm = data.chunks_exact(Q4_1_BLOCK_BYTES).map(block_dm).collect();
-        let qs = data
+        let blocks = data
             .chunks_exact(Q4_1_BLOCK_BYTES)
-            .map(|b| b[4..20].try_into().unwrap())
+            .map(|b| BlockQ41 {
+                d: f16::from_le_bytes([b[0], b[1]]),
+                m: f16::from_le_bytes([b[2], b[3]]),
+                qs: b[4..20].try_into().expect("16 bytes"),
+            })
             .collect();
-        Ok(Q41Matrix { rows, cols, dm, qs })
+        Ok(Q41Matrix { rows, cols, blocks })
     }
 
     /// Rows (output features).
@@ -70,15 +79,15 @@ impl Q41Matrix {
     fn row(&self, r: usize) -> Row<'_> {
         let per_row = self.cols / QK;
         Row {
-            dm: &self.dm[r * per_row..(r + 1) * per_row],
-            qs: &self.qs[r * per_row..(r + 1) * per_row],
+            blocks: &self.blocks[r * per_row..(r + 1) * per_row],
         }
     }
 
     /// Dequantised copy (tests and reference).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        for (&(d, m), qs) in self.dm.iter().zip(&self.qs) {
+        for b in &self.blocks {
+            let (d, m, qs) = (b.d.to_f32(), b.m.to_f32(), &b.qs);
             let mut vals = [0f32; QK];
             for j in 0..QK / 2 {
                 vals[j] = d * (qs[j] & 0x0f) as f32 + m;
@@ -108,16 +117,9 @@ impl Q41Matrix {
             return Err(format!("{} columns against {}", other.cols, self.cols));
         }
         self.rows += other.rows;
-        self.dm.extend(other.dm);
-        self.qs.extend(other.qs);
+        self.blocks.extend(other.blocks);
         Ok(())
     }
-}
-
-fn block_dm(block: &[u8]) -> (f32, f32) {
-    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-    let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
-    (d, m)
 }
 
 /// Quantises one row of activations to Q8_1 blocks, as llama.cpp's
@@ -148,8 +150,7 @@ pub fn quantize_row_q8_1(x: &[f32]) -> Vec<Q81Block> {
 /// One weight row's blocks.
 #[derive(Clone, Copy)]
 pub struct Row<'a> {
-    dm: &'a [(f32, f32)],
-    qs: &'a [[u8; 16]],
+    blocks: &'a [BlockQ41],
 }
 
 /// One weight row against every activation row (`per_row` blocks each).
@@ -158,7 +159,10 @@ type DotsFn = fn(Row<'_>, &[Q81Block], usize, &mut [f32]);
 fn pick_dots() -> DotsFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             return dots_avx2_entry;
         }
     }
@@ -168,7 +172,8 @@ fn pick_dots() -> DotsFn {
 /// The reference dot product of one Q4_1 row with one Q8_1 row.
 pub fn dot_scalar(w: Row<'_>, x: &[Q81Block]) -> f32 {
     let mut total = 0f32;
-    for ((&(d, m), qs), xb) in w.dm.iter().zip(w.qs).zip(x) {
+    for (b, xb) in w.blocks.iter().zip(x) {
+        let (d, m, qs) = (b.d.to_f32(), b.m.to_f32(), &b.qs);
         let mut isum = 0i32;
         let (lo, hi) = xb.qs.split_at(QK / 2);
         for ((&q, &a), &b) in qs.iter().zip(lo).zip(hi) {
@@ -187,7 +192,7 @@ fn dots_scalar(w: Row<'_>, xq: &[Q81Block], per_row: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 fn dots_avx2_entry(w: Row<'_>, xq: &[Q81Block], per_row: usize, out: &mut [f32]) {
-    assert_eq!(w.dm.len(), per_row, "blocks per row");
+    assert_eq!(w.blocks.len(), per_row, "blocks per row");
     assert_eq!(xq.len(), out.len() * per_row, "activation rows");
     let mut rows = xq.chunks_exact(per_row);
     let mut outs = out.chunks_exact_mut(4);
@@ -200,6 +205,16 @@ fn dots_avx2_entry(w: Row<'_>, xq: &[Q81Block], per_row: usize, out: &mut [f32])
     for (o, x) in outs.into_remainder().iter_mut().zip(rows) {
         *o = unsafe { dot_avx2(w, x) };
     }
+}
+
+/// A block's scale and minimum, f16 to f32 with F16C (exact, as `to_f32`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn scales(b: &BlockQ41) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let bits = u32::from(b.d.to_bits()) | (u32::from(b.m.to_bits()) << 16);
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
 /// Unpacks the 32 nibbles of a Q4_1 block to bytes (values 0..15).
@@ -232,20 +247,22 @@ unsafe fn block_products(
 /// scaled in f32 with FMA. Two accumulators hide the FMA latency.
 ///
 /// # Safety
-/// AVX2 and FMA must be present; `x` has as many blocks as `w`.
+/// AVX2, FMA and F16C must be present; `x` has as many blocks as `w`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2(w: Row<'_>, x: &[Q81Block]) -> f32 {
     use std::arch::x86_64::*;
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut summs = 0f32;
-    let mut blocks = w.dm.iter().zip(w.qs).zip(x);
-    while let Some((((d0, m0), q0), x0)) = blocks.next() {
-        let p = block_products(unpack_nibbles(q0), x0);
+    let mut blocks = w.blocks.iter().zip(x);
+    while let Some((b0, x0)) = blocks.next() {
+        let (d0, m0) = scales(b0);
+        let p = block_products(unpack_nibbles(&b0.qs), x0);
         even = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x0.d), p, even);
         summs += m0 * x0.s;
-        if let Some((((d1, m1), q1), x1)) = blocks.next() {
-            let p = block_products(unpack_nibbles(q1), x1);
+        if let Some((b1, x1)) = blocks.next() {
+            let (d1, m1) = scales(b1);
+            let p = block_products(unpack_nibbles(&b1.qs), x1);
             odd = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x1.d), p, odd);
             summs += m1 * x1.s;
         }
@@ -259,9 +276,9 @@ unsafe fn dot_avx2(w: Row<'_>, x: &[Q81Block]) -> f32 {
 /// prefilled at once computes the same values as token by token.
 ///
 /// # Safety
-/// AVX2 and FMA must be present; every `x[k]` has as many blocks as `w`.
+/// AVX2, FMA and F16C must be present; every `x[k]` has as many blocks as `w`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_avx2(w: Row<'_>, x: [&[Q81Block]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
     let z = _mm256_setzero_ps();
@@ -269,13 +286,14 @@ unsafe fn dot4_avx2(w: Row<'_>, x: [&[Q81Block]; 4]) -> [f32; 4] {
     let (mut e0, mut e1, mut e2, mut e3) = (z, z, z, z);
     let (mut o0, mut o1, mut o2, mut o3) = (z, z, z, z);
     let mut summs = [0f32; 4];
-    let n = w.dm.len();
+    let n = w.blocks.len();
     // One block into one accumulator of each row.
     macro_rules! block {
         ($b:expr, $a0:ident, $a1:ident, $a2:ident, $a3:ident) => {{
             let b = $b;
-            let (d, m) = *w.dm.get_unchecked(b);
-            let wq = unpack_nibbles(w.qs.get_unchecked(b));
+            let blk = w.blocks.get_unchecked(b);
+            let (d, m) = scales(blk);
+            let wq = unpack_nibbles(&blk.qs);
             let (x0, x1, x2, x3) = (
                 x[0].get_unchecked(b),
                 x[1].get_unchecked(b),

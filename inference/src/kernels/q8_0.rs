@@ -12,14 +12,21 @@ pub const QK: usize = 32;
 /// Bytes of a Q8_0 block.
 pub const Q8_0_BLOCK_BYTES: usize = 34;
 
-/// A weight matrix in Q8_0, `rows × cols`, row-major blocks, repacked at load
-/// with each block's scale widened to f32.
+/// A weight matrix in Q8_0, `rows × cols`, row-major blocks, kept as GGUF
+/// stores them (the bytes read per token set the decode speed).
 #[derive(Debug, Clone)]
 pub struct Q80Matrix {
     rows: usize,
     cols: usize,
-    d: Vec<f32>,
-    qs: Vec<[i8; QK]>,
+    blocks: Vec<BlockQ80>,
+}
+
+/// One Q8_0 block as in the file.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ80 {
+    d: f16,
+    qs: [i8; QK],
 }
 
 /// One block of Q8_0 activations (scale kept in f32 once rounded through f16,
@@ -43,21 +50,20 @@ impl Q80Matrix {
                 data.len()
             ));
         }
-        let blocks = data.chunks_exact(Q8_0_BLOCK_BYTES);
-        let d = blocks
-            .clone()
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect();
-        let qs = blocks
+        let blocks = data
+            .chunks_exact(Q8_0_BLOCK_BYTES)
             .map(|b| {
-                let mut q = [0i8; QK];
-                for (v, &byte) in q.iter_mut().zip(&b[2..]) {
+                let mut qs = [0i8; QK];
+                for (v, &byte) in qs.iter_mut().zip(&b[2..]) {
                     *v = byte as i8;
                 }
-                q
+                BlockQ80 {
+                    d: f16::from_le_bytes([b[0], b[1]]),
+                    qs,
+                }
             })
             .collect();
-        Ok(Q80Matrix { rows, cols, d, qs })
+        Ok(Q80Matrix { rows, cols, blocks })
     }
 
     /// Rows (output features).
@@ -73,8 +79,7 @@ impl Q80Matrix {
     fn row(&self, r: usize) -> Row<'_> {
         let per_row = self.cols / QK;
         Row {
-            d: &self.d[r * per_row..(r + 1) * per_row],
-            qs: &self.qs[r * per_row..(r + 1) * per_row],
+            blocks: &self.blocks[r * per_row..(r + 1) * per_row],
         }
     }
 
@@ -82,8 +87,9 @@ impl Q80Matrix {
     /// embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let row = self.row(r);
-        for ((&d, qs), o) in row.d.iter().zip(row.qs).zip(out.chunks_exact_mut(QK)) {
-            for (v, &q) in o.iter_mut().zip(qs) {
+        for (b, o) in row.blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let d = b.d.to_f32();
+            for (v, &q) in o.iter_mut().zip(&b.qs) {
                 *v = d * q as f32;
             }
         }
@@ -130,8 +136,7 @@ pub fn quantize_row_q8_0(x: &[f32]) -> Vec<Q80Block> {
 /// One weight row's blocks.
 #[derive(Clone, Copy)]
 pub struct Row<'a> {
-    d: &'a [f32],
-    qs: &'a [[i8; QK]],
+    blocks: &'a [BlockQ80],
 }
 
 type DotFn = fn(Row<'_>, &[Q80Block]) -> f32;
@@ -139,7 +144,10 @@ type DotFn = fn(Row<'_>, &[Q80Block]) -> f32;
 fn pick_dot() -> DotFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             return dot_avx2_entry;
         }
     }
@@ -149,8 +157,10 @@ fn pick_dot() -> DotFn {
 /// The reference dot product of one Q8_0 row with one Q8_0 row.
 pub fn dot_scalar(w: Row<'_>, x: &[Q80Block]) -> f32 {
     let mut total = 0f32;
-    for ((&d, qs), xb) in w.d.iter().zip(w.qs).zip(x) {
-        let isum: i32 = qs
+    for (b, xb) in w.blocks.iter().zip(x) {
+        let d = b.d.to_f32();
+        let isum: i32 = b
+            .qs
             .iter()
             .zip(&xb.qs)
             .map(|(&a, &b)| a as i32 * b as i32)
@@ -162,7 +172,7 @@ pub fn dot_scalar(w: Row<'_>, x: &[Q80Block]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 fn dot_avx2_entry(w: Row<'_>, x: &[Q80Block]) -> f32 {
-    // SAFETY: chosen only after run-time detection of AVX2 and FMA.
+    // SAFETY: chosen only after run-time detection of AVX2, FMA and F16C.
     unsafe { dot_avx2(w, x) }
 }
 
@@ -170,7 +180,7 @@ fn dot_avx2_entry(w: Row<'_>, x: &[Q80Block]) -> f32 {
 /// weights go in as |w| and the activations carry the sign of w (llama.cpp's
 /// trick); -128 never occurs, quantisation clamps to ±127.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2(w: Row<'_>, x: &[Q80Block]) -> f32 {
     use std::arch::x86_64::*;
     let block = |qs: &[i8; QK], xb: &Q80Block| {
@@ -183,11 +193,13 @@ unsafe fn dot_avx2(w: Row<'_>, x: &[Q80Block]) -> f32 {
     };
     // Two accumulators hide the FMA latency.
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut blocks = w.d.iter().zip(w.qs).zip(x);
-    while let Some(((d0, q0), x0)) = blocks.next() {
-        even = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x0.d), block(q0, x0), even);
-        if let Some(((d1, q1), x1)) = blocks.next() {
-            odd = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x1.d), block(q1, x1), odd);
+    // f16 to f32 with F16C: exact, as `to_f32`.
+    let scale = |b: &BlockQ80| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(b.d.to_bits()))));
+    let mut blocks = w.blocks.iter().zip(x);
+    while let Some((b0, x0)) = blocks.next() {
+        even = _mm256_fmadd_ps(_mm256_set1_ps(scale(b0) * x0.d), block(&b0.qs, x0), even);
+        if let Some((b1, x1)) = blocks.next() {
+            odd = _mm256_fmadd_ps(_mm256_set1_ps(scale(b1) * x1.d), block(&b1.qs, x1), odd);
         }
     }
     super::hsum_avx(_mm256_add_ps(even, odd))
