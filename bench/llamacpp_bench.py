@@ -58,7 +58,9 @@ def main():
     eos = set(prompts.get("stop_ids", []))
     out = {"engine": "llama.cpp", "version": llama_cpp.__version__, "threads": threads}
 
-    # Prefill: the whole prompt in one evaluation, from an empty cache.
+    # Warm-up (first-use allocations), as our side does; then prefill: the
+    # whole prompt in one evaluation, from an empty cache.
+    llm.eval(long_prompt[:16])
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(long_prompt)

@@ -49,7 +49,9 @@ pub fn bench(args: &BenchInferenceArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
 
-    // Prefill alone: the whole prompt in one forward pass, empty cache.
+    // Warm-up (first-use allocations), as the peer's side does; then
+    // prefill alone: the whole prompt in one forward pass, empty cache.
+    model.forward(&long[..16.min(long.len())], &mut KvCache::new(&model))?;
     let mut cache = KvCache::new(&model);
     let t0 = Instant::now();
     model.forward(&long, &mut cache)?;

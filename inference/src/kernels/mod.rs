@@ -8,9 +8,9 @@
 
 use rayon::prelude::*;
 
+pub mod attention;
 pub mod q4_1;
 pub mod q8_0;
-pub mod vector;
 
 /// Weight rows per rayon task: enough tasks to balance, few enough that
 /// dispatch stays small next to the work.

@@ -159,12 +159,11 @@ pub fn dot_scalar(w: Row<'_>, x: &[Q80Block]) -> f32 {
     let mut total = 0f32;
     for (b, xb) in w.blocks.iter().zip(x) {
         let d = b.d.to_f32();
-        let isum: i32 = b
-            .qs
-            .iter()
-            .zip(&xb.qs)
-            .map(|(&a, &b)| a as i32 * b as i32)
-            .sum();
+        let isum: i32 =
+            b.qs.iter()
+                .zip(&xb.qs)
+                .map(|(&a, &b)| a as i32 * b as i32)
+                .sum();
         total += d * xb.d * isum as f32;
     }
     total
@@ -194,7 +193,8 @@ unsafe fn dot_avx2(w: Row<'_>, x: &[Q80Block]) -> f32 {
     // Two accumulators hide the FMA latency.
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     // f16 to f32 with F16C: exact, as `to_f32`.
-    let scale = |b: &BlockQ80| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(b.d.to_bits()))));
+    let scale =
+        |b: &BlockQ80| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(b.d.to_bits()))));
     let mut blocks = w.blocks.iter().zip(x);
     while let Some((b0, x0)) = blocks.next() {
         even = _mm256_fmadd_ps(_mm256_set1_ps(scale(b0) * x0.d), block(&b0.qs, x0), even);

@@ -17,7 +17,8 @@ use rayon::prelude::*;
 
 use super::{load_err, ModelConfig};
 use crate::gguf::{GgufFile, ModelError};
-use crate::kernels::{q4_1::Q41Matrix, q8_0::Q80Matrix, vector::VectorOps};
+use crate::kernels::attention::{AttentionKernels, Strided};
+use crate::kernels::{q4_1::Q41Matrix, q8_0::Q80Matrix};
 
 /// One weight matrix, `rows × cols`, applied as `y = W x`.
 enum Linear {
@@ -433,25 +434,27 @@ fn attention(c: &ModelConfig, qkv: &[f32], pos: usize, t: usize, kv: &LayerKv, o
     let qkv_w = c.n_head * hd + 2 * kv_dim;
     let group = c.n_head / c.n_kv_head;
     let scale = 1.0 / (hd as f32).sqrt();
-    let ops = VectorOps::detect();
+    let kernels = AttentionKernels::detect(hd);
     let one = |idx: usize, o: &mut [f32]| {
         let (i, head) = (idx / c.n_head, idx % c.n_head);
         let q = &qkv[i * qkv_w + head * hd..][..hd];
-        let kvh = head / group;
-        let seen = pos + i + 1;
-        let mut scores: Vec<f32> = (0..seen)
-            .map(|j| (ops.dot)(q, &kv.k[j * kv_dim + kvh * hd..][..hd]) * scale)
-            .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let cached = |data| Strided {
+            data,
+            stride: kv_dim,
+            offset: (head / group) * hd,
+            width: hd,
+        };
+        // Query i sees the cache up to and including its own position.
+        let mut p = vec![0f32; pos + i + 1];
+        (kernels.scores)(q, cached(&kv.k), scale, &mut p);
+        let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0f32;
-        for s in scores.iter_mut() {
+        for s in p.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
         }
-        o.fill(0.0);
-        for (j, s) in scores.iter().enumerate() {
-            (ops.axpy)(s / sum, &kv.v[j * kv_dim + kvh * hd..][..hd], o);
-        }
+        p.iter_mut().for_each(|s| *s /= sum);
+        (kernels.mix)(&p, cached(&kv.v), o);
     };
     // A decode step over a short context is too little work to split.
     if t * (pos + t) < 2048 {
