@@ -1,7 +1,11 @@
 //! The generation engine: a bounded queue, fair across subscribers, feeding
-//! N slots. Each slot runs on a thread of its own (outside any async
-//! runtime), with its own KV cache; finished sequences leave their KV in a
-//! shared prefix cache that later prompts with the same beginning reuse.
+//! N slots. One scheduler thread (outside any async runtime) runs every
+//! active sequence, each with its own KV cache, and batches their decode
+//! steps: one forward pass per step for all of them (continuous batching, as
+//! llama.cpp's server and vLLM do), so a weight is read once per step
+//! instead of once per sequence. A new request's prompt is prefilled between
+//! two steps, then it joins the batch; finished sequences leave their KV in
+//! a prefix cache that later prompts with the same beginning reuse.
 //!
 //! A request yields a stream of [`Delta`]s and, separately, one [`Summary`].
 //! The summary always arrives, even when the caller dropped the stream (the
@@ -25,7 +29,7 @@ use crate::tokenizer::{TextStream, Tokenizer};
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Concurrent sequences (each with its own KV cache and thread).
+    /// Concurrent sequences (each with its own KV cache), decoded together.
     pub slots: usize,
     /// Requests waiting for a slot; beyond it, `submit` answers `Overloaded`.
     pub queue_capacity: usize,
@@ -262,7 +266,7 @@ pub struct EngineStats {
     pub slots: usize,
 }
 
-/// The engine. Dropping it stops the slots after the requests they run.
+/// The engine. Dropping it stops the scheduler after the requests it runs.
 pub struct Engine {
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
@@ -280,7 +284,7 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Starts `config.slots` slot threads on `model`.
+    /// Starts the scheduler thread on `model`, with `config.slots` slots.
     pub fn start(model: Arc<Model>, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Engine {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -288,26 +292,24 @@ impl Engine {
             prefix: Mutex::new(PrefixCache::default()),
             busy: AtomicUsize::new(0),
         });
-        let threads = (0..config.slots.max(1))
-            .map(|i| {
-                let (model, tokenizer, shared, config) = (
-                    model.clone(),
-                    tokenizer.clone(),
-                    shared.clone(),
-                    config.clone(),
-                );
-                std::thread::Builder::new()
-                    .name(format!("inference-slot-{i}"))
-                    .spawn(move || slot_loop(&model, &tokenizer, &shared, &config))
-                    .expect("spawn a slot thread")
-            })
-            .collect();
+        let scheduler = {
+            let (model, tokenizer, shared, config) = (
+                model.clone(),
+                tokenizer.clone(),
+                shared.clone(),
+                config.clone(),
+            );
+            std::thread::Builder::new()
+                .name("inference-scheduler".into())
+                .spawn(move || schedule(&model, &tokenizer, &shared, &config))
+                .expect("spawn the scheduler thread")
+        };
         Engine {
             model,
             tokenizer,
             config,
             shared,
-            threads,
+            threads: vec![scheduler],
         }
     }
 
@@ -326,7 +328,7 @@ impl Engine {
         EngineStats {
             queued: self.shared.queue.lock().unwrap().len,
             busy_slots: self.shared.busy.load(Ordering::Relaxed),
-            slots: self.threads.len(),
+            slots: self.config.slots.max(1),
         }
     }
 
@@ -380,34 +382,281 @@ impl Drop for Engine {
     }
 }
 
-fn slot_loop(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &EngineConfig) {
+/// The scheduler: admits queued requests while slots are free (prefilling
+/// each), then runs one batched decode step for every active sequence, and
+/// repeats until the engine closes and nothing is left.
+fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &EngineConfig) {
+    let slots = config.slots.max(1);
+    let mut active: Vec<Sequence> = Vec::new();
     loop {
-        let job = {
-            let mut q = shared.queue.lock().unwrap();
-            loop {
-                if let Some(job) = q.pop() {
-                    break job;
+        // Admit: wait for work only when there is nothing to decode.
+        while active.len() < slots {
+            let job = {
+                let mut q = shared.queue.lock().unwrap();
+                loop {
+                    if let Some(job) = q.pop() {
+                        break Some(job);
+                    }
+                    if q.closed || !active.is_empty() {
+                        break None;
+                    }
+                    q = shared.ready.wait(q).unwrap();
                 }
-                if q.closed {
-                    return;
+            };
+            let Some(job) = job else { break };
+            shared.busy.fetch_add(1, Ordering::Relaxed);
+            match Sequence::start(model, shared, job) {
+                Ok(seq) => active.push(seq),
+                Err(finished) => {
+                    finished.send();
+                    shared.busy.fetch_sub(1, Ordering::Relaxed);
                 }
-                q = shared.ready.wait(q).unwrap();
+            }
+        }
+        if active.is_empty() {
+            return; // closed, and nothing queued or running
+        }
+        // Each sequence takes the token its logits give; those that go on
+        // are fed back together.
+        let mut next = Vec::with_capacity(active.len());
+        let mut still = Vec::with_capacity(active.len());
+        for mut seq in active.drain(..) {
+            match seq.take_token(tokenizer) {
+                Some(id) => {
+                    next.push(id);
+                    still.push(seq);
+                }
+                None => seq
+                    .finish(tokenizer, shared, config)
+                    .send_and_release(shared),
+            }
+        }
+        active = still;
+        if active.is_empty() {
+            continue;
+        }
+        let mut steps: Vec<(u32, &mut KvCache)> = next
+            .iter()
+            .zip(active.iter_mut())
+            .map(|(&id, seq)| (id, &mut seq.cache))
+            .collect();
+        match model.forward_batch(&mut steps) {
+            Ok(logits) => {
+                for (seq, l) in active.iter_mut().zip(logits) {
+                    seq.logits = l;
+                }
+            }
+            Err(e) => {
+                for mut seq in active.drain(..) {
+                    seq.fail(e.to_string());
+                    seq.finish(tokenizer, shared, config)
+                        .send_and_release(shared);
+                }
+            }
+        }
+    }
+}
+
+/// A summary on its way back to the caller.
+struct Finished {
+    summary: Summary,
+    tx: oneshot::Sender<Summary>,
+}
+
+impl Finished {
+    fn send(self) {
+        let _ = self.tx.send(self.summary);
+    }
+
+    fn send_and_release(self, shared: &Shared) {
+        self.send();
+        shared.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One request being generated: its KV cache, sampler, text stream and
+/// counts. `logits` are those after the last token fed.
+struct Sequence {
+    params: SamplingParams,
+    submitted: Instant,
+    deltas: mpsc::UnboundedSender<Delta>,
+    summary_tx: oneshot::Sender<Summary>,
+    cancel: Arc<AtomicBool>,
+    summary: Summary,
+    cache: KvCache,
+    logits: Vec<f32>,
+    max_tokens: usize,
+    sampler: Sampler,
+    /// Prompt and completion ids (the repetition penalty reads them).
+    history: Vec<u32>,
+    stream: TextStream,
+    /// Completion text so far, and how many of its bytes were sent.
+    text: String,
+    sent: usize,
+    pending_ids: Vec<u32>,
+    first_token_at: Option<Instant>,
+    /// Set when the sequence must end at the next `take_token`.
+    ended: bool,
+}
+
+impl Sequence {
+    /// Prefills the prompt (after what the prefix cache holds), or ends the
+    /// request at once (cancelled while queued, or the pass failed).
+    fn start(model: &Model, shared: &Shared, job: Job) -> Result<Sequence, Finished> {
+        let started = Instant::now();
+        let prompt = &job.req.prompt;
+        let mut summary = Summary {
+            prompt_tokens: prompt.len(),
+            cached_prompt_tokens: 0,
+            completion_tokens: 0,
+            finish_reason: FinishReason::Stop,
+            ttft: Duration::ZERO,
+            decode_time: Duration::ZERO,
+            queue_time: started - job.submitted,
+            error: None,
+        };
+        if job.cancel.load(Ordering::Relaxed) || job.deltas.is_closed() {
+            summary.finish_reason = FinishReason::Cancelled;
+            return Err(Finished {
+                summary,
+                tx: job.summary,
+            });
+        }
+        let (cached, mut cache) = shared
+            .prefix
+            .lock()
+            .unwrap()
+            .lookup(prompt)
+            .unwrap_or_else(|| (0, KvCache::new(model)));
+        summary.cached_prompt_tokens = cached;
+        let logits = model
+            .forward(&prompt[cached..], &mut cache)
+            .and_then(|l| l.to_vec1::<f32>());
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                summary.finish_reason = FinishReason::Error;
+                summary.error = Some(e.to_string());
+                return Err(Finished {
+                    summary,
+                    tx: job.summary,
+                });
             }
         };
-        shared.busy.fetch_add(1, Ordering::Relaxed);
-        let summary_tx = job.summary;
-        let summary = run(
-            model,
-            tokenizer,
-            shared,
-            config,
-            job.req,
-            job.submitted,
-            &job.deltas,
-            &job.cancel,
-        );
-        let _ = summary_tx.send(summary);
-        shared.busy.fetch_sub(1, Ordering::Relaxed);
+        let max_tokens = job
+            .req
+            .params
+            .max_tokens
+            .unwrap_or(usize::MAX)
+            .min(model.config().context_length - prompt.len());
+        Ok(Sequence {
+            sampler: Sampler::new(job.req.params.clone()),
+            params: job.req.params,
+            history: job.req.prompt,
+            submitted: job.submitted,
+            deltas: job.deltas,
+            summary_tx: job.summary,
+            cancel: job.cancel,
+            summary,
+            cache,
+            logits,
+            max_tokens,
+            stream: TextStream::default(),
+            text: String::new(),
+            sent: 0,
+            pending_ids: Vec::new(),
+            first_token_at: None,
+            ended: false,
+        })
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.deltas.is_closed()
+    }
+
+    fn fail(&mut self, error: String) {
+        self.summary.finish_reason = FinishReason::Error;
+        self.summary.error = Some(error);
+        self.ended = true;
+    }
+
+    /// Samples the next token from the current logits, counts it and streams
+    /// its text; returns it when generation goes on (it must be fed back),
+    /// `None` when the sequence has ended.
+    fn take_token(&mut self, tokenizer: &Tokenizer) -> Option<u32> {
+        if self.ended {
+            return None;
+        }
+        let id = self.sampler.sample(&mut self.logits, &self.history);
+        self.summary.completion_tokens += 1;
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.history.push(id);
+        if tokenizer.stop_ids().contains(&id) {
+            self.summary.finish_reason = FinishReason::Stop;
+            return None;
+        }
+        self.text.push_str(&self.stream.push(tokenizer, id));
+        self.pending_ids.push(id);
+        let sent = self.sent;
+        if let Some(at) = self
+            .params
+            .stop
+            .iter()
+            .filter_map(|s| self.text[sent..].find(s.as_str()).map(|i| sent + i))
+            .min()
+        {
+            self.text.truncate(at);
+            self.summary.finish_reason = FinishReason::Stop;
+            return None;
+        }
+        let safe = split_safe(&self.text, &self.params.stop);
+        if safe > self.sent {
+            let _ = self.deltas.send(Delta {
+                text: self.text[self.sent..safe].to_string(),
+                token_ids: std::mem::take(&mut self.pending_ids),
+            });
+            self.sent = safe;
+        }
+        if self.summary.completion_tokens >= self.max_tokens {
+            self.summary.finish_reason = FinishReason::Length;
+            return None;
+        }
+        if self.cancelled() {
+            self.summary.finish_reason = FinishReason::Cancelled;
+            return None;
+        }
+        Some(id)
+    }
+
+    /// Sends the rest of the text, fills in the timings, and leaves the KV
+    /// (prompt and what was fed back) in the prefix cache.
+    fn finish(mut self, tokenizer: &Tokenizer, shared: &Shared, config: &EngineConfig) -> Finished {
+        let summary = &mut self.summary;
+        if summary.finish_reason != FinishReason::Stop || self.params.stop.is_empty() {
+            self.text.push_str(&self.stream.finish(tokenizer));
+        }
+        if self.text.len() > self.sent || !self.pending_ids.is_empty() {
+            let _ = self.deltas.send(Delta {
+                text: self.text[self.sent.min(self.text.len())..].to_string(),
+                token_ids: std::mem::take(&mut self.pending_ids),
+            });
+        }
+        let end = Instant::now();
+        if let Some(first) = self.first_token_at {
+            summary.ttft = first - self.submitted;
+            summary.decode_time = end - first;
+        }
+        let mut fed = self.history;
+        fed.truncate(self.cache.len());
+        shared
+            .prefix
+            .lock()
+            .unwrap()
+            .insert(fed, self.cache, config.prefix_cache_tokens);
+        Finished {
+            summary: self.summary,
+            tx: self.summary_tx,
+        }
     }
 }
 
@@ -423,141 +672,4 @@ fn split_safe(text: &str, stops: &[String]) -> usize {
         }
     }
     safe
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run(
-    model: &Model,
-    tokenizer: &Tokenizer,
-    shared: &Shared,
-    config: &EngineConfig,
-    req: GenerateRequest,
-    submitted: Instant,
-    deltas: &mpsc::UnboundedSender<Delta>,
-    cancel: &AtomicBool,
-) -> Summary {
-    let started = Instant::now();
-    let context = model.config().context_length;
-    let prompt = &req.prompt;
-    let mut summary = Summary {
-        prompt_tokens: prompt.len(),
-        cached_prompt_tokens: 0,
-        completion_tokens: 0,
-        finish_reason: FinishReason::Stop,
-        ttft: Duration::ZERO,
-        decode_time: Duration::ZERO,
-        queue_time: started - submitted,
-        error: None,
-    };
-    let cancelled = || cancel.load(Ordering::Relaxed) || deltas.is_closed();
-    if cancelled() {
-        summary.finish_reason = FinishReason::Cancelled;
-        return summary;
-    }
-    let (cached, mut cache) = shared
-        .prefix
-        .lock()
-        .unwrap()
-        .lookup(prompt)
-        .unwrap_or_else(|| (0, KvCache::new(model)));
-    summary.cached_prompt_tokens = cached;
-    let mut logits = match model.forward(&prompt[cached..], &mut cache) {
-        Ok(l) => l,
-        Err(e) => {
-            summary.finish_reason = FinishReason::Error;
-            summary.error = Some(e.to_string());
-            return summary;
-        }
-    };
-    let max_tokens = req
-        .params
-        .max_tokens
-        .unwrap_or(usize::MAX)
-        .min(context - prompt.len());
-    let mut sampler = Sampler::new(req.params.clone());
-    let mut history = prompt.clone();
-    let mut stream = TextStream::default();
-    let mut text = String::new(); // completion text so far
-    let mut sent = 0; // bytes of `text` already sent
-    let mut pending_ids = Vec::new();
-    let mut first_token_at = None;
-    let stop_ids = tokenizer.stop_ids();
-    loop {
-        let mut l = match logits.to_vec1::<f32>() {
-            Ok(l) => l,
-            Err(e) => {
-                summary.finish_reason = FinishReason::Error;
-                summary.error = Some(e.to_string());
-                break;
-            }
-        };
-        let id = sampler.sample(&mut l, &history);
-        summary.completion_tokens += 1;
-        first_token_at.get_or_insert_with(Instant::now);
-        history.push(id);
-        if stop_ids.contains(&id) {
-            summary.finish_reason = FinishReason::Stop;
-            break;
-        }
-        text.push_str(&stream.push(tokenizer, id));
-        pending_ids.push(id);
-        if let Some(at) = req
-            .params
-            .stop
-            .iter()
-            .filter_map(|s| text[sent..].find(s.as_str()).map(|i| sent + i))
-            .min()
-        {
-            text.truncate(at);
-            summary.finish_reason = FinishReason::Stop;
-            break;
-        }
-        let safe = split_safe(&text, &req.params.stop);
-        if safe > sent {
-            let _ = deltas.send(Delta {
-                text: text[sent..safe].to_string(),
-                token_ids: std::mem::take(&mut pending_ids),
-            });
-            sent = safe;
-        }
-        if summary.completion_tokens >= max_tokens {
-            summary.finish_reason = FinishReason::Length;
-            break;
-        }
-        if cancelled() {
-            summary.finish_reason = FinishReason::Cancelled;
-            break;
-        }
-        logits = match model.forward(&[id], &mut cache) {
-            Ok(l) => l,
-            Err(e) => {
-                summary.finish_reason = FinishReason::Error;
-                summary.error = Some(e.to_string());
-                break;
-            }
-        };
-    }
-    if summary.finish_reason != FinishReason::Stop || req.params.stop.is_empty() {
-        text.push_str(&stream.finish(tokenizer));
-    }
-    if text.len() > sent || !pending_ids.is_empty() {
-        let _ = deltas.send(Delta {
-            text: text[sent.min(text.len())..].to_string(),
-            token_ids: pending_ids,
-        });
-    }
-    let end = Instant::now();
-    if let Some(first) = first_token_at {
-        summary.ttft = first - submitted;
-        summary.decode_time = end - first;
-    }
-    // The sequence's KV (prompt and what was fed back) serves later prompts.
-    let mut fed = history;
-    fed.truncate(cache.len());
-    shared
-        .prefix
-        .lock()
-        .unwrap()
-        .insert(fed, cache, config.prefix_cache_tokens);
-    summary
 }

@@ -197,6 +197,69 @@ fn prefill_at_once_equals_token_by_token() {
     );
 }
 
+/// One batched decode step over three sequences at different positions
+/// gives each the logits it gets alone, to the bit (the kernels sum in the
+/// same order whatever the batch), and advances each cache by one.
+#[test]
+fn a_batched_step_equals_each_sequence_alone() {
+    let (model, tok) = load();
+    let prompts = [
+        "The capital of France is",
+        "One two three",
+        "Edge computing means that the",
+    ];
+    let mut alone = Vec::new();
+    let mut caches = Vec::new();
+    let mut next = Vec::new();
+    for p in prompts {
+        let ids = tok.encode(p).unwrap();
+        let mut cache = KvCache::new(&model);
+        let l = model.forward(&ids, &mut cache).unwrap();
+        let id = l.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let mut own = cache.clone();
+        alone.push(
+            model
+                .forward(&[id], &mut own)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        caches.push(cache);
+        next.push(id);
+    }
+    let lens: Vec<usize> = caches.iter().map(KvCache::len).collect();
+    let mut steps: Vec<(u32, &mut KvCache)> = next.iter().copied().zip(caches.iter_mut()).collect();
+    let batched = model.forward_batch(&mut steps).unwrap();
+    assert_eq!(batched, alone);
+    for (c, before) in caches.iter().zip(lens) {
+        assert_eq!(c.len(), before + 1);
+    }
+}
+
+/// A batch with one bad token is refused before anything runs.
+#[test]
+fn a_bad_token_in_a_batch_leaves_every_cache_as_it_was() {
+    let (model, tok) = load();
+    let ids = tok.encode("One two three").unwrap();
+    let mut a = KvCache::new(&model);
+    model.forward(&ids, &mut a).unwrap();
+    let mut b = a.clone();
+    let vocab = model.config().vocab_size as u32;
+    let mut steps = vec![(504, &mut a), (vocab, &mut b)];
+    assert!(model.forward_batch(&mut steps).is_err());
+    assert_eq!((a.len(), b.len()), (ids.len(), ids.len()));
+    // And `a` still runs on exactly as a fresh pass over the same tokens.
+    let got = model.forward(&[504], &mut a).unwrap();
+    let mut fresh2 = KvCache::new(&model);
+    let mut with_next = ids.clone();
+    with_next.push(504);
+    let want_next = model.forward(&with_next, &mut fresh2).unwrap();
+    assert_eq!(
+        got.to_vec1::<f32>().unwrap(),
+        want_next.to_vec1::<f32>().unwrap()
+    );
+}
+
 #[test]
 fn truncated_cache_reuses_a_prefix_exactly() {
     let (model, tok) = load();

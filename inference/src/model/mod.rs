@@ -143,6 +143,8 @@ impl std::fmt::Debug for Model {
 pub struct KvCache {
     layers: CacheLayers,
     len: usize,
+    /// Floats per position of one layer's keys (and of its values).
+    width: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -159,7 +161,11 @@ impl KvCache {
             Weights::Native(_) => CacheLayers::Native(vec![native::LayerKv::default(); n]),
             Weights::Tensor(_) => CacheLayers::Tensor(vec![None; n]),
         };
-        KvCache { layers, len: 0 }
+        KvCache {
+            layers,
+            len: 0,
+            width: model.config.n_kv_head * model.config.head_dim,
+        }
     }
 
     /// Positions held.
@@ -180,7 +186,7 @@ impl KvCache {
         match &mut self.layers {
             CacheLayers::Native(layers) => {
                 for l in layers {
-                    l.truncate(len, self.len);
+                    l.truncate(len, self.width);
                 }
             }
             CacheLayers::Tensor(layers) => tensor::truncate(layers, len)?,
@@ -243,9 +249,9 @@ impl Model {
         }
     }
 
-    /// Runs `tokens` after what `cache` holds, appends them to the cache, and
-    /// returns the logits for the next token after the last one (`[vocab]`, f32).
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    /// Checks that `tokens` can run after `held` positions with a cache of
+    /// the right kind.
+    fn check_step(&self, tokens: &[u32], cache: &KvCache) -> candle_core::Result<()> {
         let t = tokens.len();
         if t == 0 {
             candle_core::bail!("forward needs at least one token");
@@ -266,23 +272,124 @@ impl Model {
                 self.config.vocab_size
             );
         }
+        let matches = matches!(
+            (&self.weights, &cache.layers),
+            (Weights::Native(_), CacheLayers::Native(_))
+                | (Weights::Tensor(_), CacheLayers::Tensor(_))
+        );
+        if !matches {
+            candle_core::bail!("this KV cache was made for another model");
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` after what `cache` holds, appends them to the cache, and
+    /// returns the logits for the next token after the last one (`[vocab]`, f32).
+    /// On error the cache is left as it was.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        self.check_step(tokens, cache)?;
+        let pos = cache.len;
         let logits = match (&self.weights, &mut cache.layers) {
             (Weights::Native(w), CacheLayers::Native(kv)) => {
-                // The whole pass runs on one of rayon's workers, so each
-                // product's fork and join stay inside the pool instead of
-                // waking a sleeping caller ~120 times per token.
-                let pos = cache.len;
-                let logits = rayon::scope(|_| w.forward(&self.config, tokens, pos, kv))?;
-                Tensor::from_vec(logits, self.config.vocab_size, &self.device)?
+                let rows: Vec<(u32, usize, usize)> = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &id)| (id, 0, pos + i))
+                    .collect();
+                let mut caches = [kv.as_mut_slice()];
+                let out = native_pass(w, &self.config, &rows, &mut caches, &[rows.len() - 1]);
+                match out {
+                    Ok(mut l) => Ok(Tensor::from_vec(
+                        l.remove(0),
+                        self.config.vocab_size,
+                        &self.device,
+                    )?),
+                    Err(e) => Err(e),
+                }
             }
             (Weights::Tensor(w), CacheLayers::Tensor(kv)) => {
-                w.forward(&self.config, &self.device, tokens, cache.len, kv)?
+                w.forward(&self.config, &self.device, tokens, pos, kv)
             }
-            _ => candle_core::bail!("this KV cache was made for another model"),
+            _ => unreachable!("checked by check_step"),
         };
-        cache.len += t;
-        Ok(logits)
+        match logits {
+            Ok(l) => {
+                cache.len += tokens.len();
+                Ok(l)
+            }
+            Err(e) => {
+                cache.len += tokens.len();
+                cache.truncate(pos)?;
+                Err(e)
+            }
+        }
     }
+
+    /// One decode step of several sequences at once: `steps[i] = (token,
+    /// cache)` runs `token` after what that cache holds. On the native path
+    /// the sequences share each weight product (a weight block is read once
+    /// for all of them); elsewhere they run one after another. Returns the
+    /// logits after each token, in order. On error every cache is left as
+    /// it was.
+    pub fn forward_batch(
+        &self,
+        steps: &mut [(u32, &mut KvCache)],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        for (id, cache) in steps.iter() {
+            self.check_step(&[*id], cache)?;
+        }
+        let Weights::Native(w) = &self.weights else {
+            let mut out = Vec::with_capacity(steps.len());
+            for (i, (id, cache)) in steps.iter_mut().enumerate() {
+                match self.forward(&[*id], cache) {
+                    Ok(l) => out.push(l.to_vec1::<f32>()?),
+                    Err(e) => {
+                        for (_, earlier) in steps[..i].iter_mut() {
+                            let held = earlier.len - 1;
+                            earlier.truncate(held)?;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            return Ok(out);
+        };
+        let rows: Vec<(u32, usize, usize)> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, (id, cache))| (*id, i, cache.len))
+            .collect();
+        let positions: Vec<usize> = steps.iter().map(|(_, c)| c.len).collect();
+        let mut caches: Vec<&mut [native::LayerKv]> = steps
+            .iter_mut()
+            .map(|(_, cache)| match &mut cache.layers {
+                CacheLayers::Native(kv) => kv.as_mut_slice(),
+                CacheLayers::Tensor(_) => unreachable!("checked by check_step"),
+            })
+            .collect();
+        let all: Vec<usize> = (0..rows.len()).collect();
+        let out = native_pass(w, &self.config, &rows, &mut caches, &all);
+        for ((_, cache), held) in steps.iter_mut().zip(positions) {
+            cache.len = held + 1;
+            if out.is_err() {
+                cache.truncate(held)?;
+            }
+        }
+        out
+    }
+}
+
+/// Runs a native pass on one of rayon's workers, so each product's fork and
+/// join stay inside the pool instead of waking a sleeping caller ~120 times
+/// per token.
+fn native_pass(
+    w: &native::NativeWeights,
+    config: &ModelConfig,
+    rows: &[(u32, usize, usize)],
+    caches: &mut [&mut [native::LayerKv]],
+    logits_of: &[usize],
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    rayon::scope(|_| w.forward(config, rows, caches, logits_of))
 }
 
 pub(crate) fn load_err(file: &GgufFile, e: impl std::fmt::Display) -> ModelError {

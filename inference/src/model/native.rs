@@ -192,14 +192,10 @@ pub(super) struct LayerKv {
 }
 
 impl LayerKv {
-    /// Keeps the first `keep` of the `held` positions.
-    pub(super) fn truncate(&mut self, keep: usize, held: usize) {
-        if held == 0 {
-            return;
-        }
-        let width = self.k.len() / held;
-        self.k.truncate(keep * width);
-        self.v.truncate(keep * width);
+    /// Keeps the first `positions` positions, `width` floats each.
+    pub(super) fn truncate(&mut self, positions: usize, width: usize) {
+        self.k.truncate(positions * width);
+        self.v.truncate(positions * width);
     }
 }
 
@@ -318,42 +314,48 @@ impl NativeWeights {
         })
     }
 
-    /// Runs `tokens` at positions `pos..`, appends their keys and values to
-    /// `cache`, and returns the logits after the last one.
+    /// Runs one row per token: `rows[r] = (token, sequence, position)`,
+    /// where `caches[sequence]` holds that sequence's earlier positions (a
+    /// prompt is rows of one sequence; a batched decode step, one row of each
+    /// of several). Appends every row's keys and values to its sequence's
+    /// cache and returns the logits after each row named in `logits_of`.
     pub(super) fn forward(
         &self,
         c: &ModelConfig,
-        tokens: &[u32],
-        pos: usize,
-        cache: &mut [LayerKv],
-    ) -> candle_core::Result<Vec<f32>> {
-        let t = tokens.len();
+        rows: &[(u32, usize, usize)],
+        caches: &mut [&mut [LayerKv]],
+        logits_of: &[usize],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let t = rows.len();
         let (dim, hd) = (c.dim, c.head_dim);
         let q_dim = c.n_head * hd;
         let kv_dim = c.n_kv_head * hd;
         let qkv_w = q_dim + 2 * kv_dim;
 
+        let tokens: Vec<u32> = rows.iter().map(|r| r.0).collect();
         let mut x = vec![0f32; t * dim];
-        self.embed(tokens, &mut x)?;
+        self.embed(&tokens, &mut x)?;
         let mut h = vec![0f32; t * dim];
         let mut qkv = vec![0f32; t * qkv_w];
         let mut att = vec![0f32; t * q_dim];
         let mut proj = vec![0f32; t * dim];
-        for (layer, kv) in self.layers.iter().zip(cache.iter_mut()) {
+        for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.eps as f32, &mut h);
             layer.qkv.apply(&h, t, &mut qkv)?;
-            for (i, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+            for (row, &(_, seq, pos)) in qkv.chunks_exact_mut(qkv_w).zip(rows) {
                 if let Some(b) = &layer.qkv_bias {
                     row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
                 let (q, rest) = row.split_at_mut(q_dim);
                 let (k, v) = rest.split_at_mut(kv_dim);
-                self.rope(c, q, pos + i);
-                self.rope(c, k, pos + i);
+                self.rope(c, q, pos);
+                self.rope(c, k, pos);
+                let kv = &mut caches[seq][l];
                 kv.k.extend_from_slice(k);
                 kv.v.extend_from_slice(v);
             }
-            attention(c, &qkv, pos, t, kv, &mut att);
+            let layer_kv: Vec<&LayerKv> = caches.iter().map(|c| &c[l]).collect();
+            attention(c, &qkv, rows, &layer_kv, &mut att);
             layer.o.apply(&att, t, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
@@ -371,11 +373,15 @@ impl NativeWeights {
             layer.down.apply(&act, t, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
-        let mut last = vec![0f32; dim];
-        rms_norm(&x[(t - 1) * dim..], &self.norm, c.eps as f32, &mut last);
-        let mut logits = vec![0f32; self.output.rows];
-        self.output.apply(&last, 1, &mut logits)?;
-        Ok(logits)
+        let n = logits_of.len();
+        let mut last = vec![0f32; n * dim];
+        for (o, &r) in last.chunks_exact_mut(dim).zip(logits_of) {
+            rms_norm(&x[r * dim..(r + 1) * dim], &self.norm, c.eps as f32, o);
+        }
+        let vocab = self.output.rows;
+        let mut logits = vec![0f32; n * vocab];
+        self.output.apply(&last, n, &mut logits)?;
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
     fn embed(&self, tokens: &[u32], x: &mut [f32]) -> candle_core::Result<()> {
@@ -426,9 +432,16 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Causal attention of the `t` new queries (in `qkv`, rows `q | k | v`) over
-/// every cached position, written to `out` (`[t, n_head · head_dim]`).
-fn attention(c: &ModelConfig, qkv: &[f32], pos: usize, t: usize, kv: &LayerKv, out: &mut [f32]) {
+/// Causal attention of each row's query (in `qkv`, rows `q | k | v`) over
+/// its own sequence's cache up to and including its position, written to
+/// `out` (`[rows, n_head · head_dim]`). `rows[r] = (token, sequence, position)`.
+fn attention(
+    c: &ModelConfig,
+    qkv: &[f32],
+    rows: &[(u32, usize, usize)],
+    caches: &[&LayerKv],
+    out: &mut [f32],
+) {
     let hd = c.head_dim;
     let kv_dim = c.n_kv_head * hd;
     let qkv_w = c.n_head * hd + 2 * kv_dim;
@@ -437,6 +450,8 @@ fn attention(c: &ModelConfig, qkv: &[f32], pos: usize, t: usize, kv: &LayerKv, o
     let kernels = AttentionKernels::detect(hd);
     let one = |idx: usize, o: &mut [f32]| {
         let (i, head) = (idx / c.n_head, idx % c.n_head);
+        let (_, seq, pos) = rows[i];
+        let kv = caches[seq];
         let q = &qkv[i * qkv_w + head * hd..][..hd];
         let cached = |data| Strided {
             data,
@@ -444,8 +459,7 @@ fn attention(c: &ModelConfig, qkv: &[f32], pos: usize, t: usize, kv: &LayerKv, o
             offset: (head / group) * hd,
             width: hd,
         };
-        // Query i sees the cache up to and including its own position.
-        let mut p = vec![0f32; pos + i + 1];
+        let mut p = vec![0f32; pos + 1];
         (kernels.scores)(q, cached(&kv.k), scale, &mut p);
         let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0f32;
@@ -457,7 +471,8 @@ fn attention(c: &ModelConfig, qkv: &[f32], pos: usize, t: usize, kv: &LayerKv, o
         (kernels.mix)(&p, cached(&kv.v), o);
     };
     // A decode step over a short context is too little work to split.
-    if t * (pos + t) < 2048 {
+    let work: usize = rows.iter().map(|r| r.2 + 1).sum();
+    if work < 2048 {
         out.chunks_exact_mut(hd)
             .enumerate()
             .for_each(|(idx, o)| one(idx, o));
