@@ -12,6 +12,17 @@ pub mod attention;
 pub mod q4_1;
 pub mod q8_0;
 
+/// Rounds `x` (|x| < 2²²) to the nearest integer, ties to even, as
+/// llama.cpp's AVX2 quantisation does (`_mm256_round_ps`, nearest): adding
+/// and subtracting 1.5·2²³ leaves no fraction bits. Plain float arithmetic,
+/// so it vectorises on every x86-64, where `f32::round` is a libm call per
+/// value (SSE2 has no rounding instruction).
+#[inline]
+pub(crate) fn round_ties_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (x + MAGIC) - MAGIC
+}
+
 /// Weight rows per rayon task: enough tasks to balance, few enough that
 /// dispatch stays small next to the work.
 fn rows_per_task(rows: usize) -> usize {
@@ -67,6 +78,26 @@ unsafe fn hsum_avx(acc: std::arch::x86_64::__m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     _mm_cvtss_f32(s)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rounding_is_to_nearest_with_ties_to_even() {
+        for (x, want) in [
+            (0.4, 0.0),
+            (0.5, 0.0),
+            (1.5, 2.0),
+            (2.5, 2.0),
+            (-2.5, -2.0),
+            (-0.6, -1.0),
+            (126.7, 127.0),
+            (-127.2, -127.0),
+        ] {
+            assert_eq!(super::round_ties_even(x), want, "{x}");
+            assert_eq!(super::round_ties_even(x), f32::round_ties_even(x), "{x}");
+        }
+    }
 }
 
 #[cfg(test)]

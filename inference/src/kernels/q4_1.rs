@@ -123,7 +123,8 @@ impl Q41Matrix {
 }
 
 /// Quantises one row of activations to Q8_1 blocks, as llama.cpp's
-/// `quantize_row_q8_1` does (scale and sum rounded through f16 like its blocks).
+/// `quantize_row_q8_1` does on AVX2 (values rounded to nearest, ties to even;
+/// scale and sum rounded through f16 like its blocks).
 pub fn quantize_row_q8_1(x: &[f32]) -> Vec<Q81Block> {
     x.chunks_exact(QK)
         .map(|xs| {
@@ -135,7 +136,7 @@ pub fn quantize_row_q8_1(x: &[f32]) -> Vec<Q81Block> {
             let mut qs = [0i8; QK];
             let mut sum = 0i32;
             for (q, v) in qs.iter_mut().zip(xs) {
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                *q = super::round_ties_even(v * id).clamp(-127.0, 127.0) as i8;
                 sum += *q as i32;
             }
             Q81Block {

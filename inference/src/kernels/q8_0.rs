@@ -114,7 +114,7 @@ impl Q80Matrix {
 }
 
 /// Quantises one row of activations to Q8_0 blocks, as llama.cpp's
-/// `quantize_row_q8_0` does.
+/// `quantize_row_q8_0` does on AVX2 (values rounded to nearest, ties to even).
 pub fn quantize_row_q8_0(x: &[f32]) -> Vec<Q80Block> {
     x.chunks_exact(QK)
         .map(|xs| {
@@ -123,7 +123,7 @@ pub fn quantize_row_q8_0(x: &[f32]) -> Vec<Q80Block> {
             let id = if exact != 0.0 { 1.0 / exact } else { 0.0 };
             let mut qs = [0i8; QK];
             for (q, v) in qs.iter_mut().zip(xs) {
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                *q = super::round_ties_even(v * id).clamp(-127.0, 127.0) as i8;
             }
             Q80Block {
                 d: f16::from_f32(exact).to_f32(),

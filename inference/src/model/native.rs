@@ -470,9 +470,10 @@ fn attention(
         p.iter_mut().for_each(|s| *s /= sum);
         (kernels.mix)(&p, cached(&kv.v), o);
     };
-    // A decode step over a short context is too little work to split.
-    let work: usize = rows.iter().map(|r| r.2 + 1).sum();
-    if work < 2048 {
+    // Heads in parallel, unless the whole is too little work to split (a
+    // decode step over a few dozen positions).
+    let work: usize = rows.iter().map(|r| r.2 + 1).sum::<usize>() * c.n_head;
+    if work < 1024 {
         out.chunks_exact_mut(hd)
             .enumerate()
             .for_each(|(idx, o)| one(idx, o));
