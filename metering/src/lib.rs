@@ -1,0 +1,24 @@
+//! Token packages per subscriber, as a phone plan sells them.
+//!
+//! * [`imsi`]: the subscriber identity, validated.
+//! * [`ledger`]: the quota ledger, sans-IO (time is an argument): buckets of
+//!   tokens with validity windows, reservations before generation, settlement
+//!   of the actual tokens after it, debits nearest-expiry first.
+//! * [`ratelimit`]: token-bucket rate limits per key, sans-IO.
+//! * [`store`]: the ledger's buckets and applied debits in SQLite.
+//!
+//! The usage log (mec-sync) is the source of truth for debits: every debit
+//! is carried by a signed usage record, and the store marks which records it
+//! has applied, so after a crash the agent re-applies the records the store
+//! missed (see `store`).
+#![warn(missing_docs)]
+
+pub mod imsi;
+pub mod ledger;
+pub mod ratelimit;
+pub mod store;
+
+pub use imsi::{Imsi, ImsiError};
+pub use ledger::{
+    Balance, Bucket, BucketKind, BucketView, Debit, Ledger, LedgerError, Reservation, Timestamp,
+};

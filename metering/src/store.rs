@@ -1,0 +1,434 @@
+//! The ledger's durable state in SQLite: buckets (grants, revocations, what
+//! each has used) and which usage records' debits are applied.
+//!
+//! **The usage log is the source of truth for debits.** The agent settles a
+//! request in memory, appends its usage record (which carries the debits)
+//! durably, and only then applies the debits here, marking the record's seq
+//! applied in the same transaction. A crash between the append and this
+//! transaction loses nothing: at start-up the agent re-applies every record
+//! of the log that the store has not marked ([`Store::applied_watermark`],
+//! [`Store::is_applied`]). Applying is idempotent per seq, so a replay twice
+//! changes nothing. Grants and revocations are written with `synchronous =
+//! FULL` before they are acknowledged.
+//!
+//! Marks are kept as a watermark (every seq at or below it applied) plus the
+//! seqs applied above it (settlements finish out of seq order).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::ledger::{Bucket, BucketKind, Debit, Timestamp};
+use crate::Imsi;
+
+/// A store error: SQLite's, or a row that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("ledger store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A row holds a value this version cannot read.
+    #[error("ledger store: bucket {id}: {reason}")]
+    Corrupt {
+        /// The row.
+        id: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One settled request as the admin API's recent usage shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageRow {
+    /// The usage record's seq in the log.
+    pub seq: u64,
+    /// Subscriber.
+    pub imsi: String,
+    /// End of the request, Unix milliseconds.
+    pub at_ms: i64,
+    /// App.
+    pub app: String,
+    /// Model.
+    pub model: String,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Tokens debited.
+    pub billed_tokens: u64,
+    /// completed, length, cancelled, failed.
+    pub outcome: String,
+}
+
+/// Debits of one usage record, to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The record's seq.
+    pub seq: u64,
+    /// Its debits.
+    pub debits: Vec<Debit>,
+    /// Its summary for the recent-usage view.
+    pub usage: UsageRow,
+}
+
+/// The SQLite store.
+pub struct Store {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS buckets (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    imsi        TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    allowance   INTEGER NOT NULL,
+    valid_from  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used        INTEGER NOT NULL DEFAULT 0,
+    used_period INTEGER NOT NULL DEFAULT 0,
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    granted_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS buckets_by_imsi ON buckets(imsi);
+CREATE TABLE IF NOT EXISTS applied (seq INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS usage (
+    seq               INTEGER PRIMARY KEY,
+    imsi              TEXT    NOT NULL,
+    at_ms             INTEGER NOT NULL,
+    app               TEXT    NOT NULL,
+    model             TEXT    NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    billed_tokens     INTEGER NOT NULL,
+    outcome           TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_by_imsi ON usage(imsi, seq);
+";
+
+/// Recent-usage rows kept per subscriber.
+const USAGE_KEPT: i64 = 1000;
+
+fn bucket_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, String, String, [i64; 6])> {
+    Ok((
+        row.get::<_, i64>(0)? as u64,
+        row.get(1)?,
+        row.get(2)?,
+        [
+            row.get(3)?,
+            row.get(4)?,
+            row.get(5)?,
+            row.get(6)?,
+            row.get(7)?,
+            row.get(8)?,
+        ],
+    ))
+}
+
+fn to_bucket((id, imsi, kind, v): (u64, String, String, [i64; 6])) -> Result<Bucket, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { id, reason };
+    Ok(Bucket {
+        id,
+        imsi: Imsi::parse(&imsi).map_err(|e| corrupt(format!("imsi {imsi:?}: {e}")))?,
+        kind: BucketKind::parse(&kind).ok_or_else(|| corrupt(format!("kind {kind:?}")))?,
+        allowance: u64::try_from(v[0]).map_err(|_| corrupt("negative allowance".into()))?,
+        valid_from: v[1],
+        expires_at: v[2],
+        used: u64::try_from(v[3]).map_err(|_| corrupt("negative use".into()))?,
+        used_period: u32::try_from(v[4]).map_err(|_| corrupt("bad period".into()))?,
+        revoked: v[5] != 0,
+    })
+}
+
+const BUCKET_COLUMNS: &str =
+    "id, imsi, kind, allowance, valid_from, expires_at, used, used_period, revoked";
+
+impl Store {
+    /// Opens (creating) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    /// Adds a bucket and returns it (durable when this returns).
+    pub fn grant(
+        &mut self,
+        imsi: &Imsi,
+        kind: BucketKind,
+        allowance: u64,
+        valid_from: Timestamp,
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<Bucket, StoreError> {
+        let allowance_sql = i64::try_from(allowance).unwrap_or(i64::MAX);
+        self.conn.execute(
+            "INSERT INTO buckets (imsi, kind, allowance, valid_from, expires_at, granted_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                imsi.as_str(),
+                kind.as_str(),
+                allowance_sql,
+                valid_from,
+                expires_at,
+                now
+            ],
+        )?;
+        let id = self.conn.last_insert_rowid() as u64;
+        Ok(Bucket {
+            id,
+            imsi: imsi.clone(),
+            kind,
+            allowance: allowance_sql as u64,
+            valid_from,
+            expires_at,
+            used: 0,
+            used_period: 0,
+            revoked: false,
+        })
+    }
+
+    /// Revokes a bucket; false when there is none with this id.
+    pub fn revoke(&mut self, id: u64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute("UPDATE buckets SET revoked = 1 WHERE id = ?1", [id as i64])?;
+        Ok(n == 1)
+    }
+
+    /// Every bucket.
+    pub fn buckets(&self) -> Result<Vec<Bucket>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {BUCKET_COLUMNS} FROM buckets ORDER BY id"))?;
+        let rows = stmt.query_map([], bucket_from_row)?;
+        rows.map(|r| to_bucket(r?)).collect()
+    }
+
+    /// Every seq at or below this has been applied.
+    pub fn applied_watermark(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'applied_watermark'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    /// True when the debits of record `seq` are applied.
+    pub fn is_applied(&self, seq: u64) -> Result<bool, StoreError> {
+        if seq <= self.applied_watermark()? {
+            return Ok(true);
+        }
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM applied WHERE seq = ?1",
+            [seq as i64],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Applies the debits of records not applied yet, in one transaction;
+    /// returns how many were new.
+    pub fn apply(&mut self, batch: &[Applied]) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let watermark: i64 = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'applied_watermark'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let mut new = 0;
+        for a in batch {
+            let seq = a.seq as i64;
+            if seq <= watermark
+                || tx.execute("INSERT OR IGNORE INTO applied (seq) VALUES (?1)", [seq])? == 0
+            {
+                continue;
+            }
+            new += 1;
+            for d in &a.debits {
+                tx.execute(
+                    "UPDATE buckets SET
+                        used = CASE WHEN ?3 = used_period THEN used + ?2
+                                    WHEN ?3 > used_period THEN ?2 ELSE used END,
+                        used_period = MAX(used_period, ?3)
+                     WHERE id = ?1",
+                    params![d.bucket_id as i64, d.tokens as i64, d.period as i64],
+                )?;
+            }
+            let u = &a.usage;
+            tx.execute(
+                "INSERT OR REPLACE INTO usage (seq, imsi, at_ms, app, model, prompt_tokens,
+                     completion_tokens, billed_tokens, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    seq,
+                    u.imsi,
+                    u.at_ms,
+                    u.app,
+                    u.model,
+                    u.prompt_tokens as i64,
+                    u.completion_tokens as i64,
+                    u.billed_tokens as i64,
+                    u.outcome
+                ],
+            )?;
+        }
+        // Advance the watermark over the contiguous run of applied seqs.
+        let mut w = watermark;
+        while tx.execute("DELETE FROM applied WHERE seq = ?1", [w + 1])? == 1 {
+            w += 1;
+        }
+        if w != watermark {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('applied_watermark', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [w],
+            )?;
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    /// The last `limit` settled requests of `imsi`, newest first.
+    pub fn recent_usage(&self, imsi: &Imsi, limit: usize) -> Result<Vec<UsageRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, imsi, at_ms, app, model, prompt_tokens, completion_tokens,
+                    billed_tokens, outcome
+             FROM usage WHERE imsi = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(
+            params![imsi.as_str(), limit.min(USAGE_KEPT as usize) as i64],
+            |r| {
+                Ok(UsageRow {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    imsi: r.get(1)?,
+                    at_ms: r.get(2)?,
+                    app: r.get(3)?,
+                    model: r.get(4)?,
+                    prompt_tokens: r.get::<_, i64>(5)? as u64,
+                    completion_tokens: r.get::<_, i64>(6)? as u64,
+                    billed_tokens: r.get::<_, i64>(7)? as u64,
+                    outcome: r.get(8)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Drops recent-usage rows beyond the last 1000 of each subscriber.
+    pub fn prune_usage(&mut self) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM usage WHERE seq IN (
+                SELECT seq FROM (
+                    SELECT seq, ROW_NUMBER() OVER (PARTITION BY imsi ORDER BY seq DESC) AS n
+                    FROM usage) WHERE n > ?1)",
+            [USAGE_KEPT],
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Ledger;
+
+    fn imsi() -> Imsi {
+        Imsi::parse("001010000000001").unwrap()
+    }
+
+    fn applied(seq: u64, bucket: u64, tokens: u64) -> Applied {
+        Applied {
+            seq,
+            debits: vec![Debit {
+                bucket_id: bucket,
+                tokens,
+                period: 0,
+            }],
+            usage: UsageRow {
+                seq,
+                imsi: imsi().to_string(),
+                at_ms: 1000 * seq as i64,
+                app: "app".into(),
+                model: "m".into(),
+                prompt_tokens: 1,
+                completion_tokens: tokens - 1,
+                billed_tokens: tokens,
+                outcome: "completed".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn grants_debits_and_marks_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let mut s = Store::open(&path).unwrap();
+        let b = s
+            .grant(&imsi(), BucketKind::Topup, 100, 0, 1000, 0)
+            .unwrap();
+        // Out of order: 2 then 1, then 4 (3 missing).
+        assert_eq!(s.apply(&[applied(2, b.id, 10)]).unwrap(), 1);
+        assert_eq!(s.applied_watermark().unwrap(), 0);
+        assert_eq!(
+            s.apply(&[applied(1, b.id, 5), applied(4, b.id, 1)])
+                .unwrap(),
+            2
+        );
+        assert_eq!(s.applied_watermark().unwrap(), 2);
+        assert!(s.is_applied(4).unwrap() && !s.is_applied(3).unwrap());
+        // Applying again changes nothing.
+        assert_eq!(
+            s.apply(&[applied(2, b.id, 10), applied(4, b.id, 1)])
+                .unwrap(),
+            0
+        );
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        let buckets = s.buckets().unwrap();
+        assert_eq!(buckets[0].used, 16);
+        let mut l = Ledger::new();
+        l.insert(buckets[0].clone()).unwrap();
+        assert_eq!(l.balance(&imsi(), 10).remaining_tokens, 84);
+        let recent = s.recent_usage(&imsi(), 2).unwrap();
+        assert_eq!(recent.iter().map(|u| u.seq).collect::<Vec<_>>(), vec![4, 2]);
+    }
+
+    #[test]
+    fn revoke_and_unknown_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("l.sqlite")).unwrap();
+        let b = s.grant(&imsi(), BucketKind::Trial, 10, 0, 10, 0).unwrap();
+        assert!(s.revoke(b.id).unwrap());
+        assert!(!s.revoke(99).unwrap());
+        assert!(s.buckets().unwrap()[0].revoked);
+    }
+
+    #[test]
+    fn a_corrupt_row_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let mut s = Store::open(&path).unwrap();
+        s.grant(&imsi(), BucketKind::Trial, 10, 0, 10, 0).unwrap();
+        s.conn
+            .execute("UPDATE buckets SET kind = 'weekly'", [])
+            .unwrap();
+        let err = s.buckets().unwrap_err().to_string();
+        assert!(err.contains("bucket 1") && err.contains("weekly"), "{err}");
+    }
+}
