@@ -24,9 +24,99 @@ pub enum Command {
     Log(LogCommand),
     /// Generate text with a local model (for technicians and benchmarks).
     Generate(GenerateArgs),
+    /// Write a working configuration, a node identity and a dev app key into
+    /// DIR; print them as one JSON object.
+    Init(InitArgs),
+    /// Run the agent: the MEC API and the admin API (until SIGTERM).
+    Serve(ServeArgs),
+    /// Manage token packages through the running agent's admin API.
+    Admin(AdminArgs),
     /// Benchmark the inference engine; prints one JSON object
     /// (`cargo xtask bench-inference` runs it beside llama.cpp).
     BenchInference(BenchInferenceArgs),
+}
+
+/// Arguments of `edge-agent init`.
+#[derive(Debug, Args, Clone)]
+pub struct InitArgs {
+    /// Directory for the configuration and the node's state (created).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// GGUF model [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $MEC_MODEL].
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Node id [default: edge-<hostname>].
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Address of the MEC API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub api_listen: String,
+    /// Address of the admin API (loopback).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub admin_listen: String,
+    /// Replace an existing configuration (the identity and the state are kept).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Arguments of `edge-agent serve`.
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// The configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Arguments of `edge-agent admin`.
+#[derive(Debug, Args, Clone)]
+pub struct AdminArgs {
+    /// The agent's configuration file (for the admin address).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// `edge-agent admin ...`
+#[derive(Debug, Subcommand, Clone)]
+pub enum AdminCommand {
+    /// Grant a package of tokens to a subscriber.
+    Grant {
+        /// Subscriber IMSI.
+        #[arg(long)]
+        imsi: String,
+        /// Tokens (per month for monthly).
+        #[arg(long)]
+        tokens: u64,
+        /// monthly, topup or trial.
+        #[arg(long, default_value = "topup")]
+        kind: String,
+        /// Days of validity [default: 30; 365 for monthly].
+        #[arg(long)]
+        valid_days: Option<u32>,
+    },
+    /// Revoke a package.
+    Revoke {
+        /// Bucket id (from grant or balance).
+        #[arg(long)]
+        bucket: u64,
+    },
+    /// A subscriber's balance and packages, as JSON.
+    Balance {
+        /// Subscriber IMSI.
+        #[arg(long)]
+        imsi: String,
+    },
+    /// A subscriber's recent requests, as JSON.
+    Usage {
+        /// Subscriber IMSI.
+        #[arg(long)]
+        imsi: String,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 /// Arguments of `edge-agent bench-inference`.
@@ -78,12 +168,32 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// Where a log lives: `DIR/identity/` holds the node keys, `DIR/log/` the segments.
+/// Where a log lives: `DIR/identity/` holds the node keys, `DIR/log/` the
+/// segments; `--config` reads the agent's own (its `node.state_dir`).
 #[derive(Debug, Args, Clone)]
 pub struct DirArg {
     /// The node's state directory (identity/ and log/ inside).
-    #[arg(long, value_name = "DIR")]
-    pub dir: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "config",
+        conflicts_with = "config"
+    )]
+    pub dir: Option<PathBuf>,
+    /// The agent's configuration file (the log of `node.state_dir`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl DirArg {
+    /// The state directory named by `--dir` or by the configuration.
+    pub fn state_dir(&self) -> anyhow::Result<PathBuf> {
+        match (&self.dir, &self.config) {
+            (Some(d), _) => Ok(d.clone()),
+            (None, Some(c)) => Ok(crate::config::Config::load(c)?.node.state_dir),
+            (None, None) => anyhow::bail!("give --dir or --config"),
+        }
+    }
 }
 
 /// `edge-agent log ...`
@@ -124,9 +234,27 @@ pub struct BenchArgs {
     pub baselines: bool,
 }
 
-fn init_tracing() {
+/// Logs to journald when systemd connected stderr to the journal
+/// (`JOURNAL_STREAM`), else to stderr, filtered by `EDGE_AGENT_LOG`
+/// (default `info` for `serve`, `warn` otherwise).
+fn init_tracing(serving: bool) {
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // tracing's events reach the `log` facade (tracing's "log" feature),
+        // and systemd-journal-logger writes them with their fields.
+        if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
+            if journal.install().is_ok() {
+                log::set_max_level(if serving {
+                    log::LevelFilter::Info
+                } else {
+                    log::LevelFilter::Warn
+                });
+                return;
+            }
+        }
+    }
+    let default = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_AGENT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -136,8 +264,8 @@ fn init_tracing() {
 /// Parses the command line, runs it, and maps the outcome to an exit code:
 /// 0 success, 1 a check found problems, 2 an error (bad input, I/O).
 pub fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Serve(_)));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -150,11 +278,18 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Log(LogCommand::Verify(a)) => crate::log_cmd::verify(&a.dir),
-        Command::Log(LogCommand::Dump(a)) => crate::log_cmd::dump(&a.dir),
+        Command::Log(LogCommand::Verify(a)) => crate::log_cmd::verify(&a.state_dir()?),
+        Command::Log(LogCommand::Dump(a)) => crate::log_cmd::dump(&a.state_dir()?),
         Command::Log(LogCommand::Bench(a)) => crate::log_cmd::bench(&a),
-        Command::Log(LogCommand::Salvage(a)) => crate::log_cmd::salvage(&a.dir),
+        Command::Log(LogCommand::Salvage(a)) => crate::log_cmd::salvage(&a.state_dir()?),
         Command::Generate(a) => crate::generate_cmd::generate(&a),
         Command::BenchInference(a) => crate::bench_inference_cmd::bench(&a),
+        Command::Init(a) => crate::init_cmd::init(&a),
+        Command::Serve(a) => {
+            let config = crate::config::Config::load(&a.config)?;
+            crate::server::serve(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin(a) => crate::admin_cmd::admin(&a),
     }
 }

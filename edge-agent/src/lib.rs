@@ -1,11 +1,16 @@
 //! The edge agent of a MEC appliance.
 //!
-//! Today it carries the operator commands for the usage log (`edge-agent log
-//! verify|dump|bench|salvage`) and local generation (`edge-agent generate`). Later issues add the MEC API, metering, the
-//! wiring of inference and sync, and systemd integration.
+//! `edge-agent init` writes a configuration; `edge-agent serve` runs the MEC
+//! API (`server`) over the inference engine, the quota ledger and the usage
+//! log; `edge-agent admin` manages token packages; `edge-agent log …` and
+//! `edge-agent generate` are the operator's tools.
 #![warn(missing_docs)]
 
+pub mod admin_cmd;
 pub mod bench_inference_cmd;
 pub mod cli;
+pub mod config;
 pub mod generate_cmd;
+pub mod init_cmd;
 pub mod log_cmd;
+pub mod server;

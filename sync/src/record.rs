@@ -97,6 +97,11 @@ pub fn record_to_json(r: &UsageRecord) -> serde_json::Value {
         "reserved_tokens": r.reserved_tokens,
         "billed_tokens": r.billed_tokens,
         "package_ids": r.package_ids,
+        "debits": r.debits.iter().map(|d| serde_json::json!({
+            "package_id": d.package_id,
+            "tokens": d.tokens,
+            "period": d.period,
+        })).collect::<Vec<_>>(),
         "outcome": r.outcome().as_str_name(),
         "failure_reason": r.failure_reason,
         "start_time_unix_ms": r.start_time_unix_ms,

@@ -428,6 +428,27 @@ impl UsageLog {
         Ok(rx)
     }
 
+    /// Whether an append of a record of `record_bytes` would be refused now
+    /// (closed, failing, or over the budget): the agent asks before it
+    /// serves billable work, and readiness reports it.
+    pub fn check_accepting(&self, record_bytes: u64) -> Result<(), LogError> {
+        if self.tx.is_none() {
+            return Err(LogError::Closed);
+        }
+        let s = self.shared.seq.lock().unwrap();
+        if let Some(failure) = &s.failure {
+            return Err(failure.clone());
+        }
+        let unacked = self.shared.unacked_durable.load(Ordering::Acquire) + s.pending_bytes;
+        if unacked + record_bytes > self.options.budget_bytes {
+            return Err(LogError::Full(format!(
+                "{unacked} bytes of records await acknowledgement by the core; the budget is {} bytes",
+                self.options.budget_bytes
+            )));
+        }
+        Ok(())
+    }
+
     /// Counts for metrics.
     pub fn stats(&self) -> LogStats {
         let ack = *self.shared.ack.lock().unwrap();

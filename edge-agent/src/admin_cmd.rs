@@ -1,0 +1,55 @@
+//! `edge-agent admin --config FILE …`: the admin API from the command line
+//! (the agent must be running). Prints the API's JSON; exit 2 on an error.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::cli::{AdminArgs, AdminCommand};
+use crate::config::Config;
+
+/// Runs one admin command against the running agent.
+pub fn admin(args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let base = format!("http://{}", config.admin.listen);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let req = match &args.command {
+            AdminCommand::Grant {
+                imsi,
+                tokens,
+                kind,
+                valid_days,
+            } => client.post(format!("{base}/admin/v1/grants")).json(&json!({
+                "imsi": imsi,
+                "tokens": tokens,
+                "kind": kind,
+                "valid_days": valid_days,
+            })),
+            AdminCommand::Revoke { bucket } => {
+                client.delete(format!("{base}/admin/v1/buckets/{bucket}"))
+            }
+            AdminCommand::Balance { imsi } => {
+                client.get(format!("{base}/admin/v1/subscribers/{imsi}"))
+            }
+            AdminCommand::Usage { imsi, limit } => client.get(format!(
+                "{base}/admin/v1/subscribers/{imsi}/usage?limit={limit}"
+            )),
+        };
+        let resp = req.send().await.with_context(|| {
+            format!("the agent's admin API at {base} (is `edge-agent serve` running?)")
+        })?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.context("the admin API's answer")?;
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        if status.is_success() {
+            Ok(ExitCode::SUCCESS)
+        } else {
+            Ok(ExitCode::from(2))
+        }
+    })
+}

@@ -1,0 +1,497 @@
+//! The agent's TOML configuration: parsed with unknown keys refused, then
+//! validated before any I/O, with errors that name the key. Every option is
+//! documented in `edge-agent/edge-agent.example.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This box.
+    pub node: NodeConfig,
+    /// The MEC API listener.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// The admin listener (loopback only).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The model served.
+    pub model: ModelConfig,
+    /// Rate limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The usage log.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Metering.
+    #[serde(default)]
+    pub metering: MeteringConfig,
+    /// Apps allowed to call the API.
+    #[serde(default)]
+    pub apps: Vec<AppConfig>,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id written into every usage record.
+    pub id: String,
+    /// Holds `identity/`, `log/` and `ledger.sqlite`. Relative paths are
+    /// relative to the configuration file.
+    pub state_dir: PathBuf,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the MEC API (port 0: any free port, printed when ready).
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+    /// Largest request body; larger ones get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Longest a request may run; its reservation expires after it.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: u64,
+    /// On SIGTERM, how long in-flight requests may finish before they are
+    /// cancelled (and billed for what they made).
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_api_listen(),
+            max_body_bytes: default_max_body(),
+            request_timeout_s: default_request_timeout(),
+            shutdown_grace_s: default_grace(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin API: must be a loopback address.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// GGUF file. Relative paths are relative to the configuration file.
+    pub path: PathBuf,
+    /// The id clients name in `model`.
+    pub id: String,
+    /// Sequences generated at once.
+    #[serde(default = "default_slots")]
+    pub slots: usize,
+    /// Requests waiting beyond the slots; past it, 503.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Tokens of KV kept for prompts that share a beginning.
+    #[serde(default = "default_prefix_cache")]
+    pub prefix_cache_tokens: usize,
+}
+
+/// `[limits]`: 0 disables a limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per second per subscriber.
+    #[serde(default = "default_imsi_rps")]
+    pub imsi_requests_per_second: f64,
+    /// Tokens per minute per subscriber (prompt plus most completion).
+    #[serde(default = "default_imsi_tpm")]
+    pub imsi_tokens_per_minute: f64,
+    /// Requests per second per app.
+    #[serde(default = "default_app_rps")]
+    pub app_requests_per_second: f64,
+    /// Tokens per minute per app.
+    #[serde(default = "default_app_tpm")]
+    pub app_tokens_per_minute: f64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            imsi_requests_per_second: default_imsi_rps(),
+            imsi_tokens_per_minute: default_imsi_tpm(),
+            app_requests_per_second: default_app_rps(),
+            app_tokens_per_minute: default_app_tpm(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Segment size.
+    #[serde(default = "default_segment")]
+    pub segment_bytes: u64,
+    /// Most bytes of records not yet acknowledged by the core; past it,
+    /// billable requests get 503.
+    #[serde(default = "default_budget")]
+    pub budget_bytes: u64,
+    /// `auto`, `uring` or `file`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: default_segment(),
+            budget_bytes: default_budget(),
+            backend: default_backend(),
+        }
+    }
+}
+
+/// `[metering]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringConfig {
+    /// Benchmark-only: `false` serves without reserving, settling or
+    /// recording anything. Never on a real box; the agent warns loudly.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig { enabled: true }
+    }
+}
+
+/// `[[apps]]`: one app that may call the API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// App id written into usage records.
+    pub id: String,
+    /// SHA-256 of the app key, hex (the key itself is never stored).
+    pub key_sha256: String,
+    /// IMSI prefixes (PLMN ids) the app may bill; `""` allows every IMSI.
+    pub imsi_prefixes: Vec<String>,
+    /// Model ids the app may use; `"*"` allows every model.
+    pub models: Vec<String>,
+}
+
+fn default_api_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:8081".into()
+}
+fn default_max_body() -> usize {
+    4 << 20
+}
+fn default_request_timeout() -> u64 {
+    600
+}
+fn default_grace() -> u64 {
+    30
+}
+fn default_slots() -> usize {
+    4
+}
+fn default_queue() -> usize {
+    64
+}
+fn default_prefix_cache() -> usize {
+    16_384
+}
+fn default_imsi_rps() -> f64 {
+    20.0
+}
+fn default_imsi_tpm() -> f64 {
+    200_000.0
+}
+fn default_app_rps() -> f64 {
+    1000.0
+}
+fn default_app_tpm() -> f64 {
+    20_000_000.0
+}
+fn default_segment() -> u64 {
+    64 << 20
+}
+fn default_budget() -> u64 {
+    1 << 30
+}
+fn default_backend() -> String {
+    "auto".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A configuration error, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key, a wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message (it names the key and the line).
+        message: String,
+    },
+    /// A value out of range.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, dotted (`api.listen`, `apps[0].key_sha256`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates `path`; relative paths in it become
+    /// relative to its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut c = Config::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if c.node.state_dir.is_relative() {
+            c.node.state_dir = base.join(&c.node.state_dir);
+        }
+        if c.model.path.is_relative() {
+            c.model.path = base.join(&c.model.path);
+        }
+        Ok(c)
+    }
+
+    /// Parses and validates TOML text (`path` only names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        if self.node.id.is_empty() || self.node.id.len() > 128 {
+            return Err(bad("node.id", "1 to 128 characters".into()));
+        }
+        let api: SocketAddr = self.api.listen.parse().map_err(|e| {
+            bad(
+                "api.listen",
+                format!("{:?} is not host:port ({e})", self.api.listen),
+            )
+        })?;
+        let admin: SocketAddr = self.admin.listen.parse().map_err(|e| {
+            bad(
+                "admin.listen",
+                format!("{:?} is not host:port ({e})", self.admin.listen),
+            )
+        })?;
+        if !admin.ip().is_loopback() {
+            return Err(bad(
+                "admin.listen",
+                format!("{admin} is not a loopback address; the admin API must not leave the box"),
+            ));
+        }
+        if api == admin && api.port() != 0 {
+            return Err(bad("admin.listen", "the same address as api.listen".into()));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(bad("api.max_body_bytes", "at least 1024".into()));
+        }
+        if self.api.request_timeout_s == 0 {
+            return Err(bad("api.request_timeout_s", "at least 1".into()));
+        }
+        if self.model.id.is_empty() {
+            return Err(bad("model.id", "must not be empty".into()));
+        }
+        if !(1..=256).contains(&self.model.slots) {
+            return Err(bad("model.slots", "1 to 256".into()));
+        }
+        for (key, v) in [
+            (
+                "limits.imsi_requests_per_second",
+                self.limits.imsi_requests_per_second,
+            ),
+            (
+                "limits.imsi_tokens_per_minute",
+                self.limits.imsi_tokens_per_minute,
+            ),
+            (
+                "limits.app_requests_per_second",
+                self.limits.app_requests_per_second,
+            ),
+            (
+                "limits.app_tokens_per_minute",
+                self.limits.app_tokens_per_minute,
+            ),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(bad(
+                    key,
+                    format!("{v} is not a rate (0 disables the limit)"),
+                ));
+            }
+        }
+        if !["auto", "uring", "file"].contains(&self.log.backend.as_str()) {
+            return Err(bad(
+                "log.backend",
+                format!("{:?}: auto, uring or file", self.log.backend),
+            ));
+        }
+        if self.log.segment_bytes < 4096 || self.log.budget_bytes < self.log.segment_bytes {
+            return Err(bad(
+                "log.budget_bytes",
+                "segment_bytes at least 4096 and budget_bytes at least segment_bytes".into(),
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let key = |k: &str| format!("apps[{i}].{k}");
+            if app.id.is_empty() || !ids.insert(app.id.as_str()) {
+                return Err(bad(
+                    &key("id"),
+                    format!("{:?}: empty or not unique", app.id),
+                ));
+            }
+            if app.key_sha256.len() != 64 || hex::decode(&app.key_sha256).is_err() {
+                return Err(bad(
+                    &key("key_sha256"),
+                    "64 hex digits (SHA-256 of the key)".into(),
+                ));
+            }
+            for p in &app.imsi_prefixes {
+                if p.len() > 15 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad(
+                        &key("imsi_prefixes"),
+                        format!("{p:?} is not digits (at most 15)"),
+                    ));
+                }
+            }
+            if app.imsi_prefixes.is_empty() {
+                return Err(bad(
+                    &key("imsi_prefixes"),
+                    "empty: the app could bill nobody".into(),
+                ));
+            }
+            if app.models.is_empty() {
+                return Err(bad(
+                    &key("models"),
+                    "empty: the app could use no model".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `state_dir/identity`.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.node.state_dir.join("identity")
+    }
+
+    /// `state_dir/log`.
+    pub fn log_dir(&self) -> PathBuf {
+        self.node.state_dir.join("log")
+    }
+
+    /// `state_dir/ledger.sqlite`.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.node.state_dir.join("ledger.sqlite")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[node]
+id = "edge-1"
+state_dir = "state"
+[model]
+path = "m.gguf"
+id = "m"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
+        assert_eq!(c.api.listen, "127.0.0.1:8080");
+        assert_eq!(c.model.slots, 4);
+        assert!(c.metering.enabled);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../edge-agent.example.toml");
+        Config::parse(text, Path::new("edge-agent.example.toml")).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err(&format!("{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:9\"\n"));
+        assert!(e.contains("admin.listen") && e.contains("loopback"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[api]\nlisten = \"nowhere\"\n"));
+        assert!(e.contains("api.listen"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[api]\nlistn = \"1\"\n"));
+        assert!(e.contains("listn"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}\n[[apps]]\nid = \"a\"\nkey_sha256 = \"zz\"\nimsi_prefixes = [\"\"]\nmodels = [\"*\"]\n"
+        ));
+        assert!(e.contains("apps[0].key_sha256"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[log]\nbackend = \"tape\"\n"));
+        assert!(e.contains("log.backend"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}\n[limits]\nimsi_requests_per_second = -1\n"
+        ));
+        assert!(e.contains("limits.imsi_requests_per_second"), "{e}");
+        let e = err("[node]\nid = 3\n");
+        assert!(e.contains("id"), "{e}");
+    }
+}

@@ -1,0 +1,167 @@
+//! The admin API, on its own loopback listener: grant and revoke token
+//! packages, read a subscriber's balance and recent usage. `edge-agent
+//! admin` wraps it.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use mec_metering::{BucketKind, Imsi};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::billing::unix_now;
+use super::error::ApiError;
+use super::AppState;
+
+/// The admin routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/admin/v1/grants", post(grant))
+        .route("/admin/v1/buckets/{id}", delete(revoke))
+        .route("/admin/v1/subscribers/{imsi}", get(balance))
+        .route("/admin/v1/subscribers/{imsi}/usage", get(usage))
+        .with_state(state)
+}
+
+/// `POST /admin/v1/grants`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// Subscriber.
+    pub imsi: String,
+    /// Tokens (per month for monthly).
+    pub tokens: u64,
+    /// monthly, topup (default) or trial.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Days of validity from `valid_from` (default 30; monthly 365).
+    #[serde(default)]
+    pub valid_days: Option<u32>,
+    /// Unix seconds; default now.
+    #[serde(default)]
+    pub valid_from: Option<i64>,
+}
+
+fn imsi_of(s: &str) -> Result<Imsi, ApiError> {
+    Imsi::parse(s).map_err(|e| ApiError::invalid("invalid_imsi", format!("imsi: {e}")))
+}
+
+async fn grant(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let run = async {
+        let req: GrantRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid("invalid_request", format!("grant: {e}")))?;
+        let imsi = imsi_of(&req.imsi)?;
+        let kind = match req.kind.as_deref() {
+            None => BucketKind::Topup,
+            Some(k) => BucketKind::parse(k).ok_or_else(|| {
+                ApiError::invalid_param("kind", format!("{k:?}: monthly, topup or trial"))
+            })?,
+        };
+        if req.tokens == 0 || req.tokens > i64::MAX as u64 {
+            return Err(ApiError::invalid_param(
+                "tokens",
+                "tokens must be at least 1",
+            ));
+        }
+        let days = req
+            .valid_days
+            .unwrap_or(if kind == BucketKind::Monthly { 365 } else { 30 });
+        if days == 0 || days > 36_500 {
+            return Err(ApiError::invalid_param("valid_days", "1 to 36500 days"));
+        }
+        let now = unix_now();
+        let from = req.valid_from.unwrap_or(now);
+        let until = from + i64::from(days) * 86_400;
+        let store = state.billing.store().clone();
+        let bucket = tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .unwrap()
+                .grant(&imsi, kind, req.tokens, from, until, now)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        let id = bucket.id;
+        let imsi = bucket.imsi.clone();
+        state
+            .billing
+            .ledger()
+            .lock()
+            .unwrap()
+            .insert(bucket)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        tracing::info!(imsi = %imsi, bucket = id, tokens = req.tokens, kind = kind.as_str(), "granted");
+        let balance = state.billing.ledger().lock().unwrap().balance(&imsi, now);
+        Ok((
+            StatusCode::CREATED,
+            Json(json!({ "bucket_id": id, "balance": balance })),
+        ))
+    };
+    match run.await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<u64>) -> Response {
+    let store = state.billing.store().clone();
+    let found = tokio::task::spawn_blocking(move || store.lock().unwrap().revoke(id)).await;
+    match found {
+        Ok(Ok(true)) => {
+            let _ = state.billing.ledger().lock().unwrap().revoke(id);
+            Json(json!({ "bucket_id": id, "revoked": true })).into_response()
+        }
+        Ok(Ok(false)) => ApiError {
+            status: StatusCode::NOT_FOUND,
+            ..ApiError::invalid("bucket_not_found", format!("no bucket {id}"))
+        }
+        .into_response(),
+        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+async fn balance(State(state): State<Arc<AppState>>, Path(imsi): Path<String>) -> Response {
+    match imsi_of(&imsi) {
+        Ok(imsi) => Json(
+            state
+                .billing
+                .ledger()
+                .lock()
+                .unwrap()
+                .balance(&imsi, unix_now()),
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageQuery {
+    limit: Option<usize>,
+}
+
+async fn usage(
+    State(state): State<Arc<AppState>>,
+    Path(imsi): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> Response {
+    let imsi = match imsi_of(&imsi) {
+        Ok(i) => i,
+        Err(e) => return e.into_response(),
+    };
+    let store = state.billing.store().clone();
+    let limit = q.limit.unwrap_or(20);
+    let rows =
+        tokio::task::spawn_blocking(move || store.lock().unwrap().recent_usage(&imsi, limit)).await;
+    match rows {
+        Ok(Ok(rows)) => Json(json!({ "usage": rows })).into_response(),
+        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}

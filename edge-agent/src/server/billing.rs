@@ -1,0 +1,497 @@
+//! Metering on the request path: rate limits, the reservation before
+//! generation, and after it the settlement, the usage record made durable in
+//! the log, and the store updated behind it.
+//!
+//! Order of a settlement, and why: (1) the ledger debits the actual tokens
+//! in memory and releases the rest of the reservation; (2) the usage record,
+//! carrying those debits, is appended and made durable; only then (3) does
+//! the client get its last event, and (4) the store applies the debits and
+//! marks the record's seq (batched on a thread of its own). A crash after (2)
+//! and before (4) is repaired at start-up by re-applying the records the
+//! store has not marked (`replay_log`): balances always equal grants minus
+//! the debits of the records in the log.
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mec_inference::engine::{FinishReason, Summary};
+use mec_metering::ledger::{Debit, Ledger, LedgerError, Reservation, Timestamp};
+use mec_metering::ratelimit::{Limit, RateLimiter};
+use mec_metering::store::{Applied, Store, UsageRow};
+use mec_metering::Imsi;
+use mec_sync::log::{LogError, UsageLog};
+use mec_sync::record::pb::{ClockSync, Outcome, PackageDebit, UsageRecord};
+use mec_sync::record::SignedRecord;
+
+use super::error::ApiError;
+use crate::config::LimitsConfig;
+
+/// Unix seconds now.
+pub fn unix_now() -> Timestamp {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The four rate limits.
+struct Limiters {
+    imsi_rps: Option<RateLimiter<String>>,
+    imsi_tpm: Option<RateLimiter<String>>,
+    app_rps: Option<RateLimiter<String>>,
+    app_tpm: Option<RateLimiter<String>>,
+}
+
+impl Limiters {
+    fn new(c: &LimitsConfig) -> Limiters {
+        let mk = |v: f64, per_minute: bool| {
+            (v > 0.0).then(|| {
+                RateLimiter::new(if per_minute {
+                    Limit::per_minute(v)
+                } else {
+                    Limit::per_second(v)
+                })
+            })
+        };
+        Limiters {
+            imsi_rps: mk(c.imsi_requests_per_second, false),
+            imsi_tpm: mk(c.imsi_tokens_per_minute, true),
+            app_rps: mk(c.app_requests_per_second, false),
+            app_tpm: mk(c.app_tokens_per_minute, true),
+        }
+    }
+}
+
+/// What a request is, for its record.
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    /// Subscriber.
+    pub imsi: Imsi,
+    /// App id.
+    pub app: String,
+    /// Model id.
+    pub model: String,
+    /// Wall clock at arrival.
+    pub started: SystemTime,
+    /// Monotonic clock at arrival.
+    pub started_at: Instant,
+}
+
+/// The usage a client is told: equal to the record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Of them, served from the prefix cache.
+    pub cached_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// The record's seq (0 when nothing was recorded).
+    pub seq: u64,
+}
+
+/// Metering state shared by the handlers.
+pub struct Billing {
+    enabled: bool,
+    ledger: Mutex<Ledger>,
+    limits: Mutex<Limiters>,
+    clock0: Instant,
+    /// The log; `None` after shutdown.
+    log: Arc<UsageLog>,
+    store: Arc<Mutex<Store>>,
+    applier: Mutex<Option<std_mpsc::Sender<Applied>>>,
+    applier_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    reservation_ttl: Duration,
+}
+
+/// Bytes of a typical record, for the log's room check before serving.
+const TYPICAL_RECORD_BYTES: u64 = 512;
+
+impl Billing {
+    /// Starts metering over `log` and `store` (already replayed), with the
+    /// buckets of `store` loaded into the ledger.
+    pub fn start(
+        enabled: bool,
+        limits: &LimitsConfig,
+        log: Arc<UsageLog>,
+        store: Store,
+        reservation_ttl: Duration,
+    ) -> anyhow::Result<Billing> {
+        let mut ledger = Ledger::new();
+        for b in store.buckets()? {
+            ledger.insert(b)?;
+        }
+        let store = Arc::new(Mutex::new(store));
+        let (tx, rx) = std_mpsc::channel::<Applied>();
+        let thread_store = store.clone();
+        let applier = std::thread::Builder::new()
+            .name("ledger-store".into())
+            .spawn(move || apply_loop(&rx, &thread_store))?;
+        Ok(Billing {
+            enabled,
+            ledger: Mutex::new(ledger),
+            limits: Mutex::new(Limiters::new(limits)),
+            clock0: Instant::now(),
+            log,
+            store,
+            applier: Mutex::new(Some(tx)),
+            applier_thread: Mutex::new(Some(applier)),
+            reservation_ttl,
+        })
+    }
+
+    /// Metering on (false only in benchmark configurations).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The log.
+    pub fn log(&self) -> &UsageLog {
+        &self.log
+    }
+
+    /// The ledger (admin API, metrics).
+    pub fn ledger(&self) -> &Mutex<Ledger> {
+        &self.ledger
+    }
+
+    /// The store (admin API).
+    pub fn store(&self) -> &Arc<Mutex<Store>> {
+        &self.store
+    }
+
+    /// 429 with Retry-After when a rate limit refuses; takes from every
+    /// limit only when all allow.
+    pub fn check_rate(&self, imsi: &Imsi, app: &str, tokens: u64) -> Result<(), ApiError> {
+        let now = self.clock0.elapsed().as_secs_f64();
+        let mut l = self.limits.lock().unwrap();
+        let (imsi_key, app_key) = (imsi.to_string(), app.to_string());
+        let checks: [(&mut Option<RateLimiter<String>>, &String, f64, &str); 4] = {
+            let Limiters {
+                imsi_rps,
+                imsi_tpm,
+                app_rps,
+                app_tpm,
+            } = &mut *l;
+            [
+                (
+                    imsi_rps,
+                    &imsi_key,
+                    1.0,
+                    "requests per second of this subscriber",
+                ),
+                (
+                    imsi_tpm,
+                    &imsi_key,
+                    tokens as f64,
+                    "tokens per minute of this subscriber",
+                ),
+                (app_rps, &app_key, 1.0, "requests per second of this app"),
+                (
+                    app_tpm,
+                    &app_key,
+                    tokens as f64,
+                    "tokens per minute of this app",
+                ),
+            ]
+        };
+        let mut worst: Option<(f64, &str)> = None;
+        for (lim, key, cost, what) in checks.iter() {
+            if let Some(lim) = lim.as_ref() {
+                let wait = lim.wait_for(key, *cost, now);
+                if wait > 0.0 && worst.is_none_or(|(w, _)| wait > w) {
+                    worst = Some((wait, what));
+                }
+            }
+        }
+        if let Some((wait, what)) = worst {
+            return Err(ApiError::rate_limited(
+                format!("rate limit exceeded: {what}; retry in {wait:.1} s"),
+                wait.ceil() as u64,
+            ));
+        }
+        for (lim, key, cost, _) in checks {
+            if let Some(lim) = lim.as_mut() {
+                let _ = lim.try_take(key, cost, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// 503 when the log cannot take a record now (nothing billable is served).
+    pub fn check_log(&self) -> Result<(), ApiError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.log.check_accepting(TYPICAL_RECORD_BYTES).map_err(|e| {
+            ApiError::unavailable("usage_log_unavailable", format!("not serving: {e}"))
+        })
+    }
+
+    /// Reserves `prompt + 1` to `prompt + wanted_completion` tokens; the
+    /// reservation caps what the request may generate.
+    pub fn reserve(
+        &self,
+        imsi: &Imsi,
+        prompt: u64,
+        wanted_completion: u64,
+    ) -> Result<Option<Reservation>, ApiError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let now = unix_now();
+        let expires = now + self.reservation_ttl.as_secs() as i64;
+        let mut ledger = self.ledger.lock().unwrap();
+        ledger.expire(now);
+        match ledger.reserve(imsi, prompt + 1, prompt + wanted_completion, now, expires) {
+            Ok(r) => Ok(Some(r)),
+            Err(LedgerError::InsufficientQuota { available, needed }) => Err(ApiError::insufficient_quota(format!(
+                "the subscriber's packages have {available} tokens available; this request needs at least {needed} \
+                 (its prompt and one completion token)"
+            ))),
+            Err(e) => Err(ApiError::internal(e.to_string())),
+        }
+    }
+
+    /// Releases a reservation of a request that made no token.
+    pub fn release(&self, reservation: Option<&Reservation>) {
+        if let Some(r) = reservation {
+            let _ = self.ledger.lock().unwrap().release(r.id);
+        }
+    }
+
+    /// Settles a finished generation: debits, a durable usage record, the
+    /// store behind it. Returns the usage told to the client (equal to the
+    /// record). A generation that made no token releases its reservation and
+    /// records nothing.
+    pub async fn settle(
+        &self,
+        info: &RequestInfo,
+        reservation: Option<&Reservation>,
+        summary: &Summary,
+    ) -> Result<Usage, ApiError> {
+        let mut usage = Usage {
+            prompt_tokens: summary.prompt_tokens as u64,
+            cached_tokens: summary.cached_prompt_tokens as u64,
+            completion_tokens: summary.completion_tokens as u64,
+            seq: 0,
+        };
+        let Some(reservation) = reservation.filter(|_| self.enabled) else {
+            return Ok(usage);
+        };
+        if summary.completion_tokens == 0 {
+            self.release(Some(reservation));
+            return Ok(usage);
+        }
+        let billed = usage.prompt_tokens + usage.completion_tokens;
+        let debits = self
+            .ledger
+            .lock()
+            .unwrap()
+            .settle(reservation.id, billed)
+            .unwrap_or_else(|e| {
+                // The reservation expired under a request that outlived the
+                // timeout: bill from the subscriber's buckets directly.
+                tracing::warn!(error = %e, "settling without the reservation");
+                Vec::new()
+            });
+        let debits = if debits.is_empty() {
+            self.debit_directly(&reservation.imsi, billed)
+        } else {
+            debits
+        };
+        let end = SystemTime::now();
+        let outcome = match summary.finish_reason {
+            FinishReason::Stop => Outcome::Completed,
+            FinishReason::Length => Outcome::Length,
+            FinishReason::Cancelled => Outcome::Cancelled,
+            FinishReason::Error => Outcome::Failed,
+        };
+        let record = UsageRecord {
+            record_id: uuid::Uuid::now_v7().as_bytes().to_vec(),
+            imsi: info.imsi.to_string(),
+            app_id: info.app.clone(),
+            model_id: info.model.clone(),
+            prompt_tokens: usage.prompt_tokens,
+            cached_prompt_tokens: usage.cached_tokens,
+            completion_tokens: usage.completion_tokens,
+            reserved_tokens: reservation.granted,
+            package_ids: debits.iter().map(|d| d.bucket_id.to_string()).collect(),
+            debits: debits
+                .iter()
+                .map(|d| PackageDebit {
+                    package_id: d.bucket_id.to_string(),
+                    tokens: d.tokens,
+                    period: d.period,
+                })
+                .collect(),
+            outcome: outcome as i32,
+            start_time_unix_ms: unix_ms(info.started),
+            end_time_unix_ms: unix_ms(end),
+            clock_sync: ClockSync::Unknown as i32,
+            duration_us: info.started_at.elapsed().as_micros() as u64,
+            ttft_us: summary.ttft.as_micros() as u64,
+            offline: false,
+            billed_tokens: billed,
+            failure_reason: summary.error.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let seq = self.append_durably(&record).await?;
+        usage.seq = seq;
+        let applied = Applied {
+            seq,
+            debits,
+            usage: UsageRow {
+                seq,
+                imsi: record.imsi.clone(),
+                at_ms: record.end_time_unix_ms,
+                app: record.app_id.clone(),
+                model: record.model_id.clone(),
+                prompt_tokens: record.prompt_tokens,
+                completion_tokens: record.completion_tokens,
+                billed_tokens: billed,
+                outcome: outcome_name(outcome).into(),
+            },
+        };
+        if let Some(tx) = self.applier.lock().unwrap().as_ref() {
+            let _ = tx.send(applied);
+        }
+        Ok(usage)
+    }
+
+    /// Debits without a reservation, nearest expiry first (a request that
+    /// outlived its reservation).
+    fn debit_directly(&self, imsi: &Imsi, tokens: u64) -> Vec<Debit> {
+        let now = unix_now();
+        let mut ledger = self.ledger.lock().unwrap();
+        let granted = ledger.reserve(imsi, 0, tokens, now, now + 1).ok();
+        match granted {
+            Some(r) => ledger.settle(r.id, tokens).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Appends with a few retries on a transient failure; the response waits
+    /// for it. A record that cannot be made durable is logged in full at
+    /// error level (never dropped silently) and the client gets 503.
+    async fn append_durably(&self, record: &UsageRecord) -> Result<u64, ApiError> {
+        let mut delay = Duration::from_millis(20);
+        let mut last: Option<LogError> = None;
+        for _ in 0..4 {
+            match self.log.append(record.clone()).await {
+                Ok(seq) => return Ok(seq),
+                Err(e @ (LogError::TooLarge(_) | LogError::Closed)) => {
+                    last = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+            }
+        }
+        let e = last.map(|e| e.to_string()).unwrap_or_default();
+        tracing::error!(
+            error = %e,
+            record = %mec_sync::record::record_to_json(record),
+            "a usage record could not be made durable"
+        );
+        Err(ApiError::unavailable(
+            "usage_not_recorded",
+            format!("the usage of this request could not be recorded: {e}"),
+        ))
+    }
+
+    /// Stops the store thread after it applied everything sent.
+    pub fn shutdown(&self) {
+        self.applier.lock().unwrap().take();
+        if let Some(t) = self.applier_thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Completed => "completed",
+        Outcome::Length => "length",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Failed => "failed",
+        Outcome::Unspecified => "unspecified",
+    }
+}
+
+/// The store thread: applies settlements in batches (one transaction each).
+fn apply_loop(rx: &std_mpsc::Receiver<Applied>, store: &Mutex<Store>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.lock().unwrap().apply(&batch) {
+            // The records are durable in the log: the next start re-applies them.
+            tracing::error!(error = %e, records = batch.len(), "ledger store update failed; the log will replay it");
+        }
+    }
+}
+
+/// Re-applies to `store` the debits of every record in `log` it has not
+/// applied (a crash between an append and its store update). Returns how
+/// many records were re-applied.
+pub fn replay_log(log: &UsageLog, store: &mut Store) -> anyhow::Result<usize> {
+    let mut from = store.applied_watermark()? + 1;
+    let mut replayed = 0;
+    loop {
+        let batch = log.read_from(from, 1024, 8 << 20)?;
+        if batch.is_empty() {
+            break;
+        }
+        let mut applied = Vec::new();
+        for (seq, bytes) in &batch {
+            from = seq + 1;
+            if store.is_applied(*seq)? {
+                continue;
+            }
+            let r = SignedRecord::from_bytes(bytes)?.record()?;
+            let debits = r
+                .debits
+                .iter()
+                .filter_map(|d| {
+                    Some(Debit {
+                        bucket_id: d.package_id.parse().ok()?,
+                        tokens: d.tokens,
+                        period: d.period,
+                    })
+                })
+                .collect();
+            applied.push(Applied {
+                seq: *seq,
+                debits,
+                usage: UsageRow {
+                    seq: *seq,
+                    imsi: r.imsi.clone(),
+                    at_ms: r.end_time_unix_ms,
+                    app: r.app_id.clone(),
+                    model: r.model_id.clone(),
+                    prompt_tokens: r.prompt_tokens,
+                    completion_tokens: r.completion_tokens,
+                    billed_tokens: r.billed_tokens,
+                    outcome: outcome_name(r.outcome()).into(),
+                },
+            });
+        }
+        replayed += store.apply(&applied)?;
+    }
+    Ok(replayed)
+}

@@ -1,0 +1,379 @@
+//! `edge-agent serve`: the MEC API and the admin API over the engine, the
+//! ledger and the usage log.
+//!
+//! Start-up: open the usage log (recovering it), re-apply to the ledger store
+//! the records it missed, load the model, bind both listeners, then tell
+//! systemd `READY=1` and print one `{"event":"ready",…}` line on stdout.
+//! SIGTERM (or SIGINT) drains: readiness goes false, no new request is
+//! accepted, in-flight requests get `api.shutdown_grace_s` to finish, the
+//! rest are cancelled and billed for what they made, the ledger store and the
+//! log are flushed, and the process exits 0.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use mec_inference::engine::{Engine, EngineConfig};
+use mec_inference::gpu;
+use mec_metering::store::Store;
+use mec_sync::identity::NodeIdentity;
+use mec_sync::log::{LogOptions, UsageLog};
+use sha2::Digest;
+
+use crate::config::Config;
+
+pub mod admin;
+pub mod api;
+pub mod billing;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+
+/// Cancel flags of the generations in flight (the drain cancels them).
+#[derive(Default)]
+pub struct InFlight {
+    next: AtomicU64,
+    flags: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    changed: tokio::sync::Notify,
+}
+
+/// Removes its generation from [`InFlight`] when dropped.
+pub struct InFlightGuard<'a> {
+    set: &'a InFlight,
+    id: u64,
+}
+
+impl InFlight {
+    /// Tracks a generation until the guard drops.
+    pub fn register(&self, cancel: Arc<AtomicBool>) -> InFlightGuard<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.flags.lock().unwrap().insert(id, cancel);
+        InFlightGuard { set: self, id }
+    }
+
+    /// Generations running.
+    pub fn count(&self) -> usize {
+        self.flags.lock().unwrap().len()
+    }
+
+    /// Cancels every generation (each still settles and bills).
+    pub fn cancel_all(&self) {
+        for f in self.flags.lock().unwrap().values() {
+            f.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until none run, or `timeout`; true when none run.
+    pub async fn wait_empty(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if self.count() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.count() == 0;
+            }
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.set.flags.lock().unwrap().remove(&self.id);
+        self.set.changed.notify_waiters();
+    }
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The configuration.
+    pub config: Config,
+    /// The inference engine.
+    pub engine: Engine,
+    /// Metering.
+    pub billing: billing::Billing,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    /// Apps allowed to call.
+    pub apps: Vec<api::App>,
+    /// Generations running.
+    pub inflight: InFlight,
+    /// Set by SIGTERM: refuse new work, readiness false.
+    pub draining: AtomicBool,
+    /// Start time, Unix seconds.
+    pub started_unix: i64,
+    gpu: Option<gpu::TelemetryPoller>,
+}
+
+impl AppState {
+    /// `(index, name, memory used, utilization)` per GPU, when any.
+    pub fn gpu_snapshot(&self) -> Vec<(u32, String, u64, u32)> {
+        let Some(p) = &self.gpu else {
+            return Vec::new();
+        };
+        p.snapshot()
+            .discovery
+            .gpus
+            .iter()
+            .map(|g| {
+                (
+                    g.index,
+                    g.name.clone(),
+                    g.memory_total_bytes.saturating_sub(g.memory_free_bytes),
+                    g.utilization_percent.unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+}
+
+fn apps(config: &Config) -> anyhow::Result<Vec<api::App>> {
+    config
+        .apps
+        .iter()
+        .map(|a| {
+            let digest: [u8; 32] = hex::decode(&a.key_sha256)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("apps {}: key_sha256 is not 32 bytes", a.id))?;
+            Ok(api::App {
+                id: a.id.clone(),
+                key_digest: digest,
+                imsi_prefixes: a.imsi_prefixes.clone(),
+                models: a.models.clone(),
+            })
+        })
+        .collect()
+}
+
+/// SHA-256 hex of an app key, as the configuration stores it.
+pub fn key_digest_hex(key: &str) -> String {
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+/// The MEC API routes.
+pub fn api_router(state: Arc<AppState>) -> Router {
+    let limit = state.config.api.max_body_bytes;
+    let metered = state.clone();
+    Router::new()
+        .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/models", get(api::models))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let state = metered.clone();
+                async move {
+                    let route = req
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| "other".into());
+                    let resp = next.run(req).await;
+                    state.metrics.request(&route, resp.status().as_u16());
+                    resp
+                }
+            },
+        ))
+        .with_state(state)
+}
+
+fn sd_notify(state: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, state) {
+            tracing::warn!(error = %e, "sd_notify failed");
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("edge-agent-io")
+        .build()?;
+    rt.block_on(serve_async(config))
+}
+
+async fn serve_async(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.node.state_dir)
+        .with_context(|| format!("creating {}", config.node.state_dir.display()))?;
+    let identity = NodeIdentity::load_or_create(&config.identity_dir())
+        .with_context(|| format!("node identity in {}", config.identity_dir().display()))?;
+    let options = LogOptions {
+        segment_bytes: config.log.segment_bytes,
+        budget_bytes: config.log.budget_bytes,
+        backend: config.log.backend.parse().map_err(anyhow::Error::msg)?,
+        ..LogOptions::default()
+    };
+    let log = UsageLog::open(&config.log_dir(), identity, &config.node.id, options)
+        .with_context(|| format!("usage log in {}", config.log_dir().display()))?;
+    let mut store = Store::open(&config.ledger_path())
+        .with_context(|| format!("ledger store {}", config.ledger_path().display()))?;
+    let replayed = billing::replay_log(&log, &mut store)?;
+    if replayed > 0 {
+        tracing::warn!(
+            records = replayed,
+            "re-applied usage records the ledger store had missed"
+        );
+    }
+    if !config.metering.enabled {
+        tracing::warn!(
+            "METERING IS OFF (metering.enabled = false): nothing is reserved, settled or recorded"
+        );
+    }
+    let billing = billing::Billing::start(
+        config.metering.enabled,
+        &config.limits,
+        Arc::new(log),
+        store,
+        Duration::from_secs(config.api.request_timeout_s + 60),
+    )?;
+
+    let found = gpu::discover(None);
+    let model_bytes = std::fs::metadata(&config.model.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let choice = gpu::choose_device(&found, gpu::CUDA_BUILT, model_bytes * 2);
+    let (model, tokenizer) = mec_inference::load(&config.model.path, &gpu::device_for(&choice))?;
+    let engine = Engine::start(
+        Arc::new(model),
+        Arc::new(tokenizer),
+        EngineConfig {
+            slots: config.model.slots,
+            queue_capacity: config.model.queue,
+            prefix_cache_tokens: config.model.prefix_cache_tokens,
+        },
+    );
+    let gpu = (!found.gpus.is_empty())
+        .then(|| gpu::TelemetryPoller::start(Duration::from_secs(10), None));
+
+    let api_addr: SocketAddr = config.api.listen.parse()?;
+    let admin_addr: SocketAddr = config.admin.listen.parse()?;
+    let api_listener = tokio::net::TcpListener::bind(api_addr)
+        .await
+        .with_context(|| format!("binding api.listen {api_addr}"))?;
+    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("binding admin.listen {admin_addr}"))?;
+    let (api_bound, admin_bound) = (api_listener.local_addr()?, admin_listener.local_addr()?);
+    let grace = Duration::from_secs(config.api.shutdown_grace_s);
+
+    let state = Arc::new(AppState {
+        apps: apps(&config)?,
+        config,
+        engine,
+        billing,
+        metrics: metrics::Metrics::new(),
+        inflight: InFlight::default(),
+        draining: AtomicBool::new(false),
+        started_unix: billing::unix_now(),
+        gpu,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let api_server = {
+        let (router, stop) = (api_router(state.clone()), stopped(stop_rx.clone()));
+        tokio::spawn(async move {
+            axum::serve(api_listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+        })
+    };
+    let admin_server = {
+        let (router, stop) = (admin::router(state.clone()), stopped(stop_rx.clone()));
+        tokio::spawn(async move {
+            axum::serve(admin_listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+        })
+    };
+    // Expired reservations go back to their buckets even when no request comes.
+    let expirer = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                state
+                    .billing
+                    .ledger()
+                    .lock()
+                    .unwrap()
+                    .expire(billing::unix_now());
+            }
+        })
+    };
+    let mut watchdog_usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec).then(|| {
+        tokio::spawn(async move {
+            let period = Duration::from_micros(watchdog_usec / 2).max(Duration::from_millis(100));
+            loop {
+                sd_notify(&[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(period).await;
+            }
+        })
+    });
+
+    sd_notify(&[sd_notify::NotifyState::Ready]);
+    let ready = serde_json::json!({
+        "event": "ready",
+        "api_url": format!("http://{api_bound}"),
+        "admin_url": format!("http://{admin_bound}"),
+        "model": state.config.model.id,
+    });
+    println!("{ready}");
+    tracing::info!(api = %api_bound, admin = %admin_bound, "serving");
+
+    wait_for_signal().await?;
+    tracing::info!("draining");
+    sd_notify(&[sd_notify::NotifyState::Stopping]);
+    state.draining.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    if !state.inflight.wait_empty(grace).await {
+        tracing::warn!(
+            requests = state.inflight.count(),
+            "grace period over; cancelling (they are billed)"
+        );
+        state.inflight.cancel_all();
+        state.inflight.wait_empty(Duration::from_secs(30)).await;
+    }
+    for server in [api_server, admin_server] {
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "listener"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "listener task"),
+            Err(_) => tracing::warn!("a connection outlived the drain"),
+        }
+    }
+    expirer.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    // Flush: the store thread applies what it was sent; the log closes last.
+    state.billing.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
