@@ -11,8 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -111,14 +110,40 @@ fn check_model(state: &AppState, app: &App, model: &str) -> Result<(), ApiError>
     Ok(())
 }
 
-fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.config.api.max_body_bytes)
-        } else {
-            ApiError::invalid("invalid_body", e.body_text())
+/// Bytes read past the limit before answering 413: a client still sending
+/// when the answer comes sees a reset instead of the 413, so a moderately
+/// oversized body is read to its end (and thrown away); beyond this the
+/// connection is cut.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// Reads the body up to `api.max_body_bytes`; 413 beyond it.
+async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.api.max_body_bytes;
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf = Vec::new();
+        let mut total = 0usize;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::invalid("invalid_body", format!("reading the body: {e}")))?;
+            total += chunk.len();
+            if total <= limit {
+                buf.extend_from_slice(&chunk);
+            } else if total > DRAIN_LIMIT {
+                break;
+            }
         }
-    })
+        if total > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(state.config.api.request_timeout_s),
+        read,
+    )
+    .await
+    .map_err(|_| ApiError::invalid("invalid_body", "the body did not arrive in time"))?
 }
 
 fn prepare(
@@ -443,12 +468,12 @@ async fn respond(endpoint: Endpoint, p: &Prepared, mut rx: mpsc::Receiver<Event>
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let run = async {
         let app = authenticate(&state.apps, &headers)?;
         let imsi = subscriber(&headers, app)?;
-        let body = body_bytes(&state, body)?;
+        let body = body_bytes(&state, body).await?;
         let req: ChatRequest = parse_body(&body)?;
         let messages = req.chat_messages()?;
         check_model(&state, app, &req.model)?;
@@ -471,12 +496,12 @@ pub async fn chat_completions(
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let run = async {
         let app = authenticate(&state.apps, &headers)?;
         let imsi = subscriber(&headers, app)?;
-        let body = body_bytes(&state, body)?;
+        let body = body_bytes(&state, body).await?;
         let mut req: CompletionRequest = parse_body(&body)?;
         // OpenAI's default for this endpoint.
         if req.sampling.max_tokens.is_none() && req.sampling.max_completion_tokens.is_none() {

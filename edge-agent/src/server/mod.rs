@@ -168,6 +168,8 @@ pub fn api_router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
+        // The completion handlers read their body with their own limit (413
+        // in OpenAI's shape); this one guards the other routes.
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
