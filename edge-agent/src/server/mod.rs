@@ -317,8 +317,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
             }
         })
     };
-    let mut watchdog_usec = 0u64;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec).then(|| {
+    let watchdog = watchdog_usec().map(|watchdog_usec| {
         tokio::spawn(async move {
             let period = Duration::from_micros(watchdog_usec / 2).max(Duration::from_millis(100));
             loop {
@@ -367,6 +366,20 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     state.billing.shutdown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The watchdog period systemd asks for, as libsystemd's
+/// `sd_watchdog_enabled` reads it: `WATCHDOG_USEC`, unless `WATCHDOG_PID`
+/// names another process. (sd-notify's `watchdog_enabled` also demands
+/// `WATCHDOG_PID`, which systemd sets but a supervisor may not.)
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then_some(usec)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -93,11 +93,17 @@ impl Agent {
 
     /// `edge-agent serve --config`, waiting for its ready line.
     pub fn serve(dir: &Path, config: &Path, key: &str) -> Agent {
+        Agent::serve_with_env(dir, config, key, &[])
+    }
+
+    /// `serve` with extra environment variables.
+    pub fn serve_with_env(dir: &Path, config: &Path, key: &str, env: &[(&str, &str)]) -> Agent {
         let stderr =
             std::fs::File::create(dir.join(format!("serve-{}.log", std::process::id()))).unwrap();
         let mut child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
