@@ -6,6 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
+mod bench_api;
 mod bench_inference;
 mod model;
 mod run_agent;
@@ -34,6 +35,20 @@ enum Task {
         /// Records per run.
         #[arg(long, default_value_t = 200_000)]
         records: u64,
+    },
+    /// Benchmark the whole MEC API path with max_tokens = 1 at C concurrent
+    /// clients, metering on and off, in alternating rounds; writes
+    /// bench/out/api-bench.json.
+    BenchApi {
+        /// Alternating rounds (each figure is the median).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds measured per round.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// Benchmark inference beside llama.cpp (llama-cpp-python in bench/venv,
     /// installed on first use): same model, prompt ids and threads, in
@@ -102,6 +117,11 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["test", "--workspace", "--all-targets"]))
         }
         Task::BenchLog { records } => bench_log(records),
+        Task::BenchApi {
+            rounds,
+            clients,
+            seconds,
+        } => bench_api::bench(rounds, clients, seconds),
         Task::BenchInference {
             rounds,
             threads,

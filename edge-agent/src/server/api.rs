@@ -211,6 +211,7 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
         ));
     }
     let billing = &state.billing;
+    let metering_started = Instant::now();
     billing.check_rate(
         &p.info.imsi,
         &p.info.app,
@@ -218,6 +219,7 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
     )?;
     billing.check_log()?;
     let reservation = billing.reserve(&p.info.imsi, p.prompt.len() as u64, p.max_completion)?;
+    let reserve_time = metering_started.elapsed();
     // The reservation caps what may be generated.
     let cap = match &reservation {
         Some(r) => (r.granted - p.prompt.len() as u64).min(p.max_completion),
@@ -248,7 +250,9 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
     let (tx, rx) = mpsc::channel(64);
     let state = state.clone();
     let info = p.info.clone();
-    tokio::spawn(async move { run_generation(state, info, reservation, generation, tx).await });
+    tokio::spawn(async move {
+        run_generation(state, info, reservation, reserve_time, generation, tx).await
+    });
     Ok(rx)
 }
 
@@ -258,6 +262,7 @@ async fn run_generation(
     state: Arc<AppState>,
     info: RequestInfo,
     reservation: Option<Reservation>,
+    reserve_time: std::time::Duration,
     generation: mec_inference::engine::Generation,
     events: mpsc::Sender<Event>,
 ) {
@@ -308,10 +313,13 @@ async fn run_generation(
             m.inter_token.observe(per);
         }
     }
+    let settle_started = Instant::now();
     let usage = state
         .billing
         .settle(&info, reservation.as_ref(), &summary)
         .await;
+    m.metering
+        .observe((reserve_time + settle_started.elapsed()).as_secs_f64());
     let _ = events.send(Event::Done(Box::new(summary), usage)).await;
 }
 

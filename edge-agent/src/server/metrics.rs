@@ -47,6 +47,9 @@ pub struct Metrics {
     pub ttft: Histogram,
     /// Time between tokens.
     pub inter_token: Histogram,
+    /// Time a request spends in metering: rate limits and reservation
+    /// before generation, settlement and the durable usage record after.
+    pub metering: Histogram,
     queue_depth: Gauge,
     busy_slots: Gauge,
     reservations: Gauge,
@@ -101,6 +104,12 @@ impl Metrics {
             "Time between completion tokens",
             inter_token.clone(),
         );
+        let metering = Histogram::new(exponential_buckets(0.000_05, 1.5, 24));
+        registry.register(
+            "metering_seconds",
+            "Time in metering per request: reserve before, settle and durable record after",
+            metering.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
@@ -141,6 +150,7 @@ impl Metrics {
             tokens,
             ttft,
             inter_token,
+            metering,
             queue_depth,
             busy_slots,
             reservations,
