@@ -446,3 +446,41 @@ async fn sigterm_lets_in_flight_requests_finish_and_records_them() {
     );
     assert_eq!(records[0]["imsi"], IMSI);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_usage_log_gets_503_and_serves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // A log budget of a few records, and no core to acknowledge them.
+    let extra = "\n[limits]\nimsi_requests_per_second = 0\n\n[log]\nsegment_bytes = 4096\nbudget_bytes = 4096\n";
+    let agent = Agent::with_extra(dir.path(), extra);
+    agent.grant(IMSI, 100_000).await;
+    let mut served = 0;
+    let refused = loop {
+        let r = agent.chat(IMSI, "hi", 2, false).await;
+        match r.status().as_u16() {
+            200 => served += 1,
+            503 => break r,
+            s => panic!("status {s}"),
+        }
+        assert!(served < 100, "the log never filled");
+    };
+    assert!(served >= 1);
+    assert!(refused.headers().contains_key("retry-after"));
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "usage_log_unavailable", "{v}");
+    // Nothing was served or billed for the refused request.
+    let rows = agent.usage(IMSI, served).await;
+    assert_eq!(rows.len(), served);
+    let billed: u64 = rows
+        .iter()
+        .map(|r| r["billed_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(agent.remaining(IMSI).await, 100_000 - billed);
+    let ready = agent
+        .http
+        .get(format!("{}/readyz", agent.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+}

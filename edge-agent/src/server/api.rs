@@ -557,13 +557,13 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     }
-    match state.billing.log().check_accepting(0) {
+    match state.billing.check_log() {
         Ok(()) => {
             Json(json!({ "status": "ready", "model": state.config.model.id })).into_response()
         }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "reason": e.to_string() })),
+            Json(json!({ "status": "not_ready", "reason": e.message })),
         )
             .into_response(),
     }
