@@ -11,5 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod identity;
+pub mod ingest;
 pub mod log;
 pub mod record;
+pub mod wire;

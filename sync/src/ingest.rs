@@ -1,0 +1,344 @@
+//! The core's checks on an uploaded batch, sans-IO: given what the core
+//! holds for a node (its [`NodeCursor`]) and the node's public key, decide
+//! for each record whether to store it, count it as a duplicate, or
+//! quarantine it, and where the node's cursor moves. The async server and
+//! the store only carry out the verdicts (one transaction per batch).
+//!
+//! Rules, in order, for each record of a batch:
+//! 1. it decodes, and its signature verifies with the key of the node the
+//!    connection's certificate names (batch verification; on failure each
+//!    record is checked alone to find the bad ones) — else quarantined;
+//! 2. its body names that node — else quarantined (node A's certificate
+//!    carrying node B's records);
+//! 3. a seq at or below the cursor is a duplicate: counted, never stored again;
+//! 4. the next seq must chain to the cursor's hash — else quarantined;
+//! 5. a seq beyond the next is accepted only when the edge declared the
+//!    seqs between lost (they become a recorded gap); otherwise the rest of
+//!    the batch waits (the edge resends from the acknowledged position).
+
+use ed25519_dalek::{Signature, VerifyingKey};
+
+use crate::record::{body_hash, SignedRecord, UsageRecord, GENESIS_HASH};
+use crate::wire::pb::{Batch, LostRange};
+
+/// What the core holds for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCursor {
+    /// Node id (from its certificate).
+    pub node_id: String,
+    /// Every seq at or below this is stored or recorded as lost.
+    pub contiguous_seq: u64,
+    /// Hash of the body of the record at `contiguous_seq` (genesis at 0, or
+    /// after a lost range, the hash the next record must carry is unknown:
+    /// `None`).
+    pub last_hash: Option<[u8; 32]>,
+}
+
+impl NodeCursor {
+    /// A node the core has never heard from.
+    pub fn new(node_id: &str) -> NodeCursor {
+        NodeCursor {
+            node_id: node_id.to_string(),
+            contiguous_seq: 0,
+            last_hash: Some(GENESIS_HASH),
+        }
+    }
+}
+
+/// A record to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    /// Its seq.
+    pub seq: u64,
+    /// The decoded record.
+    pub record: UsageRecord,
+    /// The SignedRecord bytes as received (kept for re-verification).
+    pub signed: Vec<u8>,
+    /// SHA-256 of the body.
+    pub hash: [u8; 32],
+}
+
+/// A record kept aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// Its seq when it could be read.
+    pub seq: Option<u64>,
+    /// Why.
+    pub reason: String,
+    /// The bytes as received.
+    pub signed: Vec<u8>,
+}
+
+/// The verdicts on one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchVerdict {
+    /// To store, in seq order.
+    pub accepted: Vec<Accepted>,
+    /// Already stored.
+    pub duplicates: u64,
+    /// Kept aside.
+    pub quarantined: Vec<Quarantined>,
+    /// Seq ranges declared lost that the cursor moved past.
+    pub gaps: Vec<(u64, u64)>,
+    /// Records left for a later batch (an undeclared jump in seq).
+    pub deferred: u64,
+    /// The cursor once the verdicts are committed.
+    pub cursor: NodeCursor,
+}
+
+fn declared_lost(lost: &[LostRange], first: u64, last: u64) -> bool {
+    // Every seq in first..=last lies in one of the declared ranges.
+    let mut next = first;
+    let mut ranges: Vec<&LostRange> = lost.iter().collect();
+    ranges.sort_by_key(|r| r.first);
+    for r in ranges {
+        if r.first <= next && r.last >= next {
+            next = r.last.saturating_add(1);
+        }
+        if next > last {
+            return true;
+        }
+    }
+    next > last
+}
+
+/// Checks the records of `batch` from node `cursor.node_id`, whose key is `key`.
+pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> BatchVerdict {
+    let mut v = BatchVerdict {
+        accepted: Vec::new(),
+        duplicates: 0,
+        quarantined: Vec::new(),
+        gaps: Vec::new(),
+        deferred: 0,
+        cursor: cursor.clone(),
+    };
+    // Decode envelopes; quarantine what does not decode.
+    let mut envelopes: Vec<(&Vec<u8>, SignedRecord, Signature)> = Vec::new();
+    for bytes in &batch.records {
+        let parsed = SignedRecord::from_bytes(bytes).and_then(|s| {
+            let sig: [u8; 64] = s
+                .signature
+                .as_slice()
+                .try_into()
+                .map_err(|_| crate::record::RecordError::SignatureLength(s.signature.len()))?;
+            Ok((s, Signature::from_bytes(&sig)))
+        });
+        match parsed {
+            Ok((s, sig)) => envelopes.push((bytes, s, sig)),
+            Err(e) => v.quarantined.push(Quarantined {
+                seq: None,
+                reason: format!("undecodable record: {e}"),
+                signed: bytes.clone(),
+            }),
+        }
+    }
+    // Signatures: all at once, and one by one only when the batch fails.
+    let messages: Vec<&[u8]> = envelopes.iter().map(|e| e.1.body.as_slice()).collect();
+    let signatures: Vec<Signature> = envelopes.iter().map(|e| e.2).collect();
+    let keys = vec![*key; envelopes.len()];
+    let all_good =
+        envelopes.is_empty() || ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok();
+    let mut valid = Vec::new();
+    for (bytes, s, _) in envelopes {
+        if !all_good && s.verify(key).is_err() {
+            let seq = s.record().ok().map(|r| r.seq);
+            v.quarantined.push(Quarantined {
+                seq,
+                reason: "signature does not verify with the node's key".into(),
+                signed: bytes.clone(),
+            });
+            continue;
+        }
+        match s.record() {
+            Ok(r) => valid.push((bytes, s, r)),
+            Err(e) => v.quarantined.push(Quarantined {
+                seq: None,
+                reason: format!("undecodable body: {e}"),
+                signed: bytes.clone(),
+            }),
+        }
+    }
+    valid.sort_by_key(|(_, _, r)| r.seq);
+    let mut deferring = false;
+    for (bytes, s, r) in valid {
+        let quarantine = |reason: String| Quarantined {
+            seq: Some(r.seq),
+            reason,
+            signed: bytes.clone(),
+        };
+        if r.node_id != cursor.node_id {
+            v.quarantined.push(quarantine(format!(
+                "record names node {:?}, the certificate {:?}",
+                r.node_id, cursor.node_id
+            )));
+            continue;
+        }
+        if deferring {
+            v.deferred += 1;
+            continue;
+        }
+        let c = &mut v.cursor;
+        if r.seq <= c.contiguous_seq {
+            v.duplicates += 1;
+            continue;
+        }
+        if r.seq > c.contiguous_seq + 1 {
+            let (first, last) = (c.contiguous_seq + 1, r.seq - 1);
+            if declared_lost(&batch.lost, first, last) {
+                v.gaps.push((first, last));
+                c.contiguous_seq = last;
+                c.last_hash = None;
+            } else {
+                deferring = true;
+                v.deferred += 1;
+                continue;
+            }
+        }
+        let prev: [u8; 32] = r.prev_hash.as_slice().try_into().unwrap_or([0xff; 32]);
+        if c.last_hash.is_some_and(|h| h != prev) {
+            v.quarantined.push(quarantine(format!(
+                "seq {}: prev_hash does not chain to seq {}",
+                r.seq, c.contiguous_seq
+            )));
+            // The chain is broken here: later records wait (they cannot be
+            // checked until this seq is resolved).
+            deferring = true;
+            continue;
+        }
+        let hash = body_hash(&s.body);
+        c.contiguous_seq = r.seq;
+        c.last_hash = Some(hash);
+        v.accepted.push(Accepted {
+            seq: r.seq,
+            record: r,
+            signed: bytes.clone(),
+            hash,
+        });
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::encode_record;
+    use ed25519_dalek::SigningKey;
+    use prost::Message;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    /// Records 1..=n of `node`, chained and signed with `k`.
+    fn chain(node: &str, k: &SigningKey, n: u64) -> Vec<Vec<u8>> {
+        let mut prev = GENESIS_HASH;
+        (1..=n)
+            .map(|seq| {
+                let r = UsageRecord {
+                    node_id: node.into(),
+                    seq,
+                    prev_hash: prev.to_vec(),
+                    imsi: "001010000000001".into(),
+                    billed_tokens: seq * 10,
+                    ..Default::default()
+                };
+                let body = encode_record(&r);
+                prev = body_hash(&body);
+                SignedRecord::sign(body, k).encode_to_vec()
+            })
+            .collect()
+    }
+
+    fn batch(records: &[Vec<u8>]) -> Batch {
+        Batch {
+            batch_id: 1,
+            records: records.to_vec(),
+            lost: vec![],
+        }
+    }
+
+    #[test]
+    fn a_clean_batch_is_accepted_and_moves_the_cursor() {
+        let k = key(1);
+        let recs = chain("n1", &k, 5);
+        let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &batch(&recs));
+        assert_eq!(v.accepted.len(), 5);
+        assert_eq!(v.cursor.contiguous_seq, 5);
+        assert!(v.quarantined.is_empty() && v.duplicates == 0);
+        // The same batch again: all duplicates, nothing moves.
+        let again = check_batch(&v.cursor, &k.verifying_key(), &batch(&recs));
+        assert_eq!((again.accepted.len(), again.duplicates), (0, 5));
+        assert_eq!(again.cursor, v.cursor);
+        // Overlapping: 4..=5 duplicates, nothing new.
+        let more = chain("n1", &k, 7);
+        let next = check_batch(&v.cursor, &k.verifying_key(), &batch(&more[3..]));
+        assert_eq!((next.accepted.len(), next.duplicates), (2, 2));
+        assert_eq!(next.cursor.contiguous_seq, 7);
+    }
+
+    #[test]
+    fn a_flipped_byte_is_quarantined_and_later_records_wait() {
+        let k = key(1);
+        let mut recs = chain("n1", &k, 4);
+        let last = recs[1].len() - 10;
+        recs[1][last] ^= 1;
+        let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &batch(&recs));
+        assert_eq!(
+            v.accepted.iter().map(|a| a.seq).collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!(v.quarantined.len(), 1, "{:?}", v.quarantined);
+        assert_eq!(v.cursor.contiguous_seq, 1);
+        assert_eq!(v.deferred, 2);
+    }
+
+    #[test]
+    fn records_signed_by_another_nodes_key_or_naming_it_are_quarantined() {
+        let (a, b) = (key(1), key(2));
+        // Node B's records sent over node A's connection.
+        let recs = chain("b", &b, 2);
+        let v = check_batch(&NodeCursor::new("a"), &a.verifying_key(), &batch(&recs));
+        assert!(v.accepted.is_empty());
+        assert_eq!(v.quarantined.len(), 2);
+        assert!(v.quarantined[0].reason.contains("signature"));
+        // Signed with A's key but naming node B.
+        let recs = chain("b", &a, 1);
+        let v = check_batch(&NodeCursor::new("a"), &a.verifying_key(), &batch(&recs));
+        assert!(
+            v.quarantined[0].reason.contains("names node"),
+            "{:?}",
+            v.quarantined
+        );
+        assert_eq!(v.cursor.contiguous_seq, 0);
+    }
+
+    #[test]
+    fn a_jump_is_a_gap_only_when_declared_lost() {
+        let k = key(1);
+        let recs = chain("n1", &k, 6);
+        let mut b = batch(&[recs[0].clone(), recs[4].clone(), recs[5].clone()]);
+        let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &b);
+        assert_eq!((v.accepted.len(), v.deferred), (1, 2));
+        assert_eq!(v.cursor.contiguous_seq, 1);
+        b.lost = vec![LostRange { first: 2, last: 4 }];
+        let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &b);
+        assert_eq!(
+            v.accepted.iter().map(|a| a.seq).collect::<Vec<_>>(),
+            vec![1, 5, 6]
+        );
+        assert_eq!(v.gaps, vec![(2, 4)]);
+        assert_eq!(v.cursor.contiguous_seq, 6);
+    }
+
+    #[test]
+    fn undecodable_bytes_are_quarantined() {
+        let k = key(1);
+        let v = check_batch(
+            &NodeCursor::new("n1"),
+            &k.verifying_key(),
+            &batch(&[vec![0xff, 0x01]]),
+        );
+        assert_eq!(v.quarantined.len(), 1);
+        assert_eq!(v.quarantined[0].seq, None);
+    }
+}
