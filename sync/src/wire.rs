@@ -59,7 +59,7 @@ impl FrameDecoder {
     }
 
     /// The next whole frame as `M`, `Ok(None)` when more bytes are needed.
-    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
+    pub fn next_frame<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
         let mut len: u64 = 0;
         let mut header = 0;
         loop {
@@ -113,7 +113,7 @@ mod tests {
             let mut got = Vec::new();
             for part in bytes.chunks(chunk) {
                 d.push(part);
-                while let Some(f) = d.next::<EdgeFrame>().unwrap() {
+                while let Some(f) = d.next_frame::<EdgeFrame>().unwrap() {
                     got.push(f);
                 }
             }
@@ -128,14 +128,17 @@ mod tests {
         // Length 2^32 as a varint.
         d.push(&[0x80, 0x80, 0x80, 0x80, 0x10]);
         assert!(matches!(
-            d.next::<EdgeFrame>(),
+            d.next_frame::<EdgeFrame>(),
             Err(FrameError::TooLarge(_))
         ));
         let mut d = FrameDecoder::new();
         d.push(&[0xff; 11]);
-        assert_eq!(d.next::<EdgeFrame>(), Err(FrameError::BadLength));
+        assert_eq!(d.next_frame::<EdgeFrame>(), Err(FrameError::BadLength));
         let mut d = FrameDecoder::new();
         d.push(&[3, 0xff, 0xff, 0xff]);
-        assert!(matches!(d.next::<EdgeFrame>(), Err(FrameError::Decode(_))));
+        assert!(matches!(
+            d.next_frame::<EdgeFrame>(),
+            Err(FrameError::Decode(_))
+        ));
     }
 }
