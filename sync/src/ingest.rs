@@ -218,35 +218,41 @@ pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> Ba
     v
 }
 
+/// Records 1..=n of `node`, chained and signed with `k` (tests).
+#[cfg(test)]
+pub(crate) fn test_chain(node: &str, k: &ed25519_dalek::SigningKey, n: u64) -> Vec<Vec<u8>> {
+    use prost::Message;
+    let mut prev = GENESIS_HASH;
+    (1..=n)
+        .map(|seq| {
+            let r = UsageRecord {
+                node_id: node.into(),
+                seq,
+                prev_hash: prev.to_vec(),
+                imsi: "001010000000001".into(),
+                prompt_tokens: 7,
+                completion_tokens: seq,
+                billed_tokens: 7 + seq,
+                ..Default::default()
+            };
+            let body = crate::record::encode_record(&r);
+            prev = body_hash(&body);
+            SignedRecord::sign(body, k).encode_to_vec()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::encode_record;
     use ed25519_dalek::SigningKey;
-    use prost::Message;
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])
     }
 
-    /// Records 1..=n of `node`, chained and signed with `k`.
     fn chain(node: &str, k: &SigningKey, n: u64) -> Vec<Vec<u8>> {
-        let mut prev = GENESIS_HASH;
-        (1..=n)
-            .map(|seq| {
-                let r = UsageRecord {
-                    node_id: node.into(),
-                    seq,
-                    prev_hash: prev.to_vec(),
-                    imsi: "001010000000001".into(),
-                    billed_tokens: seq * 10,
-                    ..Default::default()
-                };
-                let body = encode_record(&r);
-                prev = body_hash(&body);
-                SignedRecord::sign(body, k).encode_to_vec()
-            })
-            .collect()
+        test_chain(node, k, n)
     }
 
     fn batch(records: &[Vec<u8>]) -> Batch {

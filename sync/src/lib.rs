@@ -12,6 +12,7 @@
 
 pub mod identity;
 pub mod ingest;
+pub mod ingest_store;
 pub mod log;
 pub mod record;
 pub mod wire;

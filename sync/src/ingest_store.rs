@@ -1,0 +1,351 @@
+//! Where core-ingest keeps what it accepted: behind [`IngestStore`] so that
+//! PostgreSQL can follow SQLite; [`SqliteStore`] is the default (embedded,
+//! WAL mode).
+//!
+//! Schema (SQLite):
+//! * `nodes(node_id PK, contiguous_seq, last_hash, duplicates, quarantined,
+//!   first_seen_ms, last_seen_ms)`: the per-node cursor (kept forever: a
+//!   node's high-water mark is never forgotten, so a duplicate is recognised
+//!   however late it comes).
+//! * `records(node_id, seq, …every UsageRecord field…, hash, signed,
+//!   received_ms, PRIMARY KEY (node_id, seq))`: one row per record, the
+//!   signed bytes kept for re-verification.
+//! * `gaps(node_id, first_seq, last_seq)`: ranges the edge declared lost.
+//! * `quarantine(id, node_id, seq, reason, signed, received_ms)`.
+//!
+//! A batch's verdicts are committed in one transaction, and the cursor moves
+//! in the same transaction: dedup happens after the commit, never before.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::ingest::{BatchVerdict, NodeCursor};
+
+/// A store error.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestStoreError {
+    /// SQLite failed.
+    #[error("ingest store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// What `core-ingest audit` reports per node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeAudit {
+    /// Node id.
+    pub node_id: String,
+    /// Records stored.
+    pub records: u64,
+    /// Every seq at or below this is stored or declared lost.
+    pub contiguous_seq: u64,
+    /// Declared-lost ranges, inclusive.
+    pub gaps: Vec<(u64, u64)>,
+    /// Records quarantined.
+    pub quarantined: u64,
+    /// Duplicates received (ignored).
+    pub duplicates: u64,
+    /// "ok" when every stored record chains to the one before it (across
+    /// declared gaps the chain restarts), else the first break.
+    pub chain: String,
+}
+
+/// The store core-ingest writes to.
+pub trait IngestStore {
+    /// The node's cursor (a new one for a node never seen).
+    fn cursor(&mut self, node_id: &str) -> Result<NodeCursor, IngestStoreError>;
+    /// Commits a batch's verdicts and the cursor, in one transaction.
+    fn commit(&mut self, verdict: &BatchVerdict, now_ms: i64) -> Result<(), IngestStoreError>;
+    /// Per-node audit.
+    fn audit(&mut self) -> Result<Vec<NodeAudit>, IngestStoreError>;
+}
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id        TEXT PRIMARY KEY,
+    contiguous_seq INTEGER NOT NULL,
+    last_hash      BLOB,
+    duplicates     INTEGER NOT NULL DEFAULT 0,
+    quarantined    INTEGER NOT NULL DEFAULT 0,
+    first_seen_ms  INTEGER NOT NULL,
+    last_seen_ms   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    node_id              TEXT    NOT NULL,
+    seq                  INTEGER NOT NULL,
+    record_id            BLOB    NOT NULL,
+    schema_version       INTEGER NOT NULL,
+    key_id               TEXT    NOT NULL,
+    imsi                 TEXT    NOT NULL,
+    app_id               TEXT    NOT NULL,
+    model_id             TEXT    NOT NULL,
+    prompt_tokens        INTEGER NOT NULL,
+    cached_prompt_tokens INTEGER NOT NULL,
+    completion_tokens    INTEGER NOT NULL,
+    reserved_tokens      INTEGER NOT NULL,
+    billed_tokens        INTEGER NOT NULL,
+    package_ids          TEXT    NOT NULL,
+    debits               TEXT    NOT NULL,
+    outcome              TEXT    NOT NULL,
+    failure_reason       TEXT    NOT NULL,
+    start_time_unix_ms   INTEGER NOT NULL,
+    end_time_unix_ms     INTEGER NOT NULL,
+    clock_sync           TEXT    NOT NULL,
+    duration_us          INTEGER NOT NULL,
+    ttft_us              INTEGER NOT NULL,
+    offline              INTEGER NOT NULL,
+    prev_hash            BLOB    NOT NULL,
+    hash                 BLOB    NOT NULL,
+    signed               BLOB    NOT NULL,
+    received_ms          INTEGER NOT NULL,
+    PRIMARY KEY (node_id, seq)
+);
+CREATE INDEX IF NOT EXISTS records_by_end ON records(end_time_unix_ms);
+CREATE TABLE IF NOT EXISTS gaps (
+    node_id   TEXT    NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    PRIMARY KEY (node_id, first_seq)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id     TEXT    NOT NULL,
+    seq         INTEGER,
+    reason      TEXT    NOT NULL,
+    signed      BLOB    NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+";
+
+impl SqliteStore {
+    /// Opens (creating) the store at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore, IngestStoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteStore { conn })
+    }
+
+    /// The connection, for read-only tools (export).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl IngestStore for SqliteStore {
+    fn cursor(&mut self, node_id: &str) -> Result<NodeCursor, IngestStoreError> {
+        let row: Option<(i64, Option<Vec<u8>>)> = self
+            .conn
+            .query_row(
+                "SELECT contiguous_seq, last_hash FROM nodes WHERE node_id = ?1",
+                [node_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            None => NodeCursor::new(node_id),
+            Some((seq, hash)) => NodeCursor {
+                node_id: node_id.to_string(),
+                contiguous_seq: seq as u64,
+                last_hash: hash.and_then(|h| h.try_into().ok()),
+            },
+        })
+    }
+
+    fn commit(&mut self, v: &BatchVerdict, now_ms: i64) -> Result<(), IngestStoreError> {
+        let tx = self.conn.transaction()?;
+        let node = &v.cursor.node_id;
+        tx.execute(
+            "INSERT INTO nodes (node_id, contiguous_seq, last_hash, first_seen_ms, last_seen_ms)
+             VALUES (?1, 0, NULL, ?2, ?2) ON CONFLICT(node_id) DO NOTHING",
+            params![node, now_ms],
+        )?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO records (node_id, seq, record_id, schema_version, key_id, imsi,
+                    app_id, model_id, prompt_tokens, cached_prompt_tokens, completion_tokens,
+                    reserved_tokens, billed_tokens, package_ids, debits, outcome, failure_reason,
+                    start_time_unix_ms, end_time_unix_ms, clock_sync, duration_us, ttft_us, offline,
+                    prev_hash, hash, signed, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
+            )?;
+            for a in &v.accepted {
+                let r = &a.record;
+                let debits: Vec<serde_json::Value> = r
+                    .debits
+                    .iter()
+                    .map(|d| serde_json::json!({"package_id": d.package_id, "tokens": d.tokens, "period": d.period}))
+                    .collect();
+                insert.execute(params![
+                    node,
+                    to_i64(a.seq),
+                    r.record_id,
+                    r.schema_version,
+                    r.key_id,
+                    r.imsi,
+                    r.app_id,
+                    r.model_id,
+                    to_i64(r.prompt_tokens),
+                    to_i64(r.cached_prompt_tokens),
+                    to_i64(r.completion_tokens),
+                    to_i64(r.reserved_tokens),
+                    to_i64(r.billed_tokens),
+                    serde_json::to_string(&r.package_ids).unwrap_or_default(),
+                    serde_json::Value::Array(debits).to_string(),
+                    r.outcome().as_str_name(),
+                    r.failure_reason,
+                    r.start_time_unix_ms,
+                    r.end_time_unix_ms,
+                    r.clock_sync().as_str_name(),
+                    to_i64(r.duration_us),
+                    to_i64(r.ttft_us),
+                    r.offline,
+                    r.prev_hash,
+                    a.hash.to_vec(),
+                    a.signed,
+                    now_ms
+                ])?;
+            }
+        }
+        for (first, last) in &v.gaps {
+            tx.execute(
+                "INSERT OR IGNORE INTO gaps (node_id, first_seq, last_seq) VALUES (?1, ?2, ?3)",
+                params![node, to_i64(*first), to_i64(*last)],
+            )?;
+        }
+        for q in &v.quarantined {
+            tx.execute(
+                "INSERT INTO quarantine (node_id, seq, reason, signed, received_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![node, q.seq.map(to_i64), q.reason, q.signed, now_ms],
+            )?;
+        }
+        tx.execute(
+            "UPDATE nodes SET contiguous_seq = MAX(contiguous_seq, ?2),
+                 last_hash = CASE WHEN ?2 >= contiguous_seq THEN ?3 ELSE last_hash END,
+                 duplicates = duplicates + ?4, quarantined = quarantined + ?5, last_seen_ms = ?6
+             WHERE node_id = ?1",
+            params![
+                node,
+                to_i64(v.cursor.contiguous_seq),
+                v.cursor.last_hash.map(|h| h.to_vec()),
+                to_i64(v.duplicates),
+                v.quarantined.len() as i64,
+                now_ms
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn audit(&mut self) -> Result<Vec<NodeAudit>, IngestStoreError> {
+        let nodes: Vec<(String, i64, i64, i64)> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT node_id, contiguous_seq, duplicates, quarantined FROM nodes ORDER BY node_id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for (node_id, contiguous, duplicates, quarantined) in nodes {
+            let gaps: Vec<(u64, u64)> = {
+                let mut stmt = self.conn.prepare(
+                    "SELECT first_seq, last_seq FROM gaps WHERE node_id = ?1 ORDER BY first_seq",
+                )?;
+                let rows = stmt.query_map([&node_id], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                })?;
+                rows.collect::<Result<_, _>>()?
+            };
+            // Walk the chain: each record's prev_hash is the previous record's hash.
+            let mut stmt = self.conn.prepare(
+                "SELECT seq, prev_hash, hash FROM records WHERE node_id = ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query([&node_id])?;
+            let (mut records, mut chain) = (0u64, "ok".to_string());
+            let mut prev: Option<(u64, Vec<u8>)> = None;
+            while let Some(row) = rows.next()? {
+                let (seq, prev_hash, hash): (i64, Vec<u8>, Vec<u8>) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?);
+                let seq = seq as u64;
+                records += 1;
+                let after_gap = gaps.iter().any(|g| g.1 + 1 == seq);
+                let expected = match &prev {
+                    Some((p, h)) if *p + 1 == seq => Some(h.clone()),
+                    None if seq == 1 => Some(crate::record::GENESIS_HASH.to_vec()),
+                    _ => None,
+                };
+                if chain == "ok" {
+                    match expected {
+                        Some(h) if h != prev_hash => chain = format!("broken at seq {seq}"),
+                        None if !after_gap => chain = format!("missing records before seq {seq}"),
+                        _ => {}
+                    }
+                }
+                prev = Some((seq, hash));
+            }
+            out.push(NodeAudit {
+                node_id,
+                records,
+                contiguous_seq: contiguous as u64,
+                gaps,
+                quarantined: quarantined as u64,
+                duplicates: duplicates as u64,
+                chain,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::{check_batch, test_chain as chain};
+    use crate::wire::pb::Batch;
+    use ed25519_dalek::SigningKey;
+
+    #[test]
+    fn batches_commit_once_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core.sqlite");
+        let k = SigningKey::from_bytes(&[3; 32]);
+        let recs = chain("edge-1", &k, 6);
+        let mut s = SqliteStore::open(&path).unwrap();
+        for part in [&recs[..4], &recs[2..6], &recs[..6]] {
+            let cursor = s.cursor("edge-1").unwrap();
+            let batch = Batch {
+                batch_id: 1,
+                records: part.to_vec(),
+                lost: vec![],
+            };
+            let v = check_batch(&cursor, &k.verifying_key(), &batch);
+            s.commit(&v, 0).unwrap();
+        }
+        drop(s);
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.cursor("edge-1").unwrap().contiguous_seq, 6);
+        let audit = s.audit().unwrap();
+        assert_eq!(audit.len(), 1);
+        let a = &audit[0];
+        assert_eq!((a.records, a.contiguous_seq, a.duplicates), (6, 6, 2 + 6));
+        assert_eq!(a.chain, "ok");
+        assert!(a.gaps.is_empty());
+        let billed: i64 = s
+            .connection()
+            .query_row("SELECT SUM(billed_tokens) FROM records", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(billed, (1..=6).map(|s| 7 + s).sum::<i64>());
+    }
+}
