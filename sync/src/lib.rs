@@ -15,4 +15,5 @@ pub mod ingest;
 pub mod ingest_store;
 pub mod log;
 pub mod record;
+pub mod upload;
 pub mod wire;
