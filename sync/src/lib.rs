@@ -14,6 +14,7 @@ pub mod identity;
 pub mod ingest;
 pub mod ingest_store;
 pub mod log;
+pub mod pki;
 pub mod record;
 pub mod upload;
 pub mod wire;
