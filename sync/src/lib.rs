@@ -10,11 +10,14 @@
 //! durable.
 #![warn(missing_docs)]
 
+pub mod core_server;
 pub mod identity;
 pub mod ingest;
 pub mod ingest_store;
 pub mod log;
 pub mod pki;
+pub mod quic;
 pub mod record;
 pub mod upload;
+pub mod uploader;
 pub mod wire;

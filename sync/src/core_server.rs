@@ -1,0 +1,160 @@
+//! core-ingest's QUIC shell: accepts connections whose client certificate
+//! the operator CA issued, takes the node id and key from that certificate,
+//! and for each batch runs the checks of [`crate::ingest`] and commits the
+//! verdicts (one transaction) before it acknowledges.
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::ingest::check_batch;
+use crate::ingest_store::IngestStore;
+use crate::wire::pb::{core_frame, edge_frame, Ack, CoreFrame, CoreHello, EdgeFrame};
+use crate::wire::{encode_frame, FrameDecoder};
+
+/// The store, shared by every connection.
+pub type SharedStore = Arc<Mutex<dyn IngestStore + Send>>;
+
+/// Reads the next whole frame from `recv`; `Ok(None)` at a clean end.
+pub async fn read_frame<M: prost::Message + Default>(
+    recv: &mut quinn::RecvStream,
+    dec: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> Result<Option<M>, String> {
+    loop {
+        if let Some(m) = dec.next_frame::<M>().map_err(|e| e.to_string())? {
+            return Ok(Some(m));
+        }
+        match recv.read(buf).await.map_err(|e| e.to_string())? {
+            Some(n) => dec.push(&buf[..n]),
+            None if dec.buffered() == 0 => return Ok(None),
+            None => return Err("the stream ended inside a frame".into()),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Serves `endpoint` until `shutdown` turns true.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    store: SharedStore,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let store = store.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(incoming, store).await {
+                        tracing::warn!(error = %e, "connection ended");
+                    }
+                });
+            }
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    endpoint.wait_idle().await;
+}
+
+async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<(), String> {
+    let remote = incoming.remote_address();
+    // The handshake verifies the client certificate against the operator CA.
+    let conn = incoming
+        .await
+        .map_err(|e| format!("{remote}: handshake: {e}"))?;
+    let cert = crate::quic::peer_certificate(&conn).ok_or("no client certificate")?;
+    let node_id = crate::pki::node_id_of(&cert).map_err(|e| e.to_string())?;
+    let key = crate::pki::ed25519_key_of(&cert).map_err(|e| e.to_string())?;
+    tracing::info!(node = %node_id, %remote, "node connected");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(quinn::ConnectionError::ApplicationClosed(_))
+            | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
+            Err(e) => return Err(format!("{node_id}: {e}")),
+        };
+        let (store, node_id) = (store.clone(), node_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = stream(&node_id, key, send, recv, store).await {
+                tracing::warn!(node = %node_id, error = %e, "upload stream ended");
+            }
+        });
+    }
+}
+
+async fn stream(
+    node_id: &str,
+    key: ed25519_dalek::VerifyingKey,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    store: SharedStore,
+) -> Result<(), String> {
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 << 10];
+    match read_frame::<EdgeFrame>(&mut recv, &mut dec, &mut buf).await? {
+        Some(EdgeFrame {
+            kind: Some(edge_frame::Kind::Hello(_)),
+        }) => {}
+        other => return Err(format!("expected Hello, got {other:?}")),
+    }
+    let cursor = {
+        let node = node_id.to_string();
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.lock().unwrap().cursor(&node))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    let hello = CoreFrame {
+        kind: Some(core_frame::Kind::Hello(CoreHello {
+            contiguous_seq: cursor.contiguous_seq,
+        })),
+    };
+    send.write_all(&encode_frame(&hello))
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(frame) = read_frame::<EdgeFrame>(&mut recv, &mut dec, &mut buf).await? {
+        let Some(edge_frame::Kind::Batch(batch)) = frame.kind else {
+            return Err("expected a Batch".into());
+        };
+        let (node, store) = (node_id.to_string(), store.clone());
+        let ack = tokio::task::spawn_blocking(move || -> Result<Ack, String> {
+            // Checks and commit under one lock: the cursor cannot move between them.
+            let mut s = store.lock().unwrap();
+            let cursor = s.cursor(&node).map_err(|e| e.to_string())?;
+            let v = check_batch(&cursor, &key, &batch);
+            s.commit(&v, now_ms()).map_err(|e| e.to_string())?;
+            for q in &v.quarantined {
+                tracing::warn!(node = %node, seq = ?q.seq, reason = %q.reason, "record quarantined");
+            }
+            Ok(Ack {
+                batch_id: batch.batch_id,
+                contiguous_seq: v.cursor.contiguous_seq,
+                duplicates: v.duplicates,
+                quarantined: v.quarantined.len() as u64,
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let frame = CoreFrame {
+            kind: Some(core_frame::Kind::Ack(ack)),
+        };
+        send.write_all(&encode_frame(&frame))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Resolves once `rx` holds true (the guard is not kept across awaits).
+pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,224 @@
+//! The edge's QUIC shell of the upload: connects to the core with the node
+//! certificate, resumes where the core is, streams batches read from the
+//! log within the window of [`crate::upload`], and acknowledges the log as
+//! the core acknowledges. Reconnects with backoff and jitter, forever, until
+//! shut down.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::core_server::{read_frame, stopped};
+use crate::log::UsageLog;
+use crate::quic::{client_endpoint, TransportOptions};
+use crate::upload::{Backoff, UploadWindow, WindowLimits};
+use crate::wire::pb::{core_frame, edge_frame, CoreFrame, EdgeFrame, Hello};
+use crate::wire::{encode_frame, FrameDecoder};
+
+/// Where and how to upload.
+#[derive(Debug, Clone)]
+pub struct UploaderConfig {
+    /// The core's UDP address.
+    pub core: SocketAddr,
+    /// The name the core's certificate must carry.
+    pub server_name: String,
+    /// Operator CA, PEM.
+    pub ca_pem: String,
+    /// Node certificate, PEM.
+    pub cert_pem: String,
+    /// Node key (PKCS#8), PEM.
+    pub key_pem: String,
+    /// Batches.
+    pub limits: WindowLimits,
+    /// Transport.
+    pub transport: TransportOptions,
+    /// How often to look for new records when idle.
+    pub poll: Duration,
+}
+
+/// What the uploader shows in metrics and the admin API.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UploaderStatus {
+    /// A connection is up.
+    pub connected: bool,
+    /// The core holds every seq at or below this.
+    pub acked_seq: u64,
+    /// When the last acknowledgement came (Unix ms, 0: never).
+    pub last_ack_unix_ms: i64,
+    /// Connections made.
+    pub connections: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    log: Arc<UsageLog>,
+    config: UploaderConfig,
+    status: Arc<Mutex<UploaderStatus>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let bind: SocketAddr = if config.core.is_ipv6() {
+        "[::]:0".parse().unwrap()
+    } else {
+        "0.0.0.0:0".parse().unwrap()
+    };
+    let endpoint = match client_endpoint(
+        bind,
+        &config.cert_pem,
+        &config.key_pem,
+        &config.ca_pem,
+        &config.transport,
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "uploader cannot start");
+            status.lock().unwrap().last_error = Some(e.to_string());
+            return;
+        }
+    };
+    let mut window = UploadWindow::new(config.limits, log.stats().acked_seq);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let stop = *shutdown.borrow();
+        if stop {
+            break;
+        }
+        let result = session(
+            &endpoint,
+            &log,
+            &config,
+            &mut window,
+            &status,
+            &mut backoff,
+            &mut shutdown,
+        )
+        .await;
+        window.on_disconnect();
+        {
+            let mut s = status.lock().unwrap();
+            s.connected = false;
+            if let Err(e) = &result {
+                s.last_error = Some(e.clone());
+            }
+        }
+        match result {
+            Ok(()) => break,
+            Err(e) => tracing::warn!(error = %e, "upload connection lost"),
+        }
+        let jitter = (SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            % 1000) as f64
+            / 1000.0;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay(jitter)) => {}
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    endpoint.wait_idle().await;
+}
+
+async fn ack_log(log: &Arc<UsageLog>, seq: u64) -> Result<(), String> {
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || {
+        let durable = log.stats().durable_seq;
+        log.ack(seq.min(durable))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    log: &Arc<UsageLog>,
+    config: &UploaderConfig,
+    window: &mut UploadWindow,
+    status: &Mutex<UploaderStatus>,
+    backoff: &mut Backoff,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    let conn = endpoint
+        .connect(config.core, &config.server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", config.core))?;
+    backoff.reset();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let hello = EdgeFrame {
+        kind: Some(edge_frame::Kind::Hello(Hello {
+            log_acked_seq: log.stats().acked_seq,
+        })),
+    };
+    send.write_all(&encode_frame(&hello))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let contiguous = match read_frame::<CoreFrame>(&mut recv, &mut dec, &mut buf).await? {
+        Some(CoreFrame {
+            kind: Some(core_frame::Kind::Hello(h)),
+        }) => h.contiguous_seq,
+        other => return Err(format!("expected CoreHello, got {other:?}")),
+    };
+    let pos = window.on_core_hello(contiguous);
+    ack_log(log, pos).await?;
+    {
+        let mut s = status.lock().unwrap();
+        s.connected = true;
+        s.connections += 1;
+        s.acked_seq = pos;
+        s.last_error = None;
+    }
+    loop {
+        // Fill the window with what the log holds.
+        while let Some((from, n, bytes)) = window.want() {
+            let l = log.clone();
+            let records = tokio::task::spawn_blocking(move || l.read_from(from, n, bytes))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let lost: Vec<(u64, u64)> = log
+                .lost_ranges()
+                .iter()
+                .map(|r| (r.first, r.last))
+                .collect();
+            let Some(batch) = window.batch(records, &lost) else {
+                break;
+            };
+            let frame = EdgeFrame {
+                kind: Some(edge_frame::Kind::Batch(batch)),
+            };
+            send.write_all(&encode_frame(&frame))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let idle = window.in_flight() == 0 || window.want().is_some();
+        tokio::select! {
+            frame = read_frame::<CoreFrame>(&mut recv, &mut dec, &mut buf) => {
+                let ack = match frame? {
+                    Some(CoreFrame { kind: Some(core_frame::Kind::Ack(a)) }) => a,
+                    Some(other) => return Err(format!("unexpected frame {other:?}")),
+                    None => return Err("the core closed the stream".into()),
+                };
+                if let Some(pos) = window.on_ack(&ack).map_err(|e| e.to_string())? {
+                    ack_log(log, pos).await?;
+                    let mut s = status.lock().unwrap();
+                    s.acked_seq = pos;
+                    s.last_ack_unix_ms = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0);
+                }
+            }
+            _ = tokio::time::sleep(config.poll), if idle => {}
+            _ = stopped(shutdown) => {
+                conn.close(quinn::VarInt::from_u32(0), b"shutdown");
+                return Ok(());
+            }
+        }
+    }
+}
