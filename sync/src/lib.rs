@@ -10,6 +10,7 @@
 //! durable.
 #![warn(missing_docs)]
 
+pub mod core_ingest;
 pub mod core_server;
 pub mod identity;
 pub mod ingest;

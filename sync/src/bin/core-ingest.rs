@@ -1,0 +1,146 @@
+//! `core-ingest`: the operator core's side of the usage upload. A thin
+//! main over `mec_sync::core_ingest`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mec_sync::core_ingest::{self, CoreConfig, Format};
+
+/// Receives signed usage records from edge nodes over QUIC (mutual TLS),
+/// stores each exactly once, and exports them for billing.
+#[derive(Debug, Parser)]
+#[command(name = "core-ingest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a dev operator CA, a server certificate and a configuration in DIR.
+    Init {
+        /// Directory (created).
+        #[arg(long)]
+        dir: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: String,
+        /// More names for the server certificate (DNS names or IPs).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Receive records until SIGTERM.
+    Serve {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Issue a node certificate (dev and test enrollment).
+    IssueNodeCert {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The node's id (its usage records must name it).
+        #[arg(long)]
+        node_id: String,
+        /// The node's public key, SPKI PEM (its identity/node.pub).
+        #[arg(long)]
+        public_key: PathBuf,
+        /// Where to write the certificate (PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Per node: records, highest contiguous seq, gaps, quarantine, chain (JSON).
+    Audit {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Records for billing, one row each or summed per IMSI per day.
+    Export {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// csv or jsonl.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: Format,
+        /// Records ending at or after this (RFC 3339, YYYY-MM-DD or Unix seconds).
+        #[arg(long)]
+        from: Option<String>,
+        /// Records ending before this.
+        #[arg(long)]
+        to: Option<String>,
+        /// `imsi-day`: sums per IMSI per UTC day.
+        #[arg(long, value_parser = ["imsi-day"])]
+        group_by: Option<String>,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { dir, listen, san } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&core_ingest::init(&dir, &listen, &san)?)?
+            );
+        }
+        Command::Serve { config } => {
+            let config = CoreConfig::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(core_ingest::serve(config))?;
+        }
+        Command::IssueNodeCert {
+            config,
+            node_id,
+            public_key,
+            out,
+        } => {
+            let config = CoreConfig::load(&config)?;
+            let pem = std::fs::read_to_string(&public_key)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", public_key.display()))?;
+            std::fs::write(&out, core_ingest::issue(&config, &node_id, &pem)?)?;
+            println!("{}", serde_json::json!({ "node_id": node_id, "cert": out }));
+        }
+        Command::Audit { config } => {
+            let config = CoreConfig::load(&config)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&core_ingest::audit(&config)?)?
+            );
+        }
+        Command::Export {
+            config,
+            format,
+            from,
+            to,
+            group_by,
+        } => {
+            let config = CoreConfig::load(&config)?;
+            let from = from.as_deref().map(core_ingest::parse_time).transpose()?;
+            let to = to.as_deref().map(core_ingest::parse_time).transpose()?;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            core_ingest::export(&config, format, from, to, group_by.is_some(), &mut out)?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORE_INGEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("core-ingest: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

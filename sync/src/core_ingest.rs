@@ -1,0 +1,320 @@
+//! The `core-ingest` commands: `init` (dev operator CA, server certificate,
+//! configuration), `serve`, `issue-node-cert`, `audit` and `export` (for core
+//! billing). The binary (`src/bin/core-ingest.rs`) only parses arguments.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::ingest_store::{IngestStore, SqliteStore};
+use crate::pki::{generate_ca, issue_node_cert, issue_server_cert, CertAndKey};
+use crate::quic::{server_endpoint, TransportOptions};
+
+/// core-ingest's configuration (TOML). Paths are relative to the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreConfig {
+    /// UDP address to listen on (port 0: any; `serve` prints the bound one).
+    pub listen: String,
+    /// The SQLite store.
+    pub store: PathBuf,
+    /// Operator CA certificate (verifies nodes).
+    pub ca_cert: PathBuf,
+    /// Operator CA key (issues dev node certificates).
+    pub ca_key: PathBuf,
+    /// The core's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// Idle timeout, seconds.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_s: u64,
+    /// UDP segmentation offload (off works around kernel and NIC bugs).
+    #[serde(default = "default_true")]
+    pub segmentation_offload: bool,
+}
+
+fn default_idle() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+
+impl CoreConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> anyhow::Result<CoreConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut c: CoreConfig =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        c.listen.parse::<SocketAddr>().with_context(|| {
+            format!(
+                "{}: listen: {:?} is not host:port",
+                path.display(),
+                c.listen
+            )
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut c.store,
+            &mut c.ca_cert,
+            &mut c.ca_key,
+            &mut c.cert,
+            &mut c.key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(c)
+    }
+
+    fn ca(&self) -> anyhow::Result<CertAndKey> {
+        Ok(CertAndKey {
+            cert_pem: read(&self.ca_cert)?,
+            key_pem: read(&self.ca_key)?,
+        })
+    }
+}
+
+fn read(p: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+}
+
+fn write_file(path: &Path, text: &str, private: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// `core-ingest init`: a dev operator CA, a server certificate for
+/// localhost, 127.0.0.1, ::1 and `sans`, and a configuration in `dir`.
+pub fn init(dir: &Path, listen: &str, sans: &[String]) -> anyhow::Result<serde_json::Value> {
+    listen
+        .parse::<SocketAddr>()
+        .with_context(|| format!("--listen {listen:?} is not host:port"))?;
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let config_path = dir.join("core-ingest.toml");
+    anyhow::ensure!(!config_path.exists(), "{} exists", config_path.display());
+    let ca = generate_ca("MEC dev operator CA")?;
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    names.extend(sans.iter().cloned());
+    let server = issue_server_cert(&ca, &names)?;
+    write_file(&dir.join("operator-ca.crt"), &ca.cert_pem, false)?;
+    write_file(&dir.join("operator-ca.key"), &ca.key_pem, true)?;
+    write_file(&dir.join("core.crt"), &server.cert_pem, false)?;
+    write_file(&dir.join("core.key"), &server.key_pem, true)?;
+    let text = format!(
+        "# Written by `core-ingest init` (a dev operator CA: keep operator-ca.key secret).\n\
+         listen = {listen:?}\nstore = \"core.sqlite\"\nca_cert = \"operator-ca.crt\"\nca_key = \"operator-ca.key\"\n\
+         cert = \"core.crt\"\nkey = \"core.key\"\n# idle_timeout_s = 30\n# segmentation_offload = true\n"
+    );
+    write_file(&config_path, &text, false)?;
+    CoreConfig::load(&config_path)?;
+    Ok(serde_json::json!({
+        "config": config_path,
+        "listen": listen,
+        "ca_cert": dir.join("operator-ca.crt"),
+        "server_names": names,
+    }))
+}
+
+/// `core-ingest issue-node-cert`: a node certificate for `node_id` and the
+/// node's public key (SPKI PEM, its `identity/node.pub`).
+pub fn issue(config: &CoreConfig, node_id: &str, public_key_pem: &str) -> anyhow::Result<String> {
+    Ok(issue_node_cert(&config.ca()?, node_id, public_key_pem)?)
+}
+
+/// `core-ingest serve`: until SIGTERM or SIGINT. Prints one ready line.
+pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
+    let store =
+        SqliteStore::open(&config.store).with_context(|| format!("{}", config.store.display()))?;
+    let transport = TransportOptions {
+        idle_timeout: std::time::Duration::from_secs(config.idle_timeout_s),
+        segmentation_offload: config.segmentation_offload,
+        ..TransportOptions::default()
+    };
+    let endpoint = server_endpoint(
+        config.listen.parse()?,
+        &read(&config.cert)?,
+        &read(&config.key)?,
+        &read(&config.ca_cert)?,
+        &transport,
+    )?;
+    let bound = endpoint.local_addr()?;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let shared: crate::core_server::SharedStore = Arc::new(Mutex::new(store));
+    let server = tokio::spawn(crate::core_server::serve(endpoint, shared, rx));
+    println!(
+        "{}",
+        serde_json::json!({ "event": "ready", "listen": bound.to_string() })
+    );
+    tracing::info!(%bound, "core-ingest serving");
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
+    Ok(())
+}
+
+/// `core-ingest audit`: per node, records, highest contiguous seq, gaps,
+/// quarantine, chain status.
+pub fn audit(config: &CoreConfig) -> anyhow::Result<serde_json::Value> {
+    let mut store = SqliteStore::open(&config.store)?;
+    Ok(serde_json::to_value(store.audit()?)?)
+}
+
+/// Output format of `export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Comma-separated values with a header row.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+/// Parses `--from`/`--to`: RFC 3339, a date (UTC midnight), or Unix seconds.
+pub fn parse_time(s: &str) -> anyhow::Result<i64> {
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs * 1000);
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis());
+    }
+    anyhow::bail!("{s:?} is not a time (RFC 3339, YYYY-MM-DD, or Unix seconds)")
+}
+
+const RECORD_COLUMNS: [&str; 15] = [
+    "node_id",
+    "seq",
+    "record_id",
+    "imsi",
+    "app_id",
+    "model_id",
+    "prompt_tokens",
+    "cached_prompt_tokens",
+    "completion_tokens",
+    "billed_tokens",
+    "outcome",
+    "failure_reason",
+    "start_time_unix_ms",
+    "end_time_unix_ms",
+    "package_ids",
+];
+
+const DAY_COLUMNS: [&str; 7] = [
+    "imsi",
+    "day",
+    "records",
+    "prompt_tokens",
+    "cached_prompt_tokens",
+    "completion_tokens",
+    "billed_tokens",
+];
+
+/// `core-ingest export`: records whose end time is in `[from, to)` (Unix
+/// ms), one row each, or with `by_imsi_day` the sums per IMSI per UTC day.
+pub fn export(
+    config: &CoreConfig,
+    format: Format,
+    from_ms: Option<i64>,
+    to_ms: Option<i64>,
+    by_imsi_day: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<u64> {
+    let store = SqliteStore::open(&config.store)?;
+    let conn = store.connection();
+    let (from, to) = (from_ms.unwrap_or(i64::MIN), to_ms.unwrap_or(i64::MAX));
+    let (sql, columns): (String, &[&str]) = if by_imsi_day {
+        (
+            "SELECT imsi, strftime('%Y-%m-%d', end_time_unix_ms / 1000, 'unixepoch') AS day, COUNT(*),
+                    SUM(prompt_tokens), SUM(cached_prompt_tokens), SUM(completion_tokens), SUM(billed_tokens)
+             FROM records WHERE end_time_unix_ms >= ?1 AND end_time_unix_ms < ?2
+             GROUP BY imsi, day ORDER BY imsi, day"
+                .into(),
+            &DAY_COLUMNS,
+        )
+    } else {
+        (
+                "SELECT node_id, seq, lower(hex(record_id)), imsi, app_id, model_id, prompt_tokens,
+                        cached_prompt_tokens, completion_tokens, billed_tokens, outcome, failure_reason,
+                        start_time_unix_ms, end_time_unix_ms, package_ids
+                 FROM records WHERE end_time_unix_ms >= ?1 AND end_time_unix_ms < ?2
+                 ORDER BY node_id, seq"
+                .into(),
+            &RECORD_COLUMNS,
+        )
+    };
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params![from, to])?;
+    let mut table: Vec<Vec<rusqlite::types::Value>> = Vec::new();
+    while let Some(row) = rows.next()? {
+        table.push(
+            (0..columns.len())
+                .map(|i| row.get(i))
+                .collect::<Result<_, _>>()?,
+        );
+    }
+    let n = table.len() as u64;
+    match format {
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(out);
+            w.write_record(columns)?;
+            for values in &table {
+                w.write_record(values.iter().map(|v| match v {
+                    rusqlite::types::Value::Integer(i) => i.to_string(),
+                    rusqlite::types::Value::Text(t) => t.clone(),
+                    rusqlite::types::Value::Real(f) => f.to_string(),
+                    _ => String::new(),
+                }))?;
+            }
+            w.flush()?;
+        }
+        Format::Jsonl => {
+            for values in table {
+                let obj: serde_json::Map<String, serde_json::Value> = columns
+                    .iter()
+                    .zip(values)
+                    .map(|(c, v)| {
+                        let j = match v {
+                            rusqlite::types::Value::Integer(i) => serde_json::json!(i),
+                            rusqlite::types::Value::Text(t) if *c == "package_ids" => {
+                                serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t))
+                            }
+                            rusqlite::types::Value::Text(t) => serde_json::json!(t),
+                            rusqlite::types::Value::Real(f) => serde_json::json!(f),
+                            _ => serde_json::Value::Null,
+                        };
+                        (c.to_string(), j)
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Object(obj))?;
+            }
+        }
+    }
+    Ok(n)
+}

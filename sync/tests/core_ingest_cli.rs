@@ -1,0 +1,201 @@
+//! `core-ingest` as an operator runs it (init, serve, issue-node-cert, audit,
+//! export), fed by a real uploader over loopback QUIC; the core killed with
+//! SIGKILL mid-upload and restarted still holds every record exactly once.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mec_sync::identity::NodeIdentity;
+use mec_sync::log::{BackendChoice, LogOptions, UsageLog};
+use mec_sync::quic::TransportOptions;
+use mec_sync::record::UsageRecord;
+use mec_sync::upload::WindowLimits;
+use mec_sync::uploader::{UploaderConfig, UploaderStatus};
+use serde_json::Value;
+
+fn core_ingest(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_core-ingest"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn serve(config: &Path) -> (Child, std::net::SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_core-ingest"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    (child, v["listen"].as_str().unwrap().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_sees_records_arrive_once_even_across_a_core_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let core_dir = dir.path().join("core");
+    let out = core_ingest(&[
+        "init",
+        "--dir",
+        core_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = init["config"].as_str().unwrap().to_string();
+    let ca_pem = std::fs::read_to_string(init["ca_cert"].as_str().unwrap()).unwrap();
+
+    // The edge: identity, log with records, a certificate from the core's CA.
+    let edge = dir.path().join("edge");
+    let identity = NodeIdentity::generate().unwrap();
+    identity.write_to(&edge.join("identity")).unwrap();
+    let log = Arc::new(
+        UsageLog::open(
+            &edge.join("log"),
+            identity,
+            "edge-7",
+            LogOptions {
+                backend: BackendChoice::File,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    const N: u64 = 3000;
+    for i in 0..N {
+        log.append(UsageRecord {
+            imsi: format!("00101000000000{}", i % 3),
+            prompt_tokens: 10,
+            cached_prompt_tokens: 4,
+            completion_tokens: 5,
+            billed_tokens: 15,
+            end_time_unix_ms: 1_795_000_000_000 + i as i64,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let cert_path = edge.join("identity/node.crt");
+    let out = core_ingest(&[
+        "issue-node-cert",
+        "--config",
+        &config,
+        "--node-id",
+        "edge-7",
+        "--public-key",
+        edge.join("identity/node.pub").to_str().unwrap(),
+        "--out",
+        cert_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (mut core, addr) = serve(Path::new(&config));
+    let status = Arc::new(Mutex::new(UploaderStatus::default()));
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let uploader = tokio::spawn(mec_sync::uploader::run(
+        log.clone(),
+        UploaderConfig {
+            core: addr,
+            server_name: "localhost".into(),
+            ca_pem,
+            cert_pem: std::fs::read_to_string(&cert_path).unwrap(),
+            key_pem: std::fs::read_to_string(edge.join("identity/node.key")).unwrap(),
+            limits: WindowLimits {
+                batch_records: 100,
+                batch_bytes: 1 << 20,
+                in_flight: 2,
+            },
+            transport: TransportOptions {
+                idle_timeout: Duration::from_secs(3),
+                ..TransportOptions::default()
+            },
+            poll: Duration::from_millis(20),
+        },
+        status.clone(),
+        rx,
+    ));
+    // Kill the core mid-upload, then start it again on the same address.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log.stats().acked_seq == 0 {
+        assert!(Instant::now() < deadline, "nothing acknowledged");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    core.kill().unwrap();
+    core.wait().unwrap();
+    let killed_at = log.stats().acked_seq;
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("127.0.0.1:0", &addr.to_string())).unwrap();
+    let (mut core, _) = serve(Path::new(&config));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while log.stats().acked_seq < N {
+        assert!(
+            Instant::now() < deadline,
+            "acked {} of {N} (killed at {killed_at})",
+            log.stats().acked_seq
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    uploader.await.unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(core.id() as i32, libc::SIGTERM) };
+    assert!(core.wait().unwrap().success());
+
+    let out = core_ingest(&["audit", "--config", &config]);
+    let audit: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(audit[0]["node_id"], "edge-7");
+    assert_eq!(audit[0]["records"], N);
+    assert_eq!(audit[0]["contiguous_seq"], N);
+    assert_eq!(audit[0]["gaps"].as_array().unwrap().len(), 0);
+    assert_eq!(audit[0]["quarantined"], 0);
+    assert_eq!(audit[0]["chain"], "ok");
+
+    let out = core_ingest(&["export", "--config", &config, "--format", "csv"]);
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(csv.starts_with("node_id,seq,record_id,imsi,"), "{csv:.200}");
+    assert_eq!(csv.lines().count() as u64, N + 1);
+    let out = core_ingest(&[
+        "export",
+        "--config",
+        &config,
+        "--format",
+        "jsonl",
+        "--group-by",
+        "imsi-day",
+    ]);
+    let days: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(days.len(), 3);
+    let completion: u64 = days
+        .iter()
+        .map(|d| d["completion_tokens"].as_u64().unwrap())
+        .sum();
+    let cached: u64 = days
+        .iter()
+        .map(|d| d["cached_prompt_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!((completion, cached), (5 * N, 4 * N));
+    assert!(days.iter().all(|d| d["day"] == "2026-11-18"), "{days:?}");
+}
