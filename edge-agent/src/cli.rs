@@ -57,6 +57,13 @@ pub struct InitArgs {
     /// Replace an existing configuration (the identity and the state are kept).
     #[arg(long)]
     pub force: bool,
+    /// core-ingest's UDP address (host:port): usage records are uploaded there.
+    #[arg(long, requires = "core_ca")]
+    pub core: Option<String>,
+    /// The operator CA (PEM) that issued core-ingest's certificate; copied to
+    /// the identity directory.
+    #[arg(long, requires = "core")]
+    pub core_ca: Option<PathBuf>,
 }
 
 /// Arguments of `edge-agent serve`.

@@ -30,6 +30,9 @@ pub struct Config {
     /// Metering.
     #[serde(default)]
     pub metering: MeteringConfig,
+    /// The operator's core-ingest (absent: records stay in the log).
+    #[serde(default)]
+    pub core: Option<CoreConfig>,
     /// Apps allowed to call the API.
     #[serde(default)]
     pub apps: Vec<AppConfig>,
@@ -165,6 +168,38 @@ impl Default for LogConfig {
             backend: default_backend(),
         }
     }
+}
+
+/// `[core]`: where usage records go. The node certificate
+/// (`identity/node.crt`) and the operator CA (`identity/operator-ca.crt`)
+/// live in the state directory; the upload starts once both are there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreConfig {
+    /// core-ingest's UDP address, host:port.
+    pub address: String,
+    /// The name its certificate carries.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// UDP segmentation offload (off works around kernel and NIC bugs).
+    #[serde(default = "default_true")]
+    pub segmentation_offload: bool,
+    /// Records per batch.
+    #[serde(default = "default_batch_records")]
+    pub batch_records: usize,
+    /// Batches in flight.
+    #[serde(default = "default_in_flight")]
+    pub batches_in_flight: usize,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+fn default_batch_records() -> usize {
+    2048
+}
+fn default_in_flight() -> usize {
+    4
 }
 
 /// `[metering]`.
@@ -385,6 +420,25 @@ impl Config {
                 "segment_bytes at least 4096 and budget_bytes at least segment_bytes".into(),
             ));
         }
+        if let Some(core) = &self.core {
+            core.address.parse::<SocketAddr>().map_err(|e| {
+                bad(
+                    "core.address",
+                    format!("{:?} is not host:port ({e})", core.address),
+                )
+            })?;
+            if core.server_name.is_empty() {
+                return Err(bad("core.server_name", "must not be empty".into()));
+            }
+            if !(1..=100_000).contains(&core.batch_records)
+                || !(1..=64).contains(&core.batches_in_flight)
+            {
+                return Err(bad(
+                    "core.batch_records",
+                    "1 to 100000 records, 1 to 64 batches in flight".into(),
+                ));
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
             let key = |k: &str| format!("apps[{i}].{k}");
@@ -432,6 +486,16 @@ impl Config {
     /// `state_dir/log`.
     pub fn log_dir(&self) -> PathBuf {
         self.node.state_dir.join("log")
+    }
+
+    /// `state_dir/identity/node.crt`: the node certificate for the upload.
+    pub fn node_cert_path(&self) -> PathBuf {
+        self.identity_dir().join("node.crt")
+    }
+
+    /// `state_dir/identity/operator-ca.crt`.
+    pub fn operator_ca_path(&self) -> PathBuf {
+        self.identity_dir().join("operator-ca.crt")
     }
 
     /// `state_dir/ledger.sqlite`.

@@ -103,6 +103,20 @@ models = ["*"]
         model_id = toml_string(&model_id),
         digest = crate::server::key_digest_hex(&app_key),
     );
+    let text = match (&args.core, &args.core_ca) {
+        (Some(core), Some(ca)) => {
+            let pem =
+                std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+            anyhow::ensure!(
+                pem.contains("BEGIN CERTIFICATE"),
+                "{} is not a PEM certificate",
+                ca.display()
+            );
+            std::fs::write(state_dir.join("identity/operator-ca.crt"), pem)?;
+            format!("{text}\n# Usage records go to core-ingest once identity/node.crt is there.\n[core]\naddress = {}\n", toml_string(core))
+        }
+        _ => text,
+    };
     // Validate before writing: init never leaves a configuration serve refuses.
     Config::parse(&text, &config_path)?;
     write_private(&config_path, &text)?;
@@ -114,6 +128,8 @@ models = ["*"]
         "node_id": node_id,
         "node_public_key": identity.public_key_pem(),
         "key_id": identity.key_id(),
+        "node_public_key_path": state_dir.join("identity/node.pub"),
+        "node_cert_path": state_dir.join("identity/node.crt"),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)

@@ -158,3 +158,53 @@ async fn stream(
 pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
+
+/// A core-ingest running in this process on a loopback port, with a fresh
+/// dev CA and its own store: for tests and demos of the upload.
+pub struct LoopbackCore {
+    /// Its UDP address.
+    pub addr: std::net::SocketAddr,
+    /// The operator CA (issue node certificates with it).
+    pub ca: crate::pki::CertAndKey,
+    /// The store.
+    pub store: Arc<Mutex<crate::ingest_store::SqliteStore>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LoopbackCore {
+    /// Starts one with its store at `store_path` (inside a tokio runtime).
+    pub fn start(store_path: &std::path::Path) -> Result<LoopbackCore, String> {
+        let ca = crate::pki::generate_ca("loopback operator CA").map_err(|e| e.to_string())?;
+        let server = crate::pki::issue_server_cert(&ca, &["localhost".into(), "127.0.0.1".into()])
+            .map_err(|e| e.to_string())?;
+        let store = Arc::new(Mutex::new(
+            crate::ingest_store::SqliteStore::open(store_path).map_err(|e| e.to_string())?,
+        ));
+        let endpoint = crate::quic::server_endpoint(
+            "127.0.0.1:0".parse().expect("an address"),
+            &server.cert_pem,
+            &server.key_pem,
+            &ca.cert_pem,
+            &crate::quic::TransportOptions::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let shared: SharedStore = store.clone();
+        let task = tokio::spawn(serve(endpoint, shared, rx));
+        Ok(LoopbackCore {
+            addr,
+            ca,
+            store,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops it and waits until it has.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}

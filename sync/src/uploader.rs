@@ -34,6 +34,19 @@ pub struct UploaderConfig {
     pub transport: TransportOptions,
     /// How often to look for new records when idle.
     pub poll: Duration,
+    /// The log is never acknowledged past this (the agent's ledger store
+    /// must have applied a record before the log may release it).
+    pub ack_limit: Option<AckLimit>,
+}
+
+/// A bound on the log's acknowledged position, read at each acknowledgement.
+#[derive(Clone)]
+pub struct AckLimit(pub Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for AckLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AckLimit")
+    }
 }
 
 /// What the uploader shows in metrics and the admin API.
@@ -121,11 +134,13 @@ pub async fn run(
     endpoint.wait_idle().await;
 }
 
-async fn ack_log(log: &Arc<UsageLog>, seq: u64) -> Result<(), String> {
+async fn ack_log(log: &Arc<UsageLog>, seq: u64, limit: &Option<AckLimit>) -> Result<(), String> {
     let log = log.clone();
+    let limit = limit.clone();
     tokio::task::spawn_blocking(move || {
         let durable = log.stats().durable_seq;
-        log.ack(seq.min(durable))
+        let cap = limit.map(|l| (l.0)()).unwrap_or(u64::MAX);
+        log.ack(seq.min(durable).min(cap))
     })
     .await
     .map_err(|e| e.to_string())?
@@ -165,7 +180,7 @@ async fn session(
         other => return Err(format!("expected CoreHello, got {other:?}")),
     };
     let pos = window.on_core_hello(contiguous);
-    ack_log(log, pos).await?;
+    ack_log(log, pos, &config.ack_limit).await?;
     {
         let mut s = status.lock().unwrap();
         s.connected = true;
@@ -205,7 +220,7 @@ async fn session(
                     None => return Err("the core closed the stream".into()),
                 };
                 if let Some(pos) = window.on_ack(&ack).map_err(|e| e.to_string())? {
-                    ack_log(log, pos).await?;
+                    ack_log(log, pos, &config.ack_limit).await?;
                     let mut s = status.lock().unwrap();
                     s.acked_seq = pos;
                     s.last_ack_unix_ms = SystemTime::now()

@@ -129,6 +129,7 @@ async fn an_operator_sees_records_arrive_once_even_across_a_core_crash() {
                 ..TransportOptions::default()
             },
             poll: Duration::from_millis(20),
+            ack_limit: None,
         },
         status.clone(),
         rx,

@@ -4,11 +4,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mec_sync::core_server::LoopbackCore;
 use mec_sync::identity::NodeIdentity;
-use mec_sync::ingest_store::{IngestStore, SqliteStore};
+use mec_sync::ingest_store::IngestStore;
 use mec_sync::log::{BackendChoice, LogOptions, UsageLog};
-use mec_sync::pki::{generate_ca, issue_node_cert, issue_server_cert, CertAndKey};
-use mec_sync::quic::{server_endpoint, TransportOptions};
+use mec_sync::pki::{generate_ca, issue_node_cert, CertAndKey};
+use mec_sync::quic::TransportOptions;
 use mec_sync::record::UsageRecord;
 use mec_sync::upload::WindowLimits;
 use mec_sync::uploader::{UploaderConfig, UploaderStatus};
@@ -86,29 +87,19 @@ fn uploader_config(
         },
         transport: TransportOptions::default(),
         poll: Duration::from_millis(20),
+        ack_limit: None,
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn records_reach_the_core_once_and_the_log_is_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = generate_ca("test operator CA").unwrap();
-    let server = issue_server_cert(&ca, &["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let store: Arc<Mutex<SqliteStore>> = Arc::new(Mutex::new(
-        SqliteStore::open(&dir.path().join("core.sqlite")).unwrap(),
-    ));
-    let endpoint = server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &server.cert_pem,
-        &server.key_pem,
-        &ca.cert_pem,
-        &TransportOptions::default(),
-    )
-    .unwrap();
-    let core = endpoint.local_addr().unwrap();
-    let (stop_core, stop_rx) = tokio::sync::watch::channel(false);
-    let shared: mec_sync::core_server::SharedStore = store.clone();
-    let core_task = tokio::spawn(mec_sync::core_server::serve(endpoint, shared, stop_rx));
+    let core_ingest = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let (core, ca, store) = (
+        core_ingest.addr,
+        core_ingest.ca.clone(),
+        core_ingest.store.clone(),
+    );
 
     let edge = node(&dir.path().join("edge"), "edge-1");
     append(&edge.log, 500).await;
@@ -152,12 +143,12 @@ async fn records_reach_the_core_once_and_the_log_is_acknowledged() {
     assert!(!rogue_status.lock().unwrap().connected);
     assert_eq!(rogue.log.stats().acked_seq, 0);
 
-    for s in [stop_up, stop_rogue, stop_core] {
+    for s in [stop_up, stop_rogue] {
         s.send(true).unwrap();
     }
     up.await.unwrap();
     rogue_task.await.unwrap();
-    core_task.await.unwrap();
+    core_ingest.stop().await;
     let audit = store.lock().unwrap().audit().unwrap();
     assert_eq!(audit.len(), 1, "{audit:?}");
     let a = &audit[0];

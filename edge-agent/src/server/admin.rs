@@ -24,6 +24,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/v1/buckets/{id}", delete(revoke))
         .route("/admin/v1/subscribers/{imsi}", get(balance))
         .route("/admin/v1/subscribers/{imsi}/usage", get(usage))
+        .route("/admin/v1/sync", get(sync_status))
         .with_state(state)
 }
 
@@ -164,4 +165,20 @@ async fn usage(
         Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
         Err(e) => ApiError::internal(e.to_string()).into_response(),
     }
+}
+
+/// `GET /admin/v1/sync`: the upload to the core.
+async fn sync_status(State(state): State<Arc<AppState>>) -> Response {
+    let log = state.billing.log().stats();
+    let status = state.sync.lock().unwrap().clone();
+    Json(json!({
+        "configured": state.config.core.is_some(),
+        "core": state.config.core.as_ref().map(|c| c.address.clone()),
+        "status": status,
+        "log_durable_seq": log.durable_seq,
+        "log_acked_seq": log.acked_seq,
+        "backlog_records": log.backlog_records,
+        "backlog_bytes": log.backlog_bytes,
+    }))
+    .into_response()
 }

@@ -580,6 +580,15 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         backlog_records: log.backlog_records,
         backlog_bytes: log.backlog_bytes,
         gpus: state.gpu_snapshot(),
+        sync: state.config.core.as_ref().map(|_| {
+            let s = state.sync.lock().unwrap();
+            let age = if s.last_ack_unix_ms == 0 {
+                -1
+            } else {
+                (super::billing::unix_now() - s.last_ack_unix_ms / 1000).max(0)
+            };
+            (s.connected, s.acked_seq, age)
+        }),
     };
     (
         [(

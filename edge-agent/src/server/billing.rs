@@ -157,6 +157,11 @@ impl Billing {
         &self.log
     }
 
+    /// The log, shared (the uploader reads and acknowledges it).
+    pub fn shared_log(&self) -> Arc<UsageLog> {
+        self.log.clone()
+    }
+
     /// The ledger (admin API, metrics).
     pub fn ledger(&self) -> &Mutex<Ledger> {
         &self.ledger

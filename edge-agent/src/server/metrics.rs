@@ -55,6 +55,9 @@ pub struct Metrics {
     reservations: Gauge,
     backlog_records: Gauge,
     backlog_bytes: Gauge,
+    sync_connected: Gauge,
+    sync_acked_seq: Gauge,
+    sync_last_ack_age: Gauge,
     gpu_memory_used: Family<GpuLabels, Gauge>,
     gpu_utilization: Family<GpuLabels, Gauge>,
 }
@@ -72,6 +75,9 @@ pub struct Snapshot {
     pub backlog_records: u64,
     /// Their bytes.
     pub backlog_bytes: u64,
+    /// The upload to the core: connected, acknowledged seq, seconds since
+    /// the last acknowledgement (-1: never), when configured.
+    pub sync: Option<(bool, u64, i64)>,
     /// `(index, name, memory used bytes, utilization %)` per GPU.
     pub gpus: Vec<(u32, String, u64, u32)>,
 }
@@ -132,6 +138,21 @@ impl Metrics {
             "usage_log_backlog_bytes",
             "Bytes of usage records not yet acknowledged by the core",
         );
+        let sync_connected = gauge(
+            &mut registry,
+            "sync_connected",
+            "1 while a connection to core-ingest is up",
+        );
+        let sync_acked_seq = gauge(
+            &mut registry,
+            "sync_acked_seq",
+            "Highest seq core-ingest holds with none missing",
+        );
+        let sync_last_ack_age = gauge(
+            &mut registry,
+            "sync_last_ack_age_seconds",
+            "Seconds since core-ingest last acknowledged (-1: never)",
+        );
         let gpu_memory_used = Family::<GpuLabels, Gauge>::default();
         registry.register(
             "gpu_memory_used_bytes",
@@ -156,6 +177,9 @@ impl Metrics {
             reservations,
             backlog_records,
             backlog_bytes,
+            sync_connected,
+            sync_acked_seq,
+            sync_last_ack_age,
             gpu_memory_used,
             gpu_utilization,
         }
@@ -190,6 +214,11 @@ impl Metrics {
         self.reservations.set(snap.reservations as i64);
         self.backlog_records.set(snap.backlog_records as i64);
         self.backlog_bytes.set(snap.backlog_bytes as i64);
+        if let Some((connected, acked, age)) = snap.sync {
+            self.sync_connected.set(i64::from(connected));
+            self.sync_acked_seq.set(acked as i64);
+            self.sync_last_ack_age.set(age);
+        }
         for (i, name, mem, util) in &snap.gpus {
             let l = GpuLabels {
                 gpu: *i,

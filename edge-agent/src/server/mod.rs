@@ -109,6 +109,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Start time, Unix seconds.
     pub started_unix: i64,
+    /// The upload to the core, when one is configured.
+    pub sync: Arc<Mutex<mec_sync::uploader::UploaderStatus>>,
     gpu: Option<gpu::TelemetryPoller>,
 }
 
@@ -279,6 +281,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         inflight: InFlight::default(),
         draining: AtomicBool::new(false),
         started_unix: billing::unix_now(),
+        sync: Arc::default(),
         gpu,
     });
 
@@ -327,6 +330,11 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         })
     });
 
+    let uploader = state.config.core.clone().map(|core| {
+        let (state, rx) = (state.clone(), stop_rx.clone());
+        tokio::spawn(async move { upload(state, core, rx).await })
+    });
+
     sd_notify(&[sd_notify::NotifyState::Ready]);
     let ready = serde_json::json!({
         "event": "ready",
@@ -358,6 +366,9 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
             Err(_) => tracing::warn!("a connection outlived the drain"),
         }
     }
+    if let Some(u) = uploader {
+        let _ = tokio::time::timeout(Duration::from_secs(5), u).await;
+    }
     expirer.abort();
     if let Some(w) = watchdog {
         w.abort();
@@ -366,6 +377,59 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     state.billing.shutdown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Uploads the log to the core once the node certificate and the operator CA
+/// are in the identity directory (enrollment may put them there while the
+/// agent runs), until shutdown.
+async fn upload(
+    state: Arc<AppState>,
+    core: crate::config::CoreConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let c = &state.config;
+    let files = [
+        c.node_cert_path(),
+        c.operator_ca_path(),
+        c.identity_dir().join("node.key"),
+    ];
+    let pems = loop {
+        if let [Ok(cert), Ok(ca), Ok(key)] = files.clone().map(std::fs::read_to_string) {
+            break (cert, ca, key);
+        }
+        tracing::info!(cert = %files[0].display(), "waiting for the node certificate and the operator CA to upload");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    };
+    let Ok(address) = core.address.parse() else {
+        return;
+    };
+    let store = state.billing.store().clone();
+    let config = mec_sync::uploader::UploaderConfig {
+        core: address,
+        server_name: core.server_name.clone(),
+        cert_pem: pems.0,
+        ca_pem: pems.1,
+        key_pem: pems.2,
+        limits: mec_sync::upload::WindowLimits {
+            batch_records: core.batch_records,
+            in_flight: core.batches_in_flight,
+            ..Default::default()
+        },
+        transport: mec_sync::quic::TransportOptions {
+            segmentation_offload: core.segmentation_offload,
+            ..Default::default()
+        },
+        poll: Duration::from_millis(100),
+        // The log releases only records whose debits the ledger store holds.
+        ack_limit: Some(mec_sync::uploader::AckLimit(Arc::new(move || {
+            store.lock().unwrap().applied_watermark().unwrap_or(0)
+        }))),
+    };
+    tracing::info!(core = %core.address, "uploading usage records");
+    mec_sync::uploader::run(state.billing.shared_log(), config, state.sync.clone(), stop).await;
 }
 
 /// The watchdog period systemd asks for, as libsystemd's

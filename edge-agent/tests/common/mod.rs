@@ -31,8 +31,9 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_edge-agent")
 }
 
-/// `edge-agent init` in `dir` with kernel-chosen ports and the narrow app.
-pub fn init(dir: &Path) -> (PathBuf, String) {
+/// `edge-agent init` in `dir` with kernel-chosen ports, `extra` arguments;
+/// its JSON.
+pub fn init_json(dir: &Path, node_id: &str, extra: &[&str]) -> Value {
     let out = Command::new(bin())
         .args(["init", "--dir"])
         .arg(dir)
@@ -42,8 +43,9 @@ pub fn init(dir: &Path) -> (PathBuf, String) {
             "--admin-listen",
             "127.0.0.1:0",
             "--node-id",
-            "test-node",
+            node_id,
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -51,7 +53,12 @@ pub fn init(dir: &Path) -> (PathBuf, String) {
         "init: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `edge-agent init` in `dir` with kernel-chosen ports and the narrow app.
+pub fn init(dir: &Path) -> (PathBuf, String) {
+    let v = init_json(dir, "test-node", &[]);
     let config = PathBuf::from(v["config"].as_str().unwrap());
     let digest = {
         use std::io::Write;

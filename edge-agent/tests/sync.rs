@@ -1,0 +1,89 @@
+//! `edge-agent serve` with a `[core]`: its usage records reach core-ingest
+//! (run in this process from mec-sync) over QUIC with mutual TLS, once the
+//! node certificate appears in the identity directory.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Agent, IMSI};
+use mec_sync::core_server::LoopbackCore;
+use mec_sync::ingest_store::IngestStore;
+use mec_sync::pki::issue_node_cert;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_reach_the_core_once_the_node_certificate_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let core_ingest = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let (core, ca, store) = (
+        core_ingest.addr,
+        core_ingest.ca.clone(),
+        core_ingest.store.clone(),
+    );
+
+    // The agent, pointed at the core, without a node certificate yet.
+    let ca_file = dir.path().join("operator-ca.crt");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let agent_dir = dir.path().join("agent");
+    let core_args = [
+        "--core",
+        &core.to_string(),
+        "--core-ca",
+        ca_file.to_str().unwrap(),
+    ];
+    let init = common::init_json(&agent_dir, "edge-sync", &core_args);
+    let config = std::path::PathBuf::from(init["config"].as_str().unwrap());
+    let agent = Agent::serve(&agent_dir, &config, init["app_key"].as_str().unwrap());
+    agent.grant(IMSI, 10_000).await;
+    let mut told = 0;
+    for q in ["One?", "Two?", "Three?"] {
+        let v: Value = agent.chat(IMSI, q, 4, false).await.json().await.unwrap();
+        told += v["usage"]["total_tokens"].as_u64().unwrap();
+    }
+    // Enrollment: the certificate appears while the agent runs.
+    let node_pub = std::fs::read_to_string(init["node_public_key_path"].as_str().unwrap()).unwrap();
+    let cert = issue_node_cert(&ca, "edge-sync", &node_pub).unwrap();
+    std::fs::write(init["node_cert_path"].as_str().unwrap(), cert).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = agent
+            .get_json(format!("{}/admin/v1/sync", agent.admin))
+            .await;
+        if s["status"]["acked_seq"] == 3 && s["log_acked_seq"] == 3 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not uploaded: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["status"]["connected"], true, "{status}");
+    assert_eq!(status["backlog_records"], 0);
+    let metrics = reqwest::get(format!("{}/metrics", agent.api))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("mec_sync_connected 1"), "{metrics}");
+
+    drop(agent);
+    core_ingest.stop().await;
+    let audit = store.lock().unwrap().audit().unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (
+            audit[0].node_id.as_str(),
+            audit[0].records,
+            audit[0].chain.as_str()
+        ),
+        ("edge-sync", 3, "ok")
+    );
+    let billed: i64 = store
+        .lock()
+        .unwrap()
+        .connection()
+        .query_row("SELECT SUM(billed_tokens) FROM records", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(billed as u64, told);
+}
