@@ -216,6 +216,9 @@ pub enum LogCommand {
     /// Move the first damaged segment aside (into log/damaged/), keep its intact
     /// records, and record the lost seq range, so the log opens again.
     Salvage(DirArg),
+    /// Upload the log to core-ingest until everything durable is acknowledged
+    /// (a technician's catch-up, and the sync benchmark); print one JSON line.
+    Upload(UploadArgs),
 }
 
 /// Arguments of `edge-agent log bench`.
@@ -239,6 +242,32 @@ pub struct BenchArgs {
     /// Also measure the disk's raw fdatasync rate and the signing rate, in the same run.
     #[arg(long)]
     pub baselines: bool,
+}
+
+/// Arguments of `edge-agent log upload`.
+#[derive(Debug, Args, Clone)]
+pub struct UploadArgs {
+    /// State directory (identity/ with node.key and node.crt, log/).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The node id the log's records carry.
+    #[arg(long)]
+    pub node_id: String,
+    /// core-ingest's UDP address.
+    #[arg(long)]
+    pub core: String,
+    /// The operator CA (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub core_ca: PathBuf,
+    /// The name on the core's certificate.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// Records per batch.
+    #[arg(long, default_value_t = 2048)]
+    pub batch_records: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_s: u64,
 }
 
 /// Logs to journald when systemd connected stderr to the journal
@@ -289,6 +318,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log(LogCommand::Dump(a)) => crate::log_cmd::dump(&a.state_dir()?),
         Command::Log(LogCommand::Bench(a)) => crate::log_cmd::bench(&a),
         Command::Log(LogCommand::Salvage(a)) => crate::log_cmd::salvage(&a.state_dir()?),
+        Command::Log(LogCommand::Upload(a)) => crate::log_cmd::upload(&a),
         Command::Generate(a) => crate::generate_cmd::generate(&a),
         Command::BenchInference(a) => crate::bench_inference_cmd::bench(&a),
         Command::Init(a) => crate::init_cmd::init(&a),

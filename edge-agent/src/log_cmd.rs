@@ -226,3 +226,80 @@ fn sign_rate(identity: &NodeIdentity, d: Duration) -> f64 {
     }
     n as f64 / start.elapsed().as_secs_f64()
 }
+
+/// `edge-agent log upload`: sends the log to core-ingest until every record
+/// durable at the start is acknowledged; prints records/s.
+pub fn upload(args: &crate::cli::UploadArgs) -> anyhow::Result<ExitCode> {
+    let identity = NodeIdentity::load(&identity_dir(&args.dir))?;
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    let config = mec_sync::uploader::UploaderConfig {
+        core: args
+            .core
+            .parse()
+            .with_context(|| format!("--core {:?}", args.core))?,
+        server_name: args.server_name.clone(),
+        ca_pem: read(args.core_ca.clone())?,
+        cert_pem: read(identity_dir(&args.dir).join("node.crt"))?,
+        key_pem: read(identity_dir(&args.dir).join("node.key"))?,
+        limits: mec_sync::upload::WindowLimits {
+            batch_records: args.batch_records,
+            batch_bytes: 4 << 20,
+            in_flight: 4,
+        },
+        transport: mec_sync::quic::TransportOptions::default(),
+        poll: Duration::from_millis(20),
+        ack_limit: None,
+    };
+    let log = Arc::new(UsageLog::open(
+        &log_dir(&args.dir),
+        identity,
+        &args.node_id,
+        LogOptions::default(),
+    )?);
+    let start = log.stats();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (elapsed, acked) = rt.block_on(async {
+        let status = Arc::new(std::sync::Mutex::new(
+            mec_sync::uploader::UploaderStatus::default(),
+        ));
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let t0 = Instant::now();
+        let task = tokio::spawn(mec_sync::uploader::run(
+            log.clone(),
+            config,
+            status.clone(),
+            rx,
+        ));
+        let deadline = t0 + Duration::from_secs(args.timeout_s);
+        while log.stats().acked_seq < start.durable_seq && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let elapsed = t0.elapsed();
+        let _ = stop.send(true);
+        let _ = task.await;
+        (elapsed, log.stats().acked_seq)
+    });
+    let records = acked.saturating_sub(start.acked_seq);
+    println!(
+        "{}",
+        serde_json::json!({
+            "records": records,
+            "acked_seq": acked,
+            "durable_seq": start.durable_seq,
+            "seconds": elapsed.as_secs_f64(),
+            "records_per_s": records as f64 / elapsed.as_secs_f64(),
+        })
+    );
+    if acked < start.durable_seq {
+        anyhow::bail!(
+            "acknowledged {acked} of {} within {} s",
+            start.durable_seq,
+            args.timeout_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

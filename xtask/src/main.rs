@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 
 mod bench_api;
 mod bench_inference;
+mod bench_sync;
 mod model;
 mod run_agent;
 use clap::{Parser, Subcommand};
@@ -34,6 +35,13 @@ enum Task {
     BenchLog {
         /// Records per run.
         #[arg(long, default_value_t = 200_000)]
+        records: u64,
+    },
+    /// Benchmark the upload: drain a backlog of N signed records from an edge
+    /// log into core-ingest over loopback QUIC; writes bench/out/sync-bench.json.
+    BenchSync {
+        /// Records in the backlog.
+        #[arg(long, default_value_t = 1_000_000)]
         records: u64,
     },
     /// Benchmark the whole MEC API path with max_tokens = 1 at C concurrent
@@ -117,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["test", "--workspace", "--all-targets"]))
         }
         Task::BenchLog { records } => bench_log(records),
+        Task::BenchSync { records } => bench_sync::bench(records),
         Task::BenchApi {
             rounds,
             clients,
