@@ -17,9 +17,13 @@
 //!    the batch waits (the edge resends from the acknowledged position).
 
 use ed25519_dalek::{Signature, VerifyingKey};
+use rayon::prelude::*;
 
 use crate::record::{body_hash, SignedRecord, UsageRecord, GENESIS_HASH};
 use crate::wire::pb::{Batch, LostRange};
+
+/// Records per batch verification (one rayon task each).
+const VERIFY_CHUNK: usize = 128;
 
 /// What the core holds for one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,15 +136,20 @@ pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> Ba
             }),
         }
     }
-    // Signatures: all at once, and one by one only when the batch fails.
-    let messages: Vec<&[u8]> = envelopes.iter().map(|e| e.1.body.as_slice()).collect();
-    let signatures: Vec<Signature> = envelopes.iter().map(|e| e.2).collect();
-    let keys = vec![*key; envelopes.len()];
-    let all_good =
-        envelopes.is_empty() || ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok();
+    // Signatures: batch verification in chunks spread over the cores, and
+    // one by one only inside a chunk that fails.
+    let chunk_ok: Vec<bool> = envelopes
+        .par_chunks(VERIFY_CHUNK)
+        .map(|chunk| {
+            let messages: Vec<&[u8]> = chunk.iter().map(|e| e.1.body.as_slice()).collect();
+            let signatures: Vec<Signature> = chunk.iter().map(|e| e.2).collect();
+            let keys = vec![*key; chunk.len()];
+            ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+        })
+        .collect();
     let mut valid = Vec::new();
-    for (bytes, s, _) in envelopes {
-        if !all_good && s.verify(key).is_err() {
+    for (i, (bytes, s, _)) in envelopes.into_iter().enumerate() {
+        if !chunk_ok[i / VERIFY_CHUNK] && s.verify(key).is_err() {
             let seq = s.record().ok().map(|r| r.seq);
             v.quarantined.push(Quarantined {
                 seq,
