@@ -1,0 +1,207 @@
+//! The upload through a hostile network: a UDP relay (test code) between the
+//! edge and the core that drops everything for a while, then drops a share of
+//! datagrams, duplicates and reorders them. Afterwards the core holds every
+//! record exactly once, and its audit is clean.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mec_sync::core_server::LoopbackCore;
+use mec_sync::identity::NodeIdentity;
+use mec_sync::ingest_store::IngestStore;
+use mec_sync::log::{BackendChoice, LogOptions, UsageLog};
+use mec_sync::pki::issue_node_cert;
+use mec_sync::quic::TransportOptions;
+use mec_sync::record::UsageRecord;
+use mec_sync::upload::WindowLimits;
+use mec_sync::uploader::{UploaderConfig, UploaderStatus};
+use tokio::net::UdpSocket;
+
+const PASS: u8 = 0;
+const BLACKHOLE: u8 = 1;
+const HOSTILE: u8 = 2;
+
+/// What happens to datagrams in one direction (deterministic).
+struct Fate {
+    rng: u64,
+    held: Option<Vec<u8>>,
+}
+
+impl Fate {
+    /// The datagrams to send for `d`: in HOSTILE mode 15% are dropped, 10%
+    /// duplicated, 15% held back and sent after the next one (reordered).
+    fn apply(&mut self, d: &[u8], mode: u8) -> Vec<Vec<u8>> {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let roll = self.rng % 100;
+        match mode {
+            BLACKHOLE => vec![],
+            HOSTILE if roll < 15 => vec![],
+            HOSTILE if roll < 25 => vec![d.to_vec(), d.to_vec()],
+            HOSTILE if roll < 40 && self.held.is_none() => {
+                self.held = Some(d.to_vec());
+                vec![]
+            }
+            _ => std::iter::once(d.to_vec())
+                .chain(self.held.take())
+                .collect(),
+        }
+    }
+}
+
+/// Forwards datagrams between one client and `upstream`, as `mode` says.
+async fn relay(upstream: SocketAddr, mode: Arc<AtomicU8>) -> SocketAddr {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(upstream).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    {
+        let (front, back, client, mode) =
+            (front.clone(), back.clone(), client.clone(), mode.clone());
+        tokio::spawn(async move {
+            let (mut buf, mut fate) = (
+                [0u8; 65536],
+                Fate {
+                    rng: 0x9e37,
+                    held: None,
+                },
+            );
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                for d in fate.apply(&buf[..n], mode.load(Ordering::Relaxed)) {
+                    let _ = back.send(&d).await;
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let (mut buf, mut fate) = (
+            [0u8; 65536],
+            Fate {
+                rng: 0x51f1,
+                held: None,
+            },
+        );
+        while let Ok(n) = back.recv(&mut buf).await {
+            let to = *client.lock().unwrap();
+            for d in fate.apply(&buf[..n], mode.load(Ordering::Relaxed)) {
+                if let Some(to) = to {
+                    let _ = front.send_to(&d, to).await;
+                }
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_record_arrives_once_through_loss_duplication_and_reordering() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let mode = Arc::new(AtomicU8::new(PASS));
+    let via = relay(core.addr, mode.clone()).await;
+
+    let identity = NodeIdentity::generate().unwrap();
+    identity.write_to(&dir.path().join("identity")).unwrap();
+    let cert = issue_node_cert(&core.ca, "edge-f", &identity.public_key_pem()).unwrap();
+    let key_pem = std::fs::read_to_string(dir.path().join("identity/node.key")).unwrap();
+    let log = Arc::new(
+        UsageLog::open(
+            &dir.path().join("log"),
+            identity,
+            "edge-f",
+            LogOptions {
+                backend: BackendChoice::File,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let append = |n: u64| {
+        let log = log.clone();
+        async move {
+            for i in 0..n {
+                log.append(UsageRecord {
+                    billed_tokens: i,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+        }
+    };
+    append(500).await;
+    let status = Arc::new(Mutex::new(UploaderStatus::default()));
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let uploader = tokio::spawn(mec_sync::uploader::run(
+        log.clone(),
+        UploaderConfig {
+            core: via,
+            server_name: "localhost".into(),
+            ca_pem: core.ca.cert_pem.clone(),
+            cert_pem: cert,
+            key_pem,
+            limits: WindowLimits {
+                batch_records: 50,
+                batch_bytes: 1 << 20,
+                in_flight: 4,
+            },
+            transport: TransportOptions {
+                idle_timeout: Duration::from_secs(2),
+                keep_alive: Duration::from_millis(500),
+                ..TransportOptions::default()
+            },
+            poll: Duration::from_millis(20),
+            ack_limit: None,
+        },
+        status.clone(),
+        rx,
+    ));
+    let wait_for = |seq: u64, secs: u64| {
+        let log = log.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(secs);
+            while log.stats().acked_seq < seq {
+                assert!(
+                    Instant::now() < deadline,
+                    "acked {} of {seq}",
+                    log.stats().acked_seq
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(500, 30).await;
+    // The link goes dark for longer than the idle timeout, records pile up.
+    mode.store(BLACKHOLE, Ordering::Relaxed);
+    append(500).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(log.stats().acked_seq < 1000);
+    // It comes back hostile: loss, duplicates, reordering.
+    mode.store(HOSTILE, Ordering::Relaxed);
+    append(1000).await;
+    wait_for(2000, 90).await;
+    mode.store(PASS, Ordering::Relaxed);
+    assert!(
+        status.lock().unwrap().connections >= 2,
+        "{:?}",
+        status.lock().unwrap()
+    );
+    stop.send(true).unwrap();
+    uploader.await.unwrap();
+    let store = core.store.clone();
+    core.stop().await;
+    let audit = store.lock().unwrap().audit().unwrap();
+    assert_eq!(audit.len(), 1);
+    let a = &audit[0];
+    assert_eq!(
+        (a.records, a.contiguous_seq, a.quarantined),
+        (2000, 2000, 0)
+    );
+    assert_eq!(a.chain, "ok");
+    assert!(a.gaps.is_empty());
+}
