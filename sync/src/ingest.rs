@@ -15,6 +15,11 @@
 //! 5. a seq beyond the next is accepted only when the edge declared the
 //!    seqs between lost (they become a recorded gap); otherwise the rest of
 //!    the batch waits (the edge resends from the acknowledged position).
+//!
+//! A quarantined record at the next seq still moves the cursor past it (the
+//! core keeps it aside, reports it and never bills it; the edge may release
+//! it), so one bad record never blocks a node, and a resend of it is a
+//! duplicate, not a second quarantine.
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use rayon::prelude::*;
@@ -147,19 +152,27 @@ pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> Ba
             ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
         })
         .collect();
-    let mut valid = Vec::new();
+    // Every record whose seq can be read takes part in the ordered walk,
+    // checked or not: a bad record at the next seq is quarantined and the
+    // cursor moves past it (the edge may release it; the core reports it),
+    // so one bad record never blocks a node's upload.
+    let mut items = Vec::new();
     for (i, (bytes, s, _)) in envelopes.into_iter().enumerate() {
-        if !chunk_ok[i / VERIFY_CHUNK] && s.verify(key).is_err() {
-            let seq = s.record().ok().map(|r| r.seq);
-            v.quarantined.push(Quarantined {
-                seq,
-                reason: "signature does not verify with the node's key".into(),
-                signed: bytes.clone(),
-            });
-            continue;
-        }
+        let signed_ok = chunk_ok[i / VERIFY_CHUNK] || s.verify(key).is_ok();
         match s.record() {
-            Ok(r) => valid.push((bytes, s, r)),
+            Ok(r) => {
+                let fault = if !signed_ok {
+                    Some("signature does not verify with the node's key".to_string())
+                } else if r.node_id != cursor.node_id {
+                    Some(format!(
+                        "record names node {:?}, the certificate {:?}",
+                        r.node_id, cursor.node_id
+                    ))
+                } else {
+                    None
+                };
+                items.push((bytes, s, r, fault));
+            }
             Err(e) => v.quarantined.push(Quarantined {
                 seq: None,
                 reason: format!("undecodable body: {e}"),
@@ -167,28 +180,16 @@ pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> Ba
             }),
         }
     }
-    valid.sort_by_key(|(_, _, r)| r.seq);
+    items.sort_by_key(|(_, _, r, _)| r.seq);
     let mut deferring = false;
-    for (bytes, s, r) in valid {
-        let quarantine = |reason: String| Quarantined {
-            seq: Some(r.seq),
-            reason,
-            signed: bytes.clone(),
-        };
-        if r.node_id != cursor.node_id {
-            v.quarantined.push(quarantine(format!(
-                "record names node {:?}, the certificate {:?}",
-                r.node_id, cursor.node_id
-            )));
+    for (bytes, s, r, fault) in items {
+        let c = &mut v.cursor;
+        if r.seq <= c.contiguous_seq {
+            v.duplicates += 1;
             continue;
         }
         if deferring {
             v.deferred += 1;
-            continue;
-        }
-        let c = &mut v.cursor;
-        if r.seq <= c.contiguous_seq {
-            v.duplicates += 1;
             continue;
         }
         if r.seq > c.contiguous_seq + 1 {
@@ -203,26 +204,33 @@ pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> Ba
                 continue;
             }
         }
-        let prev: [u8; 32] = r.prev_hash.as_slice().try_into().unwrap_or([0xff; 32]);
-        if c.last_hash.is_some_and(|h| h != prev) {
-            v.quarantined.push(quarantine(format!(
-                "seq {}: prev_hash does not chain to seq {}",
-                r.seq, c.contiguous_seq
-            )));
-            // The chain is broken here: later records wait (they cannot be
-            // checked until this seq is resolved).
-            deferring = true;
-            continue;
-        }
         let hash = body_hash(&s.body);
+        let prev: [u8; 32] = r.prev_hash.as_slice().try_into().unwrap_or([0xff; 32]);
+        let fault = fault.or_else(|| {
+            c.last_hash.is_some_and(|h| h != prev).then(|| {
+                format!(
+                    "seq {}: prev_hash does not chain to seq {}",
+                    r.seq, c.contiguous_seq
+                )
+            })
+        });
+        // Either way the cursor moves to this seq; the next record must
+        // chain to this body.
         c.contiguous_seq = r.seq;
         c.last_hash = Some(hash);
-        v.accepted.push(Accepted {
-            seq: r.seq,
-            record: r,
-            signed: bytes.clone(),
-            hash,
-        });
+        match fault {
+            Some(reason) => v.quarantined.push(Quarantined {
+                seq: Some(r.seq),
+                reason,
+                signed: bytes.clone(),
+            }),
+            None => v.accepted.push(Accepted {
+                seq: r.seq,
+                record: r,
+                signed: bytes.clone(),
+                hash,
+            }),
+        }
     }
     v
 }
@@ -292,19 +300,21 @@ mod tests {
     }
 
     #[test]
-    fn a_flipped_byte_is_quarantined_and_later_records_wait() {
+    fn a_flipped_byte_is_quarantined_once_and_passed() {
         let k = key(1);
         let mut recs = chain("n1", &k, 4);
         let last = recs[1].len() - 10;
         recs[1][last] ^= 1;
         let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &batch(&recs));
-        assert_eq!(
-            v.accepted.iter().map(|a| a.seq).collect::<Vec<_>>(),
-            vec![1]
-        );
+        // The bad record is kept aside and passed; the chain goes on.
+        let accepted: Vec<u64> = v.accepted.iter().map(|a| a.seq).collect();
+        assert_eq!(accepted, vec![1, 3, 4]);
         assert_eq!(v.quarantined.len(), 1, "{:?}", v.quarantined);
-        assert_eq!(v.cursor.contiguous_seq, 1);
-        assert_eq!(v.deferred, 2);
+        assert_eq!(v.quarantined[0].seq, Some(2));
+        assert_eq!(v.cursor.contiguous_seq, 4);
+        // Sent again, it is a duplicate, not a second quarantine.
+        let again = check_batch(&v.cursor, &k.verifying_key(), &batch(&recs));
+        assert_eq!((again.duplicates, again.quarantined.len()), (4, 0));
     }
 
     #[test]
@@ -324,7 +334,7 @@ mod tests {
             "{:?}",
             v.quarantined
         );
-        assert_eq!(v.cursor.contiguous_seq, 0);
+        assert_eq!(v.cursor.contiguous_seq, 1);
     }
 
     #[test]

@@ -268,7 +268,16 @@ impl IngestStore for SqliteStore {
                 })?;
                 rows.collect::<Result<_, _>>()?
             };
-            // Walk the chain: each record's prev_hash is the previous record's hash.
+            let quarantined_seqs: std::collections::HashSet<u64> = {
+                let mut stmt = self
+                    .conn
+                    .prepare("SELECT seq FROM quarantine WHERE node_id = ?1 AND seq IS NOT NULL")?;
+                let rows = stmt.query_map([&node_id], |r| Ok(r.get::<_, i64>(0)? as u64))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            // Walk the chain: each record's prev_hash is the previous record's
+            // hash; across a declared gap or a quarantined record the link
+            // cannot be checked here (ingestion checked it).
             let mut stmt = self.conn.prepare(
                 "SELECT seq, prev_hash, hash FROM records WHERE node_id = ?1 ORDER BY seq",
             )?;
@@ -280,7 +289,14 @@ impl IngestStore for SqliteStore {
                     (row.get(0)?, row.get(1)?, row.get(2)?);
                 let seq = seq as u64;
                 records += 1;
-                let after_gap = gaps.iter().any(|g| g.1 + 1 == seq);
+                let after_gap = gaps.iter().any(|g| g.1 + 1 == seq)
+                    || quarantined_seqs.contains(&(seq - 1))
+                    || prev.as_ref().is_some_and(|(p, _)| {
+                        (p + 1..seq).all(|s| {
+                            quarantined_seqs.contains(&s)
+                                || gaps.iter().any(|g| g.0 <= s && s <= g.1)
+                        })
+                    });
                 let expected = match &prev {
                     Some((p, h)) if *p + 1 == seq => Some(h.clone()),
                     None if seq == 1 => Some(crate::record::GENESIS_HASH.to_vec()),

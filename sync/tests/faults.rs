@@ -205,3 +205,83 @@ async fn every_record_arrives_once_through_loss_duplication_and_reordering() {
     assert_eq!(a.chain, "ok");
     assert!(a.gaps.is_empty());
 }
+
+/// Node A's certificate carrying records signed by node B's key: the
+/// connection is A's, so every record fails A's key. Each is quarantined
+/// once, never stored, and the upload does not stall on them.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_signed_by_another_nodes_key_are_quarantined_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let (a, b) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    a.write_to(&dir.path().join("a")).unwrap();
+    let cert_a = issue_node_cert(&core.ca, "edge-a", &a.public_key_pem()).unwrap();
+    let key_a = std::fs::read_to_string(dir.path().join("a/node.key")).unwrap();
+    // B's log, naming node A in its records.
+    let log = Arc::new(
+        UsageLog::open(
+            &dir.path().join("log"),
+            b,
+            "edge-a",
+            LogOptions {
+                backend: BackendChoice::File,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    for i in 0..20 {
+        log.append(UsageRecord {
+            billed_tokens: i,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let status = Arc::new(Mutex::new(UploaderStatus::default()));
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let config = UploaderConfig {
+        core: core.addr,
+        server_name: "localhost".into(),
+        ca_pem: core.ca.cert_pem.clone(),
+        cert_pem: cert_a,
+        key_pem: key_a,
+        limits: WindowLimits {
+            batch_records: 8,
+            batch_bytes: 1 << 20,
+            in_flight: 2,
+        },
+        transport: TransportOptions::default(),
+        poll: Duration::from_millis(20),
+        ack_limit: None,
+    };
+    let uploader = tokio::spawn(mec_sync::uploader::run(log.clone(), config, status, rx));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log.stats().acked_seq < 20 {
+        assert!(Instant::now() < deadline, "acked {}", log.stats().acked_seq);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    uploader.await.unwrap();
+    let store = core.store.clone();
+    core.stop().await;
+    let audit = store.lock().unwrap().audit().unwrap();
+    assert_eq!(
+        (
+            audit[0].records,
+            audit[0].quarantined,
+            audit[0].contiguous_seq
+        ),
+        (0, 20, 20)
+    );
+    let billed: Option<i64> = store
+        .lock()
+        .unwrap()
+        .connection()
+        .query_row("SELECT SUM(billed_tokens) FROM records", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(billed, None, "nothing quarantined is billed");
+}
