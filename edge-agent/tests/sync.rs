@@ -87,3 +87,89 @@ async fn records_reach_the_core_once_the_node_certificate_appears() {
         .unwrap();
     assert_eq!(billed as u64, told);
 }
+
+/// The edge killed with SIGKILL in the middle of an upload, then started
+/// again: the core holds every record exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_killed_mid_upload_resumes_and_nothing_is_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let core_ingest = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let edge = dir.path().join("edge");
+    const N: u64 = 50_000;
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "log",
+            "bench",
+            "--records",
+            &N.to_string(),
+            "--concurrency",
+            "64",
+            "--dir",
+        ])
+        .arg(&edge)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node_pub = std::fs::read_to_string(edge.join("identity/node.pub")).unwrap();
+    let cert = issue_node_cert(&core_ingest.ca, "bench-node", &node_pub).unwrap();
+    std::fs::write(edge.join("identity/node.crt"), cert).unwrap();
+    let ca_file = dir.path().join("operator-ca.crt");
+    std::fs::write(&ca_file, &core_ingest.ca.cert_pem).unwrap();
+    let core_addr = core_ingest.addr.to_string();
+    let upload = move || {
+        let mut c = std::process::Command::new(common::bin());
+        c.args([
+            "log",
+            "upload",
+            "--node-id",
+            "bench-node",
+            "--batch-records",
+            "50",
+        ])
+        .args(["--core", &core_addr, "--dir"])
+        .arg(&edge)
+        .arg("--core-ca")
+        .arg(&ca_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+        c
+    };
+    let cursor = || {
+        core_ingest
+            .store
+            .lock()
+            .unwrap()
+            .cursor("bench-node")
+            .unwrap()
+            .contiguous_seq
+    };
+    let mut first = upload().spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cursor() == 0 {
+        assert!(Instant::now() < deadline, "nothing arrived");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let at_kill = cursor();
+    assert!(at_kill < N, "the upload finished before the kill");
+    let mut again = upload();
+    let second = tokio::task::spawn_blocking(move || again.output().unwrap())
+        .await
+        .unwrap();
+    assert!(second.status.success());
+    let report: Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(report["acked_seq"], N, "{report}");
+    let audit = core_ingest.store.lock().unwrap().audit().unwrap();
+    assert_eq!(
+        (audit[0].records, audit[0].contiguous_seq),
+        (N, N),
+        "killed at {at_kill}"
+    );
+    assert_eq!((audit[0].quarantined, audit[0].chain.as_str()), (0, "ok"));
+    core_ingest.stop().await;
+}
