@@ -2,10 +2,9 @@
 //!
 //! Loads llama-family GGUF models with candle (CPU by default), tokenizes
 //! with the GGUF's own byte-level BPE and chat template, and generates with
-//! exact token counts. Planned next (issue 3): sampling, streaming with
-//! cancellation, a scheduler of concurrent requests over slots with their own
-//! KV caches and a prefix cache, and GPU discovery through NVML. It knows
-//! nothing of HTTP or billing.
+//! exact token counts: sampling, streaming with cancellation, a scheduler
+//! that batches the decode steps of concurrent requests, a prefix cache, and
+//! GPU discovery through NVML. It knows nothing of HTTP or billing.
 #![warn(missing_docs)]
 
 pub use candle_core::Device;

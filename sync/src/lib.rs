@@ -2,8 +2,9 @@
 //!
 //! This crate owns the billing contract ([`record`], compiled from
 //! `proto/usage.proto`), the node's signing identity ([`identity`]) and the
-//! durable, signed, hash-chained usage log ([`log`]). Later it also holds the
-//! QUIC uploader (edge side) and the `core-ingest` server (core side).
+//! durable, signed, hash-chained usage log ([`log`]); the upload protocol
+//! ([`wire`], [`upload`], [`uploader`]) and the `core-ingest` side
+//! ([`ingest`], [`ingest_store`], [`core_server`], [`core_ingest`]).
 //!
 //! It knows nothing of HTTP, plans or models: the agent hands it a finished
 //! [`record::UsageRecord`] and gets back a sequence number once the record is

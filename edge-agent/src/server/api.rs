@@ -86,7 +86,8 @@ fn subscriber(headers: &HeaderMap, app: &App) -> Result<Imsi, ApiError> {
     Ok(imsi)
 }
 
-/// A request checked and ready to reserve.
+/// A request checked and ready to reserve (the handlers check the model
+/// first, before any templating).
 struct Prepared {
     info: RequestInfo,
     prompt: Vec<u32>,
@@ -148,14 +149,12 @@ async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
 
 fn prepare(
     state: &AppState,
-    headers: &HeaderMap,
     model: &str,
     sampling: &Sampling,
     prompt_text: String,
     imsi: Imsi,
     app: &App,
 ) -> Result<Prepared, ApiError> {
-    check_model(state, app, model)?;
     let max_tokens = sampling.max_tokens()?;
     let params = sampling.params()?;
     let prompt = state
@@ -178,7 +177,6 @@ fn prepare(
         });
     }
     let room = context - n;
-    let _ = headers;
     Ok(Prepared {
         info: RequestInfo {
             imsi,
@@ -490,7 +488,7 @@ pub async fn chat_completions(
             .tokenizer()
             .apply_chat_template(&messages)
             .map_err(|e| ApiError::invalid("invalid_messages", e))?;
-        let mut p = prepare(&state, &headers, &req.model, &req.sampling, text, imsi, app)?;
+        let mut p = prepare(&state, &req.model, &req.sampling, text, imsi, app)?;
         let rx = start(&state, &mut p)?;
         Ok::<_, ApiError>((p, rx))
     };
@@ -515,8 +513,9 @@ pub async fn completions(
         if req.sampling.max_tokens.is_none() && req.sampling.max_completion_tokens.is_none() {
             req.sampling.max_tokens = Some(16);
         }
+        check_model(&state, app, &req.model)?;
         let text = req.prompt_text()?.to_string();
-        let mut p = prepare(&state, &headers, &req.model, &req.sampling, text, imsi, app)?;
+        let mut p = prepare(&state, &req.model, &req.sampling, text, imsi, app)?;
         let rx = start(&state, &mut p)?;
         Ok::<_, ApiError>((p, rx))
     };
