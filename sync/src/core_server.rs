@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::ingest::check_batch;
+use crate::ingest::{check_records, walk, CheckedBatch};
 use crate::ingest_store::IngestStore;
 use crate::wire::pb::{core_frame, edge_frame, Ack, CoreFrame, CoreHello, EdgeFrame};
 use crate::wire::{encode_frame, FrameDecoder};
@@ -107,10 +107,15 @@ async fn stream(
     let cursor = {
         let node = node_id.to_string();
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.lock().unwrap().cursor(&node))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+        tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .cursor(&node)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
     };
     let hello = CoreFrame {
         kind: Some(core_frame::Kind::Hello(CoreHello {
@@ -120,22 +125,59 @@ async fn stream(
     send.write_all(&encode_frame(&hello))
         .await
         .map_err(|e| e.to_string())?;
-    while let Some(frame) = read_frame::<EdgeFrame>(&mut recv, &mut dec, &mut buf).await? {
-        let Some(edge_frame::Kind::Batch(batch)) = frame.kind else {
-            return Err("expected a Batch".into());
-        };
-        let (node, store) = (node_id.to_string(), store.clone());
+    // Two stages: this task reads batches and starts their checks (the
+    // costly, cursor-free part: signatures), the committer places each
+    // against the cursor, commits and acknowledges, in arrival order. So
+    // batch n+1 is being verified while batch n commits.
+    let (checks_tx, checks_rx) = tokio::sync::mpsc::channel(CHECKS_AHEAD);
+    let committer = tokio::spawn(commit_in_order(node_id.to_string(), send, checks_rx, store));
+    let read_result = async {
+        while let Some(frame) = read_frame::<EdgeFrame>(&mut recv, &mut dec, &mut buf).await? {
+            let Some(edge_frame::Kind::Batch(batch)) = frame.kind else {
+                return Err("expected a Batch".to_string());
+            };
+            let batch_id = batch.batch_id;
+            let node = node_id.to_string();
+            let check = tokio::task::spawn_blocking(move || check_records(&node, &key, batch));
+            if checks_tx.send((batch_id, check)).await.is_err() {
+                break; // the committer stopped; its error is the one to report
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(checks_tx);
+    let commit_result = committer.await.map_err(|e| e.to_string())?;
+    commit_result.and(read_result)
+}
+
+/// Batches whose checks may run ahead of the commit.
+const CHECKS_AHEAD: usize = 2;
+
+type PendingCheck = (u64, tokio::task::JoinHandle<CheckedBatch>);
+
+/// Commits checked batches in arrival order and acknowledges each once its
+/// transaction is durable.
+async fn commit_in_order(
+    node: String,
+    mut send: quinn::SendStream,
+    mut checks: tokio::sync::mpsc::Receiver<PendingCheck>,
+    store: SharedStore,
+) -> Result<(), String> {
+    while let Some((batch_id, check)) = checks.recv().await {
+        let checked = check.await.map_err(|e| e.to_string())?;
+        let (node, store) = (node.clone(), store.clone());
         let ack = tokio::task::spawn_blocking(move || -> Result<Ack, String> {
-            // Checks and commit under one lock: the cursor cannot move between them.
-            let mut s = store.lock().unwrap();
+            // Walk and commit under one lock: the cursor cannot move between them.
+            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
             let cursor = s.cursor(&node).map_err(|e| e.to_string())?;
-            let v = check_batch(&cursor, &key, &batch);
+            let v = walk(&cursor, checked);
             s.commit(&v, now_ms()).map_err(|e| e.to_string())?;
             for q in &v.quarantined {
                 tracing::warn!(node = %node, seq = ?q.seq, reason = %q.reason, "record quarantined");
             }
             Ok(Ack {
-                batch_id: batch.batch_id,
+                batch_id,
                 contiguous_seq: v.cursor.contiguous_seq,
                 duplicates: v.duplicates,
                 quarantined: v.quarantined.len() as u64,

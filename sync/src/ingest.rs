@@ -27,9 +27,6 @@ use rayon::prelude::*;
 use crate::record::{body_hash, SignedRecord, UsageRecord, GENESIS_HASH};
 use crate::wire::pb::{Batch, LostRange};
 
-/// Records per batch verification (one rayon task each).
-const VERIFY_CHUNK: usize = 128;
-
 /// What the core holds for one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeCursor {
@@ -111,20 +108,59 @@ fn declared_lost(lost: &[LostRange], first: u64, last: u64) -> bool {
     next > last
 }
 
-/// Checks the records of `batch` from node `cursor.node_id`, whose key is `key`.
-pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> BatchVerdict {
-    let mut v = BatchVerdict {
-        accepted: Vec::new(),
-        duplicates: 0,
-        quarantined: Vec::new(),
-        gaps: Vec::new(),
-        deferred: 0,
-        cursor: cursor.clone(),
-    };
+/// One record after the checks that need no cursor.
+#[derive(Debug, Clone, PartialEq)]
+struct CheckedRecord {
+    signed: Vec<u8>,
+    record: UsageRecord,
+    hash: [u8; 32],
+    /// Why it cannot be stored whatever the cursor (bad signature, another
+    /// node's record).
+    fault: Option<String>,
+}
+
+/// A batch after the checks that need no cursor: decoding, signatures, the
+/// node id, body hashes. This is nearly all of the work, so the server runs
+/// it for the next batch while the one before commits; [`walk`] then places
+/// it against the cursor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedBatch {
+    node_id: String,
+    /// Readable records, in seq order.
+    records: Vec<CheckedRecord>,
+    /// Records that could not be read at all.
+    unreadable: Vec<Quarantined>,
+    lost: Vec<LostRange>,
+}
+
+impl CheckedBatch {
+    /// Records in the batch, readable or not.
+    pub fn len(&self) -> usize {
+        self.records.len() + self.unreadable.len()
+    }
+
+    /// True for a batch with no records.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Records per batch verification: large enough that a verification
+/// amortises well (per-signature cost falls until about 1,000), small enough
+/// that every rayon thread gets a share of a batch.
+fn verify_chunk(records: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    records.div_ceil(threads).clamp(128, 1024)
+}
+
+/// Decodes `batch` and checks each record's signature against `key` and its
+/// node id against `node_id` (the certificate's), in parallel.
+pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> CheckedBatch {
+    let mut unreadable = Vec::new();
     // Decode envelopes; quarantine what does not decode.
-    let mut envelopes: Vec<(&Vec<u8>, SignedRecord, Signature)> = Vec::new();
-    for bytes in &batch.records {
-        let parsed = SignedRecord::from_bytes(bytes).and_then(|s| {
+    let mut envelopes: Vec<(Vec<u8>, SignedRecord, Signature)> = Vec::new();
+    for bytes in batch.records {
+        let parsed = SignedRecord::from_bytes(&bytes).and_then(|s| {
             let sig: [u8; 64] = s
                 .signature
                 .as_slice()
@@ -134,57 +170,93 @@ pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> Ba
         });
         match parsed {
             Ok((s, sig)) => envelopes.push((bytes, s, sig)),
-            Err(e) => v.quarantined.push(Quarantined {
+            Err(e) => unreadable.push(Quarantined {
                 seq: None,
                 reason: format!("undecodable record: {e}"),
-                signed: bytes.clone(),
+                signed: bytes,
             }),
         }
     }
     // Signatures: batch verification in chunks spread over the cores, and
-    // one by one only inside a chunk that fails.
-    let chunk_ok: Vec<bool> = envelopes
-        .par_chunks(VERIFY_CHUNK)
-        .map(|chunk| {
+    // one by one only inside a chunk that fails. Bodies are decoded and
+    // hashed in the same tasks.
+    let chunk = verify_chunk(envelopes.len());
+    let checked: Vec<Result<CheckedRecord, Quarantined>> = envelopes
+        .par_chunks_mut(chunk)
+        .flat_map_iter(|chunk| {
             let messages: Vec<&[u8]> = chunk.iter().map(|e| e.1.body.as_slice()).collect();
             let signatures: Vec<Signature> = chunk.iter().map(|e| e.2).collect();
             let keys = vec![*key; chunk.len()];
-            ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+            let chunk_ok = ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok();
+            chunk.iter_mut().map(move |(bytes, s, _)| {
+                let signed = std::mem::take(bytes);
+                let signed_ok = chunk_ok || s.verify(key).is_ok();
+                match s.record() {
+                    Ok(record) => {
+                        let fault = if !signed_ok {
+                            Some("signature does not verify with the node's key".to_string())
+                        } else if record.node_id != node_id {
+                            Some(format!(
+                                "record names node {:?}, the certificate {node_id:?}",
+                                record.node_id
+                            ))
+                        } else {
+                            None
+                        };
+                        Ok(CheckedRecord {
+                            hash: body_hash(&s.body),
+                            signed,
+                            record,
+                            fault,
+                        })
+                    }
+                    Err(e) => Err(Quarantined {
+                        seq: None,
+                        reason: format!("undecodable body: {e}"),
+                        signed,
+                    }),
+                }
+            })
         })
         .collect();
-    // Every record whose seq can be read takes part in the ordered walk,
-    // checked or not: a bad record at the next seq is quarantined and the
-    // cursor moves past it (the edge may release it; the core reports it),
-    // so one bad record never blocks a node's upload.
-    let mut items = Vec::new();
-    for (i, (bytes, s, _)) in envelopes.into_iter().enumerate() {
-        let signed_ok = chunk_ok[i / VERIFY_CHUNK] || s.verify(key).is_ok();
-        match s.record() {
-            Ok(r) => {
-                let fault = if !signed_ok {
-                    Some("signature does not verify with the node's key".to_string())
-                } else if r.node_id != cursor.node_id {
-                    Some(format!(
-                        "record names node {:?}, the certificate {:?}",
-                        r.node_id, cursor.node_id
-                    ))
-                } else {
-                    None
-                };
-                items.push((bytes, s, r, fault));
-            }
-            Err(e) => v.quarantined.push(Quarantined {
-                seq: None,
-                reason: format!("undecodable body: {e}"),
-                signed: bytes.clone(),
-            }),
+    let mut records = Vec::with_capacity(checked.len());
+    for c in checked {
+        match c {
+            Ok(r) => records.push(r),
+            Err(q) => unreadable.push(q),
         }
     }
-    items.sort_by_key(|(_, _, r, _)| r.seq);
+    records.sort_by_key(|r| r.record.seq);
+    CheckedBatch {
+        node_id: node_id.to_string(),
+        records,
+        unreadable,
+        lost: batch.lost,
+    }
+}
+
+/// Places a checked batch against what the core holds for the node: which
+/// records to store, which are duplicates, which to quarantine, and where
+/// the cursor moves. Cheap; the server runs it under the store's lock.
+pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
+    debug_assert_eq!(cursor.node_id, checked.node_id);
+    let mut v = BatchVerdict {
+        accepted: Vec::new(),
+        duplicates: 0,
+        quarantined: checked.unreadable,
+        gaps: Vec::new(),
+        deferred: 0,
+        cursor: cursor.clone(),
+    };
+    // Every record whose seq can be read takes part in the ordered walk,
+    // sound or not: a bad record at the next seq is quarantined and the
+    // cursor moves past it (the edge may release it; the core reports it),
+    // so one bad record never blocks a node's upload.
     let mut deferring = false;
-    for (bytes, s, r, fault) in items {
+    for r in checked.records {
         let c = &mut v.cursor;
-        if r.seq <= c.contiguous_seq {
+        let seq = r.record.seq;
+        if seq <= c.contiguous_seq {
             v.duplicates += 1;
             continue;
         }
@@ -192,9 +264,9 @@ pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> Ba
             v.deferred += 1;
             continue;
         }
-        if r.seq > c.contiguous_seq + 1 {
-            let (first, last) = (c.contiguous_seq + 1, r.seq - 1);
-            if declared_lost(&batch.lost, first, last) {
+        if seq > c.contiguous_seq + 1 {
+            let (first, last) = (c.contiguous_seq + 1, seq - 1);
+            if declared_lost(&checked.lost, first, last) {
                 v.gaps.push((first, last));
                 c.contiguous_seq = last;
                 c.last_hash = None;
@@ -204,35 +276,45 @@ pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> Ba
                 continue;
             }
         }
-        let hash = body_hash(&s.body);
-        let prev: [u8; 32] = r.prev_hash.as_slice().try_into().unwrap_or([0xff; 32]);
-        let fault = fault.or_else(|| {
+        let prev: [u8; 32] = r
+            .record
+            .prev_hash
+            .as_slice()
+            .try_into()
+            .unwrap_or([0xff; 32]);
+        let fault = r.fault.or_else(|| {
             c.last_hash.is_some_and(|h| h != prev).then(|| {
                 format!(
-                    "seq {}: prev_hash does not chain to seq {}",
-                    r.seq, c.contiguous_seq
+                    "seq {seq}: prev_hash does not chain to seq {}",
+                    c.contiguous_seq
                 )
             })
         });
         // Either way the cursor moves to this seq; the next record must
         // chain to this body.
-        c.contiguous_seq = r.seq;
-        c.last_hash = Some(hash);
+        c.contiguous_seq = seq;
+        c.last_hash = Some(r.hash);
         match fault {
             Some(reason) => v.quarantined.push(Quarantined {
-                seq: Some(r.seq),
+                seq: Some(seq),
                 reason,
-                signed: bytes.clone(),
+                signed: r.signed,
             }),
             None => v.accepted.push(Accepted {
-                seq: r.seq,
-                record: r,
-                signed: bytes.clone(),
-                hash,
+                seq,
+                record: r.record,
+                signed: r.signed,
+                hash: r.hash,
             }),
         }
     }
     v
+}
+
+/// Checks the records of `batch` from node `cursor.node_id`, whose key is
+/// `key`: [`check_records`] then [`walk`].
+pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> BatchVerdict {
+    walk(cursor, check_records(&cursor.node_id, key, batch.clone()))
 }
 
 /// Records 1..=n of `node`, chained and signed with `k` (tests).
@@ -278,6 +360,33 @@ mod tests {
             records: records.to_vec(),
             lost: vec![],
         }
+    }
+
+    #[test]
+    fn batches_checked_before_the_cursor_moves_walk_as_if_checked_in_turn() {
+        // The server checks batch n+1 while batch n commits: the checks must
+        // not depend on the cursor. Large batches span several verification
+        // chunks; one record in the second batch carries a flipped byte.
+        let k = key(4);
+        let mut recs = chain("n1", &k, 3000);
+        let last = recs[2500].len() - 1;
+        recs[2500][last] ^= 1;
+        let (first, second) = (batch(&recs[..1400]), batch(&recs[1400..]));
+        let in_turn = {
+            let v1 = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &first);
+            let v2 = check_batch(&v1.cursor, &k.verifying_key(), &second);
+            (v1, v2)
+        };
+        let c1 = check_records("n1", &k.verifying_key(), first);
+        let c2 = check_records("n1", &k.verifying_key(), second);
+        let v1 = walk(&NodeCursor::new("n1"), c1);
+        let v2 = walk(&v1.cursor, c2);
+        assert_eq!((v1, v2), in_turn);
+        let v2 = &in_turn.1;
+        assert_eq!(v2.cursor.contiguous_seq, 3000);
+        assert_eq!(v2.accepted.len(), 1599);
+        assert_eq!(v2.quarantined.len(), 1);
+        assert_eq!(v2.quarantined[0].seq, Some(2501));
     }
 
     #[test]

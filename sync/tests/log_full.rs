@@ -108,10 +108,11 @@ fn disk_full(backend: BackendChoice) {
     assert_eq!(log.stats().durable_seq, n);
     // The core acknowledges: whole segments go, and appends work again.
     log.ack(n).unwrap();
-    let (more, _) = fill(&log, 60_000, 100_000);
+    let (more, more_err) = fill(&log, 60_000, 100_000);
     assert!(
         more.len() > 10,
-        "appends work again after the ack freed room"
+        "appends work again after the ack freed room: {} appended, then {more_err:?}",
+        more.len()
     );
     assert_eq!(more[0], n + 1, "no seq was burnt by the failed appends");
     log.close();

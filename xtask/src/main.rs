@@ -1,7 +1,7 @@
 //! `cargo xtask`: the project's set-up, demo, test and benchmark commands, in
 //! Rust so they run the same on every machine with cargo.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -75,10 +75,13 @@ enum Task {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    // `cargo run` sets CARGO_MANIFEST_DIR for the process too; prefer it to
+    // the compile-time value, which goes stale when a target directory is
+    // copied from another checkout.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.parent().unwrap().to_path_buf()
 }
 
 fn cargo() -> Command {

@@ -175,7 +175,8 @@ pub(crate) struct Sequencer {
     pub epoch: u64,
     /// Frame bytes assigned but not yet durable.
     pub pending_bytes: u64,
-    /// Set while the writer is repairing after a failure: appends are refused.
+    /// Set while the writer cannot repair the log after a failure (its last
+    /// repair attempt failed): appends are refused at once.
     pub failure: Option<LogError>,
 }
 

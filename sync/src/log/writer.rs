@@ -195,6 +195,9 @@ async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready
                 match tokio::time::timeout(w.repair_delay, rx.recv()).await {
                     Ok(Some(item)) => {
                         w.accept(item);
+                        while let Ok(item) = rx.try_recv() {
+                            w.accept(item);
+                        }
                         w.fail_all(failure);
                     }
                     Ok(None) => break,
@@ -372,9 +375,11 @@ impl<B: SegmentBackend> Writer<B> {
         Ok(())
     }
 
-    /// A write or sync failed: refuse new work, roll the sequence back to the
-    /// last durable record, answer every undurable record with the error, cut
-    /// the active segment back to its synced length, and only then accept work again.
+    /// A write or sync failed: roll the sequence back to the last durable
+    /// record, answer every undurable record with the error, and leave the
+    /// run loop to cut the active segment back to its synced length before
+    /// it writes again (records appended meanwhile carry the new epoch and
+    /// wait for that repair).
     async fn fail(&mut self, error: LogError, batch: Vec<Item>) {
         tracing::error!(%error, durable_seq = self.durable_seq, "usage log write failed; records not yet durable are refused");
         {
@@ -383,7 +388,6 @@ impl<B: SegmentBackend> Writer<B> {
             s.next_seq = self.durable_seq + 1;
             s.last_hash = self.durable_hash;
             s.pending_bytes = 0;
-            s.failure = Some(error.clone());
             self.epoch = s.epoch;
         }
         for item in batch {
@@ -404,6 +408,10 @@ impl<B: SegmentBackend> Writer<B> {
                 true
             }
             Err(e) => {
+                // Only now do appends fail at once: until a repair attempt
+                // has failed, an append waits for the writer, which repairs
+                // first (a stale refusal would outlive an ack that freed room).
+                self.shared.seq.lock().unwrap().failure = self.broken.clone();
                 if self.repair_delay == REPAIR_DELAY_MIN || self.repair_delay == REPAIR_DELAY_MAX {
                     tracing::error!(error = %e, "usage log repair failed; retrying");
                 }
