@@ -52,16 +52,38 @@ impl Fate {
     }
 }
 
+/// A UDP relay between one client and the core.
+struct Relay {
+    /// Where the client sends.
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    /// The socket facing the core; replacing it moves the client, as the
+    /// core sees it, to a new address (a NAT rebinding, a new uplink).
+    back: tokio::sync::watch::Sender<Arc<UdpSocket>>,
+}
+
+impl Relay {
+    /// From now on the core sees the client at a new port.
+    async fn rebind(&self) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(self.upstream).await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        self.back.send_replace(Arc::new(socket));
+        addr
+    }
+}
+
 /// Forwards datagrams between one client and `upstream`, as `mode` says.
-async fn relay(upstream: SocketAddr, mode: Arc<AtomicU8>) -> SocketAddr {
+async fn relay(upstream: SocketAddr, mode: Arc<AtomicU8>) -> Relay {
     let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    back.connect(upstream).await.unwrap();
+    let first_back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    first_back.connect(upstream).await.unwrap();
+    let (back, mut back_rx) = tokio::sync::watch::channel(Arc::new(first_back));
     let addr = front.local_addr().unwrap();
     let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
     {
-        let (front, back, client, mode) =
-            (front.clone(), back.clone(), client.clone(), mode.clone());
+        let (front, back_rx, client, mode) =
+            (front.clone(), back_rx.clone(), client.clone(), mode.clone());
         tokio::spawn(async move {
             let (mut buf, mut fate) = (
                 [0u8; 65536],
@@ -72,6 +94,7 @@ async fn relay(upstream: SocketAddr, mode: Arc<AtomicU8>) -> SocketAddr {
             );
             while let Ok((n, from)) = front.recv_from(&mut buf).await {
                 *client.lock().unwrap() = Some(from);
+                let back = back_rx.borrow().clone();
                 for d in fate.apply(&buf[..n], mode.load(Ordering::Relaxed)) {
                     let _ = back.send(&d).await;
                 }
@@ -86,7 +109,18 @@ async fn relay(upstream: SocketAddr, mode: Arc<AtomicU8>) -> SocketAddr {
                 held: None,
             },
         );
-        while let Ok(n) = back.recv(&mut buf).await {
+        loop {
+            let back = back_rx.borrow_and_update().clone();
+            let n = tokio::select! {
+                r = back.recv(&mut buf) => match r {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+                changed = back_rx.changed() => match changed {
+                    Ok(()) => continue,
+                    Err(_) => break,
+                },
+            };
             let to = *client.lock().unwrap();
             for d in fate.apply(&buf[..n], mode.load(Ordering::Relaxed)) {
                 if let Some(to) = to {
@@ -95,7 +129,120 @@ async fn relay(upstream: SocketAddr, mode: Arc<AtomicU8>) -> SocketAddr {
             }
         }
     });
-    addr
+    Relay {
+        addr,
+        upstream,
+        back,
+    }
+}
+
+/// An edge: a usage log and its uploader, sending to `via`.
+struct Edge {
+    log: Arc<UsageLog>,
+    status: Arc<Mutex<UploaderStatus>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    uploader: tokio::task::JoinHandle<()>,
+}
+
+impl Edge {
+    /// Small batches, a short idle timeout and keep-alive, so that faults
+    /// show within seconds.
+    fn start(dir: &std::path::Path, core: &LoopbackCore, via: SocketAddr) -> Edge {
+        let identity = NodeIdentity::generate().unwrap();
+        identity.write_to(&dir.join("identity")).unwrap();
+        let cert = issue_node_cert(&core.ca, "edge-f", &identity.public_key_pem()).unwrap();
+        let key_pem = std::fs::read_to_string(dir.join("identity/node.key")).unwrap();
+        let log = Arc::new(
+            UsageLog::open(
+                &dir.join("log"),
+                identity,
+                "edge-f",
+                LogOptions {
+                    backend: BackendChoice::File,
+                    ..LogOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        let status = Arc::new(Mutex::new(UploaderStatus::default()));
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let uploader = tokio::spawn(mec_sync::uploader::run(
+            log.clone(),
+            UploaderConfig {
+                core: via,
+                server_name: "localhost".into(),
+                ca_pem: core.ca.cert_pem.clone(),
+                cert_pem: cert,
+                key_pem,
+                limits: WindowLimits {
+                    batch_records: 50,
+                    batch_bytes: 1 << 20,
+                    in_flight: 4,
+                },
+                transport: TransportOptions {
+                    idle_timeout: Duration::from_secs(2),
+                    keep_alive: Duration::from_millis(500),
+                    ..TransportOptions::default()
+                },
+                poll: Duration::from_millis(20),
+                ack_limit: None,
+            },
+            status.clone(),
+            rx,
+        ));
+        Edge {
+            log,
+            status,
+            stop,
+            uploader,
+        }
+    }
+
+    async fn append(&self, n: u64) {
+        for i in 0..n {
+            self.log
+                .append(UsageRecord {
+                    billed_tokens: i,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Waits (at most `secs`) until the core acknowledged `seq`.
+    async fn acked(&self, seq: u64, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.log.stats().acked_seq < seq {
+            assert!(
+                Instant::now() < deadline,
+                "acked {} of {seq}",
+                self.log.stats().acked_seq
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn status(&self) -> UploaderStatus {
+        self.status.lock().unwrap().clone()
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.uploader.await.unwrap();
+    }
+}
+
+/// Stops the core and checks it holds records 1..=n once each, chained.
+async fn assert_core_holds_exactly(core: LoopbackCore, n: u64) {
+    let store = core.store.clone();
+    core.stop().await;
+    let audit = store.lock().unwrap().audit().unwrap();
+    assert_eq!(audit.len(), 1);
+    let a = &audit[0];
+    assert_eq!((a.records, a.contiguous_seq, a.quarantined), (n, n, 0));
+    assert_eq!(a.chain, "ok");
+    assert!(a.gaps.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,107 +250,53 @@ async fn every_record_arrives_once_through_loss_duplication_and_reordering() {
     let dir = tempfile::tempdir().unwrap();
     let core = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
     let mode = Arc::new(AtomicU8::new(PASS));
-    let via = relay(core.addr, mode.clone()).await;
-
-    let identity = NodeIdentity::generate().unwrap();
-    identity.write_to(&dir.path().join("identity")).unwrap();
-    let cert = issue_node_cert(&core.ca, "edge-f", &identity.public_key_pem()).unwrap();
-    let key_pem = std::fs::read_to_string(dir.path().join("identity/node.key")).unwrap();
-    let log = Arc::new(
-        UsageLog::open(
-            &dir.path().join("log"),
-            identity,
-            "edge-f",
-            LogOptions {
-                backend: BackendChoice::File,
-                ..LogOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    let append = |n: u64| {
-        let log = log.clone();
-        async move {
-            for i in 0..n {
-                log.append(UsageRecord {
-                    billed_tokens: i,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            }
-        }
-    };
-    append(500).await;
-    let status = Arc::new(Mutex::new(UploaderStatus::default()));
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let uploader = tokio::spawn(mec_sync::uploader::run(
-        log.clone(),
-        UploaderConfig {
-            core: via,
-            server_name: "localhost".into(),
-            ca_pem: core.ca.cert_pem.clone(),
-            cert_pem: cert,
-            key_pem,
-            limits: WindowLimits {
-                batch_records: 50,
-                batch_bytes: 1 << 20,
-                in_flight: 4,
-            },
-            transport: TransportOptions {
-                idle_timeout: Duration::from_secs(2),
-                keep_alive: Duration::from_millis(500),
-                ..TransportOptions::default()
-            },
-            poll: Duration::from_millis(20),
-            ack_limit: None,
-        },
-        status.clone(),
-        rx,
-    ));
-    let wait_for = |seq: u64, secs: u64| {
-        let log = log.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(secs);
-            while log.stats().acked_seq < seq {
-                assert!(
-                    Instant::now() < deadline,
-                    "acked {} of {seq}",
-                    log.stats().acked_seq
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    wait_for(500, 30).await;
+    let relay = relay(core.addr, mode.clone()).await;
+    let edge = Edge::start(dir.path(), &core, relay.addr);
+    edge.append(500).await;
+    edge.acked(500, 30).await;
     // The link goes dark for longer than the idle timeout, records pile up.
     mode.store(BLACKHOLE, Ordering::Relaxed);
-    append(500).await;
+    edge.append(500).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(log.stats().acked_seq < 1000);
+    assert!(edge.log.stats().acked_seq < 1000);
     // It comes back hostile: loss, duplicates, reordering.
     mode.store(HOSTILE, Ordering::Relaxed);
-    append(1000).await;
-    wait_for(2000, 90).await;
+    edge.append(1000).await;
+    edge.acked(2000, 90).await;
     mode.store(PASS, Ordering::Relaxed);
-    assert!(
-        status.lock().unwrap().connections >= 2,
-        "{:?}",
-        status.lock().unwrap()
-    );
-    stop.send(true).unwrap();
-    uploader.await.unwrap();
-    let store = core.store.clone();
-    core.stop().await;
-    let audit = store.lock().unwrap().audit().unwrap();
-    assert_eq!(audit.len(), 1);
-    let a = &audit[0];
+    let status = edge.status();
+    assert!(status.connections >= 2, "{status:?}");
+    edge.stop().await;
+    assert_core_holds_exactly(core, 2000).await;
+}
+
+/// The edge's address changes mid-upload (as the core sees it: a NAT
+/// rebinding, a new uplink): QUIC migrates the connection, and the upload
+/// goes on without a reconnect.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upload_survives_the_edge_changing_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let relay = relay(core.addr, Arc::new(AtomicU8::new(PASS))).await;
+    let edge = Edge::start(dir.path(), &core, relay.addr);
+    edge.append(300).await;
+    edge.acked(300, 30).await;
+    let before = relay.back.borrow().local_addr().unwrap();
+    let after = relay.rebind().await;
+    assert_ne!(before, after);
+    edge.append(300).await;
+    edge.acked(600, 30).await;
+    let after_again = relay.rebind().await;
+    edge.append(300).await;
+    edge.acked(900, 30).await;
+    assert_ne!(after, after_again);
+    let status = edge.status();
     assert_eq!(
-        (a.records, a.contiguous_seq, a.quarantined),
-        (2000, 2000, 0)
+        status.connections, 1,
+        "migrated, not reconnected: {status:?}"
     );
-    assert_eq!(a.chain, "ok");
-    assert!(a.gaps.is_empty());
+    edge.stop().await;
+    assert_core_holds_exactly(core, 900).await;
 }
 
 /// Node A's certificate carrying records signed by node B's key: the
