@@ -7,7 +7,9 @@
 //! Rules, in order, for each record of a batch:
 //! 1. it decodes, and its signature verifies with the key of the node the
 //!    connection's certificate names (batch verification; on failure each
-//!    record is checked alone to find the bad ones) — else quarantined;
+//!    record is checked alone to find the bad ones) — else quarantined (a
+//!    body that does not decode still takes its place by the seq it claims;
+//!    one whose seq cannot be read at all is quarantined without one);
 //! 2. its body names that node — else quarantined (node A's certificate
 //!    carrying node B's records);
 //! 3. a seq at or below the cursor is a duplicate: counted, never stored again;
@@ -19,7 +21,9 @@
 //! A quarantined record at the next seq still moves the cursor past it (the
 //! core keeps it aside, reports it and never bills it; the edge may release
 //! it), so one bad record never blocks a node, and a resend of it is a
-//! duplicate, not a second quarantine.
+//! duplicate, not a second quarantine. When its signature failed, its body
+//! is not the node's, so the next record's link to it is not checked (that
+//! record's own signature vouches for it).
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use rayon::prelude::*;
@@ -111,11 +115,17 @@ fn declared_lost(lost: &[LostRange], first: u64, last: u64) -> bool {
 /// One record after the checks that need no cursor.
 #[derive(Debug, Clone, PartialEq)]
 struct CheckedRecord {
+    /// The seq its body claims.
+    seq: u64,
     signed: Vec<u8>,
-    record: UsageRecord,
+    /// The decoded body; `None` when only its seq could be read.
+    record: Option<UsageRecord>,
     hash: [u8; 32],
+    /// Its signature verified: the body is the node's, so its hash anchors
+    /// the next record's link.
+    authentic: bool,
     /// Why it cannot be stored whatever the cursor (bad signature, another
-    /// node's record).
+    /// node's record, a body that does not decode).
     fault: Option<String>,
 }
 
@@ -190,10 +200,11 @@ pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> Checked
             let chunk_ok = ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok();
             chunk.iter_mut().map(move |(bytes, s, _)| {
                 let signed = std::mem::take(bytes);
-                let signed_ok = chunk_ok || s.verify(key).is_ok();
-                match s.record() {
+                let authentic = chunk_ok || s.verify(key).is_ok();
+                let hash = body_hash(&s.body);
+                let (seq, record, fault) = match s.record() {
                     Ok(record) => {
-                        let fault = if !signed_ok {
+                        let fault = if !authentic {
                             Some("signature does not verify with the node's key".to_string())
                         } else if record.node_id != node_id {
                             Some(format!(
@@ -203,19 +214,29 @@ pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> Checked
                         } else {
                             None
                         };
-                        Ok(CheckedRecord {
-                            hash: body_hash(&s.body),
-                            signed,
-                            record,
-                            fault,
-                        })
+                        (record.seq, Some(record), fault)
                     }
-                    Err(e) => Err(Quarantined {
-                        seq: None,
-                        reason: format!("undecodable body: {e}"),
-                        signed,
-                    }),
-                }
+                    // It still takes its place in the walk if its seq reads,
+                    // so that one damaged record cannot hold a node back.
+                    Err(e) => match crate::record::claimed_seq(&s.body) {
+                        Some(seq) => (seq, None, Some(format!("undecodable body: {e}"))),
+                        None => {
+                            return Err(Quarantined {
+                                seq: None,
+                                reason: format!("undecodable body: {e}"),
+                                signed,
+                            })
+                        }
+                    },
+                };
+                Ok(CheckedRecord {
+                    seq,
+                    signed,
+                    record,
+                    hash,
+                    authentic,
+                    fault,
+                })
             })
         })
         .collect();
@@ -226,7 +247,7 @@ pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> Checked
             Err(q) => unreadable.push(q),
         }
     }
-    records.sort_by_key(|r| r.record.seq);
+    records.sort_by_key(|r| r.seq);
     CheckedBatch {
         node_id: node_id.to_string(),
         records,
@@ -255,7 +276,7 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
     let mut deferring = false;
     for r in checked.records {
         let c = &mut v.cursor;
-        let seq = r.record.seq;
+        let seq = r.seq;
         if seq <= c.contiguous_seq {
             v.duplicates += 1;
             continue;
@@ -276,13 +297,9 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
                 continue;
             }
         }
-        let prev: [u8; 32] = r
-            .record
-            .prev_hash
-            .as_slice()
-            .try_into()
-            .unwrap_or([0xff; 32]);
         let fault = r.fault.or_else(|| {
+            let record = r.record.as_ref()?;
+            let prev: [u8; 32] = record.prev_hash.as_slice().try_into().unwrap_or([0xff; 32]);
             c.last_hash.is_some_and(|h| h != prev).then(|| {
                 format!(
                     "seq {seq}: prev_hash does not chain to seq {}",
@@ -290,21 +307,23 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
                 )
             })
         });
-        // Either way the cursor moves to this seq; the next record must
-        // chain to this body.
+        // Either way the cursor moves to this seq. The next record must chain
+        // to this body if it is the node's own; a body whose signature fails
+        // is not, so the next link cannot be checked (the next record's own
+        // signature still vouches for it).
         c.contiguous_seq = seq;
-        c.last_hash = Some(r.hash);
-        match fault {
-            Some(reason) => v.quarantined.push(Quarantined {
-                seq: Some(seq),
-                reason,
-                signed: r.signed,
-            }),
-            None => v.accepted.push(Accepted {
+        c.last_hash = r.authentic.then_some(r.hash);
+        match (fault, r.record) {
+            (None, Some(record)) => v.accepted.push(Accepted {
                 seq,
-                record: r.record,
+                record,
                 signed: r.signed,
                 hash: r.hash,
+            }),
+            (fault, _) => v.quarantined.push(Quarantined {
+                seq: Some(seq),
+                reason: fault.unwrap_or_else(|| "undecodable body".into()),
+                signed: r.signed,
             }),
         }
     }
@@ -387,6 +406,40 @@ mod tests {
         assert_eq!(v2.accepted.len(), 1599);
         assert_eq!(v2.quarantined.len(), 1);
         assert_eq!(v2.quarantined[0].seq, Some(2501));
+    }
+
+    #[test]
+    fn any_one_flipped_byte_is_never_stored_and_never_holds_the_node_back() {
+        use crate::record::claimed_seq;
+        let k = key(5);
+        let recs = chain("n1", &k, 5);
+        for pos in 0..recs[2].len() {
+            for bit in [0x01u8, 0x80] {
+                let mut tampered = recs.clone();
+                tampered[2][pos] ^= bit;
+                let v = check_batch(
+                    &NodeCursor::new("n1"),
+                    &k.verifying_key(),
+                    &batch(&tampered),
+                );
+                // Whatever the byte, nothing but the node's own records is stored.
+                for a in &v.accepted {
+                    assert_eq!(a.signed, recs[a.seq as usize - 1], "pos {pos}");
+                }
+                // Where the record still claims its seq, it alone is set aside.
+                let claims_its_seq = SignedRecord::from_bytes(&tampered[2])
+                    .ok()
+                    .and_then(|s| claimed_seq(&s.body))
+                    == Some(3);
+                if claims_its_seq {
+                    let seqs: Vec<u64> = v.accepted.iter().map(|a| a.seq).collect();
+                    assert_eq!(seqs, [1, 2, 4, 5], "pos {pos} bit {bit:#x}");
+                    assert_eq!(v.quarantined.len(), 1, "pos {pos} bit {bit:#x}");
+                    assert_eq!(v.quarantined[0].seq, Some(3));
+                    assert_eq!(v.cursor.contiguous_seq, 5);
+                }
+            }
+        }
     }
 
     #[test]

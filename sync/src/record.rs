@@ -27,6 +27,20 @@ pub fn body_hash(body: &[u8]) -> [u8; 32] {
     Sha256::digest(body).into()
 }
 
+/// The `seq` field alone of a record body (tag 4 of `UsageRecord`): decoding
+/// skips every other field unread, so a body damaged elsewhere (an invalid
+/// UTF-8 string, say) still tells which seq it claims.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SeqOnly {
+    #[prost(uint64, tag = "4")]
+    seq: u64,
+}
+
+/// The seq a body claims, when at least its framing and that field read.
+pub fn claimed_seq(body: &[u8]) -> Option<u64> {
+    SeqOnly::decode(body).ok().map(|s| s.seq).filter(|&s| s > 0)
+}
+
 /// Why a signed record failed a check.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {

@@ -1,18 +1,21 @@
 //! The upload end to end on loopback: a real usage log, the uploader over
-//! real QUIC with mutual TLS, core-ingest's server and its SQLite store.
+//! real QUIC with mutual TLS, core-ingest's server and its SQLite store; and
+//! a hand-driven client sending what the uploader never would.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mec_sync::core_server::LoopbackCore;
+use mec_sync::core_server::{read_frame, LoopbackCore};
 use mec_sync::identity::NodeIdentity;
 use mec_sync::ingest_store::IngestStore;
 use mec_sync::log::{BackendChoice, LogOptions, UsageLog};
 use mec_sync::pki::{generate_ca, issue_node_cert, CertAndKey};
-use mec_sync::quic::TransportOptions;
+use mec_sync::quic::{client_endpoint, TransportOptions};
 use mec_sync::record::UsageRecord;
 use mec_sync::upload::WindowLimits;
 use mec_sync::uploader::{UploaderConfig, UploaderStatus};
+use mec_sync::wire::pb::{core_frame, edge_frame, Ack, Batch, CoreFrame, EdgeFrame, Hello};
+use mec_sync::wire::{encode_frame, FrameDecoder};
 
 struct Node {
     log: Arc<UsageLog>,
@@ -158,4 +161,144 @@ async fn records_reach_the_core_once_and_the_log_is_acknowledged() {
     );
     assert_eq!((a.quarantined, a.chain.as_str()), (0, "ok"));
     assert!(a.gaps.is_empty());
+}
+
+/// A client that speaks the protocol by hand, to send what the uploader
+/// never would: an old batch again, a record with a flipped byte.
+struct RawClient {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+    buf: Vec<u8>,
+    _conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl RawClient {
+    async fn connect(core: &LoopbackCore, cert: &str, key_pem: &str) -> (RawClient, u64) {
+        let endpoint = client_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            cert,
+            key_pem,
+            &core.ca.cert_pem,
+            &TransportOptions::default(),
+        )
+        .unwrap();
+        let conn = endpoint
+            .connect(core.addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut client = RawClient {
+            send,
+            recv,
+            dec: FrameDecoder::new(),
+            buf: vec![0u8; 64 << 10],
+            _conn: conn,
+            _endpoint: endpoint,
+        };
+        client
+            .send(edge_frame::Kind::Hello(Hello { log_acked_seq: 0 }))
+            .await;
+        let contiguous = match client.next().await {
+            core_frame::Kind::Hello(h) => h.contiguous_seq,
+            other => panic!("expected CoreHello, got {other:?}"),
+        };
+        (client, contiguous)
+    }
+
+    async fn send(&mut self, kind: edge_frame::Kind) {
+        let frame = encode_frame(&EdgeFrame { kind: Some(kind) });
+        self.send.write_all(&frame).await.unwrap();
+    }
+
+    async fn next(&mut self) -> core_frame::Kind {
+        read_frame::<CoreFrame>(&mut self.recv, &mut self.dec, &mut self.buf)
+            .await
+            .unwrap()
+            .and_then(|f| f.kind)
+            .expect("a frame")
+    }
+
+    async fn batch(&mut self, batch_id: u64, records: Vec<Vec<u8>>) -> Ack {
+        self.send(edge_frame::Kind::Batch(Batch {
+            batch_id,
+            records,
+            lost: vec![],
+        }))
+        .await;
+        match self.next().await {
+            core_frame::Kind::Ack(a) => a,
+            other => panic!("expected an Ack, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_batch_again_changes_nothing_and_a_flipped_byte_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let edge = node(&dir.path().join("edge"), "edge-r");
+    append(&edge.log, 20).await;
+    let cert = issue_node_cert(&core.ca, "edge-r", &edge.pub_pem).unwrap();
+    let records: Vec<Vec<u8>> = edge
+        .log
+        .read_from(1, 20, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    let (mut client, contiguous) = RawClient::connect(&core, &cert, &edge.key_pem).await;
+    assert_eq!(contiguous, 0);
+    let first = client.batch(1, records[..10].to_vec()).await;
+    assert_eq!((first.contiguous_seq, first.duplicates), (10, 0));
+    // The same batch again, then a part of it: duplicates, nothing stored.
+    let again = client.batch(2, records[..10].to_vec()).await;
+    assert_eq!((again.contiguous_seq, again.duplicates), (10, 10));
+    let part = client.batch(3, records[4..8].to_vec()).await;
+    assert_eq!((part.contiguous_seq, part.duplicates), (10, 4));
+    // Seq 15 with one byte of its body flipped (its imsi's last digit).
+    let mut rest = records[10..].to_vec();
+    let at = find(&rest[4], b"001010000000001").expect("the imsi") + 14;
+    rest[4][at] ^= 0x01;
+    let ack = client.batch(4, rest).await;
+    assert_eq!(
+        (ack.contiguous_seq, ack.duplicates, ack.quarantined),
+        (20, 0, 1)
+    );
+    // And through a new connection the core says where it stands.
+    drop(client);
+    let (_client, contiguous) = RawClient::connect(&core, &cert, &edge.key_pem).await;
+    assert_eq!(contiguous, 20);
+
+    let store = core.store.clone();
+    core.stop().await;
+    let audit = store.lock().unwrap().audit().unwrap();
+    let a = &audit[0];
+    assert_eq!(
+        (a.records, a.contiguous_seq, a.quarantined, a.duplicates),
+        (19, 20, 1, 14)
+    );
+    assert_eq!(a.chain, "ok");
+    let conn = store.lock().unwrap();
+    let (seq, reason): (i64, String) = conn
+        .connection()
+        .query_row("SELECT seq, reason FROM quarantine", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(seq, 15);
+    assert!(reason.contains("signature"), "{reason}");
+    let stored_15: i64 = conn
+        .connection()
+        .query_row("SELECT COUNT(*) FROM records WHERE seq = 15", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(stored_15, 0, "the tampered record is never billed");
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
