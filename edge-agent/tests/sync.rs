@@ -41,6 +41,18 @@ async fn records_reach_the_core_once_the_node_certificate_appears() {
         let v: Value = agent.chat(IMSI, q, 4, false).await.json().await.unwrap();
         told += v["usage"]["total_tokens"].as_u64().unwrap();
     }
+    // Not enrolled yet: nothing leaves, and the lag grows with the age of
+    // the oldest record waiting.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let waiting = agent
+        .get_json(format!("{}/admin/v1/sync", agent.admin))
+        .await;
+    assert_eq!(waiting["status"]["connected"], false, "{waiting}");
+    assert_eq!(waiting["backlog_records"], 3, "{waiting}");
+    assert!(
+        waiting["status"]["lag_s"].as_i64().unwrap() >= 1,
+        "{waiting}"
+    );
     // Enrollment: the certificate appears while the agent runs.
     let node_pub = std::fs::read_to_string(init["node_public_key_path"].as_str().unwrap()).unwrap();
     let cert = issue_node_cert(&ca, "edge-sync", &node_pub).unwrap();
@@ -66,6 +78,8 @@ async fn records_reach_the_core_once_the_node_certificate_appears() {
         .await
         .unwrap();
     assert!(metrics.contains("mec_sync_connected 1"), "{metrics}");
+    assert!(metrics.contains("mec_sync_lag_seconds 0"), "{metrics}");
+    assert_eq!(status["status"]["lag_s"], 0, "{status}");
 
     drop(agent);
     core_ingest.stop().await;

@@ -170,11 +170,16 @@ async fn usage(
 /// `GET /admin/v1/sync`: the upload to the core.
 async fn sync_status(State(state): State<Arc<AppState>>) -> Response {
     let log = state.billing.log().stats();
-    let status = state.sync.lock().unwrap().clone();
+    let view = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || state.sync_view())
+            .await
+            .unwrap_or(None)
+    };
     Json(json!({
         "configured": state.config.core.is_some(),
         "core": state.config.core.as_ref().map(|c| c.address.clone()),
-        "status": status,
+        "status": view,
         "log_durable_seq": log.durable_seq,
         "log_acked_seq": log.acked_seq,
         "backlog_records": log.backlog_records,

@@ -572,6 +572,12 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.stats();
     let log = state.billing.log().stats();
+    let sync = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || state.sync_view())
+            .await
+            .unwrap_or(None)
+    };
     let snap = super::metrics::Snapshot {
         queue_depth: stats.queued,
         busy_slots: stats.busy_slots,
@@ -579,15 +585,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         backlog_records: log.backlog_records,
         backlog_bytes: log.backlog_bytes,
         gpus: state.gpu_snapshot(),
-        sync: state.config.core.as_ref().map(|_| {
-            let s = state.sync.lock().unwrap();
-            let age = if s.last_ack_unix_ms == 0 {
-                -1
-            } else {
-                (super::billing::unix_now() - s.last_ack_unix_ms / 1000).max(0)
-            };
-            (s.connected, s.acked_seq, age)
-        }),
+        sync,
     };
     (
         [(

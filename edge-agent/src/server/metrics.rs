@@ -58,6 +58,7 @@ pub struct Metrics {
     sync_connected: Gauge,
     sync_acked_seq: Gauge,
     sync_last_ack_age: Gauge,
+    sync_lag: Gauge,
     gpu_memory_used: Family<GpuLabels, Gauge>,
     gpu_utilization: Family<GpuLabels, Gauge>,
 }
@@ -75,9 +76,8 @@ pub struct Snapshot {
     pub backlog_records: u64,
     /// Their bytes.
     pub backlog_bytes: u64,
-    /// The upload to the core: connected, acknowledged seq, seconds since
-    /// the last acknowledgement (-1: never), when configured.
-    pub sync: Option<(bool, u64, i64)>,
+    /// The upload to the core, when configured.
+    pub sync: Option<super::SyncView>,
     /// `(index, name, memory used bytes, utilization %)` per GPU.
     pub gpus: Vec<(u32, String, u64, u32)>,
 }
@@ -153,6 +153,11 @@ impl Metrics {
             "sync_last_ack_age_seconds",
             "Seconds since core-ingest last acknowledged (-1: never)",
         );
+        let sync_lag = gauge(
+            &mut registry,
+            "sync_lag_seconds",
+            "Seconds since the oldest record core-ingest does not hold ended (0: it holds all)",
+        );
         let gpu_memory_used = Family::<GpuLabels, Gauge>::default();
         registry.register(
             "gpu_memory_used_bytes",
@@ -180,6 +185,7 @@ impl Metrics {
             sync_connected,
             sync_acked_seq,
             sync_last_ack_age,
+            sync_lag,
             gpu_memory_used,
             gpu_utilization,
         }
@@ -214,10 +220,12 @@ impl Metrics {
         self.reservations.set(snap.reservations as i64);
         self.backlog_records.set(snap.backlog_records as i64);
         self.backlog_bytes.set(snap.backlog_bytes as i64);
-        if let Some((connected, acked, age)) = snap.sync {
-            self.sync_connected.set(i64::from(connected));
-            self.sync_acked_seq.set(acked as i64);
-            self.sync_last_ack_age.set(age);
+        if let Some(sync) = &snap.sync {
+            self.sync_connected.set(i64::from(sync.connected));
+            self.sync_acked_seq.set(sync.acked_seq as i64);
+            self.sync_last_ack_age
+                .set(sync.last_ack_age_s.unwrap_or(-1));
+            self.sync_lag.set(sync.lag_s);
         }
         for (i, name, mem, util) in &snap.gpus {
             let l = GpuLabels {

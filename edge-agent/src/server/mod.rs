@@ -114,6 +114,51 @@ pub struct AppState {
     gpu: Option<gpu::TelemetryPoller>,
 }
 
+/// The upload to the core as the admin API and the metrics show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncView {
+    /// A connection to core-ingest is up.
+    pub connected: bool,
+    /// Highest seq core-ingest holds with none missing.
+    pub acked_seq: u64,
+    /// Seconds since core-ingest last acknowledged; `None` before the first.
+    pub last_ack_age_s: Option<i64>,
+    /// How far the upload lags: seconds since the oldest record the core
+    /// does not hold ended (0 when it holds every record).
+    pub lag_s: i64,
+    /// Connections made since the agent started.
+    pub connections: u64,
+    /// Why the last attempt failed, while it is failing.
+    pub last_error: Option<String>,
+}
+
+impl AppState {
+    /// The upload's state, when a core is configured. Blocking (reads one
+    /// record of the log).
+    pub fn sync_view(&self) -> Option<SyncView> {
+        self.config.core.as_ref()?;
+        let status = self.sync.lock().unwrap().clone();
+        let now_ms = billing::unix_now() * 1000;
+        let lag_s = match self.billing.log().oldest_unacked_end_ms() {
+            Ok(Some(end_ms)) => ((now_ms - end_ms) / 1000).max(0),
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the oldest unacknowledged record");
+                -1
+            }
+        };
+        Some(SyncView {
+            connected: status.connected,
+            acked_seq: status.acked_seq,
+            last_ack_age_s: (status.last_ack_unix_ms != 0)
+                .then(|| ((now_ms - status.last_ack_unix_ms) / 1000).max(0)),
+            lag_s,
+            connections: status.connections,
+            last_error: status.last_error,
+        })
+    }
+}
+
 impl AppState {
     /// `(index, name, memory used, utilization)` per GPU, when any.
     pub fn gpu_snapshot(&self) -> Vec<(u32, String, u64, u32)> {

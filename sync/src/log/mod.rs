@@ -463,6 +463,23 @@ impl UsageLog {
         }
     }
 
+    /// When the oldest record the core has not acknowledged ended (its
+    /// `end_time_unix_ms`): how far the upload lags. `None` when the core
+    /// holds every record. Blocking file I/O (one read).
+    pub fn oldest_unacked_end_ms(&self) -> Result<Option<i64>, LogError> {
+        let from = self.stats().acked_seq + 1;
+        let Some((seq, bytes)) = self.read_from(from, 1, usize::MAX)?.into_iter().next() else {
+            return Ok(None);
+        };
+        let record = SignedRecord::from_bytes(&bytes)
+            .and_then(|s| s.record())
+            .map_err(|e| LogError::Inconsistent {
+                path: self.shared.dir.clone(),
+                reason: format!("seq {seq} does not decode: {e}"),
+            })?;
+        Ok(Some(record.end_time_unix_ms))
+    }
+
     /// Seq ranges recorded as lost by `salvage`.
     pub fn lost_ranges(&self) -> &[LostRange] {
         &self.shared.lost
