@@ -1,8 +1,40 @@
-//! Field provisioning (issue 6, not built yet).
+//! Field provisioning over a serial console.
 //!
-//! This crate will hold the serial provisioning protocol as a sans-IO codec
-//! (framing with CRC and resynchronisation, protobuf messages, version
-//! negotiation), its device end (run by `edge-agent provision-listen` through
-//! tokio-serial) and its technician end, the `edgeprov` CLI: provisioning a
-//! box over a serial console, the offline operator CA, and verified flashing.
+//! * [`frame`]: the framing on the line (COBS, CRC-32C, 0x00 delimiter),
+//!   sans-IO, with resynchronisation after noise;
+//! * [`pb`]: the messages (`proto/provision.proto`): requests with ids,
+//!   answers, version negotiation;
+//! * [`device`]: the box's end, acting on the agent's state directory (run
+//!   by `edge-agent provision-listen` through [`serial`]);
+//! * [`client`]: the technician's end, with timeouts and retries (safe:
+//!   the box answers a repeated request id with its first answer);
+//! * [`ca`]: the offline operator CA (`edgeprov ca`); [`cert`]: certificate
+//!   checks on the box; [`site`]: the site configuration.
 #![warn(missing_docs)]
+
+pub mod ca;
+pub mod cert;
+pub mod client;
+pub mod device;
+pub mod frame;
+pub mod serial;
+pub mod site;
+
+/// Generated protobuf types, package `mec.provision.v1`.
+#[allow(missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/mec.provision.v1.rs"));
+}
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What a factory-reset authorization signs:
+/// `"mec-factory-reset/v1" 0x00 device_id 0x00 nonce`.
+pub fn reset_message(device_id: &str, nonce: &[u8]) -> Vec<u8> {
+    let mut m = b"mec-factory-reset/v1\0".to_vec();
+    m.extend_from_slice(device_id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(nonce);
+    m
+}
