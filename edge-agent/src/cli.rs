@@ -34,6 +34,27 @@ pub enum Command {
     /// Benchmark the inference engine; prints one JSON object
     /// (`cargo xtask bench-inference` runs it beside llama.cpp).
     BenchInference(BenchInferenceArgs),
+    /// Answer a technician's `edgeprov` on a serial port: identity made on
+    /// this box, node certificate, site configuration (until SIGTERM).
+    ProvisionListen(ProvisionListenArgs),
+}
+
+/// Arguments of `edge-agent provision-listen`.
+#[derive(Debug, Args, Clone)]
+pub struct ProvisionListenArgs {
+    /// The serial device (a USB-serial adapter, a console UART, a pty).
+    #[arg(long, value_name = "DEV")]
+    pub port: String,
+    /// Line speed.
+    #[arg(long, default_value_t = 115_200)]
+    pub baud: u32,
+    /// The agent's state directory (`node.state_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// The box's id as technicians see it [default: the DMI product serial
+    /// when readable, else /etc/machine-id].
+    #[arg(long)]
+    pub device_id: Option<String>,
 }
 
 /// Arguments of `edge-agent init`.
@@ -301,7 +322,10 @@ fn init_tracing(serving: bool) {
 /// 0 success, 1 a check found problems, 2 an error (bad input, I/O).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.command, Command::Serve(_)));
+    init_tracing(matches!(
+        cli.command,
+        Command::Serve(_) | Command::ProvisionListen(_)
+    ));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -328,5 +352,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Admin(a) => crate::admin_cmd::admin(&a),
+        Command::ProvisionListen(a) => crate::provision_cmd::listen(&a),
     }
 }

@@ -3,7 +3,8 @@
 //! `edge-agent init` writes a configuration; `edge-agent serve` runs the MEC
 //! API (`server`) over the inference engine, the quota ledger and the usage
 //! log; `edge-agent admin` manages token packages; `edge-agent log …` and
-//! `edge-agent generate` are the operator's tools.
+//! `edge-agent generate` are the operator's tools; `edge-agent
+//! provision-listen` is the box's end of serial provisioning.
 #![warn(missing_docs)]
 
 pub mod admin_cmd;
@@ -13,4 +14,5 @@ pub mod config;
 pub mod generate_cmd;
 pub mod init_cmd;
 pub mod log_cmd;
+pub mod provision_cmd;
 pub mod server;

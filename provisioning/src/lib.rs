@@ -9,7 +9,9 @@
 //! * [`client`]: the technician's end, with timeouts and retries (safe:
 //!   the box answers a repeated request id with its first answer);
 //! * [`ca`]: the offline operator CA (`edgeprov ca`); [`cert`]: certificate
-//!   checks on the box; [`site`]: the site configuration.
+//!   checks on the box; [`site`]: the site configuration;
+//! * [`pty`]: a serial line of two pseudo-terminals and a relay that can
+//!   spoil bytes (development, tests, `edgeprov pty-line`).
 #![warn(missing_docs)]
 
 pub mod ca;
@@ -17,6 +19,7 @@ pub mod cert;
 pub mod client;
 pub mod device;
 pub mod frame;
+pub mod pty;
 pub mod serial;
 pub mod site;
 
