@@ -22,6 +22,13 @@ pub fn open_port(path: &str, baud: u32) -> std::io::Result<tokio_serial::SerialS
         .map_err(|e| std::io::Error::other(format!("opening {path}: {e}")))
 }
 
+/// Opens a serial port for blocking I/O (tools and tests that only write).
+pub fn open_port_blocking(path: &str) -> std::io::Result<Box<dyn tokio_serial::SerialPort>> {
+    tokio_serial::new(path, 115_200)
+        .open()
+        .map_err(|e| std::io::Error::other(format!("opening {path}: {e}")))
+}
+
 /// Answers requests arriving on `port` until the line ends (an error or
 /// end of file, returned) or `shutdown` resolves. Bad frames are counted
 /// and skipped; the technician's side resends.

@@ -2,10 +2,12 @@
 //! directory: the whole flow, every refusal (and the state unchanged after
 //! it), repeated requests, and factory reset with and without authorization.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::snapshot;
 use mec_provisioning::ca::OperatorCa;
 use mec_provisioning::device::{Device, DeviceFacts, CHALLENGE_TTL};
 use mec_provisioning::pb::{
@@ -21,29 +23,6 @@ fn facts() -> DeviceFacts {
         gpus: vec![],
         gpu_note: "no NVIDIA driver (NVML not found)".into(),
     }
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(
-                    p.strip_prefix(dir).unwrap().display().to_string(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    out
 }
 
 struct Box_ {
