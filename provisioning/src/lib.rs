@@ -11,13 +11,16 @@
 //! * [`ca`]: the offline operator CA (`edgeprov ca`); [`cert`]: certificate
 //!   checks on the box; [`site`]: the site configuration;
 //! * [`pty`]: a serial line of two pseudo-terminals and a relay that can
-//!   spoil bytes (development, tests, `edgeprov pty-line`).
+//!   spoil bytes (development, tests, `edgeprov pty-line`);
+//! * [`flash`]: writing a disk image and reading it back (`edgeprov flash`,
+//!   `edgeprov verify`).
 #![warn(missing_docs)]
 
 pub mod ca;
 pub mod cert;
 pub mod client;
 pub mod device;
+pub mod flash;
 pub mod frame;
 pub mod pty;
 pub mod serial;

@@ -38,6 +38,12 @@ enum Command {
     /// Factory-reset a box, authorised by the operator CA's key (the box's
     /// identity, site configuration and usage log are retired, not deleted).
     Reset(ResetArgs),
+    /// Write a disk image to a device, then read it back and compare SHA-256
+    /// (against the image's manifest when it has one). Refuses a mounted
+    /// device and the disk the system runs from.
+    Flash(FlashArgs),
+    /// Compare what a device holds with an image (and its manifest).
+    Verify(FlashArgs),
     /// The offline operator CA.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -105,6 +111,16 @@ struct ResetArgs {
     /// The operator CA directory whose key authorises the reset.
     #[arg(long, value_name = "DIR")]
     ca_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct FlashArgs {
+    /// The disk image.
+    #[arg(long, value_name = "FILE")]
+    image: PathBuf,
+    /// The target: a block device (e.g. /dev/sdb) or an image file.
+    #[arg(long, value_name = "DEV")]
+    device: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,6 +236,8 @@ fn run(cli: Cli) -> anyhow::Result<Output> {
             box_link,
             tech_link,
         } => pty_line(&box_link, &tech_link),
+        Command::Flash(a) => flash_or_verify(&a, true, cli.json),
+        Command::Verify(a) => flash_or_verify(&a, false, cli.json),
         Command::Status(line) => block_on(status(line)),
         Command::Provision(args) => block_on(provision(args)),
         Command::Reset(args) => block_on(reset(args)),
@@ -483,5 +501,66 @@ fn pty_line(box_link: &std::path::Path, tech_link: &std::path::Path) -> anyhow::
     Ok(Output {
         value: json!({"ok": true, "counts": format!("{:?}", line.counts())}),
         text: vec![],
+    })
+}
+
+fn flash_or_verify(a: &FlashArgs, write: bool, json_out: bool) -> anyhow::Result<Output> {
+    use std::io::IsTerminal;
+    let bar = if json_out || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        )
+    };
+    let mut progress = |phase: &str, done: u64, total: u64| {
+        if bar.message() != phase {
+            bar.set_message(phase.to_string());
+            bar.set_length(total);
+        }
+        bar.set_position(done);
+    };
+    let report = if write {
+        mec_provisioning::flash::flash(&a.image, &a.device, &mut progress)?
+    } else {
+        mec_provisioning::flash::verify(&a.image, &a.device, &mut progress)?
+    };
+    bar.finish_and_clear();
+    let verdict = if report.ok {
+        format!(
+            "{} {} bytes of {} on {}: SHA-256 {} matches the {}",
+            if write {
+                "wrote and verified"
+            } else {
+                "verified"
+            },
+            report.bytes,
+            a.image.display(),
+            a.device.display(),
+            report.device_sha256,
+            report.expected_from
+        )
+    } else {
+        format!(
+            "MISMATCH: {} holds SHA-256 {} over the image's {} bytes, the {} says {}{}",
+            a.device.display(),
+            report.device_sha256,
+            report.bytes,
+            report.expected_from,
+            report.expected_sha256,
+            report
+                .first_difference
+                .map(|o| format!("; first difference at byte {o}"))
+                .unwrap_or_default()
+        )
+    };
+    anyhow::ensure!(report.ok, "{verdict}");
+    Ok(Output {
+        value: json!({"ok": true, "report": report}),
+        text: vec![verdict],
     })
 }
