@@ -36,6 +36,10 @@ pub struct Config {
     /// Apps allowed to call the API.
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+    /// The site configuration provisioning wrote (`state_dir/site.toml`),
+    /// already laid over the fields above when the file was loaded.
+    #[serde(skip)]
+    pub site: Option<mec_provisioning::site::SiteConfig>,
 }
 
 /// `[node]`.
@@ -328,7 +332,44 @@ impl Config {
         if c.model.path.is_relative() {
             c.model.path = base.join(&c.model.path);
         }
+        let site_path = c.node.state_dir.join("site.toml");
+        let site = mec_provisioning::site::SiteConfig::load(&site_path).map_err(|message| {
+            ConfigError::Parse {
+                path: site_path.clone(),
+                message,
+            }
+        })?;
+        if let Some(site) = site {
+            c.apply_site(site);
+            c.validate(&site_path)?;
+        }
         Ok(c)
+    }
+
+    /// Lays a provisioned site configuration over this one: the node id,
+    /// the core, the API's address. The site's word wins: a technician set
+    /// it for this box.
+    pub fn apply_site(&mut self, site: mec_provisioning::site::SiteConfig) {
+        self.node.id.clone_from(&site.node_id);
+        match &mut self.core {
+            Some(core) => {
+                core.address.clone_from(&site.core_address);
+                core.server_name.clone_from(&site.core_server_name);
+            }
+            None => {
+                self.core = Some(CoreConfig {
+                    address: site.core_address.clone(),
+                    server_name: site.core_server_name.clone(),
+                    segmentation_offload: default_true(),
+                    batch_records: default_batch_records(),
+                    batches_in_flight: default_in_flight(),
+                })
+            }
+        }
+        if let Some(listen) = &site.api_listen {
+            self.api.listen.clone_from(listen);
+        }
+        self.site = Some(site);
     }
 
     /// Parses and validates TOML text (`path` only names it in errors).

@@ -89,6 +89,7 @@ async fn grant(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
         .map_err(|e| ApiError::internal(e.to_string()))?;
         let id = bucket.id;
         let imsi = bucket.imsi.clone();
+        state.billing.mark_known(&imsi);
         state
             .billing
             .ledger()

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mec_inference::engine::{FinishReason, Summary};
-use mec_metering::ledger::{Debit, Ledger, LedgerError, Reservation, Timestamp};
+use mec_metering::ledger::{BucketKind, Debit, Ledger, LedgerError, Reservation, Timestamp};
 use mec_metering::ratelimit::{Limit, RateLimiter};
 use mec_metering::store::{Applied, Store, UsageRow};
 use mec_metering::Imsi;
@@ -109,6 +109,23 @@ pub struct Billing {
     applier: Mutex<Option<std_mpsc::Sender<Applied>>>,
     applier_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     reservation_ttl: Duration,
+    /// Packages a subscriber gets the first time the box sees them (the
+    /// site configuration's default packages).
+    welcome: Vec<WelcomePackage>,
+    /// Subscribers that ever held a package here (so a subscriber whose
+    /// welcome package ran out does not get another).
+    known: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A package granted to a subscriber new to this box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WelcomePackage {
+    /// Its kind.
+    pub kind: BucketKind,
+    /// Tokens.
+    pub tokens: u64,
+    /// Days it stays valid.
+    pub valid_days: u32,
 }
 
 /// Bytes of a typical record, for the log's room check before serving.
@@ -123,9 +140,12 @@ impl Billing {
         log: Arc<UsageLog>,
         store: Store,
         reservation_ttl: Duration,
+        welcome: Vec<WelcomePackage>,
     ) -> anyhow::Result<Billing> {
         let mut ledger = Ledger::new();
+        let mut known = std::collections::HashSet::new();
         for b in store.buckets()? {
+            known.insert(b.imsi.as_str().to_string());
             ledger.insert(b)?;
         }
         let store = Arc::new(Mutex::new(store));
@@ -144,7 +164,45 @@ impl Billing {
             applier: Mutex::new(Some(tx)),
             applier_thread: Mutex::new(Some(applier)),
             reservation_ttl,
+            welcome,
+            known: Mutex::new(known),
         })
+    }
+
+    /// Notes that a subscriber holds a package here (an operator's grant),
+    /// so no welcome package follows.
+    pub fn mark_known(&self, imsi: &Imsi) {
+        self.known.lock().unwrap().insert(imsi.as_str().to_string());
+    }
+
+    /// Grants the welcome packages to a subscriber who never held a package
+    /// here (durably, before the first reservation). Blocking: one SQLite
+    /// transaction, once per new subscriber.
+    fn welcome_if_new(&self, imsi: &Imsi, now: Timestamp) -> Result<(), ApiError> {
+        if self.welcome.is_empty() {
+            return Ok(());
+        }
+        let mut known = self.known.lock().unwrap();
+        if known.contains(imsi.as_str()) {
+            return Ok(());
+        }
+        for w in &self.welcome {
+            let until = now + i64::from(w.valid_days) * 86_400;
+            let bucket = self
+                .store
+                .lock()
+                .unwrap()
+                .grant(imsi, w.kind, w.tokens, now, until, now)
+                .map_err(|e| ApiError::internal(format!("granting the welcome package: {e}")))?;
+            tracing::info!(imsi = %imsi, bucket = bucket.id, tokens = w.tokens, kind = w.kind.as_str(), "welcome package granted");
+            self.ledger
+                .lock()
+                .unwrap()
+                .insert(bucket)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+        known.insert(imsi.as_str().to_string());
+        Ok(())
     }
 
     /// Metering on (false only in benchmark configurations).
@@ -252,6 +310,7 @@ impl Billing {
             return Ok(None);
         }
         let now = unix_now();
+        self.welcome_if_new(imsi, now)?;
         let expires = now + self.reservation_ttl.as_secs() as i64;
         let mut ledger = self.ledger.lock().unwrap();
         ledger.expire(now);

@@ -114,6 +114,23 @@ pub struct AppState {
     gpu: Option<gpu::TelemetryPoller>,
 }
 
+/// The site's default packages, for subscribers new to this box.
+fn welcome_packages(config: &Config) -> Vec<billing::WelcomePackage> {
+    let Some(site) = &config.site else {
+        return Vec::new();
+    };
+    site.default_packages
+        .iter()
+        .filter_map(|p| {
+            Some(billing::WelcomePackage {
+                kind: mec_metering::ledger::BucketKind::parse(&p.kind)?,
+                tokens: p.tokens,
+                valid_days: p.valid_days,
+            })
+        })
+        .collect()
+}
+
 /// The upload to the core as the admin API and the metrics show it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SyncView {
@@ -138,7 +155,12 @@ impl AppState {
     pub fn sync_view(&self) -> Option<SyncView> {
         self.config.core.as_ref()?;
         let status = self.sync.lock().unwrap().clone();
-        let now_ms = billing::unix_now() * 1000;
+        // Milliseconds, not whole seconds times 1000: the lag of a record
+        // made 1.1 s ago is 1 s, not 0.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
         let lag_s = match self.billing.log().oldest_unacked_end_ms() {
             Ok(Some(end_ms)) => ((now_ms - end_ms) / 1000).max(0),
             Ok(None) => 0,
@@ -286,6 +308,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         Arc::new(log),
         store,
         Duration::from_secs(config.api.request_timeout_s + 60),
+        welcome_packages(&config),
     )?;
 
     let found = gpu::discover(None);
