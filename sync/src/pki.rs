@@ -13,6 +13,9 @@ use rcgen::{
     KeyUsagePurpose, SanType, SubjectPublicKeyInfo,
 };
 
+/// How long a node certificate is valid.
+pub const NODE_CERT_YEARS: i32 = 5;
+
 /// The URI prefix of a node's subject alternative name.
 pub const NODE_URI_PREFIX: &str = "urn:mec:node:";
 
@@ -94,6 +97,16 @@ pub fn issue_node_cert(
     ));
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // Valid from a day back (a box's clock may lag before it syncs) for
+    // NODE_CERT_YEARS: a box is re-enrolled well within its service life.
+    use chrono::Datelike;
+    let since = chrono::Utc::now() - chrono::Duration::days(1);
+    params.not_before = rcgen::date_time_ymd(since.year(), since.month() as u8, since.day() as u8);
+    params.not_after = rcgen::date_time_ymd(
+        since.year() + NODE_CERT_YEARS,
+        since.month() as u8,
+        since.day().min(28) as u8,
+    );
     let cert = params.signed_by(&public_key, &issuer(ca)?)?;
     Ok(cert.pem())
 }
@@ -153,6 +166,16 @@ mod tests {
         let node = NodeIdentity::generate().unwrap();
         let cert = issue_node_cert(&ca, "edge-0001", &node.public_key_pem()).unwrap();
         assert_eq!(node_id_of(&der(&cert)).unwrap(), "edge-0001");
+        let cert_der = der(&cert);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der).unwrap();
+        let (from, until) = (
+            parsed.validity().not_before.timestamp(),
+            parsed.validity().not_after.timestamp(),
+        );
+        let now = chrono::Utc::now().timestamp();
+        assert!(from <= now && now - from <= 2 * 86_400, "valid from about a day back");
+        let years = (until - from) as f64 / (365.25 * 86_400.0);
+        assert!((4.9..5.1).contains(&years), "{years} years");
         assert_eq!(ed25519_key_of(&der(&cert)).unwrap(), node.verifying_key());
         let server =
             issue_server_cert(&ca, &["localhost".into(), "127.0.0.1".into(), "::1".into()])
