@@ -74,13 +74,12 @@ impl OperatorCa {
     /// Loads the CA in `dir`: `ca.crt` and `ca.key`, or core-ingest's dev
     /// CA files `operator-ca.crt` and `operator-ca.key`.
     pub fn load(dir: &Path) -> Result<OperatorCa, CaError> {
-        let (cert_path, key_path) = if !dir.join("ca.key").exists()
-            && dir.join("operator-ca.key").exists()
-        {
-            (dir.join("operator-ca.crt"), dir.join("operator-ca.key"))
-        } else {
-            (dir.join("ca.crt"), dir.join("ca.key"))
-        };
+        let (cert_path, key_path) =
+            if !dir.join("ca.key").exists() && dir.join("operator-ca.key").exists() {
+                (dir.join("operator-ca.crt"), dir.join("operator-ca.key"))
+            } else {
+                (dir.join("ca.crt"), dir.join("ca.key"))
+            };
         Ok(OperatorCa {
             pair: CertAndKey {
                 cert_pem: fs::read_to_string(&cert_path).map_err(io(&cert_path))?,

@@ -173,7 +173,10 @@ mod tests {
             parsed.validity().not_after.timestamp(),
         );
         let now = chrono::Utc::now().timestamp();
-        assert!(from <= now && now - from <= 2 * 86_400, "valid from about a day back");
+        assert!(
+            from <= now && now - from <= 2 * 86_400,
+            "valid from about a day back"
+        );
         let years = (until - from) as f64 / (365.25 * 86_400.0);
         assert!((4.9..5.1).contains(&years), "{years} years");
         assert_eq!(ed25519_key_of(&der(&cert)).unwrap(), node.verifying_key());
