@@ -24,8 +24,10 @@ async fn completions_streamed_or_not_report_the_usage_that_was_recorded() {
         .chat(IMSI, "What is the capital of France?", 8, false)
         .await;
     assert_eq!(r.status(), 200);
+    let header_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["id"], format!("chatcmpl-{header_id}"));
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(!text.is_empty());
     let usage = &v["usage"];
@@ -86,6 +88,15 @@ async fn completions_streamed_or_not_report_the_usage_that_was_recorded() {
     assert_eq!(
         agent.remaining(IMSI).await,
         10_000 - told.iter().sum::<u64>()
+    );
+    // The response's id is the record's: a bill line leads to the answer.
+    let records = agent.dump();
+    let first = uuid::Uuid::parse_str(&header_id).unwrap().to_string();
+    let record = records.iter().find(|r| r["record_id"] == first.as_str());
+    assert_eq!(
+        record.expect("no record for the first answer")["billed_tokens"],
+        first_total,
+        "{records:?}"
     );
 
     // Models, health, readiness, metrics.

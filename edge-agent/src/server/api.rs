@@ -179,6 +179,7 @@ fn prepare(
     let room = context - n;
     Ok(Prepared {
         info: RequestInfo {
+            request_id: uuid::Uuid::now_v7(),
             imsi,
             app: app.id.clone(),
             model: model.to_string(),
@@ -344,11 +345,25 @@ enum Endpoint {
     Completions,
 }
 
+/// The header carrying the request id (the usage record's `record_id` in hex):
+/// a streaming client has it before the first token.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The answer, with the request id header.
+async fn respond(endpoint: Endpoint, p: &Prepared, rx: mpsc::Receiver<Event>) -> Response {
+    let mut response = respond_body(endpoint, p, rx).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&p.info.request_id.simple().to_string()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    response
+}
+
 /// The answer: one JSON object, or server-sent events.
-async fn respond(endpoint: Endpoint, p: &Prepared, mut rx: mpsc::Receiver<Event>) -> Response {
+async fn respond_body(endpoint: Endpoint, p: &Prepared, mut rx: mpsc::Receiver<Event>) -> Response {
+    let request_id = p.info.request_id.simple().to_string();
     let id = match endpoint {
-        Endpoint::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        Endpoint::Completions => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        Endpoint::Chat => format!("chatcmpl-{request_id}"),
+        Endpoint::Completions => format!("cmpl-{request_id}"),
     };
     let created = super::billing::unix_now();
     let model = p.info.model.clone();

@@ -72,6 +72,10 @@ impl Limiters {
 /// What a request is, for its record.
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
+    /// The request's id (UUIDv7): the usage record's `record_id`, the
+    /// response's `id` (`chatcmpl-<hex>`) and its `x-request-id` header, so a
+    /// bill line can be traced to the answer an app received.
+    pub request_id: uuid::Uuid,
     /// Subscriber.
     pub imsi: Imsi,
     /// App id.
@@ -379,7 +383,7 @@ impl Billing {
             FinishReason::Error => Outcome::Failed,
         };
         let record = UsageRecord {
-            record_id: uuid::Uuid::now_v7().as_bytes().to_vec(),
+            record_id: info.request_id.as_bytes().to_vec(),
             imsi: info.imsi.to_string(),
             app_id: info.app.clone(),
             model_id: info.model.clone(),
