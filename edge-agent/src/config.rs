@@ -117,6 +117,10 @@ pub struct ModelConfig {
     /// Tokens of KV kept for prompts that share a beginning.
     #[serde(default = "default_prefix_cache")]
     pub prefix_cache_tokens: usize,
+    /// Run on this GPU (NVML index) only; absent: the GPU with the most free
+    /// memory, or the CPU. A GPU that is not there means the CPU, logged.
+    #[serde(default)]
+    pub gpu: Option<u32>,
 }
 
 /// `[limits]`: 0 disables a limit.

@@ -43,6 +43,31 @@ pub struct Discovery {
     pub reason: Option<String>,
 }
 
+impl Discovery {
+    /// Only GPU `index` (an operator pinning the model to one GPU); when it
+    /// is not there, no GPU, with the reason naming what was found.
+    pub fn only(self, index: u32) -> Discovery {
+        if let Some(g) = self.gpus.iter().find(|g| g.index == index) {
+            return Discovery {
+                gpus: vec![g.clone()],
+                reason: None,
+            };
+        }
+        let found = if self.gpus.is_empty() {
+            self.reason.unwrap_or_else(|| "no GPU".into())
+        } else {
+            let indexes: Vec<String> = self.gpus.iter().map(|g| g.index.to_string()).collect();
+            format!("GPUs found: {}", indexes.join(", "))
+        };
+        Discovery {
+            gpus: Vec::new(),
+            reason: Some(format!(
+                "GPU {index} was asked for and is not there ({found})"
+            )),
+        }
+    }
+}
+
 /// Queries NVML; loads `lib_path` instead of the system library when given.
 pub fn discover(lib_path: Option<&Path>) -> Discovery {
     let nvml = match lib_path {
@@ -287,6 +312,31 @@ mod tests {
             true,
             4,
             cpu("no GPU has 4096 MiB free"),
+        );
+    }
+
+    #[test]
+    fn a_pinned_gpu_is_the_only_candidate_and_a_missing_one_says_so() {
+        let three = found(vec![gpu(0, 4), gpu(1, 10), gpu(2, 8)]);
+        assert_eq!(
+            choose_device(&three.clone().only(2), true, 1),
+            DeviceChoice::Cuda { index: 2 }
+        );
+        assert_eq!(
+            choose_device(&three.only(7), true, 1),
+            DeviceChoice::Cpu {
+                reason: "GPU 7 was asked for and is not there (GPUs found: 0, 1, 2)".into()
+            }
+        );
+        let none = Discovery {
+            gpus: vec![],
+            reason: Some("NVML is not available: x".into()),
+        };
+        assert_eq!(
+            choose_device(&none.only(0), true, 1),
+            DeviceChoice::Cpu {
+                reason: "GPU 0 was asked for and is not there (NVML is not available: x)".into()
+            }
         );
     }
 

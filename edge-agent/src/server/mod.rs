@@ -311,7 +311,10 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         welcome_packages(&config),
     )?;
 
-    let found = gpu::discover(None);
+    let found = match config.model.gpu {
+        Some(index) => gpu::discover(None).only(index),
+        None => gpu::discover(None),
+    };
     let model_bytes = std::fs::metadata(&config.model.path)
         .map(|m| m.len())
         .unwrap_or(0);
