@@ -129,7 +129,42 @@ pub fn server_endpoint(
         .map_err(|e| QuicError::Verifier(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(options));
-    Ok(quinn::Endpoint::server(config, listen)?)
+    let socket = std::net::UdpSocket::bind(listen)?;
+    let (reset_key, cid_key) = restart_keys(key_pem);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(quinn::Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
+/// The keys of the core's stateless reset tokens and of its connection ids,
+/// derived from its private key, so that a core restarted with the same key
+/// recognises its previous life's connection ids and answers them with the
+/// tokens it promised: an edge still sending on such a connection gets a
+/// stateless reset at once and reconnects, instead of waiting out the idle
+/// timeout. (quinn's default keys are random per process, so a restarted
+/// core drops those packets as invalid.)
+fn restart_keys(key_pem: &str) -> (ring::hmac::Key, u64) {
+    use sha2::Digest;
+    let derive = |label: &[u8]| {
+        let mut h = sha2::Sha256::new();
+        h.update(label);
+        h.update(key_pem.as_bytes());
+        h.finalize()
+    };
+    let reset = derive(b"mec-usage/1 stateless reset key\0");
+    let cid = derive(b"mec-usage/1 connection id key\0");
+    let cid_key = u64::from_le_bytes(cid[..8].try_into().expect("8 bytes"));
+    (
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset),
+        cid_key,
+    )
 }
 
 /// The edge's endpoint: its node certificate and key, the operator CA for

@@ -60,8 +60,10 @@ pub struct UploaderStatus {
     pub last_ack_unix_ms: i64,
     /// Connections made.
     pub connections: u64,
-    /// The last error, if any.
+    /// The last error, if any (cleared by a successful connection).
     pub last_error: Option<String>,
+    /// Why the last connection (or attempt) ended; kept after reconnecting.
+    pub last_disconnect: Option<String>,
 }
 
 /// Runs until `shutdown` turns true.
@@ -113,6 +115,7 @@ pub async fn run(
             s.connected = false;
             if let Err(e) = &result {
                 s.last_error = Some(e.clone());
+                s.last_disconnect = Some(e.clone());
             }
         }
         match result {
@@ -162,6 +165,25 @@ async fn session(
         .await
         .map_err(|e| format!("connecting to {}: {e}", config.core))?;
     backoff.reset();
+    exchange(&conn, log, config, window, status, shutdown)
+        .await
+        .map_err(|e| match conn.close_reason() {
+            // Stream errors say only "connection lost": name why.
+            Some(reason) => format!("{e}: {reason}"),
+            None => e,
+        })
+}
+
+/// One connection's upload: hello, then batches and acks until an error or
+/// shutdown.
+async fn exchange(
+    conn: &quinn::Connection,
+    log: &Arc<UsageLog>,
+    config: &UploaderConfig,
+    window: &mut UploadWindow,
+    status: &Mutex<UploaderStatus>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let hello = EdgeFrame {
         kind: Some(edge_frame::Kind::Hello(Hello {

@@ -1,6 +1,8 @@
 //! `core-ingest` as an operator runs it (init, serve, issue-node-cert, audit,
 //! export), fed by a real uploader over loopback QUIC; the core killed with
-//! SIGKILL mid-upload and restarted still holds every record exactly once.
+//! SIGKILL mid-upload and restarted still holds every record exactly once,
+//! and tells the edge at once that the old connection is gone (a stateless
+//! reset from the same key).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -124,10 +126,9 @@ async fn an_operator_sees_records_arrive_once_even_across_a_core_crash() {
                 batch_bytes: 1 << 20,
                 in_flight: 2,
             },
-            transport: TransportOptions {
-                idle_timeout: Duration::from_secs(3),
-                ..TransportOptions::default()
-            },
+            // The default 30 s idle timeout: the old connection must end
+            // by the restarted core's stateless reset, not by timing out.
+            transport: TransportOptions::default(),
             poll: Duration::from_millis(20),
             ack_limit: None,
         },
@@ -155,6 +156,13 @@ async fn an_operator_sees_records_arrive_once_even_across_a_core_crash() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let disconnect = status.lock().unwrap().last_disconnect.clone();
+    assert!(
+        disconnect
+            .as_deref()
+            .is_some_and(|d| d.contains("reset by peer")),
+        "the old connection ended by {disconnect:?}, not the restarted core's stateless reset"
+    );
     stop.send(true).unwrap();
     uploader.await.unwrap();
     // SAFETY: kill(2) on our own child.

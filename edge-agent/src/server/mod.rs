@@ -147,6 +147,8 @@ pub struct SyncView {
     pub connections: u64,
     /// Why the last attempt failed, while it is failing.
     pub last_error: Option<String>,
+    /// Why the last connection ended (kept after reconnecting).
+    pub last_disconnect: Option<String>,
 }
 
 impl AppState {
@@ -177,6 +179,7 @@ impl AppState {
             lag_s,
             connections: status.connections,
             last_error: status.last_error,
+            last_disconnect: status.last_disconnect,
         })
     }
 }

@@ -1,0 +1,444 @@
+//! The whole story, over real processes: a box provisioned over a serial line
+//! with `edgeprov`, an edge agent serving the real model to 20 subscribers
+//! under a bounded load (streamed, not streamed, cancelled, over quota,
+//! malformed), the backhaul to core-ingest cut twice and lossy for a while,
+//! the agent SIGKILLed under load and restarted, the core SIGKILLed and
+//! restarted. After the backlog drains, the bill must match what every client
+//! saw, the core must hold the node's dense verified chain, and the edge's
+//! balances must be the grants minus the bill (see `hil_tests::reconcile`).
+//!
+//! Without `MEC_HIL_*` variables it runs on loopback and ptys (CI); with them
+//! it provisions and loads a real box (see `hil-tests/README.md`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hil_tests::load::{self, ApiTarget, Done, Outcome};
+use hil_tests::procs::free_port;
+use hil_tests::reconcile::{self, EdgeBalance, Evidence};
+use hil_tests::relay::{LinkMode, UdpRelay};
+use hil_tests::stack::{self, Admin, Core, LocalAgent, SiteSpec};
+use hil_tests::target::{Hardware, Mode};
+use mec_provisioning::pty::PtyLine;
+
+/// Requests in the load.
+const REQUESTS: usize = 180;
+/// Concurrent clients.
+const CLIENTS: usize = 8;
+/// Subscribers; one in four has a package small enough to run out.
+const SUBSCRIBERS: usize = 20;
+const BIG_PACKAGE: u64 = 20_000;
+const SMALL_PACKAGE: u64 = 150;
+/// How long the backlog may take to drain after the load.
+const DRAIN_LIMIT: Duration = Duration::from_secs(240);
+/// The whole scenario's bound (load plus faults).
+const LOAD_LIMIT: Duration = Duration::from_secs(900);
+const NODE_ID: &str = "edge-e2e-0001";
+
+/// The box under test: an agent on this machine, or a real one.
+enum TheBox {
+    Local(LocalAgent),
+    Remote(Hardware),
+}
+
+impl TheBox {
+    /// SIGKILLs the agent and brings it back; what was done, or why not.
+    fn kill_and_restart(&mut self) -> String {
+        match self {
+            TheBox::Local(agent) => {
+                agent.kill9();
+                let started = Instant::now();
+                tokio::task::block_in_place(|| agent.start());
+                format!(
+                    "agent SIGKILLed under load, restarted (ready after {:.1} s)",
+                    started.elapsed().as_secs_f64()
+                )
+            }
+            TheBox::Remote(h) => match &h.kill_agent {
+                Some(cmd) => {
+                    let status = std::process::Command::new("sh")
+                        .args(["-c", cmd])
+                        .status()
+                        .expect("run MEC_HIL_KILL_AGENT");
+                    assert!(status.success(), "MEC_HIL_KILL_AGENT failed: {status}");
+                    "agent SIGKILLed under load by MEC_HIL_KILL_AGENT (its unit restarts it)".into()
+                }
+                None => "agent SIGKILL skipped: no MEC_HIL_KILL_AGENT for the real box".into(),
+            },
+        }
+    }
+}
+
+/// A fault script step: when `at` of the requests have finished, do it.
+struct Step {
+    at: f64,
+    what: &'static str,
+}
+
+const SCRIPT: [Step; 8] = [
+    Step {
+        at: 0.10,
+        what: "cut",
+    },
+    Step {
+        at: 0.20,
+        what: "up",
+    },
+    Step {
+        at: 0.30,
+        what: "kill-agent",
+    },
+    Step {
+        at: 0.45,
+        what: "lossy",
+    },
+    Step {
+        at: 0.58,
+        what: "up",
+    },
+    Step {
+        at: 0.65,
+        what: "kill-core",
+    },
+    Step {
+        at: 0.75,
+        what: "cut",
+    },
+    Step {
+        at: 0.87,
+        what: "up",
+    },
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn from_a_provisioned_box_to_the_bill_under_faults() {
+    let mode = Mode::from_env().unwrap_or_else(|e| panic!("{e}"));
+    println!("{}", mode.describe());
+    let tmp = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let mut stages: Vec<(String, f64)> = Vec::new();
+    let mut stage = |name: &str, since: &mut Instant| {
+        stages.push((name.to_string(), since.elapsed().as_secs_f64()));
+        *since = Instant::now();
+    };
+    let mut since = Instant::now();
+
+    // The core, and the backhaul to it.
+    let core_addr: SocketAddr = format!("127.0.0.1:{}", free_port(true)).parse().unwrap();
+    let (relay_listen, sans) = match &mode {
+        Mode::Loopback { .. } => ("127.0.0.1:0".parse().unwrap(), vec![]),
+        Mode::Hardware(h) => {
+            let (host, port) = h
+                .core_advertise
+                .rsplit_once(':')
+                .expect("MEC_HIL_CORE_ADVERTISE is host:port");
+            (
+                format!("0.0.0.0:{port}").parse().unwrap(),
+                vec![host.trim_matches(['[', ']']).to_string()],
+            )
+        }
+    };
+    let mut core = Core::init(&tmp.path().join("core"), core_addr, &sans);
+    core.start();
+    let relay = UdpRelay::start(relay_listen, core_addr).await.unwrap();
+
+    // The box, provisioned over a serial line.
+    let (mut the_box, admin, api) = match &mode {
+        Mode::Loopback { gpu } => {
+            let api: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+            let mut agent = LocalAgent::init(&tmp.path().join("box"), api, admin, "");
+            if let Some(i) = gpu {
+                let text = std::fs::read_to_string(&agent.config).unwrap();
+                std::fs::write(
+                    &agent.config,
+                    text.replacen("[model]\n", &format!("[model]\ngpu = {i}\n"), 1),
+                )
+                .unwrap();
+            }
+            let line = PtyLine::new().expect("a pty pair");
+            let listener = stack::provision_listener(
+                &line.box_path,
+                &agent.state_dir,
+                &tmp.path().join("box/provision.log"),
+            );
+            provision(&line.tech_path, &relay.addr.to_string(), Some(api), &core);
+            listener.terminate(Duration::from_secs(10));
+            stage("provision over the pty line", &mut since);
+            let ready = tokio::task::block_in_place(|| agent.start());
+            assert_eq!(ready["api_url"], format!("http://{api}"), "{ready}");
+            stage("agent start", &mut since);
+            (
+                TheBox::Local(agent),
+                Admin::new(&format!("http://{admin}")),
+                ApiTarget {
+                    base_url: format!("http://{api}"),
+                    app_key: String::new(),
+                    model: ready["model"].as_str().unwrap().to_string(),
+                },
+            )
+        }
+        Mode::Hardware(h) => {
+            provision(&h.serial, &h.core_advertise, None, &core);
+            stage("provision over the serial device", &mut since);
+            let admin = Admin::new(&h.admin);
+            wait_for_core_configured(&admin, &h.core_advertise).await;
+            stage("the box's agent takes the site configuration", &mut since);
+            let models: serde_json::Value = reqwest::Client::new()
+                .get(format!("{}/v1/models", h.api))
+                .bearer_auth(&h.app_key)
+                .send()
+                .await
+                .expect("the box's API answers")
+                .json()
+                .await
+                .unwrap();
+            (
+                TheBox::Remote(h.clone()),
+                admin,
+                ApiTarget {
+                    base_url: h.api.clone(),
+                    app_key: h.app_key.clone(),
+                    model: models["data"][0]["id"].as_str().unwrap().to_string(),
+                },
+            )
+        }
+    };
+    let api = ApiTarget {
+        app_key: match &the_box {
+            TheBox::Local(a) => a.app_key.clone(),
+            TheBox::Remote(h) => h.app_key.clone(),
+        },
+        ..api
+    };
+
+    // Packages for 20 subscribers, a quarter of them small.
+    let imsis: Vec<String> = (0..SUBSCRIBERS)
+        .map(|i| format!("0010100000001{i:02}"))
+        .collect();
+    let mut grants = BTreeMap::new();
+    for (i, imsi) in imsis.iter().enumerate() {
+        let tokens = if i % 4 == 3 {
+            SMALL_PACKAGE
+        } else {
+            BIG_PACKAGE
+        };
+        admin.grant(imsi, tokens).await;
+        grants.insert(imsi.clone(), tokens);
+    }
+
+    // The load, and the faults while it runs.
+    let plan = load::plan(&imsis, REQUESTS, 0x5eed_2026);
+    let progress = Arc::new(AtomicUsize::new(0));
+    let load = tokio::spawn(load::run(api.clone(), plan, CLIENTS, progress.clone()));
+    let mut faults: Vec<String> = Vec::new();
+    let load_started = Instant::now();
+    for step in &SCRIPT {
+        let target = (step.at * REQUESTS as f64) as usize;
+        while progress.load(Ordering::SeqCst) < target && !load.is_finished() {
+            assert!(
+                load_started.elapsed() < LOAD_LIMIT,
+                "the load is stuck at {} of {REQUESTS} requests",
+                progress.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let t = t0.elapsed().as_secs_f64();
+        let what = match step.what {
+            "cut" => {
+                relay.set(LinkMode::Cut);
+                "link cut".to_string()
+            }
+            "up" => {
+                relay.set(LinkMode::Up);
+                "link restored".to_string()
+            }
+            "lossy" => {
+                relay.set(LinkMode::Lossy(25));
+                "link lossy (25% of datagrams dropped each way)".to_string()
+            }
+            "kill-agent" => the_box.kill_and_restart(),
+            "kill-core" => {
+                core.kill9();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::task::block_in_place(|| core.start());
+                "core-ingest SIGKILLed and restarted".to_string()
+            }
+            other => unreachable!("{other}"),
+        };
+        faults.push(format!(
+            "{t:6.1} s  after {:3} requests: {what}",
+            progress.load(Ordering::SeqCst)
+        ));
+    }
+    let done = tokio::time::timeout(LOAD_LIMIT, load)
+        .await
+        .expect("the load finished within its bound")
+        .expect("the load ran");
+    relay.set(LinkMode::Up);
+    stage("load with faults", &mut since);
+
+    // Drain, then the bill against what the clients saw.
+    let drained = admin.wait_drained(DRAIN_LIMIT).await;
+    stage("drain", &mut since);
+    let sync = admin.sync().await;
+    let edge_last_seq = sync["log_durable_seq"].as_u64().unwrap_or(0);
+    let audit = reconcile::audit_from_json(&core.audit());
+    let rows = reconcile::rows_from_json(&core.export());
+    let mut balances = BTreeMap::new();
+    for imsi in &imsis {
+        let b = admin.balance(imsi).await;
+        balances.insert(
+            imsi.clone(),
+            EdgeBalance {
+                remaining: b["remaining_tokens"].as_u64().unwrap_or(u64::MAX),
+                reserved: b["reserved_tokens"].as_u64().unwrap_or(u64::MAX),
+            },
+        );
+    }
+    let verdict = reconcile::reconcile(&Evidence {
+        node_id: NODE_ID,
+        edge_last_seq,
+        grants: &grants,
+        done: &done,
+        rows: &rows,
+        audit: &audit,
+        balances: &balances,
+    });
+    stage("reconcile", &mut since);
+
+    print_summary(&done, &rows, &audit, &faults, &relay, &verdict, &stages, t0);
+    if let TheBox::Local(agent) = &mut the_box {
+        agent.stop();
+    }
+    if let Err(last) = &drained {
+        panic!(
+            "the backlog did not drain within {DRAIN_LIMIT:?}; last sync state: {last}\n{} problem(s) on the bill:\n{}\ncore log:\n{}",
+            verdict.problems.len(),
+            verdict.problems.join("\n"),
+            core.log_tail()
+        );
+    }
+    assert!(
+        verdict.problems.is_empty(),
+        "{} problem(s) on the bill:\n{}",
+        verdict.problems.len(),
+        verdict.problems.join("\n")
+    );
+}
+
+/// `edgeprov status`, then `edgeprov provision` over `port`, issuing from
+/// the core's CA directory.
+fn provision(port: &Path, core_for_box: &str, api: Option<SocketAddr>, core: &Core) {
+    let status = stack::edgeprov_status(port);
+    assert_eq!(
+        status["device"]["provisioned"], false,
+        "the box is provisioned already (reset it first): {status}"
+    );
+    let out = stack::edgeprov_provision(
+        port,
+        &SiteSpec {
+            site: "cell-e2e".into(),
+            node_id: NODE_ID.into(),
+            core: core_for_box.into(),
+            core_server_name: "localhost".into(),
+            api_listen: api.map(|a| a.to_string()),
+        },
+        &core.dir,
+    );
+    assert_eq!(out["device"]["node_id"], NODE_ID, "{out}");
+    assert_eq!(out["core_address"], core_for_box, "{out}");
+}
+
+/// A real box's agent reads the site configuration at start: wait until its
+/// admin API names our core.
+async fn wait_for_core_configured(admin: &Admin, core: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = admin.sync().await;
+        if s["core"] == core {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the box's agent does not use core {core} after provisioning (restart its unit): {s}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_summary(
+    done: &[Done],
+    rows: &[reconcile::CoreRow],
+    audit: &[reconcile::AuditRow],
+    faults: &[String],
+    relay: &UdpRelay,
+    verdict: &reconcile::Reconciliation,
+    stages: &[(String, f64)],
+    t0: Instant,
+) {
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut unreachable = 0;
+    for d in done {
+        unreachable += d.unreachable;
+        let k = match &d.outcome {
+            Outcome::Completed { .. } => "completed",
+            Outcome::Cancelled { .. } => "cancelled by the client",
+            Outcome::Refused { status: 429, .. } => "refused 429 (quota or rate)",
+            Outcome::Refused { .. } => "refused as malformed (400/401/404/413)",
+            Outcome::Interrupted { .. } => "interrupted (agent killed)",
+            Outcome::Unexpected { .. } => "UNEXPECTED",
+        };
+        *kinds.entry(k).or_default() += 1;
+    }
+    println!(
+        "== end to end: {} requests by {CLIENTS} clients for {SUBSCRIBERS} subscribers",
+        done.len()
+    );
+    for (k, n) in &kinds {
+        println!("   {n:4}  {k}");
+    }
+    println!(
+        "   {unreachable:4}  connection attempts refused while the agent restarted (sent again)"
+    );
+    let told: u64 = verdict.per_imsi.values().map(|t| t.told).sum();
+    let billed: u64 = verdict.per_imsi.values().map(|t| t.billed).sum();
+    let cancelled: u64 = verdict.per_imsi.values().map(|t| t.cancelled).sum();
+    let interrupted: u64 = verdict.per_imsi.values().map(|t| t.interrupted).sum();
+    println!(
+        "== bill: {} records, {billed} tokens = {told} told in answers + {cancelled} for dropped streams + {interrupted} for broken connections",
+        rows.len()
+    );
+    for a in audit {
+        println!(
+            "== core: node {} records {} contiguous to {} gaps {:?} quarantined {} duplicates ignored {} chain {}",
+            a.node_id, a.records, a.contiguous_seq, a.gaps, a.quarantined, a.duplicates, a.chain
+        );
+    }
+    let s = relay.stats();
+    println!(
+        "== faults ({} datagrams forwarded, {} dropped by the relay):",
+        s.forwarded, s.dropped
+    );
+    for f in faults {
+        println!("   {f}");
+    }
+    println!("== stages:");
+    for (name, secs) in stages {
+        println!("   {secs:7.1} s  {name}");
+    }
+    println!("   {:7.1} s  in all", t0.elapsed().as_secs_f64());
+    if verdict.problems.is_empty() {
+        println!("== the bill matches what every client saw");
+    } else {
+        println!("== {} PROBLEMS:", verdict.problems.len());
+        for p in &verdict.problems {
+            println!("   {p}");
+        }
+    }
+}
