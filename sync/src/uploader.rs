@@ -66,6 +66,13 @@ pub struct UploaderStatus {
     pub last_disconnect: Option<String>,
 }
 
+/// A fault planted on purpose, to check that the end-to-end test catches a
+/// lost batch (`cargo xtask e2e-planted`): built only with the
+/// `planted-fault-skip-batch` feature, never in a product build, the uploader
+/// believes it sent the batch holding this seq and never does.
+#[cfg(feature = "planted-fault-skip-batch")]
+pub const PLANTED_SKIPPED_SEQ: u64 = 40;
+
 /// Runs until `shutdown` turns true.
 pub async fn run(
     log: Arc<UsageLog>,
@@ -223,9 +230,22 @@ async fn exchange(
                 .iter()
                 .map(|r| (r.first, r.last))
                 .collect();
+            #[cfg(feature = "planted-fault-skip-batch")]
+            let planted_skip = records
+                .first()
+                .zip(records.last())
+                .is_some_and(|(f, l)| (f.0..=l.0).contains(&PLANTED_SKIPPED_SEQ));
             let Some(batch) = window.batch(records, &lost) else {
                 break;
             };
+            #[cfg(feature = "planted-fault-skip-batch")]
+            if planted_skip {
+                tracing::error!(
+                    seq = PLANTED_SKIPPED_SEQ,
+                    "planted fault: the batch holding this seq is not sent"
+                );
+                continue;
+            }
             let frame = EdgeFrame {
                 kind: Some(edge_frame::Kind::Batch(batch)),
             };

@@ -28,8 +28,13 @@ enum Task {
     /// ./state/agent the first time, serve the MEC API on 127.0.0.1:8080 with
     /// a demo subscriber, and print how to call it (Ctrl-C stops it).
     Run,
-    /// Run every test of the workspace.
+    /// Run every test of the workspace (the workspace's binaries are built
+    /// first: the end-to-end tests run them as processes).
     Test,
+    /// Check that the end-to-end test catches a lost batch: run it against
+    /// an edge agent built with a planted fault (its uploader never sends
+    /// the batch holding seq 40); succeeds only if the test fails.
+    E2ePlanted,
     /// Benchmark the usage log: C = 1, 16, 256 on both backends, beside the raw
     /// fdatasync rate and the signing rate; writes bench/out/log-bench.json.
     BenchLog {
@@ -125,8 +130,10 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => model::ensure(&root()).map(|_| ()),
         Task::Test => {
             model::ensure(&root())?;
+            run(cargo().args(["build", "--workspace", "--bins"]))?;
             run(cargo().args(["test", "--workspace", "--all-targets"]))
         }
+        Task::E2ePlanted => e2e_planted(),
         Task::BenchLog { records } => bench_log(records),
         Task::BenchSync { records } => bench_sync::bench(records),
         Task::BenchApi {
@@ -140,6 +147,57 @@ fn main() -> anyhow::Result<()> {
             decode_tokens,
         } => bench_inference::bench(rounds, threads, decode_tokens),
     }
+}
+
+fn e2e_planted() -> anyhow::Result<()> {
+    model::ensure(&root())?;
+    let debug = root().join("target/debug");
+    let planted = root().join("target/planted");
+    std::fs::create_dir_all(&planted)?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    for b in ["core-ingest", "edgeprov"] {
+        std::fs::copy(debug.join(b), planted.join(b))?;
+    }
+    run(cargo().args([
+        "build",
+        "-p",
+        "edge-agent",
+        "--features",
+        "mec-sync/planted-fault-skip-batch",
+    ]))?;
+    std::fs::copy(debug.join("edge-agent"), planted.join("edge-agent"))?;
+    // Put the product binary back for everything else.
+    run(cargo().args(["build", "-p", "edge-agent"]))?;
+    eprintln!("running the end-to-end test against {}", planted.display());
+    let out = cargo()
+        .args([
+            "test",
+            "-p",
+            "hil-tests",
+            "--test",
+            "e2e",
+            "--",
+            "--nocapture",
+        ])
+        .env("MEC_BIN_DIR", &planted)
+        .env("MEC_E2E_DRAIN_LIMIT_S", "60")
+        .output()
+        .context("cannot run the end-to-end test")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    if out.status.success() {
+        bail!("the end-to-end test PASSED with a batch never sent: it cannot catch a lost batch");
+    }
+    let caught = ["is not on the bill", "did not drain", "contiguous to seq"];
+    if !caught.iter().any(|c| text.contains(c)) {
+        bail!("the end-to-end test failed, but not on the lost batch (see above)");
+    }
+    println!("as it must, the end-to-end test failed on the planted lost batch");
+    Ok(())
 }
 
 fn bench_log(records: u64) -> anyhow::Result<()> {
