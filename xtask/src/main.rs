@@ -10,6 +10,7 @@ mod bench_api;
 mod bench_inference;
 mod bench_sync;
 mod model;
+mod report;
 mod run_agent;
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,17 @@ enum Task {
     /// an edge agent built with a planted fault (its uploader never sends
     /// the batch holding seq 40); succeeds only if the test fails.
     E2ePlanted,
+    /// Run every benchmark (inference vs llama.cpp, the log vs fdatasync,
+    /// the API with metering on and off, the upload) and write the report:
+    /// bench/report.json, bench/report.md and bench/charts/*.png.
+    Bench {
+        /// Smaller runs (about 5 minutes instead of about 15): for checking
+        /// the pipeline, not for figures.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Write the report from the benchmarks' last outputs in bench/out/.
+    BenchReport,
     /// Benchmark the usage log: C = 1, 16, 256 on both backends, beside the raw
     /// fdatasync rate and the signing rate; writes bench/out/log-bench.json.
     BenchLog {
@@ -134,6 +146,8 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["test", "--workspace", "--all-targets"]))
         }
         Task::E2ePlanted => e2e_planted(),
+        Task::Bench { quick } => bench_all(quick),
+        Task::BenchReport => bench_report(),
         Task::BenchLog { records } => bench_log(records),
         Task::BenchSync { records } => bench_sync::bench(records),
         Task::BenchApi {
@@ -147,6 +161,44 @@ fn main() -> anyhow::Result<()> {
             decode_tokens,
         } => bench_inference::bench(rounds, threads, decode_tokens),
     }
+}
+
+fn bench_all(quick: bool) -> anyhow::Result<()> {
+    ensure_font()?;
+    if quick {
+        bench_inference::bench(1, 2, 64)?;
+        bench_log(50_000)?;
+        bench_api::bench(1, 64, 5)?;
+        bench_sync::bench(200_000)?;
+    } else {
+        bench_inference::bench(3, 2, 128)?;
+        bench_log(200_000)?;
+        bench_api::bench(3, 64, 10)?;
+        bench_sync::bench(1_000_000)?;
+    }
+    bench_report()
+}
+
+fn bench_report() -> anyhow::Result<()> {
+    ensure_font()?;
+    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    let machine = report::machine(&root());
+    for p in report::write(&root().join("bench"), &machine, date.trim())? {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// The charts' font (Debian's fonts-dejavu-core), installed when missing.
+fn ensure_font() -> anyhow::Result<()> {
+    if std::path::Path::new(report::FONT).exists() {
+        return Ok(());
+    }
+    eprintln!("installing fonts-dejavu-core for the charts");
+    run(Command::new("apt-get").args(["install", "-y", "-qq", "fonts-dejavu-core"])).or_else(|_| {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "fonts-dejavu-core"]))
+    })
 }
 
 fn e2e_planted() -> anyhow::Result<()> {
