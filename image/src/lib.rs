@@ -1,7 +1,15 @@
-//! The appliance image recipe (issue 8, not built yet).
+//! The appliance image (issue 8): a bootable GPT disk with the whole stack.
 //!
-//! This crate will build the bootable disk of an edge box from the
-//! workspace's release binaries: root filesystem, systemd units, default
-//! configuration, the model, and a manifest of SHA-256 hashes that
-//! `edgeprov flash` verifies against.
+//! - [`layout`]: the partitions (ESP, root A, root B, data), fixed ids, the
+//!   `sfdisk` script. Sans-IO.
+//! - [`files`]: what the image adds to the Debian base: the agent's
+//!   configuration, the systemd units, mounts, network, loader entries.
+//! - [`manifest`]: the signed manifest (disk, partitions, files, packages).
+//! - [`build`]: the steps, driving debootstrap, mke2fs, mkfs.fat, mtools,
+//!   sfdisk and qemu-img. No loop devices and no mounts (they fail in
+//!   containers). `cargo xtask image` runs it.
 #![warn(missing_docs)]
+
+pub mod files;
+pub mod layout;
+pub mod manifest;

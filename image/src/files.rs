@@ -1,0 +1,291 @@
+//! The files the image adds to the Debian base: the agent's configuration,
+//! systemd units, mounts, network, and the boot loader's entries. Plain
+//! functions of the layout and the build's settings, so they are tested and
+//! read here, not scattered over a script.
+
+use crate::layout::Layout;
+
+/// Where the data partition is mounted (and the agent's state directory).
+pub const DATA_DIR: &str = "/var/lib/edge";
+/// The model's place in the root filesystem.
+pub const MODEL_DIR: &str = "/usr/share/edge/models";
+/// The agent's configuration.
+pub const AGENT_CONFIG: &str = "/etc/edge-agent/edge-agent.toml";
+/// The agent's user and group (fixed ids: builds match).
+pub const AGENT_USER: &str = "edge-agent";
+/// Its uid and gid.
+pub const AGENT_UID: u32 = 990;
+/// The serial port the provisioning listener answers on.
+pub const PROVISION_TTY: &str = "ttyS1";
+/// Boot tries a new slot gets before systemd-boot falls back.
+pub const BOOT_TRIES: u32 = 3;
+
+/// `/etc/fstab`: the ESP (for boot counting), the data partition, and
+/// tmpfs where a read-only root needs writes.
+pub fn fstab(layout: &Layout) -> String {
+    let uuid = |n: &str| {
+        layout
+            .get(n)
+            .map(|p| p.uuid.to_lowercase())
+            .unwrap_or_default()
+    };
+    format!(
+        "# The root is read-only, named on the kernel command line by its slot.\n\
+         PARTUUID={esp}\t/efi\tvfat\tumask=0077,nofail\t0\t2\n\
+         PARTUUID={data}\t{DATA_DIR}\text4\tdefaults,noatime,nosuid,nodev\t0\t2\n\
+         tmpfs\t/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n\
+         tmpfs\t/var/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n\
+         tmpfs\t/var/lib/systemd\ttmpfs\tmode=0755\t0\t0\n",
+        esp = uuid("esp"),
+        data = uuid("edge-data"),
+    )
+}
+
+/// The agent's configuration in the image: state on the data partition,
+/// the model from the root, the API on every interface (the box serves its
+/// cell), the admin API on loopback, one app whose key hash the build was
+/// given.
+pub fn agent_config(model_file: &str, model_id: &str, app_key_sha256: &str) -> String {
+    format!(
+        "# The image's configuration. Provisioning (edgeprov) writes {DATA_DIR}/site.toml,\n\
+         # which sets the node id, the core and the API address over this file.\n\
+         [node]\n\
+         id = \"edge-unprovisioned\"\n\
+         state_dir = \"{DATA_DIR}\"\n\
+         \n\
+         [api]\n\
+         listen = \"0.0.0.0:8080\"\n\
+         \n\
+         [admin]\n\
+         listen = \"127.0.0.1:8081\"\n\
+         \n\
+         [model]\n\
+         path = \"{MODEL_DIR}/{model_file}\"\n\
+         id = \"{model_id}\"\n\
+         \n\
+         [[apps]]\n\
+         id = \"image-app\"\n\
+         key_sha256 = \"{app_key_sha256}\"\n\
+         imsi_prefixes = [\"00101\", \"00102\"]\n\
+         models = [\"*\"]\n"
+    )
+}
+
+/// `edge-agent.service`: hardened; started once the box is provisioned.
+pub fn agent_unit() -> String {
+    format!(
+        "# The MEC edge agent. Starts once provisioning wrote {DATA_DIR}/site.toml\n\
+         # (edge-agent.path starts it when the file appears).\n\
+         [Unit]\n\
+         Description=MEC edge agent (OpenAI-compatible MEC API, token metering, usage log)\n\
+         After=network-online.target local-fs.target\n\
+         Wants=network-online.target\n\
+         ConditionPathExists={DATA_DIR}/site.toml\n\
+         \n\
+         [Service]\n\
+         Type=notify\n\
+         ExecStart=/usr/bin/edge-agent serve --config {AGENT_CONFIG}\n\
+         WatchdogSec=60\n\
+         TimeoutStartSec=600\n\
+         TimeoutStopSec=90\n\
+         Restart=on-failure\n\
+         RestartSec=2\n\
+         User={AGENT_USER}\n\
+         Group={AGENT_USER}\n\
+         StateDirectory=edge\n\
+         StateDirectoryMode=0750\n\
+         Environment=EDGE_AGENT_LOG=info\n\
+         NoNewPrivileges=yes\n\
+         ProtectSystem=strict\n\
+         ProtectHome=yes\n\
+         PrivateTmp=yes\n\
+         PrivateDevices=yes\n\
+         ProtectKernelTunables=yes\n\
+         ProtectKernelModules=yes\n\
+         ProtectKernelLogs=yes\n\
+         ProtectControlGroups=yes\n\
+         ProtectClock=yes\n\
+         ProtectHostname=yes\n\
+         ProtectProc=invisible\n\
+         ProcSubset=pid\n\
+         RestrictNamespaces=yes\n\
+         RestrictRealtime=yes\n\
+         RestrictSUIDSGID=yes\n\
+         LockPersonality=yes\n\
+         MemoryDenyWriteExecute=yes\n\
+         RemoveIPC=yes\n\
+         CapabilityBoundingSet=\n\
+         AmbientCapabilities=\n\
+         RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK\n\
+         SystemCallArchitectures=native\n\
+         # io_uring is not in @system-service: allow it, or the log's file\n\
+         # backend is taken (and logged).\n\
+         SystemCallFilter=@system-service io_uring_setup io_uring_enter io_uring_register\n\
+         SystemCallFilter=~@privileged @resources\n\
+         SystemCallErrorNumber=EPERM\n\
+         UMask=0077\n\
+         DevicePolicy=closed\n\
+         IPAddressDeny=\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
+/// `edge-agent.path`: starts the agent when provisioning completes.
+pub fn agent_path_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=Start the MEC edge agent once the box is provisioned\n\
+         \n\
+         [Path]\n\
+         PathExists={DATA_DIR}/site.toml\n\
+         Unit=edge-agent.service\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
+/// `edge-provision.service`: the provisioning listener on the second serial
+/// port, always up (status, authorised resets).
+pub fn provision_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=MEC edge box: serial provisioning listener on {PROVISION_TTY}\n\
+         After=local-fs.target dev-{PROVISION_TTY}.device\n\
+         BindsTo=dev-{PROVISION_TTY}.device\n\
+         \n\
+         [Service]\n\
+         Type=simple\n\
+         ExecStart=/usr/bin/edge-agent provision-listen --port /dev/{PROVISION_TTY} --baud 115200 --state-dir {DATA_DIR}\n\
+         Restart=always\n\
+         RestartSec=2\n\
+         User={AGENT_USER}\n\
+         Group={AGENT_USER}\n\
+         SupplementaryGroups=dialout\n\
+         StateDirectory=edge\n\
+         StateDirectoryMode=0750\n\
+         Environment=EDGE_AGENT_LOG=info\n\
+         NoNewPrivileges=yes\n\
+         ProtectSystem=strict\n\
+         ProtectHome=yes\n\
+         PrivateTmp=yes\n\
+         PrivateNetwork=yes\n\
+         DevicePolicy=closed\n\
+         DeviceAllow=/dev/{PROVISION_TTY} rw\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
+/// `edge-boot-health.service`: required by `boot-complete.target`, so
+/// systemd-bless-boot marks the boot good only after it succeeds: the agent
+/// reported ready, or, on a box not provisioned yet, the provisioning
+/// listener runs (a fresh box must not count its waiting boots as failures).
+pub fn health_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=MEC edge box: is this boot good?\n\
+         After=edge-agent.service edge-provision.service\n\
+         Before=boot-complete.target\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         TimeoutStartSec=900\n\
+         ExecStart=/bin/sh -c 'if [ -e {DATA_DIR}/site.toml ]; then \
+         until systemctl is-active -q edge-agent.service; do \
+         systemctl is-failed -q edge-agent.service && exit 1; sleep 2; done; \
+         else systemctl is-active -q edge-provision.service; fi'\n\
+         \n\
+         [Install]\n\
+         RequiredBy=boot-complete.target\n"
+    )
+}
+
+/// systemd-networkd: DHCP on every wired interface.
+pub fn network() -> &'static str {
+    "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n"
+}
+
+/// journald: the root is read-only, so the journal lives in memory.
+pub fn journald() -> &'static str {
+    "[Journal]\nStorage=volatile\nRuntimeMaxUse=64M\n"
+}
+
+/// `loader/loader.conf`: the default entry is slot A's (issue 9 moves it),
+/// no menu.
+pub fn loader_conf() -> &'static str {
+    "default edge-a*\ntimeout 0\nconsole-mode keep\neditor no\n"
+}
+
+/// The loader entry of `slot` ("a" or "b") with `tries` boot tries left
+/// (systemd-boot's boot counting: the file name carries `+tries`).
+pub fn loader_entry(layout: &Layout, slot: &str, version: &str) -> (String, String) {
+    let root = layout
+        .get(&format!("root-{slot}"))
+        .map(|p| p.uuid.to_lowercase())
+        .unwrap_or_default();
+    let name = format!("edge-{slot}+{BOOT_TRIES}.conf");
+    let body = format!(
+        "title MEC edge box, slot {upper} ({version})\n\
+         version {version}\n\
+         linux /edge-{slot}/vmlinuz\n\
+         initrd /edge-{slot}/initrd.img\n\
+         options root=PARTUUID={root} ro rootwait console=tty0 console=ttyS0,115200 panic=10 edge.slot={slot}\n",
+        upper = slot.to_uppercase(),
+    );
+    (name, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Sizes;
+
+    #[test]
+    fn fstab_mounts_the_data_partition_and_the_esp_by_partuuid() {
+        let l = Layout::new(Sizes::default());
+        let f = fstab(&l);
+        let data = l.get("edge-data").unwrap().uuid.to_lowercase();
+        assert!(
+            f.contains(&format!("PARTUUID={data}\t/var/lib/edge\text4")),
+            "{f}"
+        );
+        assert!(f.contains("\t/efi\tvfat"), "{f}");
+        assert!(!f.lines().any(|l| l.split('\t').nth(1) == Some("/")), "{f}");
+    }
+
+    #[test]
+    fn the_slot_a_entry_boots_its_root_with_a_try_counter() {
+        let l = Layout::new(Sizes::default());
+        let (name, body) = loader_entry(&l, "a", "0.1.0");
+        assert_eq!(name, "edge-a+3.conf");
+        let root = l.get("root-a").unwrap().uuid.to_lowercase();
+        assert!(body.contains(&format!("root=PARTUUID={root} ro")), "{body}");
+        assert!(body.contains("console=ttyS0,115200"), "{body}");
+    }
+
+    #[test]
+    fn the_agent_config_is_one_the_agent_accepts_in_shape() {
+        let c = agent_config("m.gguf", "m", &"ab".repeat(32));
+        let v: toml::Value = toml::from_str(&c).unwrap();
+        assert_eq!(v["node"]["state_dir"].as_str(), Some(DATA_DIR));
+        assert_eq!(
+            v["model"]["path"].as_str(),
+            Some("/usr/share/edge/models/m.gguf")
+        );
+        assert_eq!(v["apps"][0]["key_sha256"].as_str().unwrap().len(), 64);
+    }
+
+    #[test]
+    fn the_agent_unit_allows_io_uring_and_waits_for_provisioning() {
+        let u = agent_unit();
+        assert!(u.contains("io_uring_setup io_uring_enter io_uring_register"));
+        assert!(u.contains("ConditionPathExists=/var/lib/edge/site.toml"));
+        assert!(u.contains("Type=notify"));
+        assert!(u.contains("User=edge-agent"));
+    }
+}
