@@ -10,6 +10,7 @@
 //!   containers). `cargo xtask image` runs it.
 #![warn(missing_docs)]
 
+pub mod build;
 pub mod files;
 pub mod layout;
 pub mod manifest;
