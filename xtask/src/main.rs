@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 mod bench_api;
 mod bench_inference;
 mod bench_sync;
+mod image;
 mod model;
 mod report;
 mod run_agent;
@@ -32,6 +33,22 @@ enum Task {
     /// Run every test of the workspace (the workspace's binaries are built
     /// first: the end-to-end tests run them as processes).
     Test,
+    /// Build the appliance disk image (target/image/edge-VERSION.img, its
+    /// signed manifest, a qcow2): Debian bookworm by debootstrap, the release
+    /// agent, the model, the units; installs the Debian tools it needs.
+    Image {
+        /// The image-signing key (Ed25519, PKCS#8 PEM); without it a
+        /// development key is made in the output directory and named so in
+        /// the manifest.
+        #[arg(long, value_name = "PEM")]
+        signing_key: Option<PathBuf>,
+        /// The image's version [default: the workspace's].
+        #[arg(long)]
+        version: Option<String>,
+        /// Output directory [default: target/image].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Check that the end-to-end test catches a lost batch: run it against
     /// an edge agent built with a planted fault (its uploader never sends
     /// the batch holding seq 40); succeeds only if the test fails.
@@ -146,6 +163,11 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["test", "--workspace", "--all-targets"]))
         }
         Task::E2ePlanted => e2e_planted(),
+        Task::Image {
+            signing_key,
+            version,
+            out,
+        } => image::image(signing_key, version, out),
         Task::Bench { quick } => bench_all(quick),
         Task::BenchReport => bench_report(),
         Task::BenchLog { records } => bench_log(records),

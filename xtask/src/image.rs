@@ -1,0 +1,203 @@
+//! `cargo xtask image`: the appliance disk, in one command. Installs the
+//! Debian tools it needs, builds the release agent, fetches the model, then
+//! runs `mec_image::build` (see that crate for the steps and the layout).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use mec_image::build::{BuildOptions, TOOLS};
+use mec_image::layout::Sizes;
+use serde_json::json;
+
+use crate::{cargo, model, output, root, run};
+
+/// Debian packages that carry the build's tools.
+const HOST_PACKAGES: [&str; 8] = [
+    "debootstrap",
+    "e2fsprogs",
+    "dosfstools",
+    "mtools",
+    "fdisk",
+    "qemu-utils",
+    "systemd",
+    "tar",
+];
+
+/// The Debian suite of the image.
+pub const SUITE: &str = "bookworm";
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {tool} || test -x /usr/sbin/{tool} || test -x /sbin/{tool}"),
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs the Debian packages in `packages` when any of `tools` is missing.
+pub fn ensure_tools(tools: &[&str], packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&&str> = tools.iter().filter(|t| !have(t)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {packages:?} (missing: {missing:?})");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The Debian mirror this machine's apt uses (so the image comes from the
+/// same place as the machine's own packages).
+pub fn debian_mirror() -> anyhow::Result<String> {
+    let deb822 =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    for stanza in deb822.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
+            if suites.split_whitespace().any(|s| s == SUITE) {
+                if let Some(uri) = uris.split_whitespace().next() {
+                    return Ok(uri.to_string());
+                }
+            }
+        }
+    }
+    let list = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    for l in list.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 3 && f[0] == "deb" && f[2] == SUITE {
+            return Ok(f[1].to_string());
+        }
+    }
+    anyhow::bail!("no apt source for Debian {SUITE} in /etc/apt: set MEC_DEBIAN_MIRROR")
+}
+
+/// Builds the image into `out` (default `target/image`).
+pub fn image(
+    signing_key: Option<PathBuf>,
+    version: Option<String>,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    ensure_tools(&TOOLS, &HOST_PACKAGES)?;
+    let root = root();
+    let model = model::ensure(&root)?;
+    run(cargo().args(["build", "--release", "-p", "edge-agent"]))?;
+    let out = out.unwrap_or_else(|| root.join("target/image"));
+    std::fs::create_dir_all(&out)?;
+
+    // The image-signing key: given, or a development key made once and
+    // named as such in the manifest.
+    let (signing_key, signing_pub, dev) = match signing_key {
+        Some(k) => {
+            let public = k.with_extension("pub");
+            (k, public, false)
+        }
+        None => {
+            let k = out.join("dev-image-signing.key");
+            let p = out.join("dev-image-signing.pub");
+            if !k.exists() {
+                mec_image::manifest::generate_signing_key(&k, &p)?;
+                eprintln!("made a DEVELOPMENT image-signing key: {}", k.display());
+            }
+            (k, p, true)
+        }
+    };
+    if !signing_pub.exists() {
+        let key = mec_image::manifest::read_signing_key(&signing_key)?;
+        use ed25519_dalek::pkcs8::EncodePublicKey;
+        std::fs::write(
+            &signing_pub,
+            key.verifying_key()
+                .to_public_key_pem(Default::default())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )?;
+    }
+    // The app key the image's configuration accepts (a dev one, kept
+    // beside the image).
+    let app_key_path = out.join("dev-app-key");
+    let app_key = match std::fs::read_to_string(&app_key_path) {
+        Ok(k) => k.trim().to_string(),
+        Err(_) => {
+            let mut b = [0u8; 24];
+            getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let k = format!("sk-image-{}", hex::encode(b));
+            std::fs::write(&app_key_path, format!("{k}\n"))?;
+            k
+        }
+    };
+    let app_key_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(app_key.as_bytes()))
+    };
+    let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v.parse().context("SOURCE_DATE_EPOCH")?,
+        Err(_) => output(
+            Command::new("git")
+                .args(["log", "-1", "--format=%ct"])
+                .current_dir(&root),
+        )?
+        .trim()
+        .parse()
+        .context("the commit time")?,
+    };
+    let mirror = match std::env::var("MEC_DEBIAN_MIRROR") {
+        Ok(m) => m,
+        Err(_) => debian_mirror()?,
+    };
+    let cache_dir = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .map(|d| d.join("mec-image"));
+    let version = version.unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string());
+    let started = std::time::Instant::now();
+    let built = mec_image::build::build(&BuildOptions {
+        out_dir: out.clone(),
+        work_dir: root.join("target/image-work"),
+        cache_dir,
+        mirror,
+        suite: SUITE.into(),
+        agent_binary: root.join("target/release/edge-agent"),
+        model,
+        model_id: "smollm2-135m-instruct".into(),
+        version,
+        epoch,
+        app_key_sha256,
+        signing_key,
+        dev_signing_key: dev,
+        sizes: Sizes::default(),
+    })?;
+    let allocated = |p: &Path| -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "disk": built.disk,
+            "disk_size": built.manifest.size,
+            "disk_allocated": allocated(&built.disk),
+            "qcow2": built.qcow2,
+            "qcow2_size": std::fs::metadata(&built.qcow2).map(|m| m.len()).unwrap_or(0),
+            "manifest": mec_image::manifest::manifest_path(&built.disk),
+            "signing_public_key": signing_pub,
+            "dev_signing_key": dev,
+            "app_key_file": app_key_path,
+            "sha256": built.manifest.sha256,
+            "steps_s": built.steps.iter().map(|(n, s)| json!({ n.clone(): (s * 10.0).round() / 10.0 })).collect::<Vec<_>>(),
+            "total_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        }))?
+    );
+    Ok(())
+}
