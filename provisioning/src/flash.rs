@@ -189,11 +189,24 @@ fn hash_prefix(
 }
 
 /// The expected hash of `image`: its manifest's (after checking the image
-/// against it) or its own.
+/// against it) or its own. With `image_key`, the manifest must carry a
+/// signature by that key (`IMAGE.manifest.json.sig`, see `mec_image`), or
+/// nothing is trusted.
 fn expected(
     image: &Path,
+    image_key: Option<&ed25519_dalek::VerifyingKey>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(u64, String, &'static str), FlashError> {
+    let signed = match image_key {
+        Some(key) => {
+            mec_image::manifest::read_verified(image, key).map_err(|e| FlashError::BadImage {
+                image: image.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            true
+        }
+        None => false,
+    };
     let mut file = File::open(image).map_err(io(image))?;
     let len = file.metadata().map_err(io(image))?.len();
     let own = hash_prefix(&mut file, image, len, progress)?;
@@ -207,6 +220,7 @@ fn expected(
             ),
             })
         }
+        Some(m) if signed => Ok((len, m.sha256.to_lowercase(), "signed manifest")),
         Some(m) => Ok((len, m.sha256.to_lowercase(), "manifest")),
         None => Ok((len, own, "image")),
     }
@@ -243,12 +257,13 @@ fn first_difference(image: &Path, device: &Path, len: u64) -> Result<Option<u64>
 /// `progress(phase, bytes, total)`.
 pub fn verify(
     image: &Path,
+    image_key: Option<&ed25519_dalek::VerifyingKey>,
     device: &Path,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<FlashReport, FlashError> {
     let total = std::fs::metadata(image).map_err(io(image))?.len();
     let (len, expected_sha256, expected_from) =
-        expected(image, &mut |b| progress("image", b, total))?;
+        expected(image, image_key, &mut |b| progress("image", b, total))?;
     let mut dev = File::open(device).map_err(io(device))?;
     drop_cache(&dev);
     let device_sha256 = hash_prefix(&mut dev, device, len, &mut |b| {
@@ -273,13 +288,14 @@ pub fn verify(
 /// Writes `image` to `device`, syncs, and verifies by reading back.
 pub fn flash(
     image: &Path,
+    image_key: Option<&ed25519_dalek::VerifyingKey>,
     device: &Path,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<FlashReport, FlashError> {
     check_target(device)?;
     let total = std::fs::metadata(image).map_err(io(image))?.len();
     // A corrupt image (against its manifest) is refused before writing.
-    expected(image, &mut |b| progress("check image", b, total))?;
+    expected(image, image_key, &mut |b| progress("check image", b, total))?;
     let mut src = File::open(image).map_err(io(image))?;
     let mut dst = OpenOptions::new()
         .write(true)
@@ -299,5 +315,5 @@ pub fn flash(
     dst.sync_all().map_err(io(device))?;
     drop_cache(&dst);
     drop(dst);
-    verify(image, device, progress)
+    verify(image, image_key, device, progress)
 }

@@ -136,3 +136,84 @@ fn the_disk_the_system_runs_from_is_refused() {
         "{v}"
     );
 }
+
+#[test]
+fn with_the_image_key_only_a_manifest_it_signed_is_trusted() {
+    use mec_image::manifest::{self, Manifest};
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, dev) = (tmp.path().join("edge.img"), tmp.path().join("disk"));
+    let bytes = image(&img, 3 * 1024 * 1024 + 5);
+    std::fs::write(&dev, &bytes).unwrap();
+    let (key_file, pub_file) = (tmp.path().join("image.key"), tmp.path().join("image.pub"));
+    let key = manifest::generate_signing_key(&key_file, &pub_file).unwrap();
+    let m = Manifest {
+        format: "mec-image-manifest/1".into(),
+        image_version: "test".into(),
+        built_at: "2026-11-23T00:00:00Z".into(),
+        size: bytes.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        partitions: vec![],
+        files: vec![],
+        packages: vec![],
+        signing_key_id: manifest::key_id(&key.verifying_key()),
+        dev_signing_key: true,
+    };
+    manifest::write_signed(&img, &m, &key).unwrap();
+    let verify = |key: &Path| {
+        edgeprov(&[
+            "verify",
+            "--image",
+            s(&img),
+            "--device",
+            s(&dev),
+            "--image-key",
+            s(key),
+        ])
+    };
+    let (code, v) = verify(&pub_file);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["report"]["expected_from"], "signed manifest", "{v}");
+
+    // A device that differs.
+    let mut other = bytes.clone();
+    other[2_000_000] ^= 1;
+    std::fs::write(&dev, &other).unwrap();
+    let (code, v) = verify(&pub_file);
+    assert_eq!(code, 1, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("first difference at byte 2000000"),
+        "{v}"
+    );
+    std::fs::write(&dev, &bytes).unwrap();
+
+    // Another key; then a manifest changed after signing (the image and the
+    // manifest changed together, as an attacker would).
+    let other_pub = tmp.path().join("other.pub");
+    manifest::generate_signing_key(&tmp.path().join("other.key"), &other_pub).unwrap();
+    let (code, v) = verify(&other_pub);
+    assert_eq!(code, 1, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("signature"), "{v}");
+    let path = manifest::manifest_path(&img);
+    let mut tampered: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut evil = bytes.clone();
+    evil[10] ^= 0xff;
+    std::fs::write(&img, &evil).unwrap();
+    std::fs::write(&dev, &evil).unwrap();
+    tampered["sha256"] = Value::String(hex::encode(sha2::Sha256::digest(&evil)));
+    std::fs::write(&path, serde_json::to_vec_pretty(&tampered).unwrap()).unwrap();
+    let (code, v) = verify(&pub_file);
+    assert_eq!(code, 1, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("signature"), "{v}");
+    // Without the key the same files pass: the key is what makes it a proof.
+    let (code, v) = edgeprov(&["verify", "--image", s(&img), "--device", s(&dev)]);
+    assert_eq!(
+        (code, &v["report"]["expected_from"]),
+        (0, &Value::from("manifest")),
+        "{v}"
+    );
+}

@@ -121,6 +121,11 @@ struct FlashArgs {
     /// The target: a block device (e.g. /dev/sdb) or an image file.
     #[arg(long, value_name = "DEV")]
     device: PathBuf,
+    /// The operator's image-signing public key (SPKI PEM): the image's
+    /// manifest must be signed by it (IMAGE.manifest.json.sig), or nothing
+    /// is written or trusted.
+    #[arg(long, value_name = "PEM")]
+    image_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -524,10 +529,14 @@ fn flash_or_verify(a: &FlashArgs, write: bool, json_out: bool) -> anyhow::Result
         }
         bar.set_position(done);
     };
+    let key = match &a.image_key {
+        Some(p) => Some(mec_image::manifest::read_verifying_key(p)?),
+        None => None,
+    };
     let report = if write {
-        mec_provisioning::flash::flash(&a.image, &a.device, &mut progress)?
+        mec_provisioning::flash::flash(&a.image, key.as_ref(), &a.device, &mut progress)?
     } else {
-        mec_provisioning::flash::verify(&a.image, &a.device, &mut progress)?
+        mec_provisioning::flash::verify(&a.image, key.as_ref(), &a.device, &mut progress)?
     };
     bar.finish_and_clear();
     let verdict = if report.ok {
