@@ -18,6 +18,7 @@
 
 pub mod load;
 pub mod procs;
+pub mod qemu;
 pub mod reconcile;
 pub mod relay;
 pub mod stack;

@@ -1,0 +1,186 @@
+//! The appliance image booted in QEMU under software emulation (TCG; KVM is
+//! not reliable on these machines): UEFI firmware (OVMF), the console on the
+//! first serial port (to a file), the provisioning link on the second as a
+//! pty, the MEC API forwarded to a loopback port, the disk as a qcow2
+//! overlay so the built image stays untouched.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::procs::{free_port, Proc};
+
+/// The image `cargo xtask image` built: the raw disk, its qcow2, the
+/// image-signing public key and the app key the image accepts.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// The raw disk.
+    pub disk: PathBuf,
+    /// Its qcow2.
+    pub qcow2: PathBuf,
+    /// The image-signing public key.
+    pub signing_pub: PathBuf,
+    /// The app key.
+    pub app_key: String,
+}
+
+/// The image in `$MEC_IMAGE_DIR` or `target/image`; a missing one is a
+/// failure that says how to build it.
+pub fn built_image() -> BuiltImage {
+    let dir = std::env::var_os("MEC_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::procs::workspace().join("target/image"));
+    let mut disks: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: build the image first: cargo xtask image",
+                dir.display()
+            )
+        })
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "img")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("edge-"))
+        })
+        .collect();
+    disks.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    let disk = disks.pop().unwrap_or_else(|| {
+        panic!(
+            "no edge-*.img in {}: build it with cargo xtask image",
+            dir.display()
+        )
+    });
+    let signing_pub = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "pub"))
+        .unwrap_or_else(|| panic!("no image-signing public key (*.pub) in {}", dir.display()));
+    let app_key = std::fs::read_to_string(dir.join("dev-app-key"))
+        .unwrap_or_else(|e| panic!("{}/dev-app-key: {e}", dir.display()))
+        .trim()
+        .to_string();
+    BuiltImage {
+        qcow2: disk.with_extension("qcow2"),
+        disk,
+        signing_pub,
+        app_key,
+    }
+}
+
+/// OVMF's code and variable store templates.
+fn ovmf() -> (PathBuf, PathBuf) {
+    for (code, vars) in [
+        (
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        ),
+        (
+            "/usr/share/OVMF/OVMF_CODE.fd",
+            "/usr/share/OVMF/OVMF_VARS.fd",
+        ),
+    ] {
+        if Path::new(code).exists() && Path::new(vars).exists() {
+            return (code.into(), vars.into());
+        }
+    }
+    panic!("no OVMF firmware: apt-get install ovmf (cargo xtask test installs it)");
+}
+
+/// A running VM.
+pub struct Vm {
+    proc: Proc,
+    /// The console (first serial port), as a file.
+    pub console: PathBuf,
+    /// The pty of the provisioning link (second serial port).
+    pub provisioning_pty: PathBuf,
+    /// `http://127.0.0.1:PORT`: the box's MEC API.
+    pub api: String,
+    /// When QEMU started.
+    pub started: Instant,
+}
+
+impl Vm {
+    /// Boots `image` (through a qcow2 overlay in `dir`).
+    pub fn boot(image: &BuiltImage, dir: &Path) -> Vm {
+        let overlay = dir.join("overlay.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&image.qcow2)
+            .arg(&overlay)
+            .output()
+            .expect("qemu-img runs");
+        assert!(
+            out.status.success(),
+            "qemu-img create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (code, vars_template) = ovmf();
+        let vars = dir.join("OVMF_VARS.fd");
+        std::fs::copy(&vars_template, &vars).unwrap();
+        let console = dir.join("console.log");
+        let api_port = free_port(false);
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048",
+        ])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            code.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-drive")
+        .arg(format!("if=virtio,format=qcow2,file={}", overlay.display()))
+        .args(["-smbios", "type=1,serial=SN-QEMU-0001"])
+        .arg("-nic")
+        .arg(format!(
+            "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{api_port}-:8080"
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(["-chardev", "pty,id=prov", "-serial", "chardev:prov"]);
+        let log = dir.join("qemu.log");
+        let started = Instant::now();
+        let proc = Proc::start("qemu", cmd, &log);
+        // QEMU names the pty on stderr: "char device redirected to /dev/pts/N (label prov)".
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pty = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("(label prov)")) {
+                let path = line
+                    .split_whitespace()
+                    .find(|w| w.starts_with("/dev/pts/"))
+                    .expect("a pty path");
+                break PathBuf::from(path);
+            }
+            assert!(Instant::now() < deadline, "QEMU named no pty: {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        Vm {
+            proc,
+            console,
+            provisioning_pty: pty,
+            api: format!("http://127.0.0.1:{api_port}"),
+            started,
+        }
+    }
+
+    /// The last `n` lines of the console.
+    pub fn console_tail(&self, n: usize) -> String {
+        crate::procs::log_tail(&self.console, n)
+    }
+
+    /// Whether QEMU still runs.
+    pub fn running(&mut self) -> bool {
+        self.proc.running()
+    }
+}
