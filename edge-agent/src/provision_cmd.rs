@@ -10,10 +10,22 @@ use mec_provisioning::pb::Gpu;
 
 use crate::cli::ProvisionListenArgs;
 
-/// The box's id: the DMI product serial when it reads (root, real
-/// hardware), else the machine id.
+/// The box's id: the DMI product serial when it reads (it is root's
+/// alone), or the copy a privileged `ExecStartPre=+` of the unit left in the
+/// runtime directory (the image's `edge-provision.service` does), else the
+/// machine id.
 fn device_id() -> anyhow::Result<String> {
-    for path in ["/sys/class/dmi/id/product_serial", "/etc/machine-id"] {
+    let runtime_copy = std::env::var_os("RUNTIME_DIRECTORY")
+        .map(|d| std::path::Path::new(&d).join("product_serial"))
+        .unwrap_or_default();
+    for path in [
+        std::path::Path::new("/sys/class/dmi/id/product_serial"),
+        runtime_copy.as_path(),
+        std::path::Path::new("/etc/machine-id"),
+    ] {
+        if path.as_os_str().is_empty() {
+            continue;
+        }
         if let Ok(s) = std::fs::read_to_string(path) {
             let s = s.trim();
             let placeholder = s.is_empty()

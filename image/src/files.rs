@@ -158,6 +158,10 @@ pub fn provision_unit() -> String {
          \n\
          [Service]\n\
          Type=simple\n\
+         # The DMI serial is root's to read: a privileged step copies it for the\n\
+         # listener (the box's id as technicians see it).\n\
+         RuntimeDirectory=edge-provision\n\
+         ExecStartPre=-+/bin/sh -c 'cat /sys/class/dmi/id/product_serial > /run/edge-provision/product_serial'\n\
          ExecStart=/usr/bin/edge-agent provision-listen --port /dev/{PROVISION_TTY} --baud 115200 --state-dir {DATA_DIR}\n\
          Restart=always\n\
          RestartSec=2\n\
