@@ -185,7 +185,7 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
     let record_id = answer["id"]
         .as_str()
         .unwrap()
-        .trim_start_matches("chatcmpl-")
+        .trim_start_matches("cmpl-")
         .to_string();
     stage("one text completion (2 tokens, TCG)", &mut since);
 
