@@ -5,8 +5,9 @@
 //! The binaries are the workspace's own (`edge-agent`, `core-ingest`,
 //! `edgeprov`), found next to the test binary (`target/<profile>/`) or in
 //! `$MEC_BIN_DIR`. `cargo test --workspace` builds them all before any test
-//! runs (each package's integration tests need its binaries); `cargo xtask
-//! test` builds them explicitly first.
+//! runs (each package's integration tests need its binaries), and so does
+//! `cargo xtask test`, which runs it. `cargo test -p hil-tests` alone does
+//! not: build them first (`cargo build --workspace --bins`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

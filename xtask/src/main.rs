@@ -30,8 +30,7 @@ enum Task {
     /// ./state/agent the first time, serve the MEC API on 127.0.0.1:8080 with
     /// a demo subscriber, and print how to call it (Ctrl-C stops it).
     Run,
-    /// Run every test of the workspace (the workspace's binaries are built
-    /// first: the end-to-end tests run them as processes).
+    /// Run every test of the workspace.
     Test,
     /// Build the appliance disk image (target/image/edge-VERSION.img, its
     /// signed manifest, a qcow2): Debian bookworm by debootstrap, the release
@@ -159,7 +158,11 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => model::ensure(&root()).map(|_| ()),
         Task::Test => {
             model::ensure(&root())?;
-            run(cargo().args(["build", "--workspace", "--bins"]))?;
+            // `cargo test --workspace` builds every package's binaries before
+            // any test runs (each package's integration tests need its own),
+            // so the end-to-end tests find core-ingest, edge-agent and
+            // edgeprov beside them. A separate `cargo build` would compile
+            // the workspace a second time with other features.
             run(cargo().args(["test", "--workspace", "--all-targets"]))
         }
         Task::E2ePlanted => e2e_planted(),
