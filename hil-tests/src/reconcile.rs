@@ -47,24 +47,8 @@ pub struct CoreRow {
     pub outcome: String,
 }
 
-/// One node in `core-ingest audit`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct AuditRow {
-    /// Node id.
-    pub node_id: String,
-    /// Records stored.
-    pub records: u64,
-    /// Every seq at or below it is stored or declared lost.
-    pub contiguous_seq: u64,
-    /// Declared-lost ranges.
-    pub gaps: Vec<(u64, u64)>,
-    /// Quarantined records.
-    pub quarantined: u64,
-    /// Duplicates received and ignored.
-    pub duplicates: u64,
-    /// "ok", or the first break.
-    pub chain: String,
-}
+/// One node in `core-ingest audit`: the core's own type.
+pub use mec_sync::ingest_store::NodeAudit as AuditRow;
 
 /// A subscriber's balance on the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use std::time::Instant;
 use sha2::Digest;
 
 use crate::files;
-use crate::layout::{Layout, Sizes, MIB};
+use crate::layout::{Layout, Partition, Sizes, MIB};
 use crate::manifest::{self, FileEntry, Manifest, ManifestError, Package, PartitionEntry};
 
 /// A build error: which step, and why.
@@ -93,7 +93,7 @@ pub struct BuildOptions {
     pub epoch: i64,
     /// SHA-256 (hex) of the app key the image's configuration accepts.
     pub app_key_sha256: String,
-    /// The image-signing key (PKCS#8 PEM) and whether it is a dev key.
+    /// The image-signing key (PKCS#8 PEM).
     pub signing_key: PathBuf,
     /// Whether `signing_key` is a development key made by the build.
     pub dev_signing_key: bool,
@@ -160,7 +160,8 @@ fn run(cmd: &mut Command) -> Result<String, BuildError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn which(tool: &str) -> bool {
+/// Whether `tool` is on the PATH (or in /usr/sbin, /sbin).
+pub fn which(tool: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
@@ -258,26 +259,12 @@ pub fn build(o: &BuildOptions) -> Result<BuildOutput, BuildError> {
     let kernel = newest(&root.join("boot"), "vmlinuz-")?;
     let initrd = newest(&root.join("boot"), "initrd.img-")?;
     let root_img = o.work_dir.join("root-a.ext4");
-    mke2fs(
-        o,
-        &root_img,
-        Some(&root),
-        "root-a",
-        layout.get("root-a").unwrap().size,
-        &layout.get("root-a").unwrap().uuid,
-    )?;
+    mke2fs(o, &root_img, &root, part(&layout, "root-a")?)?;
     let data_dir = o.work_dir.join("data-empty");
     let _ = std::fs::remove_dir_all(&data_dir);
     std::fs::create_dir_all(&data_dir).map_err(io(&data_dir))?;
     let data_img = o.work_dir.join("edge-data.ext4");
-    mke2fs(
-        o,
-        &data_img,
-        Some(&data_dir),
-        "edge-data",
-        layout.get("edge-data").unwrap().size,
-        &layout.get("edge-data").unwrap().uuid,
-    )?;
+    mke2fs(o, &data_img, &data_dir, part(&layout, "edge-data")?)?;
     let esp_img = o.work_dir.join("esp.fat");
     esp(o, &esp_img, &layout, &root, &kernel, &initrd)?;
     step("filesystems");
@@ -300,7 +287,7 @@ pub fn build(o: &BuildOptions) -> Result<BuildOutput, BuildError> {
         ("root-a", &root_img),
         ("edge-data", &data_img),
     ] {
-        let p = layout.get(name).unwrap();
+        let p = part(&layout, name)?;
         run(Command::new("dd")
             .arg(format!("if={}", img.display()))
             .arg(format!("of={}", disk.display()))
@@ -580,26 +567,27 @@ fn newest(dir: &Path, prefix: &str) -> Result<PathBuf, BuildError> {
         .ok_or_else(|| BuildError::Missing(format!("no {prefix}* in {}", dir.display())))
 }
 
-fn mke2fs(
-    o: &BuildOptions,
-    img: &Path,
-    from: Option<&Path>,
-    label: &str,
-    size: u64,
-    uuid: &str,
-) -> Result<(), BuildError> {
+/// The partition `name` of the layout.
+fn part<'a>(layout: &'a Layout, name: &str) -> Result<&'a Partition, BuildError> {
+    layout
+        .get(name)
+        .ok_or_else(|| BuildError::Missing(format!("no partition {name} in the layout")))
+}
+
+/// An ext4 image of `p`'s size, label and UUID, filled from `from`.
+fn mke2fs(o: &BuildOptions, img: &Path, from: &Path, p: &Partition) -> Result<(), BuildError> {
     let _ = std::fs::remove_file(img);
-    let mut cmd = Command::new("mke2fs");
-    cmd.env("E2FSPROGS_FAKE_TIME", o.epoch.to_string())
-        .args(["-q", "-F", "-t", "ext4", "-L", label, "-U"])
-        .arg(uuid.to_lowercase())
+    let uuid = p.uuid.to_lowercase();
+    run(Command::new("mke2fs")
+        .env("E2FSPROGS_FAKE_TIME", o.epoch.to_string())
+        .args(["-q", "-F", "-t", "ext4", "-L", p.name, "-U", &uuid])
         .arg("-E")
-        .arg(format!("hash_seed={},root_owner=0:0", uuid.to_lowercase()));
-    if let Some(dir) = from {
-        cmd.arg("-d").arg(dir);
-    }
-    cmd.arg(img).arg(format!("{}k", size / 1024));
-    run(&mut cmd).map(|_| ())
+        .arg(format!("hash_seed={uuid},root_owner=0:0"))
+        .arg("-d")
+        .arg(from)
+        .arg(img)
+        .arg(format!("{}k", p.size / 1024)))
+    .map(|_| ())
 }
 
 fn esp(
@@ -611,8 +599,8 @@ fn esp(
     initrd: &Path,
 ) -> Result<(), BuildError> {
     let _ = std::fs::remove_file(img);
-    let size_kib = layout.get("esp").unwrap().size / 1024;
-    let volume_id = &layout.get("esp").unwrap().uuid[..8];
+    let esp = part(layout, "esp")?;
+    let (size_kib, volume_id) = (esp.size / 1024, &esp.uuid[..8]);
     run(Command::new("mkfs.fat")
         .args(["-C", "-F", "32", "-n", "ESP", "-i", volume_id])
         .arg(img)

@@ -71,6 +71,22 @@ pub fn agent_config(model_file: &str, model_id: &str, app_key_sha256: &str) -> S
     )
 }
 
+/// What both of the box's services share: the agent's user, the state
+/// directory on the data partition, and the base of the sandbox.
+fn service_common() -> String {
+    format!(
+        "User={AGENT_USER}\n\
+         Group={AGENT_USER}\n\
+         StateDirectory=edge\n\
+         StateDirectoryMode=0750\n\
+         Environment=EDGE_AGENT_LOG=info\n\
+         NoNewPrivileges=yes\n\
+         ProtectSystem=strict\n\
+         ProtectHome=yes\n\
+         PrivateTmp=yes\n"
+    )
+}
+
 /// `edge-agent.service`: hardened; started once the box is provisioned.
 pub fn agent_unit() -> String {
     format!(
@@ -90,15 +106,7 @@ pub fn agent_unit() -> String {
          TimeoutStopSec=90\n\
          Restart=on-failure\n\
          RestartSec=2\n\
-         User={AGENT_USER}\n\
-         Group={AGENT_USER}\n\
-         StateDirectory=edge\n\
-         StateDirectoryMode=0750\n\
-         Environment=EDGE_AGENT_LOG=info\n\
-         NoNewPrivileges=yes\n\
-         ProtectSystem=strict\n\
-         ProtectHome=yes\n\
-         PrivateTmp=yes\n\
+         {common}\
          PrivateDevices=yes\n\
          ProtectKernelTunables=yes\n\
          ProtectKernelModules=yes\n\
@@ -128,7 +136,8 @@ pub fn agent_unit() -> String {
          IPAddressDeny=\n\
          \n\
          [Install]\n\
-         WantedBy=multi-user.target\n"
+         WantedBy=multi-user.target\n",
+        common = service_common(),
     )
 }
 
@@ -165,22 +174,15 @@ pub fn provision_unit() -> String {
          ExecStart=/usr/bin/edge-agent provision-listen --port /dev/{PROVISION_TTY} --baud 115200 --state-dir {DATA_DIR}\n\
          Restart=always\n\
          RestartSec=2\n\
-         User={AGENT_USER}\n\
-         Group={AGENT_USER}\n\
          SupplementaryGroups=dialout\n\
-         StateDirectory=edge\n\
-         StateDirectoryMode=0750\n\
-         Environment=EDGE_AGENT_LOG=info\n\
-         NoNewPrivileges=yes\n\
-         ProtectSystem=strict\n\
-         ProtectHome=yes\n\
-         PrivateTmp=yes\n\
+         {common}\
          PrivateNetwork=yes\n\
          DevicePolicy=closed\n\
          DeviceAllow=/dev/{PROVISION_TTY} rw\n\
          \n\
          [Install]\n\
-         WantedBy=multi-user.target\n"
+         WantedBy=multi-user.target\n",
+        common = service_common(),
     )
 }
 
@@ -291,5 +293,17 @@ mod tests {
         assert!(u.contains("ConditionPathExists=/var/lib/edge/site.toml"));
         assert!(u.contains("Type=notify"));
         assert!(u.contains("User=edge-agent"));
+        // Every line a key, a section, a comment or blank: nothing glued.
+        for unit in [u, provision_unit()] {
+            for line in unit.lines() {
+                assert!(
+                    line.is_empty()
+                        || line.starts_with('#')
+                        || line.starts_with('[')
+                        || (line.contains('=') && !line.starts_with(' ')),
+                    "{line:?}"
+                );
+            }
+        }
     }
 }

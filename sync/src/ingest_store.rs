@@ -31,7 +31,7 @@ pub enum IngestStoreError {
 }
 
 /// What `core-ingest audit` reports per node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeAudit {
     /// Node id.
     pub node_id: String,

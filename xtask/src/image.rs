@@ -27,19 +27,12 @@ const HOST_PACKAGES: [&str; 8] = [
 /// The Debian suite of the image.
 pub const SUITE: &str = "bookworm";
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args([
-            "-c",
-            &format!("command -v {tool} || test -x /usr/sbin/{tool} || test -x /sbin/{tool}"),
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// Installs the Debian packages in `packages` when any of `tools` is missing.
 pub fn ensure_tools(tools: &[&str], packages: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&&str> = tools.iter().filter(|t| !have(t)).collect();
+    let missing: Vec<&&str> = tools
+        .iter()
+        .filter(|t| !mec_image::build::which(t))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
