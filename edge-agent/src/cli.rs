@@ -52,8 +52,8 @@ pub struct ProvisionListenArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: PathBuf,
     /// The box's id as technicians see it [default: the DMI product serial
-    /// when readable, or $RUNTIME_DIRECTORY/product_serial, else
-    /// /etc/machine-id].
+    /// when readable, or $RUNTIME_DIRECTORY/product_serial, else an id
+    /// made once and kept in STATE_DIR/device-id].
     #[arg(long)]
     pub device_id: Option<String>,
 }

@@ -111,6 +111,12 @@ async fn completions_streamed_or_not_report_the_usage_that_was_recorded() {
             .unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
+    let ready = agent.get_json(format!("{}/readyz", agent.api)).await;
+    assert_eq!(ready["model"], agent.model);
+    assert!(
+        ["uring", "file"].contains(&ready["log_backend"].as_str().unwrap_or("")),
+        "{ready}"
+    );
     let metrics = agent
         .http
         .get(format!("{}/metrics", agent.api))

@@ -51,7 +51,7 @@ fn wait<T>(
 }
 
 #[test]
-#[ignore = "issue 8 in progress: CI does not build the image yet; run `cargo xtask image` then `cargo test -p hil-tests --test image_boot -- --ignored --nocapture`"]
+#[ignore = "needs the appliance image and minutes of QEMU: `cargo xtask test` builds the image and runs this test (by hand: `cargo xtask image`, then `cargo test -p hil-tests --test image_boot -- --ignored --nocapture`)"]
 fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
     let image = built_image();
     let tmp = tempfile::tempdir().unwrap();
@@ -141,7 +141,7 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
         .timeout(Duration::from_secs(600))
         .build()
         .unwrap();
-    wait(
+    let ready = wait(
         "the agent's readiness",
         &mut vm,
         Duration::from_secs(900),
@@ -158,6 +158,10 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
         "agent ready after provisioning (model load under TCG)",
         &mut since,
     );
+    // The unit's system call filter lets io_uring through: the usage log
+    // did not fall back to pwrite + fdatasync.
+    let ready: Value = ready.json().unwrap();
+    assert_eq!(ready["log_backend"], "uring", "{ready}");
 
     // A completion for a subscriber new to the box: served from the site's
     // trial package.

@@ -4,18 +4,25 @@
 //! 1. the Debian base: `debootstrap --variant=minbase` into a directory
 //!    (cached as a tarball keyed by the suite and package list, so a second
 //!    build skips the download; the cache is named in the log);
-//! 2. our files added: the agent binary, the model, the configuration, the
-//!    units, mounts and users (the user made with `useradd` in a chroot; units
+//! 2. our files added: the agent binary (its DWARF split off into
+//!    `edge-agent.debug` beside the image), the model, the configuration,
+//!    the units, mounts and users (the user made with `useradd` in a chroot; units
 //!    enabled with `systemctl --root`);
 //! 3. every timestamp set to the build's fixed time;
 //! 4. filesystems made from directories: `mke2fs -d` (root A, the empty data
 //!    partition) with fixed UUIDs, hash seeds and time
-//!    (`E2FSPROGS_FAKE_TIME`); the ESP with `mkfs.fat` and `mcopy`
-//!    (systemd-boot, slot A's kernel, initrd and loader entry);
+//!    (`E2FSPROGS_FAKE_TIME`), then every inode's ctime and atime pinned
+//!    with `debugfs` (mke2fs copies them from the build tree); the ESP with
+//!    `mkfs.fat --invariant` and `mcopy -m` (systemd-boot, slot A's kernel,
+//!    initrd and loader entry);
 //! 5. the disk: a sparse file, the GPT written by `sfdisk`, the partitions
 //!    placed with `dd conv=notrunc,sparse`;
 //! 6. the manifest (hashes of the disk, each partition, our files, the
 //!    package list), signed; a qcow2 for QEMU (`qemu-img convert`).
+//!
+//! Two builds from the same inputs (the cached Debian base, the agent
+//! binary, the model, the keys, the epoch) give the same disk, byte for
+//! byte. A fresh `debootstrap` is a new input: the mirror moves.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -130,9 +137,11 @@ pub const PACKAGES: [&str; 11] = [
 ];
 
 /// The tools the build runs.
-pub const TOOLS: [&str; 9] = [
+pub const TOOLS: [&str; 11] = [
     "debootstrap",
     "mke2fs",
+    "debugfs",
+    "objcopy",
     "mkfs.fat",
     "mcopy",
     "mmd",
@@ -439,6 +448,18 @@ fn customize(o: &BuildOptions, root: &Path, layout: &Layout) -> Result<Vec<FileE
     };
     let at = |p: &str| root.join(p.trim_start_matches('/'));
     place(&o.agent_binary, "/usr/bin/edge-agent", 0o755)?;
+    // The box gets the agent without its DWARF (144 MB with it, 23 MB
+    // without; symbols stay, so a panic's backtrace still names functions);
+    // the debug info stays beside the image for whoever reads a core dump.
+    let debug = o.out_dir.join("edge-agent.debug");
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&o.agent_binary)
+        .arg(&debug))?;
+    run(Command::new("objcopy")
+        .args(["--strip-debug", "--add-gnu-debuglink"])
+        .arg(&debug)
+        .arg(at("/usr/bin/edge-agent")))?;
     let model_dst = format!("{}/{model_file}", files::MODEL_DIR);
     place(&o.model, &model_dst, 0o644)?;
     write(
@@ -586,8 +607,76 @@ fn mke2fs(o: &BuildOptions, img: &Path, from: &Path, p: &Partition) -> Result<()
         .arg("-d")
         .arg(from)
         .arg(img)
-        .arg(format!("{}k", p.size / 1024)))
-    .map(|_| ())
+        .arg(format!("{}k", p.size / 1024)))?;
+    pin_times(o, img, from)
+}
+
+/// `mke2fs -d` (1.47.0, bookworm's) copies each file's ctime and atime
+/// from the build tree. A ctime cannot be set there (it is the moment the
+/// build wrote the file) and reading a directory moves its atime. Both are
+/// set to the build's epoch afterwards, in one `debugfs` pass, so two
+/// builds from the same inputs give the same bytes.
+fn pin_times(o: &BuildOptions, img: &Path, from: &Path) -> Result<(), BuildError> {
+    let mut script = String::new();
+    let mut dirs = vec![PathBuf::new()];
+    let pin = |script: &mut String, path: &str| {
+        for field in ["ctime", "atime"] {
+            script.push_str(&format!("sif \"{path}\" {field} @{}\n", o.epoch));
+        }
+    };
+    pin(&mut script, "/");
+    while let Some(rel) = dirs.pop() {
+        let dir = from.join(&rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .flatten()
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let rel = rel.join(e.file_name());
+            let Some(path) = rel.to_str() else {
+                return Err(BuildError::Missing(format!(
+                    "{}: a name that is not UTF-8",
+                    rel.display()
+                )));
+            };
+            if path.contains(['"', '\n']) {
+                return Err(BuildError::Missing(format!(
+                    "{path:?}: a name debugfs cannot quote"
+                )));
+            }
+            pin(&mut script, &format!("/{path}"));
+            if e.file_type().map_err(io(&e.path()))?.is_dir() {
+                dirs.push(rel);
+            }
+        }
+    }
+    let cmds = img.with_extension("debugfs");
+    write(&cmds, &script)?;
+    let out = Command::new("debugfs")
+        .env("E2FSPROGS_FAKE_TIME", o.epoch.to_string())
+        .arg("-w")
+        .arg("-f")
+        .arg(&cmds)
+        .arg(img)
+        .output()
+        .map_err(io(Path::new("debugfs")))?;
+    // debugfs reports a failed command on stderr, after its banner, and
+    // still exits 0.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("debugfs "))
+        .take(5)
+        .collect();
+    if !out.status.success() || !failed.is_empty() {
+        return Err(BuildError::Tool {
+            cmd: format!("debugfs -w -f {} {}", cmds.display(), img.display()),
+            status: out.status.to_string(),
+            stderr: failed.join("\n"),
+        });
+    }
+    Ok(())
 }
 
 fn esp(
@@ -602,7 +691,19 @@ fn esp(
     let esp = part(layout, "esp")?;
     let (size_kib, volume_id) = (esp.size / 1024, &esp.uuid[..8]);
     run(Command::new("mkfs.fat")
-        .args(["-C", "-F", "32", "-n", "ESP", "-i", volume_id])
+        // `--invariant`: no creation time or random fields, so two builds
+        // from the same inputs give the same ESP (`mcopy -m` keeps the
+        // staged files' fixed times).
+        .args([
+            "-C",
+            "-F",
+            "32",
+            "-n",
+            "ESP",
+            "-i",
+            volume_id,
+            "--invariant",
+        ])
         .arg(img)
         .arg(size_kib.to_string()))?;
     let stage = o.work_dir.join("esp");

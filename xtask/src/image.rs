@@ -13,7 +13,8 @@ use serde_json::json;
 use crate::{cargo, model, output, root, run};
 
 /// Debian packages that carry the build's tools.
-const HOST_PACKAGES: [&str; 8] = [
+const HOST_PACKAGES: [&str; 9] = [
+    "binutils",
     "debootstrap",
     "e2fsprogs",
     "dosfstools",
@@ -41,6 +42,21 @@ pub fn ensure_tools(tools: &[&str], packages: &[&str]) -> anyhow::Result<()> {
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Installs what the image's boot test needs: QEMU for x86-64 and the
+/// UEFI firmware (OVMF).
+pub fn ensure_boot_tools() -> anyhow::Result<()> {
+    let firmware = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    if mec_image::build::which("qemu-system-x86_64") && firmware.exists() {
+        return Ok(());
+    }
+    eprintln!("installing qemu-system-x86 and ovmf for the image's boot test");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(["qemu-system-x86", "ovmf"])
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 

@@ -30,7 +30,8 @@ enum Task {
     /// ./state/agent the first time, serve the MEC API on 127.0.0.1:8080 with
     /// a demo subscriber, and print how to call it (Ctrl-C stops it).
     Run,
-    /// Run every test of the workspace.
+    /// Run every test of the workspace, then build the appliance image and
+    /// run its boot test in QEMU (installs qemu-system-x86 and ovmf).
     Test,
     /// Build the appliance disk image (target/image/edge-VERSION.img, its
     /// signed manifest, a qcow2): Debian bookworm by debootstrap, the release
@@ -163,7 +164,23 @@ fn main() -> anyhow::Result<()> {
             // so the end-to-end tests find core-ingest, edge-agent and
             // edgeprov beside them. A separate `cargo build` would compile
             // the workspace a second time with other features.
-            run(cargo().args(["test", "--workspace", "--all-targets"]))
+            run(cargo().args(["test", "--workspace", "--all-targets"]))?;
+            // The appliance image, built and booted in QEMU: its test is
+            // ignored by a plain `cargo test` (it needs the image, and
+            // minutes), and run here by name.
+            image::image(None, None, None)?;
+            image::ensure_boot_tools()?;
+            // `--workspace`, as above, so the features unify the same way
+            // and nothing is compiled again.
+            run(cargo().args([
+                "test",
+                "--workspace",
+                "--test",
+                "image_boot",
+                "--",
+                "--ignored",
+                "--nocapture",
+            ]))
         }
         Task::E2ePlanted => e2e_planted(),
         Task::Image {

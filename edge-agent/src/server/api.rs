@@ -573,7 +573,14 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
     match state.billing.check_log() {
         Ok(()) => {
-            Json(json!({ "status": "ready", "model": state.config.model.id })).into_response()
+            // The log's backend shows whether io_uring survived the unit's
+            // system call filter (else the agent took pwrite + fdatasync).
+            Json(json!({
+                "status": "ready",
+                "model": state.config.model.id,
+                "log_backend": state.billing.log().backend().as_str(),
+            }))
+            .into_response()
         }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
