@@ -117,6 +117,13 @@ pub struct BuildOutput {
     pub qcow2: PathBuf,
     /// The manifest.
     pub manifest: Manifest,
+    /// Slot A's root filesystem (ext4), kernel and initrd, as placed on the
+    /// disk: what an update bundle of this build carries.
+    pub rootfs: PathBuf,
+    /// The kernel.
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: PathBuf,
     /// Seconds per step.
     pub steps: Vec<(String, f64)>,
 }
@@ -342,11 +349,15 @@ pub fn build(o: &BuildOptions) -> Result<BuildOutput, BuildError> {
         disk,
         qcow2,
         manifest: m,
+        rootfs: root_img,
+        kernel,
+        initrd,
         steps,
     })
 }
 
-fn rfc3339(epoch: i64) -> String {
+/// `epoch` (Unix seconds) as RFC 3339 in UTC.
+pub fn rfc3339(epoch: i64) -> String {
     let days = epoch.div_euclid(86_400);
     let secs = epoch.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -483,6 +494,11 @@ fn customize(o: &BuildOptions, root: &Path, layout: &Layout) -> Result<Vec<FileE
     write(
         &at("/etc/systemd/journald.conf.d/10-volatile.conf"),
         files::journald(),
+    )?;
+    // What `update` compares a bundle's version with.
+    write(
+        &at(files::IMAGE_INFO),
+        &format!("{}\n", serde_json::json!({ "version": o.version })),
     )?;
     write(&at("/etc/hostname"), "edge-box\n")?;
     write(
@@ -725,8 +741,16 @@ fn esp(
     copy(kernel, "edge-a/vmlinuz")?;
     copy(initrd, "edge-a/initrd.img")?;
     write(&stage.join("loader/loader.conf"), files::loader_conf())?;
-    let (entry, body) = files::loader_entry(layout, "a", &o.version);
+    let (entry, body) = files::loader_entry(layout, "a", &o.version, 1);
     write(&stage.join("loader/entries").join(entry), &body)?;
+    // The slot's record (`mec-update` reads it): the image is install 1.
+    write(
+        &stage.join("edge-a/slot.json"),
+        &format!(
+            "{}\n",
+            serde_json::json!({ "version": o.version, "generation": 1 })
+        ),
+    )?;
     run(Command::new("find").arg(&stage).args([
         "-exec",
         "touch",

@@ -221,29 +221,56 @@ pub fn journald() -> &'static str {
     "[Journal]\nStorage=volatile\nRuntimeMaxUse=64M\n"
 }
 
-/// `loader/loader.conf`: the default entry is slot A's (issue 9 moves it),
+/// `loader/loader.conf`: no `default`, so systemd-boot boots the first
+/// entry in its order, which puts entries that failed every try last and
+/// otherwise the newest install first (see `mec-update`'s `boot` module);
 /// no menu.
 pub fn loader_conf() -> &'static str {
-    "default edge-a*\ntimeout 0\nconsole-mode keep\neditor no\n"
+    "timeout 0\nconsole-mode keep\neditor no\n"
 }
 
-/// The loader entry of `slot` ("a" or "b") with `tries` boot tries left
+/// The `sort-key` of our loader entries.
+pub const LOADER_SORT_KEY: &str = "edge";
+
+/// The image's version file in the root filesystem (JSON: `version`).
+pub const IMAGE_INFO: &str = "/usr/share/edge/image.json";
+
+/// The loader entry of `slot` ("a" or "b"), new: `BOOT_TRIES` boot tries
 /// (systemd-boot's boot counting: the file name carries `+tries`).
-pub fn loader_entry(layout: &Layout, slot: &str, version: &str) -> (String, String) {
+pub fn loader_entry(
+    layout: &Layout,
+    slot: &str,
+    version: &str,
+    generation: u64,
+) -> (String, String) {
     let root = layout
         .get(&format!("root-{slot}"))
         .map(|p| p.uuid.to_lowercase())
         .unwrap_or_default();
-    let name = format!("edge-{slot}+{BOOT_TRIES}.conf");
-    let body = format!(
-        "title MEC edge box, slot {upper} ({version})\n\
-         version {version}\n\
+    (
+        format!("edge-{slot}+{BOOT_TRIES}.conf"),
+        loader_entry_body(slot, &root, version, generation),
+    )
+}
+
+/// A loader entry's text. `version` is the install's `generation`, which
+/// grows with every install, so the newest install sorts first whatever
+/// its image version; the image version is in the title.
+pub fn loader_entry_body(
+    slot: &str,
+    root_partuuid: &str,
+    version: &str,
+    generation: u64,
+) -> String {
+    format!(
+        "title MEC edge box {version} (slot {upper})\n\
+         sort-key {LOADER_SORT_KEY}\n\
+         version {generation}\n\
          linux /edge-{slot}/vmlinuz\n\
          initrd /edge-{slot}/initrd.img\n\
-         options root=PARTUUID={root} ro rootwait console=tty0 console=ttyS0,115200 panic=10 edge.slot={slot}\n",
+         options root=PARTUUID={root_partuuid} ro rootwait console=tty0 console=ttyS0,115200 panic=10 edge.slot={slot}\n",
         upper = slot.to_uppercase(),
-    );
-    (name, body)
+    )
 }
 
 #[cfg(test)]
@@ -267,7 +294,7 @@ mod tests {
     #[test]
     fn the_slot_a_entry_boots_its_root_with_a_try_counter() {
         let l = Layout::new(Sizes::default());
-        let (name, body) = loader_entry(&l, "a", "0.1.0");
+        let (name, body) = loader_entry(&l, "a", "0.1.0", 1);
         assert_eq!(name, "edge-a+3.conf");
         let root = l.get("root-a").unwrap().uuid.to_lowercase();
         assert!(body.contains(&format!("root=PARTUUID={root} ro")), "{body}");

@@ -185,18 +185,36 @@ pub fn generate_signing_key(private: &Path, public: &Path) -> Result<SigningKey,
     Ok(key)
 }
 
+/// A detached signature over `bytes`: 64 bytes, base64, with a newline.
+pub fn sign_bytes(bytes: &[u8], key: &SigningKey) -> String {
+    base64::engine::general_purpose::STANDARD.encode(key.sign(bytes).to_bytes()) + "\n"
+}
+
+/// Checks a detached signature made by [`sign_bytes`]; `what` names the
+/// signed thing in the error.
+pub fn verify_bytes(
+    bytes: &[u8],
+    signature: &str,
+    key: &VerifyingKey,
+    what: &str,
+) -> Result<(), ManifestError> {
+    let sig_bytes = base64::engine::general_purpose::STANDARD
+        .decode(signature.trim())
+        .map_err(|e| ManifestError::Signature(format!("{what}: {e}")))?;
+    let sig = ed25519_dalek::Signature::from_slice(&sig_bytes)
+        .map_err(|e| ManifestError::Signature(format!("{what}: {e}")))?;
+    key.verify(bytes, &sig).map_err(|_| {
+        ManifestError::Signature(format!("{what} was not signed by key {}", key_id(key)))
+    })
+}
+
 /// Writes the manifest and its signature beside `disk`.
 pub fn write_signed(disk: &Path, m: &Manifest, key: &SigningKey) -> Result<(), ManifestError> {
     let bytes = serde_json::to_vec_pretty(m).map_err(|e| ManifestError::Format(e.to_string()))?;
     let path = manifest_path(disk);
     std::fs::write(&path, &bytes).map_err(io(&path))?;
-    let sig = key.sign(&bytes);
     let sig_path = signature_path(disk);
-    std::fs::write(
-        &sig_path,
-        base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()) + "\n",
-    )
-    .map_err(io(&sig_path))?;
+    std::fs::write(&sig_path, sign_bytes(&bytes, key)).map_err(io(&sig_path))?;
     Ok(())
 }
 
@@ -207,18 +225,7 @@ pub fn read_verified(disk: &Path, key: &VerifyingKey) -> Result<Manifest, Manife
     let bytes = std::fs::read(&path).map_err(io(&path))?;
     let sig_path = signature_path(disk);
     let sig_text = std::fs::read_to_string(&sig_path).map_err(io(&sig_path))?;
-    let sig_bytes = base64::engine::general_purpose::STANDARD
-        .decode(sig_text.trim())
-        .map_err(|e| ManifestError::Signature(format!("{}: {e}", sig_path.display())))?;
-    let sig = ed25519_dalek::Signature::from_slice(&sig_bytes)
-        .map_err(|e| ManifestError::Signature(format!("{}: {e}", sig_path.display())))?;
-    key.verify(&bytes, &sig).map_err(|_| {
-        ManifestError::Signature(format!(
-            "{} was not signed by key {}",
-            path.display(),
-            key_id(key)
-        ))
-    })?;
+    verify_bytes(&bytes, &sig_text, key, &path.display().to_string())?;
     serde_json::from_slice(&bytes).map_err(|e| ManifestError::Format(e.to_string()))
 }
 

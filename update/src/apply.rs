@@ -1,0 +1,1 @@
+//! Applying a bundle on a box (to be written).
