@@ -291,9 +291,10 @@ pub struct SlotInfo {
     pub version: String,
     /// The install generation (the entry's `version`).
     pub generation: u64,
-    /// SHA-256 of the bundle it came from (none for the image's own slot).
+    /// SHA-256 of the signed manifest of the bundle it came from (none for
+    /// the image's own slot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bundle_sha256: Option<String>,
+    pub manifest_sha256: Option<String>,
 }
 
 /// The ESP as read: its entries and each slot's `slot.json`.
@@ -513,7 +514,7 @@ mod tests {
                         SlotInfo {
                             version: v.into(),
                             generation: g,
-                            bundle_sha256: None,
+                            manifest_sha256: None,
                         },
                     )
                 })

@@ -327,8 +327,22 @@ impl BundleReader {
     pub fn read(
         &mut self,
         key: &VerifyingKey,
+        each: impl FnMut(&BundleManifest, &Component, &mut dyn Read) -> Result<(), BundleError>,
+    ) -> Result<Verified, BundleError> {
+        self.read_inner(key, true, each)
+    }
+
+    /// Reads and checks only the manifest and its signature.
+    pub fn manifest(&mut self, key: &VerifyingKey) -> Result<Verified, BundleError> {
+        self.read_inner(key, false, |_, _, _| Ok(()))
+    }
+
+    fn read_inner(
+        &mut self,
+        key: &VerifyingKey,
+        components: bool,
         mut each: impl FnMut(&BundleManifest, &Component, &mut dyn Read) -> Result<(), BundleError>,
-    ) -> Result<BundleManifest, BundleError> {
+    ) -> Result<Verified, BundleError> {
         let path = self.path.clone();
         let not = |m: String| BundleError::NotABundle(format!("{}: {m}", path.display()));
         let mut entries = self
@@ -374,6 +388,14 @@ impl BundleReader {
         let m: BundleManifest = serde_json::from_slice(&bytes)
             .map_err(|e| BundleError::Manifest(format!("does not parse: {e}")))?;
         m.check()?;
+        let verified = Verified {
+            manifest_sha256: hex::encode(Sha256::digest(&bytes)),
+            manifest: m,
+        };
+        if !components {
+            return Ok(verified);
+        }
+        let m = &verified.manifest;
         for c in &m.components {
             let mut e = next(&c.file)?;
             if e.header().size().ok() != Some(c.size) {
@@ -384,10 +406,20 @@ impl BundleReader {
                     found: e.header().size().map(|s| s.to_string()).unwrap_or_default(),
                 });
             }
-            each(&m, c, &mut e)?;
+            each(m, c, &mut e)?;
         }
-        Ok(m)
+        Ok(verified)
     }
+}
+
+/// A manifest whose signature checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The manifest.
+    pub manifest: BundleManifest,
+    /// SHA-256 of its signed bytes: the bundle's identity (it names every
+    /// component's hash).
+    pub manifest_sha256: String,
 }
 
 /// Reads `r` to its end through a SHA-256, failing if the bytes or their
@@ -416,7 +448,7 @@ pub fn check_stored(c: &Component, r: &mut dyn Read) -> Result<(), BundleError> 
 
 /// Checks a whole bundle with `key`, writing nothing: the signature, the
 /// manifest, and every component's stored bytes.
-pub fn verify(path: &Path, key: &VerifyingKey) -> Result<BundleManifest, BundleError> {
+pub fn verify(path: &Path, key: &VerifyingKey) -> Result<Verified, BundleError> {
     BundleReader::open(path)?.read(key, |_, c, r| check_stored(c, r))
 }
 
@@ -522,7 +554,7 @@ mod tests {
     fn a_bundle_verifies_and_gives_back_its_content() {
         let f = fixture();
         let b = build(&f, "0.2.0");
-        let m = verify(&b, &f.public).unwrap();
+        let m = verify(&b, &f.public).unwrap().manifest;
         assert_eq!(m.version, "0.2.0");
         let rootfs = m.component("rootfs").unwrap();
         assert!(rootfs.size < rootfs.content_size / 10, "{rootfs:?}");
@@ -564,6 +596,7 @@ mod tests {
         // after its 512-byte header).
         let zst = verify(&b, &f.public)
             .unwrap()
+            .manifest
             .component("rootfs")
             .unwrap()
             .size as usize;
