@@ -180,7 +180,8 @@ fn a_good_bundle_fills_the_other_slot_and_boots_next() {
 fn refused_bundles_change_nothing() {
     let b = TestBox::new();
     let other_key = SigningKey::from_bytes(&[9u8; 32]);
-    let cases: Vec<(&str, PathBuf, fn(&UpdateError) -> bool)> = vec![
+    type Case = (&'static str, PathBuf, fn(&UpdateError) -> bool);
+    let cases: Vec<Case> = vec![
         ("older", b.bundle("0.0.9", &b.key), |e| {
             matches!(
                 e,
