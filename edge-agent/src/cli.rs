@@ -37,6 +37,44 @@ pub enum Command {
     /// Answer a technician's `edgeprov` on a serial port: identity made on
     /// this box, node certificate, site configuration (until SIGTERM).
     ProvisionListen(ProvisionListenArgs),
+    /// A/B updates of the appliance: the slots' state, applying a signed
+    /// bundle to the slot not running.
+    #[command(subcommand)]
+    Update(UpdateCommand),
+}
+
+/// `edge-agent update ...`.
+#[derive(Debug, Subcommand)]
+pub enum UpdateCommand {
+    /// The slots, their versions and states, the slot that boots next (JSON).
+    Status,
+    /// Check a bundle against the operator's image key installed at
+    /// provisioning, then write it to the slot not running and make that
+    /// slot the next boot, with 3 tries (needs root: it writes a partition
+    /// and the ESP). Prints JSON lines: progress, then the result.
+    Apply(UpdateApplyArgs),
+}
+
+/// Arguments of `edge-agent update apply`.
+#[derive(Debug, Args, Clone)]
+pub struct UpdateApplyArgs {
+    /// The bundle: a file, or a block device holding one (a USB stick).
+    #[arg(long, value_name = "FILE")]
+    pub bundle: PathBuf,
+    /// The agent's configuration (its state directory holds `site.toml`,
+    /// with the operator's image key).
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/edge-agent/edge-agent.toml"
+    )]
+    pub config: PathBuf,
+    /// Install a version older than, or the same as, the running one.
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    /// Install a version that failed its boot tries on this box before.
+    #[arg(long)]
+    pub retry_failed: bool,
 }
 
 /// Arguments of `edge-agent provision-listen`.
@@ -354,5 +392,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Admin(a) => crate::admin_cmd::admin(&a),
         Command::ProvisionListen(a) => crate::provision_cmd::listen(&a),
+        Command::Update(UpdateCommand::Status) => crate::update_cmd::status(),
+        Command::Update(UpdateCommand::Apply(a)) => crate::update_cmd::apply(&a),
     }
 }

@@ -4,7 +4,8 @@
 //! API (`server`) over the inference engine, the quota ledger and the usage
 //! log; `edge-agent admin` manages token packages; `edge-agent log …` and
 //! `edge-agent generate` are the operator's tools; `edge-agent
-//! provision-listen` is the box's end of serial provisioning.
+//! provision-listen` is the box's end of serial provisioning; `edge-agent
+//! update …` applies signed A/B update bundles (`mec-update`).
 #![warn(missing_docs)]
 
 pub mod admin_cmd;
@@ -16,3 +17,4 @@ pub mod init_cmd;
 pub mod log_cmd;
 pub mod provision_cmd;
 pub mod server;
+pub mod update_cmd;

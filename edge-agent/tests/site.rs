@@ -22,6 +22,7 @@ fn write_site(dir: &std::path::Path, core: &str) {
             tokens: 120,
             valid_days: 7,
         }],
+        image_signing_key: String::new(),
     });
     let site = site.unwrap();
     std::fs::write(dir.join("state/site.toml"), site.to_toml()).unwrap();

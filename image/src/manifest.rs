@@ -185,6 +185,12 @@ pub fn generate_signing_key(private: &Path, public: &Path) -> Result<SigningKey,
     Ok(key)
 }
 
+/// An Ed25519 public key from SPKI PEM text.
+pub fn parse_verifying_key(pem: &str) -> Result<VerifyingKey, String> {
+    VerifyingKey::from_public_key_pem(pem.trim())
+        .map_err(|e| format!("not an Ed25519 public key in PEM ({e})"))
+}
+
 /// A detached signature over `bytes`: 64 bytes, base64, with a newline.
 pub fn sign_bytes(bytes: &[u8], key: &SigningKey) -> String {
     base64::engine::general_purpose::STANDARD.encode(key.sign(bytes).to_bytes()) + "\n"

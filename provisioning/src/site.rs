@@ -38,6 +38,10 @@ pub struct SiteConfig {
     /// Packages for new subscribers.
     #[serde(default)]
     pub default_packages: Vec<DefaultPackage>,
+    /// The operator's image-signing key (SPKI PEM): update bundles are
+    /// checked against it and nothing else. None: updates are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_signing_key: Option<String>,
 }
 
 fn check_id(what: &str, id: &str) -> Result<(), String> {
@@ -132,6 +136,13 @@ impl SiteConfig {
                 valid_days: p.valid_days,
             });
         }
+        let image_signing_key = if c.image_signing_key.trim().is_empty() {
+            None
+        } else {
+            mec_image::manifest::parse_verifying_key(&c.image_signing_key)
+                .map_err(|e| format!("image_signing_key: {e}"))?;
+            Some(c.image_signing_key.clone())
+        };
         Ok(SiteConfig {
             site_id: c.site_id.clone(),
             node_id: c.node_id.clone(),
@@ -139,6 +150,7 @@ impl SiteConfig {
             core_server_name,
             api_listen,
             default_packages,
+            image_signing_key,
         })
     }
 
@@ -210,8 +222,28 @@ mod tests {
         let mut bad = req.clone();
         bad.default_packages[0].kind = "forever".into();
         assert!(SiteConfig::from_request(&bad).is_err());
-        let mut bad = req;
+        let mut bad = req.clone();
         bad.api_listen = "everywhere".into();
         assert!(SiteConfig::from_request(&bad).is_err());
+
+        // The operator's image key: kept as given when it is an Ed25519
+        // key, refused when it is not.
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
+        use ed25519_dalek::pkcs8::EncodePublicKey;
+        let pem = key
+            .verifying_key()
+            .to_public_key_pem(Default::default())
+            .unwrap();
+        let mut with_key = req.clone();
+        with_key.image_signing_key = pem.clone();
+        let site = SiteConfig::from_request(&with_key).unwrap();
+        assert_eq!(site.image_signing_key.as_deref(), Some(pem.as_str()));
+        let back: SiteConfig = toml::from_str(&site.to_toml()).unwrap();
+        assert_eq!(back, site);
+        let mut bad = req;
+        bad.image_signing_key =
+            "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n".into();
+        let e = SiteConfig::from_request(&bad).unwrap_err();
+        assert!(e.contains("image_signing_key"), "{e}");
     }
 }

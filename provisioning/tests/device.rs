@@ -93,6 +93,7 @@ fn site(node_id: &str) -> ApplySiteConfig {
             tokens: 2000,
             valid_days: 7,
         }],
+        image_signing_key: String::new(),
     }
 }
 

@@ -52,6 +52,15 @@ pub enum UpdateError {
     /// The box is not in a state to take an update.
     #[error("{0}")]
     Box(String),
+    /// Writing the target slot failed after it was made unbootable: it
+    /// stays so, and the running slot still boots. A new apply starts over.
+    #[error("writing slot {slot:?} failed ({source}); that slot is left unbootable and the running slot still boots")]
+    Interrupted {
+        /// The slot being written.
+        slot: Slot,
+        /// Why.
+        source: Box<UpdateError>,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpdateError + '_ {
@@ -346,8 +355,51 @@ pub fn apply(
     }
     let verify_s = started.elapsed().as_secs_f64();
 
-    // 3. The target stops being bootable.
     let started = Instant::now();
+    let entry = write_slot(
+        paths,
+        bundle_path,
+        key,
+        m,
+        &verified,
+        plan,
+        &device,
+        progress,
+    )
+    .map_err(|e| UpdateError::Interrupted {
+        slot: target,
+        source: Box::new(e),
+    })?;
+    progress(Progress {
+        stage: "entry",
+        done: 1,
+        total: 1,
+    });
+    tracing::info!(slot = target.name(), version = %m.version, generation = plan.generation, %entry, "update applied; the slot boots next");
+    Ok(Applied {
+        slot: target,
+        version: m.version.clone(),
+        generation: plan.generation,
+        entry,
+        verify_s,
+        write_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Steps 3 to 5 of an apply (see the module's docs).
+#[allow(clippy::too_many_arguments)]
+fn write_slot(
+    paths: &BoxPaths,
+    bundle_path: &Path,
+    key: &VerifyingKey,
+    m: &bundle::BundleManifest,
+    verified: &bundle::Verified,
+    plan: boot::Plan,
+    device: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<String, UpdateError> {
+    let target = plan.target;
+    // 3. The target stops being bootable.
     let entries = paths.entries_dir();
     for e in std::fs::read_dir(&entries).map_err(io(&entries))? {
         let e = e.map_err(io(&entries))?;
@@ -406,15 +458,15 @@ pub fn apply(
             _ => {
                 let mut f = std::fs::OpenOptions::new()
                     .write(true)
-                    .open(&device)
+                    .open(device)
                     .map_err(|e| BundleError::Io {
-                        path: device.clone(),
+                        path: device.to_path_buf(),
                         source: e,
                     })?;
                 copy("rootfs", c.content_size, &mut content, &mut f, progress)
-                    .map_err(|e| classify(e, &device, &c.name))?;
+                    .map_err(|e| classify(e, device, &c.name))?;
                 f.sync_data().map_err(|e| BundleError::Io {
-                    path: device.clone(),
+                    path: device.to_path_buf(),
                     source: e,
                 })?;
             }
@@ -439,20 +491,7 @@ pub fn apply(
     // `edge-b+3.tmp`: not a `.conf`, so systemd-boot never reads it.
     replace_file(&entry_path, body.as_bytes())?;
     sync_dir(&entries)?;
-    progress(Progress {
-        stage: "entry",
-        done: 1,
-        total: 1,
-    });
-    tracing::info!(slot = target.name(), version = %m.version, generation = plan.generation, %entry, "update applied; the slot boots next");
-    Ok(Applied {
-        slot: target,
-        version: m.version.clone(),
-        generation: plan.generation,
-        entry,
-        verify_s,
-        write_s: started.elapsed().as_secs_f64(),
-    })
+    Ok(entry)
 }
 
 fn stage_of(name: &str) -> &'static str {

@@ -183,10 +183,28 @@ pub fn image(
         version,
         epoch,
         app_key_sha256,
-        signing_key,
+        signing_key: signing_key.clone(),
         dev_signing_key: dev,
         sizes: Sizes::default(),
     })?;
+    // The update bundle of the same build: slot A's root filesystem, kernel
+    // and initrd, signed with the same key.
+    let bundle_started = std::time::Instant::now();
+    let bundle = out.join(format!("edge-{}.bundle", built.manifest.image_version));
+    let key = mec_image::manifest::read_signing_key(&signing_key)?;
+    let bundle_manifest = mec_update::bundle::write(
+        &bundle,
+        &mec_update::bundle::BundleInputs {
+            version: &built.manifest.image_version,
+            epoch,
+            rootfs: &built.rootfs,
+            kernel: &built.kernel,
+            initrd: &built.initrd,
+            key: &key,
+            dev_signing_key: dev,
+        },
+    )?;
+    let bundle_s = bundle_started.elapsed().as_secs_f64();
     let allocated = |p: &Path| -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
@@ -204,6 +222,10 @@ pub fn image(
             "dev_signing_key": dev,
             "app_key_file": app_key_path,
             "sha256": built.manifest.sha256,
+            "bundle": bundle,
+            "bundle_size": std::fs::metadata(&bundle).map(|m| m.len()).unwrap_or(0),
+            "bundle_rootfs_sha256": bundle_manifest.component("rootfs").map(|c| c.content_sha256.clone()),
+            "bundle_s": (bundle_s * 10.0).round() / 10.0,
             "steps_s": built.steps.iter().map(|(n, s)| json!({ n.clone(): (s * 10.0).round() / 10.0 })).collect::<Vec<_>>(),
             "total_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         }))?

@@ -102,6 +102,11 @@ struct ProvisionArgs {
     /// The operator CA directory (ca.crt, ca.key).
     #[arg(long, value_name = "DIR")]
     ca_dir: PathBuf,
+    /// The operator's image-signing public key (PEM, as `cargo xtask image`
+    /// writes it): the box takes update bundles signed by it only. Without
+    /// it the box refuses every update.
+    #[arg(long, value_name = "PUB")]
+    image_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -395,6 +400,11 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<Output> {
         core_server_name: args.core_server_name.clone().unwrap_or_default(),
         api_listen: args.api_listen.clone().unwrap_or_default(),
         default_packages: packages,
+        image_signing_key: match &args.image_key {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("reading the image key {}", p.display()))?,
+            None => String::new(),
+        },
     };
     mec_provisioning::site::SiteConfig::from_request(&site)
         .map_err(|e| anyhow::anyhow!("site configuration: {e}"))?;
