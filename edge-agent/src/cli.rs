@@ -41,6 +41,31 @@ pub enum Command {
     /// bundle to the slot not running.
     #[command(subcommand)]
     Update(UpdateCommand),
+    /// Decide whether this boot is good (the image's edge-boot-health.service
+    /// runs it before boot-complete.target): the agent ready for a while
+    /// and the usage log verified, or, on a box not provisioned yet, the
+    /// provisioning listener up. Exit 0: good; 1: bad on a boot being tried
+    /// (the unit reboots, and systemd-boot counts the try); 3: bad, but
+    /// this boot is not on trial (nothing to fall back to: no reboot).
+    BootHealth(BootHealthArgs),
+}
+
+/// Arguments of `edge-agent boot-health`.
+#[derive(Debug, Args, Clone)]
+pub struct BootHealthArgs {
+    /// The agent's configuration.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/edge-agent/edge-agent.toml"
+    )]
+    pub config: PathBuf,
+    /// How long the agent must answer ready without a break.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub ready_for: u64,
+    /// How long to wait for that in all.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub timeout: u64,
 }
 
 /// `edge-agent update ...`.
@@ -363,7 +388,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(matches!(
         cli.command,
-        Command::Serve(_) | Command::ProvisionListen(_)
+        Command::Serve(_) | Command::ProvisionListen(_) | Command::BootHealth(_)
     ));
     match run(cli) {
         Ok(code) => code,
@@ -394,5 +419,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ProvisionListen(a) => crate::provision_cmd::listen(&a),
         Command::Update(UpdateCommand::Status) => crate::update_cmd::status(),
         Command::Update(UpdateCommand::Apply(a)) => crate::update_cmd::apply(&a),
+        Command::BootHealth(a) => crate::update_cmd::boot_health(&a),
     }
 }

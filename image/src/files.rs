@@ -97,6 +97,10 @@ pub fn agent_unit() -> String {
          After=network-online.target local-fs.target\n\
          Wants=network-online.target\n\
          ConditionPathExists={DATA_DIR}/site.toml\n\
+         # Five failed starts in two minutes and it stays down (the boot's\n\
+         # health check sees that at once).\n\
+         StartLimitIntervalSec=120\n\
+         StartLimitBurst=5\n\
          \n\
          [Service]\n\
          Type=notify\n\
@@ -186,10 +190,15 @@ pub fn provision_unit() -> String {
     )
 }
 
+/// How long the agent must stay ready before a boot counts as good.
+pub const HEALTHY_AFTER_S: u64 = 60;
+
 /// `edge-boot-health.service`: required by `boot-complete.target`, so
-/// systemd-bless-boot marks the boot good only after it succeeds: the agent
-/// reported ready, or, on a box not provisioned yet, the provisioning
-/// listener runs (a fresh box must not count its waiting boots as failures).
+/// systemd-bless-boot marks the boot good only after it succeeds:
+/// `edge-agent boot-health` (the agent ready for a minute without a break
+/// and the usage log verified; on a box not provisioned yet, the
+/// provisioning listener up). On a boot being tried it fails and reboots,
+/// so systemd-boot counts the try and, after the last, boots the old slot.
 pub fn health_unit() -> String {
     format!(
         "[Unit]\n\
@@ -201,13 +210,15 @@ pub fn health_unit() -> String {
          Type=oneshot\n\
          RemainAfterExit=yes\n\
          TimeoutStartSec=900\n\
-         ExecStart=/bin/sh -c 'if [ -e {DATA_DIR}/site.toml ]; then \
-         until systemctl is-active -q edge-agent.service; do \
-         systemctl is-failed -q edge-agent.service && exit 1; sleep 2; done; \
-         else systemctl is-active -q edge-provision.service; fi'\n\
+         ExecStart=/usr/bin/edge-agent boot-health --config {AGENT_CONFIG} --ready-for {HEALTHY_AFTER_S} --timeout 600\n\
+         # 3: bad, but this boot is not on trial (no slot to fall back to).\n\
+         SuccessExitStatus=3\n\
+         FailureAction=reboot\n\
+         {common}\
          \n\
          [Install]\n\
-         RequiredBy=boot-complete.target\n"
+         RequiredBy=boot-complete.target\n",
+        common = service_common(),
     )
 }
 

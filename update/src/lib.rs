@@ -8,9 +8,12 @@
 //! - [`boot`] (sans-IO): systemd-boot's loader entries with their boot
 //!   counters, the order systemd-boot boots them in, each slot's state, and
 //!   the decision whether a bundle may be applied;
+//! - [`health`] (sans-IO): when a boot counts as good (ready for a while,
+//!   without a break);
 //! - [`apply`]: the steps on a box, ordered so that a power cut at any point
 //!   leaves the running slot the one that boots.
 
 pub mod apply;
 pub mod boot;
 pub mod bundle;
+pub mod health;
