@@ -103,6 +103,19 @@ pub struct Vm {
     pub started: Instant,
 }
 
+/// Whether a line of the console file `console` holds every one of
+/// `fragments` (systemd shortens unit names with an ellipsis: match plain
+/// fragments, such as "Finished" and the description's end).
+pub fn console_has_line(console: &Path, fragments: &[&str]) -> bool {
+    std::fs::read(console)
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .any(|l| fragments.iter().all(|f| l.contains(f)))
+        })
+        .unwrap_or(false)
+}
+
 impl Vm {
     /// Boots `image` (through a qcow2 overlay in `dir`).
     pub fn boot(image: &BuiltImage, dir: &Path) -> Vm {
