@@ -11,9 +11,12 @@
 //! - [`health`] (sans-IO): when a boot counts as good (ready for a while,
 //!   without a break);
 //! - [`apply`]: the steps on a box, ordered so that a power cut at any point
-//!   leaves the running slot the one that boots.
+//!   leaves the running slot the one that boots;
+//! - [`service`]: the root helper's protocol (one JSON request, JSON-line
+//!   replies), for the unprivileged agent's admin API.
 
 pub mod apply;
 pub mod boot;
 pub mod bundle;
 pub mod health;
+pub mod service;

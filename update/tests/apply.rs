@@ -331,3 +331,77 @@ fn after_three_failed_boots_the_old_slot_reports_the_failed_version_and_it_is_no
     assert_eq!(s.next_boot, Some(Slot::B));
     assert_eq!(s.slots[1].entry.as_deref(), Some("edge-b+3.conf"));
 }
+
+#[test]
+fn the_service_answers_status_applies_and_rejects_bad_requests() {
+    use mec_update::service::{serve_one, Outcome};
+    let b = TestBox::new();
+    let key = b.key.verifying_key();
+    let ask = |request: &str, key: Option<ed25519_dalek::VerifyingKey>| {
+        let mut out = Vec::new();
+        let outcome = serve_one(
+            &b.paths,
+            || key.ok_or_else(|| "not provisioned: no operator image key".to_string()),
+            request.as_bytes(),
+            &mut out,
+        )
+        .unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (outcome, lines)
+    };
+
+    let (o, lines) = ask("{\"op\": \"status\"}\n", Some(key));
+    assert_eq!(o, Outcome::Done);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["status"]["booted"], "a", "{lines:?}");
+
+    let bundle = b.bundle("0.2.0", &b.key);
+    let req = serde_json::json!({ "op": "apply", "bundle": bundle }).to_string() + "\n";
+    let (o, lines) = ask(&req, None);
+    assert_eq!(o, Outcome::Refused);
+    assert!(lines[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not provisioned"));
+
+    let (o, lines) = ask(&req, Some(key));
+    assert_eq!(o, Outcome::Done, "{lines:?}");
+    assert_eq!(lines.first().unwrap()["event"], "progress");
+    let last = lines.last().unwrap();
+    assert_eq!(last["event"], "applied", "{last}");
+    assert_eq!(last["applied"]["slot"], "b");
+    assert_eq!(apply::status(&b.paths).unwrap().next_boot, Some(Slot::B));
+
+    // An older bundle: refused, nothing written.
+    let older = b.bundle("0.0.1", &b.key);
+    let req = serde_json::json!({ "op": "apply", "bundle": older }).to_string();
+    let (o, lines) = ask(&req, Some(key));
+    assert_eq!(o, Outcome::Refused);
+    assert!(
+        lines[0]["reason"].as_str().unwrap().contains("not newer"),
+        "{lines:?}"
+    );
+
+    for bad in [
+        "",
+        "not json\n",
+        "{\"op\": \"format-disk\"}\n",
+        "{\"op\": \"apply\"}\n",
+        "{\"op\": \"status\", \"extra\": 1}\n",
+    ] {
+        let (o, lines) = ask(bad, Some(key));
+        assert_eq!(o, Outcome::Error, "{bad:?}");
+        assert_eq!(lines[0]["event"], "error", "{bad:?}");
+    }
+    let huge = "x".repeat(70 * 1024);
+    let (o, lines) = ask(&huge, Some(key));
+    assert_eq!(o, Outcome::Error);
+    assert!(
+        lines[0]["message"].as_str().unwrap().contains("over"),
+        "{lines:?}"
+    );
+}
