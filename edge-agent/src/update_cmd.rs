@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mec_update::apply::{self, BoxPaths, UpdateError};
-use mec_update::boot::ApplyOptions;
+use mec_update::apply::{self, BoxPaths};
 use mec_update::health::{HealthGate, Verdict};
+use mec_update::service::{self, Outcome, Request};
 use serde_json::json;
 
 use crate::cli::{BootHealthArgs, UpdateApplyArgs};
@@ -23,59 +23,52 @@ pub fn status() -> anyhow::Result<ExitCode> {
 
 /// The operator's image key from the provisioned `site.toml`: the only key
 /// bundles are checked with.
-fn operator_key(args: &UpdateApplyArgs) -> anyhow::Result<ed25519_dalek::VerifyingKey> {
-    let config = crate::config::Config::load(&args.config)?;
+fn operator_key(config: &std::path::Path) -> Result<ed25519_dalek::VerifyingKey, String> {
+    let config = crate::config::Config::load(config).map_err(|e| e.to_string())?;
     let site_path = config.node.state_dir.join("site.toml");
     let site = mec_provisioning::site::SiteConfig::load(&site_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", site_path.display()))?
+        .map_err(|e| format!("{}: {e}", site_path.display()))?
         .ok_or_else(|| {
-            anyhow::anyhow!(
+            format!(
                 "{} is missing: the box is not provisioned, so it has no operator image key and takes no update",
                 site_path.display()
             )
         })?;
     let pem = site.image_signing_key.ok_or_else(|| {
-        anyhow::anyhow!(
-            "the site configuration has no operator image key: re-provision with `edgeprov provision --image-key`; until then the box takes no update"
-        )
+        "the site configuration has no operator image key: re-provision with `edgeprov provision --image-key`; until then the box takes no update".to_string()
     })?;
-    mec_image::manifest::parse_verifying_key(&pem)
-        .map_err(|e| anyhow::anyhow!("the site's image key: {e}"))
+    mec_image::manifest::parse_verifying_key(&pem).map_err(|e| format!("the site's image key: {e}"))
 }
 
-/// Applies a bundle; prints progress and the result as JSON lines. Exit
-/// code 3 when the bundle was refused (nothing written), 2 on other errors.
+/// Applies a bundle through the update service's own code, printing its
+/// JSON lines (progress, then `applied`, `refused` or `error`). Exit code 0
+/// applied, 3 refused (nothing written), 2 an error.
 pub fn apply(args: &UpdateApplyArgs) -> anyhow::Result<ExitCode> {
-    let key = operator_key(args)?;
-    let opts = ApplyOptions {
+    let request = Request::Apply {
+        bundle: args.bundle.clone(),
         allow_downgrade: args.allow_downgrade,
         retry_failed: args.retry_failed,
     };
-    let mut progress = |p: apply::Progress| {
-        println!(
-            "{}",
-            json!({ "event": "progress", "stage": p.stage, "done": p.done, "total": p.total })
-        );
-    };
-    match apply::apply(&BoxPaths::system(), &args.bundle, &key, opts, &mut progress) {
-        Ok(applied) => {
-            println!("{}", json!({ "event": "applied", "applied": applied }));
-            Ok(ExitCode::SUCCESS)
-        }
-        // A bundle whose content broke while being written left the target
-        // slot unbootable, not untouched: that is an error, not a refusal.
-        Err(UpdateError::Bundle(e @ mec_update::bundle::BundleError::Content { .. })) => {
-            Err(anyhow::anyhow!(
-                "{e}; the slot written is left unbootable, the running slot still boots"
-            ))
-        }
-        Err(e @ (UpdateError::Refused(_) | UpdateError::Bundle(_))) => {
-            tracing::warn!(error = %e, bundle = %args.bundle.display(), "update refused");
-            println!("{}", json!({ "event": "refused", "reason": e.to_string() }));
-            Ok(ExitCode::from(3))
-        }
-        Err(e) => Err(e.into()),
-    }
+    let stdout = std::io::stdout();
+    let outcome = service::run(
+        &BoxPaths::system(),
+        || operator_key(&args.config),
+        request,
+        &mut stdout.lock(),
+    )?;
+    Ok(match outcome {
+        Outcome::Done => ExitCode::SUCCESS,
+        Outcome::Refused => ExitCode::from(3),
+        Outcome::Error => ExitCode::from(2),
+    })
+}
+
+/// `systemctl VERB -q UNIT` succeeded (`is-active`, `is-failed`).
+fn systemctl_says(verb: &str, unit: &str) -> bool {
+    std::process::Command::new("systemctl")
+        .args([verb, "-q", unit])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// systemd-boot's variable naming the entry file of a counted boot: present
@@ -115,10 +108,7 @@ fn check_health(args: &BootHealthArgs) -> anyhow::Result<()> {
         // Not provisioned: the box is waiting for its technician, which is
         // a good boot once the listener is up.
         loop {
-            let up = std::process::Command::new("systemctl")
-                .args(["is-active", "-q", "edge-provision.service"])
-                .status()
-                .is_ok_and(|s| s.success());
+            let up = systemctl_says("is-active", "edge-provision.service");
             if up {
                 return Ok(());
             }
@@ -154,11 +144,7 @@ fn check_health(args: &BootHealthArgs) -> anyhow::Result<()> {
     loop {
         // An agent that gave up (its unit's start limit) will not become
         // ready: no point waiting out the timeout.
-        let failed = std::process::Command::new("systemctl")
-            .args(["is-failed", "-q", "edge-agent.service"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if failed {
+        if systemctl_says("is-failed", "edge-agent.service") {
             anyhow::bail!("edge-agent.service failed (it stopped restarting)");
         }
         let ready = rt.block_on(async {

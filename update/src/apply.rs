@@ -427,11 +427,9 @@ fn write_slot(
         let mut content = ContentReader::new(c, stored).map_err(content_err)?;
         match c.name.as_str() {
             "kernel" | "initrd" => {
-                let name = if c.name == "kernel" {
-                    "vmlinuz"
-                } else {
-                    "initrd.img"
-                };
+                // The bundle's names are the ones the loader entry boots
+                // (`/edge-<slot>/vmlinuz`, `/edge-<slot>/initrd.img`).
+                let name = &c.file;
                 let dst = slot_dir.join(name);
                 let tmp = slot_dir.join(format!("{name}.tmp"));
                 let mut f = std::fs::File::create(&tmp).map_err(|e| BundleError::Io {
@@ -494,12 +492,13 @@ fn write_slot(
     Ok(entry)
 }
 
+/// The component's name as a `'static` stage name for [`Progress`].
 fn stage_of(name: &str) -> &'static str {
-    match name {
-        "kernel" => "kernel",
-        "initrd" => "initrd",
-        _ => "rootfs",
-    }
+    bundle::COMPONENTS
+        .iter()
+        .map(|(n, _)| *n)
+        .find(|n| *n == name)
+        .unwrap_or("rootfs")
 }
 
 /// A copy's error: the content check (`InvalidData` from

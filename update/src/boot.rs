@@ -136,6 +136,15 @@ impl EntryName {
         })
     }
 
+    /// The file name these counters give (`edge-b+2-1.conf`, `edge-b.conf`).
+    pub fn file_name(&self) -> String {
+        match (self.tries_left, self.tries_done) {
+            (Some(l), Some(d)) if d > 0 => format!("{}+{l}-{d}.conf", self.id),
+            (Some(l), _) => format!("{}+{l}.conf", self.id),
+            _ => format!("{}.conf", self.id),
+        }
+    }
+
     /// The file name a new entry with `tries` gets.
     pub fn counted(id: &str, tries: u32) -> String {
         format!("{id}+{tries}.conf")
@@ -389,11 +398,7 @@ impl EspView {
                         .or_else(|| entry.and_then(Entry::generation)),
                     tries_left: entry.and_then(|e| e.name.tries_left),
                     tries_done: entry.and_then(|e| e.name.tries_done),
-                    entry: entry.map(|e| match (e.name.tries_left, e.name.tries_done) {
-                        (Some(l), Some(d)) if d > 0 => format!("{}+{l}-{d}.conf", e.name.id),
-                        (Some(l), _) => format!("{}+{l}.conf", e.name.id),
-                        _ => format!("{}.conf", e.name.id),
-                    }),
+                    entry: entry.map(|e| e.name.file_name()),
                 }
             })
             .collect()
@@ -546,6 +551,14 @@ mod tests {
             assert_eq!(EntryName::parse(not_entry), None, "{not_entry}");
         }
         assert_eq!(EntryName::counted("edge-b", 3), "edge-b+3.conf");
+        for f in [
+            "edge-b+2-1.conf",
+            "edge-b+3.conf",
+            "edge-a.conf",
+            "edge-b+0-3.conf",
+        ] {
+            assert_eq!(EntryName::parse(f).unwrap().file_name(), f);
+        }
     }
 
     #[test]

@@ -90,6 +90,17 @@ pub fn serve_one(
             return Ok(Outcome::Error);
         }
     };
+    run(paths, operator_key, request, output)
+}
+
+/// Carries out a parsed request and writes its replies (the service after
+/// parsing; `edge-agent update apply` calls it with its own arguments).
+pub fn run(
+    paths: &BoxPaths,
+    operator_key: impl FnOnce() -> Result<VerifyingKey, String>,
+    request: Request,
+    output: &mut dyn Write,
+) -> std::io::Result<Outcome> {
     match request {
         Request::Status {} => match apply::status(paths) {
             Ok(s) => {
