@@ -422,8 +422,8 @@ impl Config {
         if self.api.request_timeout_s == 0 {
             return Err(bad("api.request_timeout_s", "at least 1".into()));
         }
-        if self.model.id.is_empty() {
-            return Err(bad("model.id", "must not be empty".into()));
+        if !id_ok(&self.model.id) {
+            return Err(bad("model.id", ID_RULE.into()));
         }
         if !(1..=256).contains(&self.model.slots) {
             return Err(bad("model.slots", "1 to 256".into()));
@@ -487,11 +487,11 @@ impl Config {
         let mut ids = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
             let key = |k: &str| format!("apps[{i}].{k}");
-            if app.id.is_empty() || !ids.insert(app.id.as_str()) {
-                return Err(bad(
-                    &key("id"),
-                    format!("{:?}: empty or not unique", app.id),
-                ));
+            if !id_ok(&app.id) {
+                return Err(bad(&key("id"), format!("{:?}: {ID_RULE}", app.id)));
+            }
+            if !ids.insert(app.id.as_str()) {
+                return Err(bad(&key("id"), format!("{:?}: not unique", app.id)));
             }
             if app.key_sha256.len() != 64 || hex::decode(&app.key_sha256).is_err() {
                 return Err(bad(
@@ -543,10 +543,23 @@ impl Config {
         self.identity_dir().join("operator-ca.crt")
     }
 
+    /// `state_dir/inflight.tally` (see `server::tally`).
+    pub fn tally_path(&self) -> PathBuf {
+        self.node.state_dir.join("inflight.tally")
+    }
+
     /// `state_dir/ledger.sqlite`.
     pub fn ledger_path(&self) -> PathBuf {
         self.node.state_dir.join("ledger.sqlite")
     }
+}
+
+/// App and model ids travel in every usage record (and in the in-flight
+/// tally's fixed slots): bounded, printable.
+const ID_RULE: &str = "1 to 128 bytes, no control characters";
+
+fn id_ok(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && !id.chars().any(char::is_control)
 }
 
 #[cfg(test)]

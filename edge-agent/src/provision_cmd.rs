@@ -6,8 +6,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use mec_provisioning::device::{Device, DeviceFacts};
+use mec_provisioning::device::{Device, DeviceFacts, SlotReport, SlotSource};
 use mec_provisioning::pb::Gpu;
+use mec_provisioning::pb::SlotStatus;
 
 use crate::cli::ProvisionListenArgs;
 
@@ -94,7 +95,36 @@ fn facts(args: &ProvisionListenArgs) -> anyhow::Result<DeviceFacts> {
             })
             .collect(),
         gpu_note: gpus.reason.unwrap_or_default(),
+        slots: Some(SlotSource(std::sync::Arc::new(read_slots))),
     })
+}
+
+/// The appliance's slots for `edgeprov status` (read from the ESP, which
+/// the agent's group may read).
+fn read_slots() -> SlotReport {
+    let paths = mec_update::apply::BoxPaths::system();
+    match mec_update::apply::status(&paths) {
+        Ok(s) => SlotReport {
+            slots: s
+                .slots
+                .iter()
+                .map(|x| SlotStatus {
+                    slot: x.slot.name().into(),
+                    state: x.state.name().into(),
+                    version: x.version.clone().unwrap_or_default(),
+                    booted: x.booted,
+                    next_boot: x.next_boot,
+                    tries_left: x.tries_left.unwrap_or(0),
+                })
+                .collect(),
+            running_version: s.running_version.unwrap_or_default(),
+            note: String::new(),
+        },
+        Err(e) => SlotReport {
+            note: format!("cannot read the slots: {e}"),
+            ..SlotReport::default()
+        },
+    }
 }
 
 /// Runs the listener until SIGTERM or SIGINT.

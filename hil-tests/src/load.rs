@@ -171,6 +171,8 @@ pub enum Outcome {
     Interrupted {
         /// The request id, when the headers had arrived.
         request_id: Option<String>,
+        /// Content chunks of a stream received before the break.
+        chunks: u64,
         /// What broke.
         error: String,
     },
@@ -338,6 +340,7 @@ async fn send(http: &reqwest::Client, target: &ApiTarget, p: &Planned) -> Result
         Err(e) => {
             return Ok(Outcome::Interrupted {
                 request_id: None,
+                chunks: 0,
                 error: format!("{e:#}"),
             })
         }
@@ -380,6 +383,7 @@ async fn send(http: &reqwest::Client, target: &ApiTarget, p: &Planned) -> Result
             },
             Err(e) => Outcome::Interrupted {
                 request_id: Some(request_id),
+                chunks: 0,
                 error: format!("{e:#}"),
             },
         });
@@ -414,12 +418,14 @@ async fn read_stream(
             Some(Err(e)) => {
                 return Outcome::Interrupted {
                     request_id: Some(request_id),
+                    chunks,
                     error: format!("{e:#}"),
                 }
             }
             None => {
                 return Outcome::Interrupted {
                     request_id: Some(request_id),
+                    chunks,
                     error: "the stream ended without [DONE]".into(),
                 }
             }

@@ -93,6 +93,7 @@ fn ovmf() -> (PathBuf, PathBuf) {
 /// A running VM.
 pub struct Vm {
     proc: Proc,
+    qmp: PathBuf,
     /// The console (first serial port), as a file.
     pub console: PathBuf,
     /// The pty of the provisioning link (second serial port).
@@ -117,30 +118,48 @@ pub fn console_has_line(console: &Path, fragments: &[&str]) -> bool {
 }
 
 impl Vm {
-    /// Boots `image` (through a qcow2 overlay in `dir`).
+    /// Boots `image` for the first time (through a qcow2 overlay in `dir`).
     pub fn boot(image: &BuiltImage, dir: &Path) -> Vm {
+        Vm::power_on(image, dir, 1)
+    }
+
+    /// Powers the box in `dir` on: its disk (the overlay) and firmware
+    /// variables as the last run left them, made from `image` the first
+    /// time. A guest reboot ends QEMU (`-no-reboot`), so each boot is a run
+    /// of its own; `run` names its console and logs (`console-<run>.log`).
+    /// The box has a USB controller (`xhci`) and a QMP socket, for plugging
+    /// disks in ([`Vm::plug_usb_disk`]).
+    pub fn power_on(image: &BuiltImage, dir: &Path, run: u32) -> Vm {
         let overlay = dir.join("overlay.qcow2");
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&image.qcow2)
-            .arg(&overlay)
-            .output()
-            .expect("qemu-img runs");
-        assert!(
-            out.status.success(),
-            "qemu-img create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !overlay.exists() {
+            let out = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(&image.qcow2)
+                .arg(&overlay)
+                .output()
+                .expect("qemu-img runs");
+            assert!(
+                out.status.success(),
+                "qemu-img create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let (code, vars_template) = ovmf();
         let vars = dir.join("OVMF_VARS.fd");
-        std::fs::copy(&vars_template, &vars).unwrap();
-        let console = dir.join("console.log");
+        if !vars.exists() {
+            std::fs::copy(&vars_template, &vars).unwrap();
+        }
+        let console = dir.join(format!("console-{run}.log"));
+        let qmp = dir.join(format!("qmp-{run}.sock"));
         let api_port = free_port(false);
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048",
         ])
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(["-device", "qemu-xhci,id=xhci"])
         .arg("-drive")
         .arg(format!(
             "if=pflash,format=raw,unit=0,readonly=on,file={}",
@@ -161,7 +180,7 @@ impl Vm {
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .args(["-chardev", "pty,id=prov", "-serial", "chardev:prov"]);
-        let log = dir.join("qemu.log");
+        let log = dir.join(format!("qemu-{run}.log"));
         let started = Instant::now();
         let proc = Proc::start("qemu", cmd, &log);
         // QEMU names the pty on stderr: "char device redirected to /dev/pts/N (label prov)".
@@ -180,6 +199,7 @@ impl Vm {
         };
         Vm {
             proc,
+            qmp,
             console,
             provisioning_pty: pty,
             api: format!("http://127.0.0.1:{api_port}"),
@@ -195,5 +215,108 @@ impl Vm {
     /// Whether QEMU still runs.
     pub fn running(&mut self) -> bool {
         self.proc.running()
+    }
+
+    /// Pulls the power: SIGKILL to QEMU, nothing flushed by the guest.
+    pub fn power_cut(self) {
+        self.proc.kill9();
+    }
+
+    /// Waits up to `limit` for QEMU to end by itself (the guest rebooted or
+    /// powered off); whether it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if !self.running() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        !self.running()
+    }
+
+    /// Plugs `file` in as a USB disk (read-only), named `id`: QMP
+    /// `blockdev-add`, then `device_add` of a `usb-storage` on the xhci
+    /// controller, as a technician plugs in a stick.
+    pub fn plug_usb_disk(&self, file: &Path, id: &str) -> Result<(), String> {
+        let mut qmp = Qmp::connect(&self.qmp)?;
+        qmp.execute(serde_json::json!({
+            "execute": "blockdev-add",
+            "arguments": {
+                "node-name": id,
+                "driver": "raw",
+                "read-only": true,
+                "file": { "driver": "file", "filename": file, "read-only": true },
+            }
+        }))?;
+        qmp.execute(serde_json::json!({
+            "execute": "device_add",
+            "arguments": { "driver": "usb-storage", "bus": "xhci.0", "drive": id, "id": id, "removable": true }
+        }))?;
+        Ok(())
+    }
+
+    /// Pulls the USB disk `id` out (`device_del`; the guest sees it go).
+    pub fn unplug_usb_disk(&self, id: &str) -> Result<(), String> {
+        let mut qmp = Qmp::connect(&self.qmp)?;
+        qmp.execute(serde_json::json!({
+            "execute": "device_del", "arguments": { "id": id }
+        }))?;
+        Ok(())
+    }
+}
+
+/// A QMP session: the greeting read and capabilities negotiated.
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp, String> {
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| format!("QMP {}: {e}", path.display()))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Qmp {
+            reader: std::io::BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("not a QMP greeting: {greeting}"));
+        }
+        qmp.execute(serde_json::json!({ "execute": "qmp_capabilities" }))?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<serde_json::Value, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|e| format!("reading QMP: {e}"))?;
+        if n == 0 {
+            return Err("QMP closed".into());
+        }
+        serde_json::from_str(&line).map_err(|e| format!("QMP sent {line:?}: {e}"))
+    }
+
+    /// Sends a command and reads to its answer (skipping events).
+    fn execute(&mut self, cmd: serde_json::Value) -> Result<serde_json::Value, String> {
+        use std::io::Write;
+        writeln!(self.writer, "{cmd}").map_err(|e| format!("writing QMP: {e}"))?;
+        loop {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("QMP {}: {e}", cmd["execute"]));
+            }
+        }
     }
 }

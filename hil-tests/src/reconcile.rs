@@ -8,6 +8,9 @@
 //!   exactly that usage;
 //! - every stream a client dropped is on the bill once, marked as cut short,
 //!   with its prompt and at least the chunks the client got;
+//! - every stream whose connection broke (the agent killed) after content
+//!   reached the client is on the bill once, with at least the chunks the
+//!   client got (the agent's in-flight tally bills it at the restart);
 //! - a request refused as malformed or over quota is not on the bill;
 //! - a record no client can account for belongs to a request whose
 //!   connection broke (the agent killed), at most one per such request, of the
@@ -248,17 +251,32 @@ pub fn reconcile(e: &Evidence) -> Reconciliation {
                     ));
                 }
             }
-            Outcome::Interrupted { request_id, .. } => match request_id {
+            Outcome::Interrupted {
+                request_id, chunks, ..
+            } => match request_id {
                 Some(id) => {
                     accounted.insert(id);
-                    if let Some(r) = by_id.get(id.as_str()) {
-                        totals.interrupted += r.billed_tokens;
-                        if r.imsi != p.imsi {
-                            problems.push(format!(
-                                "interrupted request #{} of {} billed to {}",
-                                p.index, p.imsi, r.imsi
-                            ));
+                    match by_id.get(id.as_str()) {
+                        Some(r) => {
+                            totals.interrupted += r.billed_tokens;
+                            if r.imsi != p.imsi {
+                                problems.push(format!(
+                                    "interrupted request #{} of {} billed to {}",
+                                    p.index, p.imsi, r.imsi
+                                ));
+                            }
+                            if r.completion_tokens < *chunks {
+                                problems.push(format!(
+                                    "request #{} ({}) streamed {chunks} chunks before its connection broke; the bill says {r:?}",
+                                    p.index, p.imsi
+                                ));
+                            }
                         }
+                        None if *chunks > 0 => problems.push(format!(
+                            "request #{} ({}) streamed {chunks} chunks before its connection broke and is not on the bill",
+                            p.index, p.imsi
+                        )),
+                        None => {}
                     }
                 }
                 None => *broken_without_id.entry(p.imsi.as_str()).or_default() += 1,
@@ -408,6 +426,7 @@ mod tests {
                 planned: planned(3, Kind::Chat { stream: false }),
                 outcome: Outcome::Interrupted {
                     request_id: None,
+                    chunks: 0,
                     error: "reset".into(),
                 },
                 unreachable: 1,
@@ -481,6 +500,32 @@ mod tests {
         short[1].completion_tokens = 1;
         short[1].billed_tokens = 41;
         expect(check(&done, &short, &audit(3), ok + 3), "dropped after");
+        // A stream cut by the agent's death after 3 chunks, not billed; and
+        // billed below what the client got.
+        let mut cut = done.clone();
+        cut.push(Done {
+            planned: planned(4, Kind::Chat { stream: true }),
+            outcome: Outcome::Interrupted {
+                request_id: Some("e".into()),
+                chunks: 3,
+                error: "reset".into(),
+            },
+            unreachable: 0,
+        });
+        expect(
+            check(&cut, &rows, &audit(3), ok),
+            "streamed 3 chunks before its connection broke and is not on the bill",
+        );
+        let mut cut_short = rows.clone();
+        cut_short.push(row(4, "e", 10, 2, "failed"));
+        expect(
+            check(&cut, &cut_short, &audit(4), ok - 12),
+            "streamed 3 chunks before its connection broke; the bill says",
+        );
+        let mut cut_billed = rows.clone();
+        cut_billed.push(row(4, "e", 10, 3, "failed"));
+        let problems = check(&cut, &cut_billed, &audit(4), ok - 13);
+        assert!(problems.is_empty(), "{problems:#?}");
         // A record nobody can account for.
         let mut extra = rows.clone();
         extra.push(row(4, "d", 10, 1, "completed"));

@@ -356,6 +356,70 @@ pub fn build(o: &BuildOptions) -> Result<BuildOutput, BuildError> {
     })
 }
 
+/// How a test bundle's root differs from the build's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Only in its version: a good update.
+    Good,
+    /// Its agent never becomes ready: the unit starts it with a
+    /// configuration file that does not exist, so it exits at every start
+    /// until systemd gives up (the update tests' failing release).
+    AgentNeverReady,
+}
+
+/// A root filesystem like the last build's but for `version` in its image
+/// info (and the breakage `variant` names), for the update tests' bundles.
+/// Works on the root tree [`build`] left in `o.work_dir` and puts it back
+/// as it was; returns the ext4 image (`root-<version>.ext4` in the work
+/// directory).
+pub fn variant_rootfs(
+    o: &BuildOptions,
+    version: &str,
+    variant: Variant,
+) -> Result<PathBuf, BuildError> {
+    let root = o.work_dir.join("root");
+    let at = |p: &str| root.join(p.trim_start_matches('/'));
+    let unit = format!("/etc/systemd/system/{}", "edge-agent.service");
+    let changed = [files::IMAGE_INFO, unit.as_str()];
+    let saved: Vec<(PathBuf, Vec<u8>)> = changed
+        .iter()
+        .map(|p| {
+            let path = at(p);
+            std::fs::read(&path)
+                .map(|b| (path.clone(), b))
+                .map_err(io(&path))
+        })
+        .collect::<Result<_, _>>()?;
+    let touch = |paths: &[PathBuf]| {
+        run(Command::new("touch")
+            .args(["-h", "-d", &format!("@{}", o.epoch)])
+            .args(paths))
+    };
+    let paths: Vec<PathBuf> = saved.iter().map(|(p, _)| p.clone()).collect();
+    let made = (|| {
+        write(
+            &at(files::IMAGE_INFO),
+            &format!("{}\n", serde_json::json!({ "version": version })),
+        )?;
+        if variant == Variant::AgentNeverReady {
+            let text = files::agent_unit().replace(
+                &format!("serve --config {}", files::AGENT_CONFIG),
+                "serve --config /etc/edge-agent/missing-on-purpose.toml",
+            );
+            write(&at(&unit), &text)?;
+        }
+        touch(&paths)?;
+        let img = o.work_dir.join(format!("root-{version}.ext4"));
+        mke2fs(o, &img, &root, part(&Layout::new(o.sizes), "root-a")?)?;
+        Ok(img)
+    })();
+    for (path, bytes) in &saved {
+        std::fs::write(path, bytes).map_err(io(path))?;
+    }
+    touch(&paths)?;
+    made
+}
+
 /// `epoch` (Unix seconds) as RFC 3339 in UTC.
 pub fn rfc3339(epoch: i64) -> String {
     let days = epoch.div_euclid(86_400);
@@ -482,11 +546,13 @@ fn customize(o: &BuildOptions, root: &Path, layout: &Layout) -> Result<Vec<FileE
         ("edge-agent.path", files::agent_path_unit()),
         ("edge-provision.service", files::provision_unit()),
         ("edge-boot-health.service", files::health_unit()),
+        ("edge-update-media@.service", files::update_media_unit()),
     ];
     for (name, text) in &units {
         write(&at(&format!("/etc/systemd/system/{name}")), text)?;
     }
     write(&at("/etc/fstab"), &files::fstab(layout))?;
+    write(&at(files::UPDATE_MEDIA_RULE), files::update_media_rule())?;
     write(
         &at("/etc/systemd/network/80-wired.network"),
         files::network(),

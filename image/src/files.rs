@@ -31,7 +31,9 @@ pub fn fstab(layout: &Layout) -> String {
     };
     format!(
         "# The root is read-only, named on the kernel command line by its slot.\n\
-         PARTUUID={esp}\t/efi\tvfat\tumask=0077,nofail\t0\t2\n\
+         # The ESP: root writes it; the agent's group reads it (slot status\n\
+         # for the technician's serial console).\n\
+         PARTUUID={esp}\t/efi\tvfat\tumask=0027,gid={AGENT_UID},nofail\t0\t2\n\
          PARTUUID={data}\t{DATA_DIR}\text4\tdefaults,noatime,nosuid,nodev\t0\t2\n\
          tmpfs\t/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n\
          tmpfs\t/var/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n\
@@ -222,6 +224,50 @@ pub fn health_unit() -> String {
     )
 }
 
+/// Where udev's rule for update sticks goes.
+pub const UPDATE_MEDIA_RULE: &str = "/etc/udev/rules.d/80-edge-update-media.rules";
+
+/// The udev rule: a whole USB disk plugged in starts
+/// `edge-update-media@<kernel name>.service`, which tries it as a bundle.
+/// Partitions are not tried: a bundle is written raw to the stick
+/// (`dd if=edge-VERSION.bundle of=/dev/sdX`).
+pub fn update_media_rule() -> &'static str {
+    "# A USB disk may carry an update bundle, written raw to the whole disk:\n\
+     # edge-update-media@.service tries it (a stick that is not a bundle signed\n\
+     # by the operator's key is refused and nothing is written).\n\
+     ACTION==\"add\", SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"disk\", ENV{ID_BUS}==\"usb\", \
+     TAG+=\"systemd\", ENV{SYSTEMD_WANTS}+=\"edge-update-media@%k.service\"\n"
+}
+
+/// `edge-update-media@.service`: applies the bundle on a plugged USB disk,
+/// then reboots into it; the JSON progress goes to the console and the
+/// journal. Root: it writes the ESP and the other slot's partition. A
+/// refusal (exit 3) writes nothing and does not reboot; pulling the stick
+/// stops the apply, which leaves the other slot unbootable and the running
+/// one booting.
+pub fn update_media_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=MEC edge box: update from the USB disk /dev/%I\n\
+         BindsTo=dev-%i.device\n\
+         After=dev-%i.device local-fs.target\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         ExecStart=/usr/bin/edge-agent update apply --bundle /dev/%I --config {AGENT_CONFIG}\n\
+         ExecStartPost=/usr/bin/systemctl --no-block reboot\n\
+         StandardOutput=journal+console\n\
+         StandardError=journal+console\n\
+         Environment=EDGE_AGENT_LOG=info\n\
+         NoNewPrivileges=yes\n\
+         ProtectSystem=strict\n\
+         ReadWritePaths=/efi\n\
+         ProtectHome=yes\n\
+         PrivateTmp=yes\n\
+         PrivateNetwork=yes\n"
+    )
+}
+
 /// systemd-networkd: DHCP on every wired interface.
 pub fn network() -> &'static str {
     "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n"
@@ -300,6 +346,27 @@ mod tests {
         );
         assert!(f.contains("\t/efi\tvfat"), "{f}");
         assert!(!f.lines().any(|l| l.split('\t').nth(1) == Some("/")), "{f}");
+    }
+
+    #[test]
+    fn a_usb_disk_starts_the_media_update_unit_which_reboots_only_after_an_apply() {
+        let rule = update_media_rule();
+        assert!(rule.contains("ENV{ID_BUS}==\"usb\""), "{rule}");
+        assert!(rule.contains("ENV{DEVTYPE}==\"disk\""), "{rule}");
+        assert!(
+            rule.contains("SYSTEMD_WANTS}+=\"edge-update-media@%k.service\""),
+            "{rule}"
+        );
+        // One rule, on one logical line.
+        assert_eq!(rule.lines().filter(|l| !l.starts_with('#')).count(), 1);
+        let unit = update_media_unit();
+        assert!(unit.contains("update apply --bundle /dev/%I"), "{unit}");
+        // ExecStartPost runs only when ExecStart exited 0 (applied).
+        assert!(unit.contains("ExecStartPost=/usr/bin/systemctl --no-block reboot"));
+        assert!(
+            !unit.contains("SuccessExitStatus"),
+            "a refusal must not reboot"
+        );
     }
 
     #[test]

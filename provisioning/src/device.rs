@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use crate::pb::{
     request, response, ApplySiteConfig, DeviceInfo, Done, Error, ErrorCode, FactoryReset, Gpu,
     HelloReply, IdentityReply, InstallCertificate, Request, ResetChallengeReply, Response,
-    StatusReply,
+    SlotStatus, StatusReply,
 };
 use crate::site::SiteConfig;
 use crate::{reset_message, PROTOCOL_VERSION};
@@ -58,6 +58,30 @@ pub struct DeviceFacts {
     pub gpus: Vec<Gpu>,
     /// Why none, when none.
     pub gpu_note: String,
+    /// Reads the appliance's A/B slots when a status is asked (`None`: the
+    /// box has none, as on a development machine).
+    pub slots: Option<SlotSource>,
+}
+
+/// The A/B slots at the moment of a status request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlotReport {
+    /// Each slot.
+    pub slots: Vec<SlotStatus>,
+    /// The running root's image version.
+    pub running_version: String,
+    /// Why `slots` is empty, when it is.
+    pub note: String,
+}
+
+/// Reads the slots (the agent's reads the ESP: see `mec_update`).
+#[derive(Clone)]
+pub struct SlotSource(pub std::sync::Arc<dyn Fn() -> SlotReport + Send + Sync>);
+
+impl std::fmt::Debug for SlotSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotSource")
+    }
 }
 
 /// A failed request: an error code and a message for the technician.
@@ -360,7 +384,17 @@ impl Device {
         let cert = self.installed_cert()?;
         let site =
             SiteConfig::load(&self.site_path()).map_err(|e| Refusal(ErrorCode::Internal, e))?;
+        let slots = match &self.facts.slots {
+            Some(read) => (read.0)(),
+            None => SlotReport {
+                note: "this box has no A/B slots".into(),
+                ..SlotReport::default()
+            },
+        };
         Ok(StatusReply {
+            slots: slots.slots,
+            running_version: slots.running_version,
+            slots_note: slots.note,
             device: Some(self.device_info()),
             has_identity: identity.is_some(),
             has_certificate: cert.is_some(),

@@ -22,6 +22,7 @@ fn facts() -> DeviceFacts {
         firmware_version: "edge-agent 0.1.0".into(),
         gpus: vec![],
         gpu_note: "no NVIDIA driver (NVML not found)".into(),
+        slots: None,
     }
 }
 
@@ -164,6 +165,8 @@ fn a_box_is_provisioned_step_by_step_and_its_key_never_leaves_it() {
     assert!(status.has_identity && status.has_certificate && status.has_site_config);
     assert_eq!(status.public_key_pem, public);
     assert_eq!(status.core_address, "127.0.0.1:7443");
+    assert!(status.slots.is_empty());
+    assert_eq!(status.slots_note, "this box has no A/B slots");
     // The files the agent reads.
     let site_toml = std::fs::read_to_string(state.join("site.toml")).unwrap();
     assert!(site_toml.contains("cell-042") && site_toml.contains("trial"));
@@ -366,4 +369,71 @@ fn factory_reset_needs_the_operator_cas_signature_on_a_fresh_challenge() {
         public.as_bytes(),
         "a new key, not the retired one"
     );
+}
+
+#[test]
+fn status_reports_the_slots_as_read_at_the_moment_of_asking() {
+    use mec_provisioning::device::{SlotReport, SlotSource};
+    use mec_provisioning::pb::SlotStatus;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let reads = Arc::new(AtomicU32::new(0));
+    let counter = reads.clone();
+    let source = SlotSource(Arc::new(move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        SlotReport {
+            slots: vec![
+                SlotStatus {
+                    slot: "a".into(),
+                    state: "good".into(),
+                    version: "0.1.0".into(),
+                    booted: true,
+                    next_boot: n == 0,
+                    tries_left: 0,
+                },
+                SlotStatus {
+                    slot: "b".into(),
+                    state: if n == 0 { "empty" } else { "trying" }.into(),
+                    version: if n == 0 { "" } else { "0.1.0.1" }.into(),
+                    booted: false,
+                    next_boot: n > 0,
+                    tries_left: 3,
+                },
+            ],
+            running_version: "0.1.0".into(),
+            note: String::new(),
+        }
+    }));
+    let mut b = Box_ {
+        device: Device::new(
+            tmp.path(),
+            DeviceFacts {
+                slots: Some(source),
+                ..facts()
+            },
+        ),
+        next_id: 1,
+        now: Instant::now(),
+    };
+    b.hello();
+    let status = |b: &mut Box_| match b.send(request::Kind::Status(StatusRequest {})) {
+        response::Kind::Status(s) => s,
+        other => panic!("{other:?}"),
+    };
+    let first = status(&mut b);
+    assert_eq!(first.running_version, "0.1.0");
+    assert_eq!(first.slots[1].state, "empty");
+    assert!(first.slots[0].next_boot);
+    // After an apply, the next status shows it: read again, not cached.
+    let second = status(&mut b);
+    assert_eq!(
+        (
+            second.slots[1].state.as_str(),
+            second.slots[1].version.as_str()
+        ),
+        ("trying", "0.1.0.1")
+    );
+    assert!(second.slots[1].next_boot && !second.slots[0].next_boot);
+    assert_eq!(reads.load(Ordering::SeqCst), 2);
 }

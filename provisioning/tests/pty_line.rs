@@ -26,6 +26,7 @@ fn start_box(line: &PtyLine, state: &Path) -> tokio::sync::oneshot::Sender<()> {
             firmware_version: "edge-agent test".into(),
             gpus: vec![],
             gpu_note: "no GPU in CI".into(),
+            slots: None,
         },
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -330,6 +330,18 @@ pub enum SlotState {
     Empty,
 }
 
+impl SlotState {
+    /// `good`, `trying`, `failed` or `empty` (as in `update status`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::Good => "good",
+            SlotState::Trying => "trying",
+            SlotState::Failed => "failed",
+            SlotState::Empty => "empty",
+        }
+    }
+}
+
 /// One slot in `update status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotStatus {
@@ -499,6 +511,18 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_names_are_the_json_names() {
+        for st in [
+            SlotState::Good,
+            SlotState::Trying,
+            SlotState::Failed,
+            SlotState::Empty,
+        ] {
+            assert_eq!(serde_json::to_value(st).unwrap(), st.name());
+        }
+    }
 
     fn entry(file: &str, slot: Slot, generation: u64) -> Entry {
         Entry::parse(

@@ -94,6 +94,7 @@ pub fn image(
     signing_key: Option<PathBuf>,
     version: Option<String>,
     out: Option<PathBuf>,
+    test_bundles: bool,
 ) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
@@ -171,7 +172,7 @@ pub fn image(
         .map(|d| d.join("mec-image"));
     let version = version.unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string());
     let started = std::time::Instant::now();
-    let built = mec_image::build::build(&BuildOptions {
+    let options = BuildOptions {
         out_dir: out.clone(),
         work_dir: root.join("target/image-work"),
         cache_dir,
@@ -186,7 +187,8 @@ pub fn image(
         signing_key: signing_key.clone(),
         dev_signing_key: dev,
         sizes: Sizes::default(),
-    })?;
+    };
+    let built = mec_image::build::build(&options)?;
     // The update bundle of the same build: slot A's root filesystem, kernel
     // and initrd, signed with the same key.
     let bundle_started = std::time::Instant::now();
@@ -205,6 +207,11 @@ pub fn image(
         },
     )?;
     let bundle_s = bundle_started.elapsed().as_secs_f64();
+    let tests = if test_bundles {
+        make_test_bundles(&options, &built, &out.join("test-bundles"))?
+    } else {
+        serde_json::Value::Null
+    };
     let allocated = |p: &Path| -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
@@ -226,9 +233,94 @@ pub fn image(
             "bundle_size": std::fs::metadata(&bundle).map(|m| m.len()).unwrap_or(0),
             "bundle_rootfs_sha256": bundle_manifest.component("rootfs").map(|c| c.content_sha256.clone()),
             "bundle_s": (bundle_s * 10.0).round() / 10.0,
+            "test_bundles": tests,
             "steps_s": built.steps.iter().map(|(n, s)| json!({ n.clone(): (s * 10.0).round() / 10.0 })).collect::<Vec<_>>(),
             "total_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         }))?
     );
     Ok(())
+}
+
+/// The update tests' bundles, in `dir`: a newer good release (`next`), a
+/// newer one whose agent never becomes ready (`never-ready`), an older one
+/// (`older`), `next` signed by a key that is not the operator's
+/// (`other-key`) and `next` with one byte of its kernel flipped
+/// (`bad-hash`). Their versions are the build's with `.1`, `.2` appended,
+/// and `0.0.1`.
+fn make_test_bundles(
+    o: &BuildOptions,
+    built: &mec_image::build::BuildOutput,
+    dir: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    use mec_image::build::{variant_rootfs, Variant};
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(dir)?;
+    let key = mec_image::manifest::read_signing_key(&o.signing_key)?;
+    let mut other = [0u8; 32];
+    getrandom::fill(&mut other).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let other_key = ed25519_dalek::SigningKey::from_bytes(&other);
+    let v = &built.manifest.image_version;
+    let write = |name: &str, version: &str, rootfs: &Path, key: &ed25519_dalek::SigningKey| {
+        let path = dir.join(format!("{name}.bundle"));
+        mec_update::bundle::write(
+            &path,
+            &mec_update::bundle::BundleInputs {
+                version,
+                epoch: o.epoch,
+                rootfs,
+                kernel: &built.kernel,
+                initrd: &built.initrd,
+                key,
+                dev_signing_key: o.dev_signing_key,
+            },
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        anyhow::Ok(json!({ "bundle": path, "version": version }))
+    };
+    let next_v = format!("{v}.1");
+    let next_root = variant_rootfs(o, &next_v, Variant::Good)?;
+    let next = write("next", &next_v, &next_root, &key)?;
+    let other_signed = write("other-key", &next_v, &next_root, &other_key)?;
+    let _ = std::fs::remove_file(&next_root);
+    let never_v = format!("{v}.2");
+    let never_root = variant_rootfs(o, &never_v, Variant::AgentNeverReady)?;
+    let never = write("never-ready", &never_v, &never_root, &key)?;
+    let _ = std::fs::remove_file(&never_root);
+    let older_root = variant_rootfs(o, "0.0.1", Variant::Good)?;
+    let older = write("older", "0.0.1", &older_root, &key)?;
+    let _ = std::fs::remove_file(&older_root);
+    // One byte of the kernel flipped: the signature still holds (it covers
+    // the manifest), the kernel's hash does not.
+    let bad = dir.join("bad-hash.bundle");
+    std::fs::copy(dir.join("next.bundle"), &bad)?;
+    let offset = {
+        let mut archive = tar::Archive::new(std::fs::File::open(&bad)?);
+        let mut found = None;
+        for e in archive.entries()? {
+            let e = e?;
+            if e.path()?.as_os_str() == "vmlinuz" {
+                found = Some(e.raw_file_position() + e.size() / 2);
+                break;
+            }
+        }
+        found.context("no vmlinuz in the bundle")?
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&bad)?;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, offset)?;
+        f.write_all_at(&[b[0] ^ 0x01], offset)?;
+    }
+    Ok(json!({
+        "next": next,
+        "never_ready": never,
+        "older": older,
+        "other_key": other_signed,
+        "bad_hash": { "bundle": bad, "version": next_v, "flipped_offset": offset },
+        "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    }))
 }

@@ -48,6 +48,11 @@ enum Task {
         /// Output directory [default: target/image].
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Also write the update tests' bundles to DIR/test-bundles: a newer
+        /// good release, one whose agent never becomes ready, an older one,
+        /// one signed by another key, one with a flipped byte.
+        #[arg(long)]
+        test_bundles: bool,
     },
     /// Check that the end-to-end test catches a lost batch: run it against
     /// an edge agent built with a planted fault (its uploader never sends
@@ -168,7 +173,7 @@ fn main() -> anyhow::Result<()> {
             // The appliance image, built and booted in QEMU: its test is
             // ignored by a plain `cargo test` (it needs the image, and
             // minutes), and run here by name.
-            image::image(None, None, None)?;
+            image::image(None, None, None, true)?;
             image::ensure_boot_tools()?;
             // `--workspace`, as above, so the features unify the same way
             // and nothing is compiled again.
@@ -187,7 +192,8 @@ fn main() -> anyhow::Result<()> {
             signing_key,
             version,
             out,
-        } => image::image(signing_key, version, out),
+            test_bundles,
+        } => image::image(signing_key, version, out, test_bundles),
         Task::Bench { quick } => bench_all(quick),
         Task::BenchReport => bench_report(),
         Task::BenchLog { records } => bench_log(records),

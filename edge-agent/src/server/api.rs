@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use super::billing::{RequestInfo, Usage};
 use super::error::ApiError;
 use super::openai::{parse_body, ChatRequest, CompletionRequest, Sampling};
+use super::tally::{Counting, TallyError};
 use super::AppState;
 
 /// The header naming the subscriber.
@@ -219,6 +220,18 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
     billing.check_log()?;
     let reservation = billing.reserve(&p.info.imsi, p.prompt.len() as u64, p.max_completion)?;
     let reserve_time = metering_started.elapsed();
+    // A stream's tokens are counted where a crash cannot lose them.
+    let counting = if p.stream {
+        match billing.begin_stream(&p.info, p.prompt.len() as u64, reservation.as_ref()) {
+            Ok(c) => c,
+            Err(e) => {
+                billing.release(reservation.as_ref());
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     // The reservation caps what may be generated.
     let cap = match &reservation {
         Some(r) => (r.granted - p.prompt.len() as u64).min(p.max_completion),
@@ -234,6 +247,9 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
         Ok(g) => g,
         Err(e) => {
             billing.release(reservation.as_ref());
+            if let Some(c) = counting {
+                c.release();
+            }
             return Err(match e {
                 SubmitError::Overloaded(n) => ApiError::unavailable(
                     "overloaded",
@@ -250,32 +266,66 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
     let state = state.clone();
     let info = p.info.clone();
     tokio::spawn(async move {
-        run_generation(state, info, reservation, reserve_time, generation, tx).await
+        let billed = Billed {
+            info,
+            reservation,
+            reserve_time,
+            counting,
+        };
+        run_generation(state, billed, generation, tx).await
     });
     Ok(rx)
+}
+
+/// What a generation is billed against.
+struct Billed {
+    info: RequestInfo,
+    reservation: Option<Reservation>,
+    reserve_time: std::time::Duration,
+    /// A stream's in-flight slot.
+    counting: Option<Counting>,
 }
 
 /// Forwards deltas while the client listens, cancels when it leaves, then
 /// settles and records what was made, and sends the last event.
 async fn run_generation(
     state: Arc<AppState>,
-    info: RequestInfo,
-    reservation: Option<Reservation>,
-    reserve_time: std::time::Duration,
+    billed: Billed,
     generation: mec_inference::engine::Generation,
     events: mpsc::Sender<Event>,
 ) {
+    let Billed {
+        info,
+        reservation,
+        reserve_time,
+        mut counting,
+    } = billed;
     let mec_inference::engine::Generation {
         mut deltas,
         summary,
         cancel,
     } = generation;
     let _inflight = state.inflight.register(cancel.clone());
+    let mut tally_failed = false;
+    let mut tally = |r: Result<(), TallyError>| {
+        if let Err(e) = r {
+            if !std::mem::replace(&mut tally_failed, true) {
+                tracing::error!(error = %e, request_id = %info.request_id, "in-flight tally; a crash now would leave this stream unbilled");
+            }
+        }
+    };
     loop {
         tokio::select! {
             d = deltas.recv() => match d {
                 Some(d) => {
+                    // Counted before the client can have it.
+                    if let Some(c) = counting.as_mut() {
+                        tally(c.count(d.token_ids.len() as u64));
+                    }
                     if events.send(Event::Delta(d)).await.is_err() {
+                        if let Some(c) = counting.as_mut() {
+                            tally(c.client_left());
+                        }
                         cancel.store(true, Ordering::Relaxed);
                         break;
                     }
@@ -283,6 +333,9 @@ async fn run_generation(
                 None => break,
             },
             _ = events.closed() => {
+                if let Some(c) = counting.as_mut() {
+                    tally(c.client_left());
+                }
                 cancel.store(true, Ordering::Relaxed);
                 break;
             }
@@ -317,6 +370,10 @@ async fn run_generation(
         .billing
         .settle(&info, reservation.as_ref(), &summary)
         .await;
+    // A record that is not durable keeps its slot: the next start bills it.
+    if let (Ok(_), Some(c)) = (&usage, counting) {
+        c.release();
+    }
     m.metering
         .observe((reserve_time + settle_started.elapsed()).as_secs_f64());
     let _ = events.send(Event::Done(Box::new(summary), usage)).await;

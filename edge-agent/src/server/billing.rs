@@ -25,7 +25,9 @@ use mec_sync::record::pb::{ClockSync, Outcome, PackageDebit, UsageRecord};
 use mec_sync::record::SignedRecord;
 
 use super::error::ApiError;
+use super::tally::{Counting, Entry, Slot, Tally};
 use crate::config::LimitsConfig;
+use anyhow::Context;
 
 /// Unix seconds now.
 pub fn unix_now() -> Timestamp {
@@ -101,8 +103,40 @@ pub struct Usage {
     pub seq: u64,
 }
 
+/// What [`Billing::recover_streams`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// Streams billed now.
+    pub billed: usize,
+    /// Slots whose record was already in the log, or that streamed nothing.
+    pub already: usize,
+    /// Slots that could not be read.
+    pub unreadable: usize,
+}
+
+/// The parts of a usage record, whichever path bills it.
+struct Bill<'a> {
+    request_id: Vec<u8>,
+    imsi: &'a Imsi,
+    app: &'a str,
+    model: &'a str,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    completion_tokens: u64,
+    reservation: Option<&'a Reservation>,
+    reserved_tokens: u64,
+    outcome: Outcome,
+    start_ms: i64,
+    end_ms: i64,
+    duration_us: u64,
+    ttft_us: u64,
+    failure_reason: String,
+}
+
 /// Metering state shared by the handlers.
 pub struct Billing {
+    /// What running streams have sent (`None`: not kept, in tests).
+    tally: Option<Arc<Tally>>,
     enabled: bool,
     ledger: Mutex<Ledger>,
     limits: Mutex<Limiters>,
@@ -145,6 +179,7 @@ impl Billing {
         store: Store,
         reservation_ttl: Duration,
         welcome: Vec<WelcomePackage>,
+        tally: Option<Arc<Tally>>,
     ) -> anyhow::Result<Billing> {
         let mut ledger = Ledger::new();
         let mut known = std::collections::HashSet::new();
@@ -159,6 +194,7 @@ impl Billing {
             .name("ledger-store".into())
             .spawn(move || apply_loop(&rx, &thread_store))?;
         Ok(Billing {
+            tally,
             enabled,
             ledger: Mutex::new(ledger),
             limits: Mutex::new(Limiters::new(limits)),
@@ -358,39 +394,67 @@ impl Billing {
             self.release(Some(reservation));
             return Ok(usage);
         }
-        let billed = usage.prompt_tokens + usage.completion_tokens;
-        let debits = self
-            .ledger
-            .lock()
-            .unwrap()
-            .settle(reservation.id, billed)
-            .unwrap_or_else(|e| {
-                // The reservation expired under a request that outlived the
-                // timeout: bill from the subscriber's buckets directly.
-                tracing::warn!(error = %e, "settling without the reservation");
-                Vec::new()
-            });
-        let debits = if debits.is_empty() {
-            self.debit_directly(&reservation.imsi, billed)
-        } else {
-            debits
-        };
-        let end = SystemTime::now();
         let outcome = match summary.finish_reason {
             FinishReason::Stop => Outcome::Completed,
             FinishReason::Length => Outcome::Length,
             FinishReason::Cancelled => Outcome::Cancelled,
             FinishReason::Error => Outcome::Failed,
         };
+        usage.seq = self
+            .bill(Bill {
+                request_id: info.request_id.as_bytes().to_vec(),
+                imsi: &info.imsi,
+                app: &info.app,
+                model: &info.model,
+                prompt_tokens: usage.prompt_tokens,
+                cached_tokens: usage.cached_tokens,
+                completion_tokens: usage.completion_tokens,
+                reservation: Some(reservation),
+                reserved_tokens: reservation.granted,
+                outcome,
+                start_ms: unix_ms(info.started),
+                end_ms: unix_ms(SystemTime::now()),
+                duration_us: info.started_at.elapsed().as_micros() as u64,
+                ttft_us: summary.ttft.as_micros() as u64,
+                failure_reason: summary.error.clone().unwrap_or_default(),
+            })
+            .await?;
+        Ok(usage)
+    }
+
+    /// Debits the ledger (from the reservation when there is one, else
+    /// directly), appends the record durably and hands the debits to the
+    /// store thread. Returns the record's seq.
+    async fn bill(&self, b: Bill<'_>) -> Result<u64, ApiError> {
+        let billed = b.prompt_tokens + b.completion_tokens;
+        let debits = match b.reservation {
+            Some(r) => self
+                .ledger
+                .lock()
+                .unwrap()
+                .settle(r.id, billed)
+                .unwrap_or_else(|e| {
+                    // The reservation expired under a request that outlived the
+                    // timeout: bill from the subscriber's buckets directly.
+                    tracing::warn!(error = %e, "settling without the reservation");
+                    Vec::new()
+                }),
+            None => Vec::new(),
+        };
+        let debits = if debits.is_empty() {
+            self.debit_directly(b.imsi, billed)
+        } else {
+            debits
+        };
         let record = UsageRecord {
-            record_id: info.request_id.as_bytes().to_vec(),
-            imsi: info.imsi.to_string(),
-            app_id: info.app.clone(),
-            model_id: info.model.clone(),
-            prompt_tokens: usage.prompt_tokens,
-            cached_prompt_tokens: usage.cached_tokens,
-            completion_tokens: usage.completion_tokens,
-            reserved_tokens: reservation.granted,
+            record_id: b.request_id,
+            imsi: b.imsi.to_string(),
+            app_id: b.app.to_string(),
+            model_id: b.model.to_string(),
+            prompt_tokens: b.prompt_tokens,
+            cached_prompt_tokens: b.cached_tokens,
+            completion_tokens: b.completion_tokens,
+            reserved_tokens: b.reserved_tokens,
             package_ids: debits.iter().map(|d| d.bucket_id.to_string()).collect(),
             debits: debits
                 .iter()
@@ -400,19 +464,18 @@ impl Billing {
                     period: d.period,
                 })
                 .collect(),
-            outcome: outcome as i32,
-            start_time_unix_ms: unix_ms(info.started),
-            end_time_unix_ms: unix_ms(end),
+            outcome: b.outcome as i32,
+            start_time_unix_ms: b.start_ms,
+            end_time_unix_ms: b.end_ms,
             clock_sync: ClockSync::Unknown as i32,
-            duration_us: info.started_at.elapsed().as_micros() as u64,
-            ttft_us: summary.ttft.as_micros() as u64,
+            duration_us: b.duration_us,
+            ttft_us: b.ttft_us,
             offline: false,
             billed_tokens: billed,
-            failure_reason: summary.error.clone().unwrap_or_default(),
+            failure_reason: b.failure_reason,
             ..Default::default()
         };
         let seq = self.append_durably(&record).await?;
-        usage.seq = seq;
         let applied = Applied {
             seq,
             debits,
@@ -425,13 +488,134 @@ impl Billing {
                 prompt_tokens: record.prompt_tokens,
                 completion_tokens: record.completion_tokens,
                 billed_tokens: billed,
-                outcome: outcome_name(outcome).into(),
+                outcome: outcome_name(b.outcome).into(),
             },
         };
         if let Some(tx) = self.applier.lock().unwrap().as_ref() {
             let _ = tx.send(applied);
         }
-        Ok(usage)
+        Ok(seq)
+    }
+
+    /// Takes an in-flight slot for a stream about to start (see
+    /// [`super::tally`]); `None` when nothing is metered. A slot that cannot
+    /// be written refuses the request: its tokens could not be billed after
+    /// a crash.
+    pub fn begin_stream(
+        &self,
+        info: &RequestInfo,
+        prompt_tokens: u64,
+        reservation: Option<&Reservation>,
+    ) -> Result<Option<Counting>, ApiError> {
+        let (Some(tally), Some(r)) = (&self.tally, reservation.filter(|_| self.enabled)) else {
+            return Ok(None);
+        };
+        let started_ms = unix_ms(info.started);
+        tally
+            .begin(Entry {
+                request_id: info.request_id.simple().to_string(),
+                imsi: info.imsi.to_string(),
+                app: info.app.clone(),
+                model: info.model.clone(),
+                started_ms,
+                updated_ms: started_ms,
+                prompt_tokens,
+                completion_tokens: 0,
+                reserved_tokens: r.granted,
+                client_left: false,
+                log_seq: self.log.stats().durable_seq,
+            })
+            .map(Some)
+            .map_err(|e| {
+                tracing::error!(error = %e, "in-flight tally");
+                ApiError::unavailable("usage_not_recorded", format!("not streaming: {e}"))
+            })
+    }
+
+    /// Bills what the previous process left in the in-flight tally (streams
+    /// it was serving when it died), then empties the tally. Runs at
+    /// start-up, before the API opens.
+    pub async fn recover_streams(&self, left: Vec<Slot>) -> anyhow::Result<Recovered> {
+        let mut out = Recovered::default();
+        let Some(tally) = &self.tally else {
+            return Ok(out);
+        };
+        for slot in left {
+            let e = match slot {
+                Slot::Live(e) => e,
+                Slot::Free => continue,
+                Slot::Corrupt(why) => {
+                    tracing::error!(reason = %why, "an in-flight slot cannot be read (torn by a power cut?); its stream is not billed");
+                    out.unreadable += 1;
+                    continue;
+                }
+            };
+            let id = uuid::Uuid::parse_str(&e.request_id)
+                .with_context(|| format!("in-flight slot request id {:?}", e.request_id))?;
+            if e.completion_tokens == 0 || self.logged(id, e.log_seq)? {
+                out.already += 1;
+                continue;
+            }
+            let imsi = Imsi::parse(&e.imsi)
+                .map_err(|err| anyhow::anyhow!("in-flight slot IMSI {:?}: {err}", e.imsi))?;
+            let outcome = if e.client_left {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            };
+            let seq = self
+                .bill(Bill {
+                    request_id: id.as_bytes().to_vec(),
+                    imsi: &imsi,
+                    app: &e.app,
+                    model: &e.model,
+                    prompt_tokens: e.prompt_tokens,
+                    cached_tokens: 0,
+                    completion_tokens: e.completion_tokens,
+                    reservation: None,
+                    reserved_tokens: e.reserved_tokens,
+                    outcome,
+                    start_ms: e.started_ms,
+                    end_ms: e.updated_ms,
+                    duration_us: (e.updated_ms - e.started_ms).max(0) as u64 * 1000,
+                    ttft_us: 0,
+                    failure_reason: if e.client_left {
+                        String::new()
+                    } else {
+                        "the agent stopped while streaming; billed the tokens streamed".into()
+                    },
+                })
+                .await
+                .map_err(|err| anyhow::anyhow!("billing an interrupted stream: {}", err.message))?;
+            tracing::warn!(
+                seq,
+                request_id = %id,
+                imsi = %imsi,
+                completion_tokens = e.completion_tokens,
+                "billed a stream the previous process did not settle"
+            );
+            out.billed += 1;
+        }
+        tally.clear()?;
+        Ok(out)
+    }
+
+    /// Whether the log holds a record of `id` after `after_seq`.
+    fn logged(&self, id: uuid::Uuid, after_seq: u64) -> anyhow::Result<bool> {
+        let mut from = after_seq + 1;
+        loop {
+            let batch = self.log.read_from(from, 1024, 8 << 20)?;
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            for (seq, bytes) in &batch {
+                from = seq + 1;
+                let r = SignedRecord::from_bytes(bytes)?.record()?;
+                if r.record_id == id.as_bytes() {
+                    return Ok(true);
+                }
+            }
+        }
     }
 
     /// Debits without a reservation, nearest expiry first (a request that

@@ -27,6 +27,7 @@ use mec_sync::log::{LogOptions, UsageLog};
 use sha2::Digest;
 
 use crate::config::Config;
+use tally::Tally;
 
 pub mod admin;
 pub mod api;
@@ -34,6 +35,7 @@ pub mod billing;
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod tally;
 
 /// Cancel flags of the generations in flight (the drain cancels them).
 #[derive(Default)]
@@ -305,6 +307,8 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
             "METERING IS OFF (metering.enabled = false): nothing is reserved, settled or recorded"
         );
     }
+    let (tally, left_in_flight) = Tally::open(&config.tally_path())?;
+    let tally = Arc::new(tally);
     let billing = billing::Billing::start(
         config.metering.enabled,
         &config.limits,
@@ -312,7 +316,19 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         store,
         Duration::from_secs(config.api.request_timeout_s + 60),
         welcome_packages(&config),
+        Some(tally.clone()),
     )?;
+    // Streams the previous process was serving when it died are billed
+    // before anything else is served.
+    let recovered = billing.recover_streams(left_in_flight).await?;
+    if recovered != billing::Recovered::default() {
+        tracing::warn!(
+            billed = recovered.billed,
+            already_recorded = recovered.already,
+            unreadable = recovered.unreadable,
+            "in-flight tally of the previous process"
+        );
+    }
 
     let found = match config.model.gpu {
         Some(index) => gpu::discover(None).only(index),
@@ -409,6 +425,9 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         tokio::spawn(async move { upload(state, core, rx).await })
     });
 
+    // The handlers are in place before anyone hears the agent is ready: a
+    // SIGTERM right after the ready line drains instead of killing.
+    let stop_signal = stop_signal()?;
     sd_notify(&[sd_notify::NotifyState::Ready]);
     let ready = serde_json::json!({
         "event": "ready",
@@ -419,7 +438,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     println!("{ready}");
     tracing::info!(api = %api_bound, admin = %admin_bound, "serving");
 
-    wait_for_signal().await?;
+    stop_signal.await;
     tracing::info!("draining");
     sd_notify(&[sd_notify::NotifyState::Stopping]);
     state.draining.store(true, Ordering::Relaxed);
@@ -520,13 +539,16 @@ fn watchdog_usec() -> Option<u64> {
     (usec > 0).then_some(usec)
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// SIGTERM or SIGINT: the handlers are installed when this returns; the
+/// future ends at the first signal.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

@@ -346,10 +346,52 @@ fn status_output(s: &StatusReply, retries: u64) -> Output {
             "no".into()
         }
     ));
+    if s.slots.is_empty() {
+        text.push(format!("slots:       none ({})", s.slots_note));
+    } else {
+        text.push(format!("running:     image {}", s.running_version));
+        for slot in &s.slots {
+            let mut marks = Vec::new();
+            if slot.booted {
+                marks.push("booted".to_string());
+            }
+            if slot.next_boot {
+                marks.push("boots next".to_string());
+            }
+            if slot.state == "trying" {
+                marks.push(format!("{} tries left", slot.tries_left));
+            }
+            text.push(format!(
+                "slot {}:      {} {}{}",
+                slot.slot.to_uppercase(),
+                slot.state,
+                if slot.version.is_empty() {
+                    "-"
+                } else {
+                    &slot.version
+                },
+                if marks.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", marks.join(", "))
+                }
+            ));
+        }
+    }
     Output {
         value: json!({
             "ok": true,
             "device": device_json(&d),
+            "running_version": s.running_version,
+            "slots": s.slots.iter().map(|x| json!({
+                "slot": x.slot,
+                "state": x.state,
+                "version": x.version,
+                "booted": x.booted,
+                "next_boot": x.next_boot,
+                "tries_left": x.tries_left,
+            })).collect::<Vec<_>>(),
+            "slots_note": s.slots_note,
             "has_identity": s.has_identity,
             "has_certificate": s.has_certificate,
             "has_site_config": s.has_site_config,
