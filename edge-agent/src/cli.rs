@@ -78,6 +78,23 @@ pub enum UpdateCommand {
     /// slot the next boot, with 3 tries (needs root: it writes a partition
     /// and the ESP). Prints JSON lines: progress, then the result.
     Apply(UpdateApplyArgs),
+    /// Serve one request of the update service's protocol on stdin and
+    /// stdout (the image's socket-activated `edge-update@.service` runs it,
+    /// as root, for the agent's admin API).
+    ServeStdio(UpdateServeArgs),
+}
+
+/// Arguments of `edge-agent update serve-stdio`.
+#[derive(Debug, Args, Clone)]
+pub struct UpdateServeArgs {
+    /// The agent's configuration (its state directory holds `site.toml`,
+    /// with the operator's image key).
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/edge-agent/edge-agent.toml"
+    )]
+    pub config: PathBuf,
 }
 
 /// Arguments of `edge-agent update apply`.
@@ -419,6 +436,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ProvisionListen(a) => crate::provision_cmd::listen(&a),
         Command::Update(UpdateCommand::Status) => crate::update_cmd::status(),
         Command::Update(UpdateCommand::Apply(a)) => crate::update_cmd::apply(&a),
+        Command::Update(UpdateCommand::ServeStdio(a)) => crate::update_cmd::serve_stdio(&a),
         Command::BootHealth(a) => crate::update_cmd::boot_health(&a),
     }
 }

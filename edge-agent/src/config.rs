@@ -90,12 +90,17 @@ pub struct AdminConfig {
     /// Address of the admin API: must be a loopback address.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// The root update service's socket (`edge-update.socket` on the
+    /// appliance): `/admin/v1/update` asks it for slot status and applies.
+    #[serde(default = "default_update_socket")]
+    pub update_socket: PathBuf,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            update_socket: default_update_socket(),
         }
     }
 }
@@ -245,6 +250,9 @@ fn default_api_listen() -> String {
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:8081".into()
+}
+fn default_update_socket() -> PathBuf {
+    "/run/edge-update.sock".into()
 }
 fn default_max_body() -> usize {
     4 << 20

@@ -11,7 +11,7 @@ use mec_update::health::{HealthGate, Verdict};
 use mec_update::service::{self, Outcome, Request};
 use serde_json::json;
 
-use crate::cli::{BootHealthArgs, UpdateApplyArgs};
+use crate::cli::{BootHealthArgs, UpdateApplyArgs, UpdateServeArgs};
 
 /// Prints the slots as JSON.
 pub fn status() -> anyhow::Result<ExitCode> {
@@ -56,11 +56,29 @@ pub fn apply(args: &UpdateApplyArgs) -> anyhow::Result<ExitCode> {
         request,
         &mut stdout.lock(),
     )?;
-    Ok(match outcome {
+    Ok(exit_code(outcome))
+}
+
+/// 0 done, 3 refused (nothing written), 2 an error.
+fn exit_code(outcome: Outcome) -> ExitCode {
+    match outcome {
         Outcome::Done => ExitCode::SUCCESS,
         Outcome::Refused => ExitCode::from(3),
         Outcome::Error => ExitCode::from(2),
-    })
+    }
+}
+
+/// One request of the update service's protocol, on stdin and stdout.
+/// Exit code as `apply`: 0 done, 3 refused, 2 an error.
+pub fn serve_stdio(args: &UpdateServeArgs) -> anyhow::Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let outcome = service::serve_one(
+        &BoxPaths::system(),
+        || operator_key(&args.config),
+        std::io::stdin().lock(),
+        &mut stdout.lock(),
+    )?;
+    Ok(exit_code(outcome))
 }
 
 /// `systemctl VERB -q UNIT` succeeded (`is-active`, `is-failed`).

@@ -104,6 +104,47 @@ pub struct Vm {
     pub started: Instant,
 }
 
+/// Waits up to `limit` for `f` to give a value, polling every `every`;
+/// fails at once, with the console's tail, if QEMU ends.
+pub fn wait_for<T>(
+    what: &str,
+    vm: &mut Vm,
+    limit: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            vm.running(),
+            "QEMU exited while waiting for {what}; console:\n{}",
+            vm.console_tail(60)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}; console:\n{}",
+            vm.console_tail(80)
+        );
+        std::thread::sleep(every);
+    }
+}
+
+/// The console's lines that hold every one of `fragments`.
+pub fn console_lines(console: &Path, fragments: &[&str]) -> Vec<String> {
+    std::fs::read(console)
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .filter(|l| fragments.iter().all(|f| l.contains(f)))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Whether a line of the console file `console` holds every one of
 /// `fragments` (systemd shortens unit names with an ellipsis: match plain
 /// fragments, such as "Finished" and the description's end).
@@ -207,6 +248,21 @@ impl Vm {
         }
     }
 
+    /// Waits until the kernel runs (its command line on the console). Until
+    /// then, bytes on the provisioning line reach the firmware and the boot
+    /// loader as keys (OVMF reads every serial port): a technician's tool,
+    /// or a test, polling during the boot menu can stop the boot in it.
+    pub fn wait_kernel(&mut self, limit: Duration) {
+        let console = self.console.clone();
+        wait_for(
+            "the kernel",
+            self,
+            limit,
+            Duration::from_millis(500),
+            || console_has_line(&console, &["Kernel command line:"]).then_some(()),
+        );
+    }
+
     /// The last `n` lines of the console.
     pub fn console_tail(&self, n: usize) -> String {
         crate::procs::log_tail(&self.console, n)
@@ -215,6 +271,37 @@ impl Vm {
     /// Whether QEMU still runs.
     pub fn running(&mut self) -> bool {
         self.proc.running()
+    }
+
+    /// One short text completion (2 tokens: under TCG every token is slow)
+    /// for `imsi` with `app_key`: the record id and the tokens told.
+    pub fn completion(&self, app_key: &str, imsi: &str) -> (String, u64) {
+        let r = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()
+            .unwrap()
+            .post(format!("{}/v1/completions", self.api))
+            .bearer_auth(app_key)
+            .header("X-Subscriber-Imsi", imsi)
+            .json(&serde_json::json!({
+                "model": "smollm2-135m-instruct",
+                "prompt": "MEC is",
+                "max_tokens": 2,
+                "temperature": 0,
+            }))
+            .send()
+            .expect("the API answers");
+        assert_eq!(r.status(), 200, "{:?}", r.text());
+        let answer: serde_json::Value = r.json().unwrap();
+        let usage = &answer["usage"];
+        let told =
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
+        let record_id = answer["id"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("cmpl-")
+            .to_string();
+        (record_id, told)
     }
 
     /// Pulls the power: SIGKILL to QEMU, nothing flushed by the guest.

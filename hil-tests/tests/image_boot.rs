@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hil_tests::procs::{bin, free_port, run_json};
-use hil_tests::qemu::{built_image, console_has_line, Vm};
+use hil_tests::qemu::{built_image, console_has_line, wait_for as wait, Vm};
 use hil_tests::stack::Core;
 use serde_json::{json, Value};
 
@@ -21,33 +21,6 @@ const IMSI: &str = "001010000000042";
 
 fn edgeprov(args: &[&str]) -> (i32, Value) {
     run_json(Command::new(bin("edgeprov")).args(args).arg("--json"))
-}
-
-/// Waits up to `limit` for `f` to give a value, polling every `every`.
-fn wait<T>(
-    what: &str,
-    vm: &mut Vm,
-    limit: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            vm.running(),
-            "QEMU exited while waiting for {what}; console:\n{}",
-            vm.console_tail(60)
-        );
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {limit:?}; console:\n{}",
-            vm.console_tail(80)
-        );
-        std::thread::sleep(every);
-    }
 }
 
 #[test]
@@ -85,6 +58,7 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
 
     // First boot: the listener answers; the box is not provisioned; the API
     // is closed.
+    vm.wait_kernel(Duration::from_secs(600));
     let status = wait(
         "the provisioning listener",
         &mut vm,
@@ -177,29 +151,7 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
 
     // A completion for a subscriber new to the box: served from the site's
     // trial package.
-    // A short text completion: under TCG every token is slow.
-    let r = http
-        .post(format!("{}/v1/completions", vm.api))
-        .bearer_auth(&image.app_key)
-        .header("X-Subscriber-Imsi", IMSI)
-        .json(&json!({
-            "model": "smollm2-135m-instruct",
-            "prompt": "MEC is",
-            "max_tokens": 2,
-            "temperature": 0,
-        }))
-        .send()
-        .expect("the API answers");
-    assert_eq!(r.status(), 200, "{:?}", r.text());
-    let answer: Value = r.json().unwrap();
-    let usage = &answer["usage"];
-    let told =
-        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
-    let record_id = answer["id"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("cmpl-")
-        .to_string();
+    let (record_id, told) = vm.completion(&image.app_key, IMSI);
     stage("one text completion (2 tokens, TCG)", &mut since);
 
     // The record reaches the core, billed to the trial package.

@@ -547,6 +547,8 @@ fn customize(o: &BuildOptions, root: &Path, layout: &Layout) -> Result<Vec<FileE
         ("edge-provision.service", files::provision_unit()),
         ("edge-boot-health.service", files::health_unit()),
         ("edge-update-media@.service", files::update_media_unit()),
+        ("edge-update.socket", files::update_socket_unit()),
+        ("edge-update@.service", files::update_service_unit()),
     ];
     for (name, text) in &units {
         write(&at(&format!("/etc/systemd/system/{name}")), text)?;
@@ -613,6 +615,7 @@ fn customize(o: &BuildOptions, root: &Path, layout: &Layout) -> Result<Vec<FileE
         "edge-agent.path",
         "edge-provision.service",
         "edge-boot-health.service",
+        "edge-update.socket",
         "systemd-networkd.service",
     ];
     run(Command::new("systemctl")

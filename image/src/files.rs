@@ -215,6 +215,8 @@ pub fn health_unit() -> String {
          ExecStart=/usr/bin/edge-agent boot-health --config {AGENT_CONFIG} --ready-for {HEALTHY_AFTER_S} --timeout 600\n\
          # 3: bad, but this boot is not on trial (no slot to fall back to).\n\
          SuccessExitStatus=3\n\
+         # The verdict, one JSON line, on the console too.\n\
+         StandardOutput=journal+console\n\
          FailureAction=reboot\n\
          {common}\
          \n\
@@ -239,6 +241,17 @@ pub fn update_media_rule() -> &'static str {
      TAG+=\"systemd\", ENV{SYSTEMD_WANTS}+=\"edge-update-media@%k.service\"\n"
 }
 
+/// What both root update services share: they write the ESP (and the
+/// other slot's partition under `/dev`, the EFI variables under `/sys`),
+/// nothing else, and need no network.
+const ROOT_UPDATE_SERVICE: &str = "Environment=EDGE_AGENT_LOG=info\n\
+     NoNewPrivileges=yes\n\
+     ProtectSystem=strict\n\
+     ReadWritePaths=/efi\n\
+     ProtectHome=yes\n\
+     PrivateTmp=yes\n\
+     PrivateNetwork=yes\n";
+
 /// `edge-update-media@.service`: applies the bundle on a plugged USB disk,
 /// then reboots into it; the JSON progress goes to the console and the
 /// journal. Root: it writes the ESP and the other slot's partition. A
@@ -258,13 +271,46 @@ pub fn update_media_unit() -> String {
          ExecStartPost=/usr/bin/systemctl --no-block reboot\n\
          StandardOutput=journal+console\n\
          StandardError=journal+console\n\
-         Environment=EDGE_AGENT_LOG=info\n\
-         NoNewPrivileges=yes\n\
-         ProtectSystem=strict\n\
-         ReadWritePaths=/efi\n\
-         ProtectHome=yes\n\
-         PrivateTmp=yes\n\
-         PrivateNetwork=yes\n"
+         {hardening}",
+        hardening = ROOT_UPDATE_SERVICE,
+    )
+}
+
+/// The update service's socket: root owns it, the agent's group may
+/// connect (the admin API's `/admin/v1/update`); one connection at a time,
+/// each served by an `edge-update@.service` of its own.
+pub fn update_socket_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=MEC edge box: update service socket (for the agent's admin API)\n\
+         \n\
+         [Socket]\n\
+         ListenStream=/run/edge-update.sock\n\
+         SocketUser=root\n\
+         SocketGroup={AGENT_USER}\n\
+         SocketMode=0660\n\
+         Accept=yes\n\
+         MaxConnections=2\n\
+         \n\
+         [Install]\n\
+         WantedBy=sockets.target\n"
+    )
+}
+
+/// One request of the update service (`edge-agent update serve-stdio`), as
+/// root: it writes the ESP and the other slot's partition.
+pub fn update_service_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=MEC edge box: update service (one request)\n\
+         \n\
+         [Service]\n\
+         ExecStart=/usr/bin/edge-agent update serve-stdio --config {AGENT_CONFIG}\n\
+         StandardInput=socket\n\
+         StandardOutput=socket\n\
+         StandardError=journal\n\
+         {hardening}",
+        hardening = ROOT_UPDATE_SERVICE,
     )
 }
 

@@ -52,6 +52,9 @@ pub enum UpdateError {
     /// The box is not in a state to take an update.
     #[error("{0}")]
     Box(String),
+    /// Another apply runs (nothing was done).
+    #[error("another update is being applied on this box; try again when it ends")]
+    Busy,
     /// Writing the target slot failed after it was made unbootable: it
     /// stays so, and the running slot still boots. A new apply starts over.
     #[error("writing slot {slot:?} failed ({source}); that slot is left unbootable and the running slot still boots")]
@@ -84,6 +87,89 @@ pub struct BoxPaths {
     pub mountinfo: PathBuf,
     /// Each slot's block device.
     pub devices: BTreeMap<Slot, PathBuf>,
+    /// The EFI variables (`/sys/firmware/efi/efivars`).
+    pub efivars: PathBuf,
+}
+
+/// systemd-boot's vendor GUID for its EFI variables.
+const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+
+/// Variables that override the boot order; an apply clears them.
+const LOADER_OVERRIDES: [&str; 2] = ["LoaderEntryDefault", "LoaderEntryOneShot"];
+
+/// A loader variable's string (efivarfs: 4 bytes of attributes, then
+/// UTF-16LE up to a NUL), if set.
+fn loader_variable(paths: &BoxPaths, name: &str) -> Option<String> {
+    let bytes = std::fs::read(paths.efivars.join(format!("{name}-{LOADER_GUID}"))).ok()?;
+    let units: Vec<u16> = bytes
+        .get(4..)?
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
+    String::from_utf16(&units).ok().filter(|s| !s.is_empty())
+}
+
+/// The exclusive lock one apply holds on the ESP's root directory
+/// (`flock`: released when the file closes, also when the process dies).
+fn lock_box(paths: &BoxPaths) -> Result<std::fs::File, UpdateError> {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(&paths.esp).map_err(io(&paths.esp))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+            UpdateError::Busy
+        } else {
+            io(&paths.esp)(e)
+        });
+    }
+    Ok(dir)
+}
+
+/// Deletes a variable file. efivarfs makes its files immutable: when the
+/// unlink is refused, the flag is cleared (as `chattr -i` does) and the
+/// unlink tried again.
+fn remove_variable(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            use std::os::fd::AsRawFd;
+            const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+            const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+            const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+            let f = std::fs::File::open(path)?;
+            let mut flags: libc::c_int = 0;
+            // SAFETY: both ioctls read or write one int through a valid pointer.
+            unsafe {
+                if libc::ioctl(f.as_raw_fd(), FS_IOC_GETFLAGS as _, &mut flags) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                flags &= !FS_IMMUTABLE_FL;
+                if libc::ioctl(f.as_raw_fd(), FS_IOC_SETFLAGS as _, &flags) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            std::fs::remove_file(path)
+        }
+        other => other,
+    }
+}
+
+/// Clears the variables that would boot another entry than the order says.
+/// A failure is logged: the slot is written, and `update status` shows the
+/// override.
+fn clear_loader_overrides(paths: &BoxPaths) {
+    for name in LOADER_OVERRIDES {
+        if let Some(value) = loader_variable(paths, name) {
+            let path = paths.efivars.join(format!("{name}-{LOADER_GUID}"));
+            match remove_variable(&path) {
+                Ok(()) => tracing::info!(variable = name, %value, "cleared a boot loader override"),
+                Err(e) => {
+                    tracing::warn!(variable = name, %value, error = %e, "could not clear a boot loader override: the next boot follows it")
+                }
+            }
+        }
+    }
 }
 
 impl BoxPaths {
@@ -107,6 +193,7 @@ impl BoxPaths {
             cmdline: "/proc/cmdline".into(),
             mountinfo: "/proc/self/mountinfo".into(),
             devices,
+            efivars: "/sys/firmware/efi/efivars".into(),
         }
     }
 
@@ -140,6 +227,7 @@ pub fn read_esp(paths: &BoxPaths) -> Result<EspView, UpdateError> {
         }
     }
     view.entries.sort_by(|a, b| a.name.id.cmp(&b.name.id));
+    view.loader_default = loader_variable(paths, "LoaderEntryDefault");
     for slot in Slot::ALL {
         let p = paths.slot_dir(slot).join("slot.json");
         match std::fs::read(&p) {
@@ -169,6 +257,9 @@ pub struct Status {
     pub next_boot: Option<Slot>,
     /// Both slots.
     pub slots: Vec<SlotStatus>,
+    /// A default entry set in the firmware (`LoaderEntryDefault`), which
+    /// overrides the order until the next apply clears it.
+    pub loader_default: Option<String>,
 }
 
 fn running_version(paths: &BoxPaths) -> Option<String> {
@@ -192,6 +283,7 @@ pub fn status(paths: &BoxPaths) -> Result<Status, UpdateError> {
         running_version: running_version(paths),
         next_boot: esp.next_boot(),
         slots: esp.status(booted),
+        loader_default: esp.loader_default.clone(),
     })
 }
 
@@ -297,6 +389,9 @@ pub fn apply(
     opts: ApplyOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Applied, UpdateError> {
+    // One apply at a time, whoever asks (a USB stick, the admin API, a
+    // shell): an exclusive lock on the ESP's root directory, held to the end.
+    let _lock = lock_box(paths)?;
     // 1. The signature and the decision.
     let verified = BundleReader::open(bundle_path)?.manifest(key)?;
     let m = &verified.manifest;
@@ -370,6 +465,7 @@ pub fn apply(
         slot: target,
         source: Box::new(e),
     })?;
+    clear_loader_overrides(paths);
     progress(Progress {
         stage: "entry",
         done: 1,

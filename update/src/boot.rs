@@ -313,6 +313,10 @@ pub struct EspView {
     pub entries: Vec<Entry>,
     /// `slot.json` of each slot that has one.
     pub slots: BTreeMap<Slot, SlotInfo>,
+    /// The entry id in the EFI variable `LoaderEntryDefault` (set by the
+    /// `d` key in systemd-boot's menu, or `bootctl set-default`), which
+    /// overrides the order; an apply clears it.
+    pub loader_default: Option<String>,
 }
 
 /// A slot's state, as `update status` reports it.
@@ -382,6 +386,16 @@ impl EspView {
     /// The slot systemd-boot boots next: the first entry in its order
     /// (`loader.conf` names no default).
     pub fn next_boot(&self) -> Option<Slot> {
+        if let Some(id) = &self.loader_default {
+            // A default naming an entry that is not there is ignored.
+            if let Some(e) = self
+                .entries
+                .iter()
+                .find(|e| format!("{}.conf", e.name.id) == *id)
+            {
+                return e.slot;
+            }
+        }
         self.ordered().first().and_then(|e| e.slot)
     }
 
@@ -513,6 +527,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_default_set_in_the_firmware_overrides_the_order() {
+        let entry = |name: &str, slot: &str, generation: u64| {
+            Entry::parse(
+                name,
+                &format!("title t\nsort-key edge\nversion {generation}\nlinux /x\noptions edge.slot={slot}\n"),
+            )
+            .unwrap()
+        };
+        let mut view = EspView {
+            entries: vec![entry("edge-a.conf", "a", 1), entry("edge-b+3.conf", "b", 2)],
+            ..EspView::default()
+        };
+        assert_eq!(view.next_boot(), Some(Slot::B));
+        view.loader_default = Some("edge-a.conf".into());
+        assert_eq!(view.next_boot(), Some(Slot::A));
+        view.loader_default = Some("gone.conf".into());
+        assert_eq!(view.next_boot(), Some(Slot::B));
+    }
+
+    #[test]
     fn state_names_are_the_json_names() {
         for st in [
             SlotState::Good,
@@ -548,6 +582,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            loader_default: None,
         }
     }
 

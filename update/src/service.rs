@@ -149,10 +149,12 @@ pub fn run(
                     json!({ "event": "applied", "applied": applied }),
                     Outcome::Done,
                 ),
-                Err(e @ (UpdateError::Refused(_) | UpdateError::Bundle(_))) => (
-                    json!({ "event": "refused", "reason": e.to_string() }),
-                    Outcome::Refused,
-                ),
+                Err(e @ (UpdateError::Refused(_) | UpdateError::Bundle(_) | UpdateError::Busy)) => {
+                    (
+                        json!({ "event": "refused", "reason": e.to_string() }),
+                        Outcome::Refused,
+                    )
+                }
                 Err(e) => (
                     json!({ "event": "error", "message": e.to_string() }),
                     Outcome::Error,

@@ -58,6 +58,7 @@ impl TestBox {
             cmdline: d.join("cmdline"),
             mountinfo: d.join("mountinfo"),
             devices,
+            efivars: d.join("efivars"),
         };
         TestBox { dir, paths, key }
     }
@@ -248,6 +249,46 @@ fn refused_bundles_change_nothing() {
         .unwrap();
     assert_eq!(applied.version, "0.0.9");
     assert_eq!(apply::status(&b.paths).unwrap().next_boot, Some(Slot::B));
+}
+
+#[test]
+fn a_default_set_in_the_firmware_is_shown_and_cleared_by_the_next_apply() {
+    let b = TestBox::new();
+    // `d` in systemd-boot's menu on slot A: LoaderEntryDefault=edge-a.conf
+    // (efivarfs: 4 bytes of attributes, UTF-16LE, a NUL).
+    let vars = b.dir.path().join("efivars");
+    std::fs::create_dir_all(&vars).unwrap();
+    let mut value = vec![7u8, 0, 0, 0];
+    for u in "edge-a.conf\0".encode_utf16() {
+        value.extend_from_slice(&u.to_le_bytes());
+    }
+    let var = vars.join("LoaderEntryDefault-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f");
+    std::fs::write(&var, value).unwrap();
+    let s = apply::status(&b.paths).unwrap();
+    assert_eq!(s.loader_default.as_deref(), Some("edge-a.conf"));
+    let bundle = b.bundle("0.2.0", &b.key);
+    b.apply(&bundle, ApplyOptions::default()).unwrap();
+    assert!(!var.exists(), "the override survived the apply");
+    let s = apply::status(&b.paths).unwrap();
+    assert_eq!((s.loader_default, s.next_boot), (None, Some(Slot::B)));
+}
+
+#[test]
+fn a_second_apply_while_one_runs_is_refused_and_writes_nothing() {
+    let b = TestBox::new();
+    let bundle = b.bundle("0.2.0", &b.key);
+    let before = b.snapshot();
+    // Another apply holds the box (the lock an apply takes first).
+    let held = std::fs::File::open(&b.paths.esp).unwrap();
+    // SAFETY: flock on a descriptor the test owns.
+    let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) };
+    assert_eq!(locked, 0);
+    let e = b.apply(&bundle, ApplyOptions::default()).unwrap_err();
+    assert!(matches!(e, UpdateError::Busy), "{e}");
+    assert!(b.snapshot() == before, "a refused apply wrote");
+    drop(held);
+    b.apply(&bundle, ApplyOptions::default())
+        .expect("once the other ends, the apply goes in");
 }
 
 #[test]

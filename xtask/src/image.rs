@@ -245,8 +245,8 @@ pub fn image(
 /// newer one whose agent never becomes ready (`never-ready`), an older one
 /// (`older`), `next` signed by a key that is not the operator's
 /// (`other-key`) and `next` with one byte of its kernel flipped
-/// (`bad-hash`). Their versions are the build's with `.1`, `.2` appended,
-/// and `0.0.1`.
+/// (`bad-hash`). Versions: the build's patch + 1 (`next`), + 2
+/// (`never-ready`), and the release before the build's (`older`).
 fn make_test_bundles(
     o: &BuildOptions,
     built: &mec_image::build::BuildOutput,
@@ -259,7 +259,19 @@ fn make_test_bundles(
     let mut other = [0u8; 32];
     getrandom::fill(&mut other).map_err(|e| anyhow::anyhow!("{e}"))?;
     let other_key = ed25519_dalek::SigningKey::from_bytes(&other);
-    let v = &built.manifest.image_version;
+    let v = semver::Version::parse(&built.manifest.image_version)
+        .context("the image version is not a semantic version")?;
+    let bump = |n: u64| semver::Version::new(v.major, v.minor, v.patch + n).to_string();
+    let older_v = if v.patch > 0 {
+        semver::Version::new(v.major, v.minor, v.patch - 1)
+    } else if v.minor > 0 {
+        semver::Version::new(v.major, v.minor - 1, 0)
+    } else if v.major > 0 {
+        semver::Version::new(v.major - 1, 0, 0)
+    } else {
+        anyhow::bail!("the image version {v} has no older release to test with")
+    }
+    .to_string();
     let write = |name: &str, version: &str, rootfs: &Path, key: &ed25519_dalek::SigningKey| {
         let path = dir.join(format!("{name}.bundle"));
         mec_update::bundle::write(
@@ -277,17 +289,17 @@ fn make_test_bundles(
         .with_context(|| format!("writing {}", path.display()))?;
         anyhow::Ok(json!({ "bundle": path, "version": version }))
     };
-    let next_v = format!("{v}.1");
+    let next_v = bump(1);
     let next_root = variant_rootfs(o, &next_v, Variant::Good)?;
     let next = write("next", &next_v, &next_root, &key)?;
     let other_signed = write("other-key", &next_v, &next_root, &other_key)?;
     let _ = std::fs::remove_file(&next_root);
-    let never_v = format!("{v}.2");
+    let never_v = bump(2);
     let never_root = variant_rootfs(o, &never_v, Variant::AgentNeverReady)?;
     let never = write("never-ready", &never_v, &never_root, &key)?;
     let _ = std::fs::remove_file(&never_root);
-    let older_root = variant_rootfs(o, "0.0.1", Variant::Good)?;
-    let older = write("older", "0.0.1", &older_root, &key)?;
+    let older_root = variant_rootfs(o, &older_v, Variant::Good)?;
+    let older = write("older", &older_v, &older_root, &key)?;
     let _ = std::fs::remove_file(&older_root);
     // One byte of the kernel flipped: the signature still holds (it covers
     // the manifest), the kernel's hash does not.

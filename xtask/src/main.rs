@@ -31,7 +31,8 @@ enum Task {
     /// a demo subscriber, and print how to call it (Ctrl-C stops it).
     Run,
     /// Run every test of the workspace, then build the appliance image and
-    /// run its boot test in QEMU (installs qemu-system-x86 and ovmf).
+    /// its test bundles and run its boot and update tests in QEMU (installs
+    /// qemu-system-x86 and ovmf).
     Test,
     /// Build the appliance disk image (target/image/edge-VERSION.img, its
     /// signed manifest, a qcow2): Debian bookworm by debootstrap, the release
@@ -177,15 +178,18 @@ fn main() -> anyhow::Result<()> {
             image::ensure_boot_tools()?;
             // `--workspace`, as above, so the features unify the same way
             // and nothing is compiled again.
-            run(cargo().args([
-                "test",
-                "--workspace",
-                "--test",
-                "image_boot",
-                "--",
-                "--ignored",
-                "--nocapture",
-            ]))
+            for test in ["image_boot", "image_update"] {
+                run(cargo().args([
+                    "test",
+                    "--workspace",
+                    "--test",
+                    test,
+                    "--",
+                    "--ignored",
+                    "--nocapture",
+                ]))?;
+            }
+            Ok(())
         }
         Task::E2ePlanted => e2e_planted(),
         Task::Image {

@@ -25,6 +25,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/v1/subscribers/{imsi}", get(balance))
         .route("/admin/v1/subscribers/{imsi}/usage", get(usage))
         .route("/admin/v1/sync", get(sync_status))
+        .route("/admin/v1/update", get(update_status).post(update_apply))
         .with_state(state)
 }
 
@@ -187,4 +188,100 @@ async fn sync_status(State(state): State<Arc<AppState>>) -> Response {
         "backlog_bytes": log.backlog_bytes,
     }))
     .into_response()
+}
+
+/// `POST /admin/v1/update`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateApplyRequest {
+    /// The bundle's path on the box (a file, or a USB stick's device).
+    pub bundle: std::path::PathBuf,
+    /// Install a version not newer than the running one.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// Install a version that failed its boot tries here before.
+    #[serde(default)]
+    pub retry_failed: bool,
+}
+
+/// Sends one request to the root update service and returns its reply
+/// lines as they come. The agent runs unprivileged: the service (socket
+/// activated, open to the agent's group only) does the writing.
+async fn update_service(
+    state: &AppState,
+    request: &mec_update::service::Request,
+) -> Result<tokio::io::Lines<tokio::io::BufReader<tokio::net::UnixStream>>, ApiError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let path = &state.config.admin.update_socket;
+    let mut stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        ApiError::unavailable(
+            "update_service_unavailable",
+            format!(
+                "the update service's socket {}: {e} (edge-update.socket runs on the appliance only)",
+                path.display()
+            ),
+        )
+    })?;
+    let line = serde_json::to_string(request).expect("a request serialises") + "\n";
+    stream.write_all(line.as_bytes()).await.map_err(|e| {
+        ApiError::unavailable(
+            "update_service_unavailable",
+            format!("writing to the update service: {e}"),
+        )
+    })?;
+    Ok(tokio::io::BufReader::new(stream).lines())
+}
+
+/// `GET /admin/v1/update`: the slots, as `edge-agent update status` prints them.
+async fn update_status(State(state): State<Arc<AppState>>) -> Response {
+    let run = async {
+        let mut lines = update_service(&state, &mec_update::service::Request::Status {}).await?;
+        let broken = |e: String| ApiError::internal(format!("the update service: {e}"));
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| broken(e.to_string()))?
+            .ok_or_else(|| broken("no answer".into()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| broken(e.to_string()))?;
+        match v["event"].as_str() {
+            Some("status") => Ok(Json(v["status"].clone()).into_response()),
+            _ => Err(broken(v["message"].as_str().unwrap_or(&line).to_string())),
+        }
+    };
+    run.await.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+/// `POST /admin/v1/update`: applies a bundle on the box. The answer streams
+/// the service's JSON lines (`application/x-ndjson`) as the apply goes:
+/// progress, then one of `applied`, `refused` (nothing written) or `error`.
+async fn update_apply(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let run = async {
+        let req: UpdateApplyRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid("invalid_request", format!("update: {e}")))?;
+        let lines = update_service(
+            &state,
+            &mec_update::service::Request::Apply {
+                bundle: req.bundle,
+                allow_downgrade: req.allow_downgrade,
+                retry_failed: req.retry_failed,
+            },
+        )
+        .await?;
+        let stream = futures_util::stream::unfold(lines, |mut lines| async move {
+            match lines.next_line().await {
+                Ok(Some(line)) => Some((Ok::<_, std::io::Error>(line + "\n"), lines)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), lines)),
+            }
+        });
+        Ok::<_, ApiError>(
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                axum::body::Body::from_stream(stream),
+            )
+                .into_response(),
+        )
+    };
+    run.await.unwrap_or_else(|e| e.into_response())
 }
