@@ -273,6 +273,26 @@ impl Vm {
         self.proc.running()
     }
 
+    /// Waits up to `limit` for the agent's `/readyz` to answer 200; its body.
+    pub fn wait_ready(&mut self, limit: Duration) -> serde_json::Value {
+        let url = format!("{}/readyz", self.api);
+        let http = reqwest::blocking::Client::new();
+        let r = wait_for(
+            "the agent's readiness",
+            self,
+            limit,
+            Duration::from_secs(3),
+            || {
+                http.get(&url)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .ok()
+                    .filter(|r| r.status() == 200)
+            },
+        );
+        r.json().unwrap_or_default()
+    }
+
     /// One short text completion (2 tokens: under TCG every token is slow)
     /// for `imsi` with `app_key`: the record id and the tokens told.
     pub fn completion(&self, app_key: &str, imsi: &str) -> (String, u64) {

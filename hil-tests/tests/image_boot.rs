@@ -53,7 +53,6 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
 
     let mut vm = Vm::boot(&image, tmp.path());
     let pty = vm.provisioning_pty.clone();
-    let api = vm.api.clone();
     let pty_s = pty.to_str().unwrap().to_string();
 
     // First boot: the listener answers; the box is not provisioned; the API
@@ -123,30 +122,13 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
     stage("provision over the serial port", &mut since);
 
     // The agent starts by itself (edge-agent.path) and becomes ready.
-    let http = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()
-        .unwrap();
-    let ready = wait(
-        "the agent's readiness",
-        &mut vm,
-        Duration::from_secs(900),
-        Duration::from_secs(3),
-        || {
-            http.get(format!("{api}/readyz"))
-                .timeout(Duration::from_secs(10))
-                .send()
-                .ok()
-                .filter(|r| r.status() == 200)
-        },
-    );
+    let ready = vm.wait_ready(Duration::from_secs(900));
     stage(
         "agent ready after provisioning (model load under TCG)",
         &mut since,
     );
     // The unit's system call filter lets io_uring through: the usage log
     // did not fall back to pwrite + fdatasync.
-    let ready: Value = ready.json().unwrap();
     assert_eq!(ready["log_backend"], "uring", "{ready}");
 
     // A completion for a subscriber new to the box: served from the site's
