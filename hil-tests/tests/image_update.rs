@@ -519,6 +519,16 @@ fn updates_go_in_only_signed_newer_and_whole_and_a_bad_release_rolls_back() {
     assert!(line.contains("failed"), "{line}");
     b.stage("stick 7 (never-ready again) refused: it failed here");
 
+    // What a technician reads at the end (printed for the README).
+    let pty = b.vm().provisioning_pty.to_str().unwrap().to_string();
+    let out = Command::new(bin("edgeprov"))
+        .args(["status", "--port", &pty, "--timeout-ms", "3000"])
+        .output()
+        .unwrap();
+    println!(
+        "   == edgeprov status, at the end:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     println!("   == stages:");
     for (name, s) in &b.stages {
         println!("   {s:7.1} s  {name}");
