@@ -42,12 +42,14 @@ pub enum UpdateError {
     #[error("refused: {0}")]
     Refused(#[from] Refusal),
     /// A file of the box.
-    #[error("{path}: {source}")]
+    /// (The reason is in the message, not a `source`: printed with its
+    /// chain, it would show twice.)
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The box is not in a state to take an update.
     #[error("{0}")]
@@ -67,9 +69,9 @@ pub enum UpdateError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpdateError + '_ {
-    move |source| UpdateError::Io {
+    move |error| UpdateError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -530,7 +532,7 @@ fn write_slot(
                 let tmp = slot_dir.join(format!("{name}.tmp"));
                 let mut f = std::fs::File::create(&tmp).map_err(|e| BundleError::Io {
                     path: tmp.clone(),
-                    source: e,
+                    error: e,
                 })?;
                 copy(
                     stage_of(&c.name),
@@ -542,11 +544,11 @@ fn write_slot(
                 .map_err(|e| classify(e, &tmp, &c.name))?;
                 f.sync_all().map_err(|e| BundleError::Io {
                     path: tmp.clone(),
-                    source: e,
+                    error: e,
                 })?;
                 std::fs::rename(&tmp, &dst).map_err(|e| BundleError::Io {
                     path: dst.clone(),
-                    source: e,
+                    error: e,
                 })?;
             }
             _ => {
@@ -555,13 +557,13 @@ fn write_slot(
                     .open(device)
                     .map_err(|e| BundleError::Io {
                         path: device.to_path_buf(),
-                        source: e,
+                        error: e,
                     })?;
                 copy("rootfs", c.content_size, &mut content, &mut f, progress)
                     .map_err(|e| classify(e, device, &c.name))?;
                 f.sync_data().map_err(|e| BundleError::Io {
                     path: device.to_path_buf(),
-                    source: e,
+                    error: e,
                 })?;
             }
         }
@@ -608,7 +610,7 @@ fn classify(e: std::io::Error, path: &Path, component: &str) -> BundleError {
     } else {
         BundleError::Io {
             path: path.to_path_buf(),
-            source: e,
+            error: e,
         }
     }
 }

@@ -51,13 +51,14 @@ pub fn compatible() -> String {
 /// then stays unbootable).
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    /// Reading or writing a file.
-    #[error("{path}: {source}")]
+    /// Reading or writing a file. (The reason is in the message, not a
+    /// `source`: printed with its chain, it would show twice.)
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not a bundle: not a tar, or entries missing, extra or out of order.
     #[error("not an update bundle: {0}")]
@@ -94,9 +95,9 @@ pub enum BundleError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
-    move |source| BundleError::Io {
+    move |error| BundleError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -92,13 +92,14 @@ pub enum TallyError {
     /// An entry too large for a slot (ids beyond their configured limits).
     #[error("an in-flight entry of {0} bytes does not fit a {SLOT_BYTES}-byte slot")]
     TooLarge(usize),
-    /// The file.
-    #[error("in-flight tally {path}: {source}")]
+    /// The file. (The reason is in the message, not a `source`: printed
+    /// with its chain, it would show twice.)
+    #[error("in-flight tally {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -167,9 +168,9 @@ impl Tally {
     /// Opens (creating) the file and returns what the previous process left
     /// in it. The caller bills those, then calls [`Tally::clear`].
     pub fn open(path: &Path) -> Result<(Tally, Vec<Slot>), TallyError> {
-        let io = |source| TallyError::Io {
+        let io = |error| TallyError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -196,9 +197,9 @@ impl Tally {
 
     /// Empties the file: everything it held is billed.
     pub fn clear(&self) -> Result<(), TallyError> {
-        self.file.set_len(0).map_err(|source| TallyError::Io {
+        self.file.set_len(0).map_err(|error| TallyError::Io {
             path: self.path.clone(),
-            source,
+            error,
         })
     }
 
@@ -223,9 +224,9 @@ impl Tally {
     fn write_slot(&self, index: u32, bytes: &[u8]) -> Result<(), TallyError> {
         self.file
             .write_all_at(bytes, index as u64 * SLOT_BYTES as u64)
-            .map_err(|source| TallyError::Io {
+            .map_err(|error| TallyError::Io {
                 path: self.path.clone(),
-                source,
+                error,
             })
     }
 }
