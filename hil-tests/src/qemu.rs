@@ -263,6 +263,33 @@ impl Vm {
         );
     }
 
+    /// `edgeprov status --json` over the provisioning line, once the kernel
+    /// runs (see [`Vm::wait_kernel`]) and the listener answers.
+    pub fn provisioning_status(&mut self) -> serde_json::Value {
+        self.wait_kernel(Duration::from_secs(600));
+        let pty = self.provisioning_pty.to_str().unwrap().to_string();
+        wait_for(
+            "the provisioning listener",
+            self,
+            Duration::from_secs(600),
+            Duration::from_secs(2),
+            || {
+                let (code, v) =
+                    crate::procs::run_json(Command::new(crate::procs::bin("edgeprov")).args([
+                        "status",
+                        "--port",
+                        &pty,
+                        "--timeout-ms",
+                        "3000",
+                        "--attempts",
+                        "1",
+                        "--json",
+                    ]));
+                (code == 0).then_some(v)
+            },
+        )
+    }
+
     /// The last `n` lines of the console.
     pub fn console_tail(&self, n: usize) -> String {
         crate::procs::log_tail(&self.console, n)

@@ -57,25 +57,7 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
 
     // First boot: the listener answers; the box is not provisioned; the API
     // is closed.
-    vm.wait_kernel(Duration::from_secs(600));
-    let status = wait(
-        "the provisioning listener",
-        &mut vm,
-        Duration::from_secs(600),
-        Duration::from_secs(2),
-        || {
-            let (code, v) = edgeprov(&[
-                "status",
-                "--port",
-                &pty_s,
-                "--timeout-ms",
-                "3000",
-                "--attempts",
-                "1",
-            ]);
-            (code == 0).then_some(v)
-        },
-    );
+    let status = vm.provisioning_status();
     stage("boot to the provisioning listener (TCG)", &mut since);
     // A box waiting for its technician is a good boot: the health check
     // passes once the listener runs, and systemd-bless-boot drops slot A's

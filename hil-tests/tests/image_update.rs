@@ -84,29 +84,9 @@ impl TheBox {
         self.vm.take().expect("the box is on").power_cut();
     }
 
-    /// `edgeprov status` over the provisioning line, once the listener
-    /// answers.
+    /// `edgeprov status` over the provisioning line.
     fn status(&mut self) -> Value {
-        self.vm().wait_kernel(Duration::from_secs(600));
-        let pty = self.vm().provisioning_pty.to_str().unwrap().to_string();
-        wait_for(
-            "the provisioning listener",
-            self.vm(),
-            Duration::from_secs(600),
-            Duration::from_secs(2),
-            || {
-                let (code, v) = edgeprov(&[
-                    "status",
-                    "--port",
-                    &pty,
-                    "--timeout-ms",
-                    "3000",
-                    "--attempts",
-                    "1",
-                ]);
-                (code == 0).then_some(v)
-            },
-        )
+        self.vm().provisioning_status()
     }
 
     fn console(&mut self) -> PathBuf {
