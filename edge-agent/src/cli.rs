@@ -275,6 +275,33 @@ pub struct GenerateArgs {
     /// Print one JSON object with the text and the counts instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Where to run: `auto` (the GPU with the most free memory, else the
+    /// CPU), `cpu`, or a GPU index; a GPU that cannot run the model falls
+    /// back to the CPU, and the JSON says so.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceArg,
+}
+
+/// `generate --device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// Let discovery choose.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// This GPU.
+    Gpu(u32),
+}
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    match s {
+        "auto" => Ok(DeviceArg::Auto),
+        "cpu" => Ok(DeviceArg::Cpu),
+        n => n
+            .parse()
+            .map(DeviceArg::Gpu)
+            .map_err(|_| format!("{n:?} is not auto, cpu or a GPU index")),
+    }
 }
 
 /// Where a log lives: `DIR/identity/` holds the node keys, `DIR/log/` the

@@ -11,7 +11,7 @@ use mec_inference::gpu;
 use mec_inference::sampling::SamplingParams;
 use mec_inference::tokenizer::ChatMessage;
 
-use crate::cli::GenerateArgs;
+use crate::cli::{DeviceArg, GenerateArgs};
 
 /// Runs one generation.
 pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -20,10 +20,22 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(mec_inference::default_model_path);
     let model_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    let found = gpu::discover(None);
     // Room for the weights and as much again for KV caches and activations.
-    let choice = gpu::choose_device(&found, gpu::CUDA_BUILT, model_bytes * 2);
-    let (model, tokenizer) = mec_inference::load(&path, &gpu::device_for(&choice))?;
+    let choice = match args.device {
+        DeviceArg::Cpu => gpu::DeviceChoice::Cpu {
+            reason: "--device cpu".into(),
+        },
+        DeviceArg::Auto => {
+            gpu::choose_device(&gpu::discover(None), gpu::CUDA_BUILT, model_bytes * 2)
+        }
+        // A GPU named on the command line is opened without asking NVML:
+        // whether it can run the model is what the caller wants to know.
+        DeviceArg::Gpu(index) if gpu::CUDA_BUILT => gpu::DeviceChoice::Cuda { index },
+        DeviceArg::Gpu(_) => gpu::DeviceChoice::Cpu {
+            reason: "built without the cuda feature".into(),
+        },
+    };
+    let (model, tokenizer, device) = mec_inference::load_on(&path, &choice)?;
     let prompt = if args.raw {
         args.prompt.clone()
     } else {
@@ -84,6 +96,10 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         "finish_reason": summary.finish_reason,
         "ttft_ms": summary.ttft.as_secs_f64() * 1e3,
         "decode_tokens_per_s": decode_tokens_per_s,
+        "device": device,
+        // Read after the run: the GPU's memory in use, this process's
+        // weights, caches and candle's pool included (others' too).
+        "gpu_memory_used_bytes": gpu_memory_used(&device),
     });
     if args.json {
         println!("{report}");
@@ -98,8 +114,25 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
             decode_tokens_per_s
         );
     }
+    if !args.json {
+        if let gpu::DeviceChoice::Cpu { reason } = &device {
+            eprintln!("[on the CPU: {reason}]");
+        }
+    }
     if let Some(e) = summary.error {
         anyhow::bail!("generation failed: {e}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// NVML's figure for the GPU the model ran on, if it ran on one.
+fn gpu_memory_used(device: &gpu::DeviceChoice) -> Option<u64> {
+    let gpu::DeviceChoice::Cuda { index } = device else {
+        return None;
+    };
+    gpu::discover(None)
+        .gpus
+        .into_iter()
+        .find(|g| g.index == *index)
+        .map(|g| g.memory_total_bytes.saturating_sub(g.memory_free_bytes))
 }

@@ -117,6 +117,14 @@ async fn completions_streamed_or_not_report_the_usage_that_was_recorded() {
         ["uring", "file"].contains(&ready["log_backend"].as_str().unwrap_or("")),
         "{ready}"
     );
+    // No GPU here: the device is the CPU, with the reason (this build has
+    // no CUDA, or NVML is missing), and no GPU telemetry.
+    assert_eq!(ready["device"]["kind"], "cpu", "{ready}");
+    assert!(
+        !ready["device"]["reason"].as_str().unwrap_or("").is_empty(),
+        "{ready}"
+    );
+    assert_eq!(ready["gpus"], serde_json::json!([]), "{ready}");
     let metrics = agent
         .http
         .get(format!("{}/metrics", agent.api))
@@ -140,6 +148,10 @@ async fn completions_streamed_or_not_report_the_usage_that_was_recorded() {
     }
     assert!(
         metrics.contains("route=\"/v1/chat/completions\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mec_inference_device{kind=\"cpu\",gpu=\"\"} 1"),
         "{metrics}"
     );
 }

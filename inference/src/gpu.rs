@@ -167,25 +167,37 @@ pub fn choose_device(found: &Discovery, cuda_built: bool, needed_bytes: u64) -> 
 /// Whether this build carries the CUDA backend.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
-/// Turns a choice into a candle device (falling back to CPU, with a log line,
-/// if the CUDA device cannot be opened).
-pub fn device_for(choice: &DeviceChoice) -> candle_core::Device {
+/// Opens the chosen device. When the CUDA device cannot be opened (no
+/// driver, a stub library, a device gone), the model runs on the CPU: the
+/// returned choice is then `Cpu` with the reason, and a warning is logged.
+/// candle's `cuda_if_available` would not fall back once the feature is
+/// compiled in; this does.
+pub fn open_device(choice: &DeviceChoice) -> (candle_core::Device, DeviceChoice) {
     match choice {
         DeviceChoice::Cpu { reason } => {
             tracing::info!(%reason, "inference runs on the CPU");
-            candle_core::Device::Cpu
+            (candle_core::Device::Cpu, choice.clone())
         }
         DeviceChoice::Cuda { index } => match candle_core::Device::new_cuda(*index as usize) {
             Ok(d) => {
                 tracing::info!(index, "inference runs on CUDA");
-                d
+                (d, choice.clone())
             }
-            Err(e) => {
-                tracing::warn!(index, error = %e, "cannot open the CUDA device; inference runs on the CPU");
-                candle_core::Device::Cpu
-            }
+            Err(e) => fall_back(*index, &format!("cannot open the CUDA device: {e}")),
         },
     }
+}
+
+/// The CPU, with a warning that CUDA device `index` failed for `why`.
+pub fn fall_back(index: u32, why: &str) -> (candle_core::Device, DeviceChoice) {
+    let reason = format!("GPU {index}: {}", one_line(why));
+    tracing::warn!(%reason, "inference falls back to the CPU");
+    (candle_core::Device::Cpu, DeviceChoice::Cpu { reason })
+}
+
+/// candle's errors can carry a backtrace over several lines; the first says it.
+fn one_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s).trim()
 }
 
 /// The latest telemetry, for metrics.
@@ -356,7 +368,26 @@ mod tests {
             matches!(choice, DeviceChoice::Cpu { ref reason } if reason.contains("NVML")),
             "{choice:?}"
         );
-        assert!(device_for(&choice).is_cpu());
+        assert!(open_device(&choice).0.is_cpu());
+    }
+
+    #[test]
+    fn a_cuda_device_that_cannot_open_falls_back_to_the_cpu_with_the_reason() {
+        // Without the cuda feature candle refuses every CUDA device; with it
+        // and no driver (the stub libraries in CI), cuInit fails: either way
+        // this machine cannot open GPU 0, and the choice says why.
+        let (device, used) = open_device(&DeviceChoice::Cuda { index: 0 });
+        assert!(device.is_cpu());
+        match used {
+            DeviceChoice::Cpu { reason } => {
+                assert!(
+                    reason.starts_with("GPU 0: cannot open the CUDA device"),
+                    "{reason}"
+                );
+                assert!(!reason.contains('\n'), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -30,6 +30,41 @@ pub fn default_model_path() -> std::path::PathBuf {
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// Loads the model onto the device `choice` names, and makes sure it runs
+/// there: on a GPU, one forward step is taken before the model is handed
+/// out, so a kernel the GPU cannot run (or memory it does not have) shows
+/// here and not on the first request. When the GPU cannot be opened, or the
+/// model cannot load or run on it, it is loaded on the CPU instead; the
+/// returned choice says where it runs and why.
+pub fn load_on(
+    path: &std::path::Path,
+    choice: &gpu::DeviceChoice,
+) -> Result<(model::Model, tokenizer::Tokenizer, gpu::DeviceChoice), gguf::ModelError> {
+    let (device, used) = gpu::open_device(choice);
+    if let gpu::DeviceChoice::Cuda { index } = used {
+        let on_gpu = load(path, &device).and_then(|(model, tokenizer)| {
+            let mut cache = model::KvCache::new(&model);
+            model
+                .forward(&[0], &mut cache)
+                .map_err(|e| gguf::ModelError::Load {
+                    path: path.to_path_buf(),
+                    reason: format!("a forward step on the GPU failed: {e}"),
+                })?;
+            Ok((model, tokenizer))
+        });
+        match on_gpu {
+            Ok((model, tokenizer)) => return Ok((model, tokenizer, used)),
+            Err(e) => {
+                let (cpu, used) = gpu::fall_back(index, &e.to_string());
+                let (model, tokenizer) = load(path, &cpu)?;
+                return Ok((model, tokenizer, used));
+            }
+        }
+    }
+    let (model, tokenizer) = load(path, &device)?;
+    Ok((model, tokenizer, used))
+}
+
 /// Opens a GGUF file and loads its tokenizer and weights onto `device`: the one
 /// way every caller (agent, CLI, tests) gets a runnable model.
 pub fn load(

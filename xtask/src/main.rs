@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 mod bench_api;
 mod bench_inference;
 mod bench_sync;
+mod cuda;
 mod image;
 mod model;
 mod report;
@@ -31,7 +32,8 @@ enum Task {
     /// a demo subscriber, and print how to call it (Ctrl-C stops it).
     Run,
     /// Run every test of the workspace, then build the appliance image and
-    /// its test bundles and run its boot and update tests in QEMU (installs
+    /// its test bundles, build the CUDA agent and run it without a driver,
+    /// and run the image's boot and update tests in QEMU (installs
     /// qemu-system-x86 and ovmf).
     Test,
     /// Build the appliance disk image (target/image/edge-VERSION.img, its
@@ -54,6 +56,24 @@ enum Task {
         /// one signed by another key, one with a flipped byte.
         #[arg(long)]
         test_bundles: bool,
+    },
+    /// The GPU build: install the CUDA 13 compiler from PyPI wheels (once, in
+    /// ~/.cache/mec-edge), then build target/release/edge-agent-cuda with
+    /// candle's CUDA kernels (minutes on two cores, cached after). Without a
+    /// driver here, it links against generated stub libraries.
+    BuildCuda {
+        /// Only `cargo check` the workspace with the feature (the kernels
+        /// are still compiled).
+        #[arg(long, conflicts_with = "test")]
+        check: bool,
+        /// Build, then run the GPU tests: the no-driver test here, the GPU
+        /// scenario on a box with a GPU.
+        #[arg(long)]
+        test: bool,
+        /// The GPU generation for the kernels' machine code (PTX beside it
+        /// lets newer GPUs run them): 75 = T4 and up, 89 = L4/L40S, 90 = H100.
+        #[arg(long, default_value_t = cuda::COMPUTE_CAP)]
+        compute_cap: u32,
     },
     /// Check that the end-to-end test catches a lost batch: run it against
     /// an edge agent built with a planted fault (its uploader never sends
@@ -175,6 +195,11 @@ fn main() -> anyhow::Result<()> {
             // ignored by a plain `cargo test` (it needs the image, and
             // minutes), and run here by name.
             image::image(None, None, None, true)?;
+            // The GPU build, linked and started without a driver: never
+            // skipped. Its kernels and dependencies are compiled once per
+            // machine (see xtask/src/cuda.rs); a fresh clone compiles only
+            // the workspace again.
+            cuda::build(cuda::Mode::Test, cuda::COMPUTE_CAP)?;
             image::ensure_boot_tools()?;
             // `--workspace`, as above, so the features unify the same way
             // and nothing is compiled again.
@@ -192,6 +217,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::E2ePlanted => e2e_planted(),
+        Task::BuildCuda {
+            check,
+            test,
+            compute_cap,
+        } => {
+            let mode = match (check, test) {
+                (true, _) => cuda::Mode::Check,
+                (_, true) => cuda::Mode::Test,
+                _ => cuda::Mode::Build,
+            };
+            cuda::build(mode, compute_cap)
+        }
         Task::Image {
             signing_key,
             version,

@@ -632,10 +632,14 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         Ok(()) => {
             // The log's backend shows whether io_uring survived the unit's
             // system call filter (else the agent took pwrite + fdatasync).
+            // The device shows whether the model runs on the GPU the box was
+            // bought for, or on the CPU and why.
             Json(json!({
                 "status": "ready",
                 "model": state.config.model.id,
                 "log_backend": state.billing.log().backend().as_str(),
+                "device": state.device,
+                "gpus": state.gpu_snapshot(),
             }))
             .into_response()
         }
@@ -664,6 +668,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         backlog_records: log.backlog_records,
         backlog_bytes: log.backlog_bytes,
         gpus: state.gpu_snapshot(),
+        device: Some(state.device.clone()),
         sync,
     };
     (

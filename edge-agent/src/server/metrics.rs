@@ -36,6 +36,15 @@ pub struct GpuLabels {
     pub name: String,
 }
 
+/// Where the model runs: `cpu` or `cuda`, and the GPU index ("" on the CPU).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    /// cpu or cuda.
+    pub kind: String,
+    /// GPU index, or empty.
+    pub gpu: String,
+}
+
 /// Every metric of the agent.
 pub struct Metrics {
     registry: Registry,
@@ -59,8 +68,12 @@ pub struct Metrics {
     sync_acked_seq: Gauge,
     sync_last_ack_age: Gauge,
     sync_lag: Gauge,
+    device: Family<DeviceLabels, Gauge>,
     gpu_memory_used: Family<GpuLabels, Gauge>,
+    gpu_memory_total: Family<GpuLabels, Gauge>,
     gpu_utilization: Family<GpuLabels, Gauge>,
+    gpu_temperature: Family<GpuLabels, Gauge>,
+    gpu_power: Family<GpuLabels, Gauge>,
 }
 
 /// Values read at scrape time.
@@ -78,8 +91,10 @@ pub struct Snapshot {
     pub backlog_bytes: u64,
     /// The upload to the core, when configured.
     pub sync: Option<super::SyncView>,
-    /// `(index, name, memory used bytes, utilization %)` per GPU.
-    pub gpus: Vec<(u32, String, u64, u32)>,
+    /// The GPUs' latest telemetry.
+    pub gpus: Vec<mec_inference::gpu::GpuInfo>,
+    /// Where the model runs (none: not known, nothing exported).
+    pub device: Option<mec_inference::gpu::DeviceChoice>,
 }
 
 impl Metrics {
@@ -158,18 +173,29 @@ impl Metrics {
             "sync_lag_seconds",
             "Seconds since the oldest record core-ingest does not hold ended (0: it holds all)",
         );
-        let gpu_memory_used = Family::<GpuLabels, Gauge>::default();
+        let device = Family::<DeviceLabels, Gauge>::default();
         registry.register(
-            "gpu_memory_used_bytes",
-            "GPU memory in use",
-            gpu_memory_used.clone(),
+            "inference_device",
+            "Where the model runs (1 on the device in use; the reason for the CPU is in /readyz)",
+            device.clone(),
         );
-        let gpu_utilization = Family::<GpuLabels, Gauge>::default();
-        registry.register(
-            "gpu_utilization_percent",
-            "GPU utilization",
-            gpu_utilization.clone(),
+        let gpu_family = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<GpuLabels, Gauge>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let gpu_memory_used =
+            gpu_family(&mut registry, "gpu_memory_used_bytes", "GPU memory in use");
+        let gpu_memory_total =
+            gpu_family(&mut registry, "gpu_memory_total_bytes", "GPU memory in all");
+        let gpu_utilization =
+            gpu_family(&mut registry, "gpu_utilization_percent", "GPU utilization");
+        let gpu_temperature = gpu_family(
+            &mut registry,
+            "gpu_temperature_celsius",
+            "GPU core temperature",
         );
+        let gpu_power = gpu_family(&mut registry, "gpu_power_milliwatts", "GPU power draw");
         Metrics {
             registry,
             requests,
@@ -186,8 +212,12 @@ impl Metrics {
             sync_acked_seq,
             sync_last_ack_age,
             sync_lag,
+            device,
             gpu_memory_used,
+            gpu_memory_total,
             gpu_utilization,
+            gpu_temperature,
+            gpu_power,
         }
     }
 
@@ -227,13 +257,38 @@ impl Metrics {
                 .set(sync.last_ack_age_s.unwrap_or(-1));
             self.sync_lag.set(sync.lag_s);
         }
-        for (i, name, mem, util) in &snap.gpus {
-            let l = GpuLabels {
-                gpu: *i,
-                name: name.clone(),
+        if let Some(device) = &snap.device {
+            let (kind, gpu) = match device {
+                mec_inference::gpu::DeviceChoice::Cpu { .. } => ("cpu", String::new()),
+                mec_inference::gpu::DeviceChoice::Cuda { index } => ("cuda", index.to_string()),
             };
-            self.gpu_memory_used.get_or_create(&l).set(*mem as i64);
-            self.gpu_utilization.get_or_create(&l).set(*util as i64);
+            self.device
+                .get_or_create(&DeviceLabels {
+                    kind: kind.into(),
+                    gpu,
+                })
+                .set(1);
+        }
+        for g in &snap.gpus {
+            let l = GpuLabels {
+                gpu: g.index,
+                name: g.name.clone(),
+            };
+            let used = g.memory_total_bytes.saturating_sub(g.memory_free_bytes);
+            self.gpu_memory_used.get_or_create(&l).set(used as i64);
+            self.gpu_memory_total
+                .get_or_create(&l)
+                .set(g.memory_total_bytes as i64);
+            // A reading NVML could not take is left out, not shown as 0.
+            if let Some(v) = g.utilization_percent {
+                self.gpu_utilization.get_or_create(&l).set(i64::from(v));
+            }
+            if let Some(v) = g.temperature_c {
+                self.gpu_temperature.get_or_create(&l).set(i64::from(v));
+            }
+            if let Some(v) = g.power_mw {
+                self.gpu_power.get_or_create(&l).set(i64::from(v));
+            }
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -246,5 +301,41 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mec_inference::gpu::{DeviceChoice, GpuInfo};
+
+    #[test]
+    fn gpu_telemetry_and_the_device_in_use_are_exported() {
+        let m = Metrics::new();
+        let snap = Snapshot {
+            gpus: vec![GpuInfo {
+                index: 0,
+                name: "NVIDIA L4".into(),
+                memory_total_bytes: 24 << 30,
+                memory_free_bytes: 20 << 30,
+                utilization_percent: Some(37),
+                temperature_c: Some(51),
+                power_mw: None,
+            }],
+            device: Some(DeviceChoice::Cuda { index: 0 }),
+            ..Default::default()
+        };
+        let text = m.render(&snap);
+        for line in [
+            "mec_inference_device{kind=\"cuda\",gpu=\"0\"} 1",
+            "mec_gpu_memory_used_bytes{gpu=\"0\",name=\"NVIDIA L4\"} 4294967296",
+            "mec_gpu_memory_total_bytes{gpu=\"0\",name=\"NVIDIA L4\"} 25769803776",
+            "mec_gpu_utilization_percent{gpu=\"0\",name=\"NVIDIA L4\"} 37",
+            "mec_gpu_temperature_celsius{gpu=\"0\",name=\"NVIDIA L4\"} 51",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // A reading NVML did not give is absent, not zero.
+        assert!(!text.contains("mec_gpu_power_milliwatts{"), "{text}");
     }
 }

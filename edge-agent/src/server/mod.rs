@@ -114,6 +114,8 @@ pub struct AppState {
     /// The upload to the core, when one is configured.
     pub sync: Arc<Mutex<mec_sync::uploader::UploaderStatus>>,
     gpu: Option<gpu::TelemetryPoller>,
+    /// Where the model runs (after any fall-back to the CPU), and why.
+    pub device: gpu::DeviceChoice,
 }
 
 /// The site's default packages, for subscribers new to this box.
@@ -187,24 +189,12 @@ impl AppState {
 }
 
 impl AppState {
-    /// `(index, name, memory used, utilization)` per GPU, when any.
-    pub fn gpu_snapshot(&self) -> Vec<(u32, String, u64, u32)> {
-        let Some(p) = &self.gpu else {
-            return Vec::new();
-        };
-        p.snapshot()
-            .discovery
-            .gpus
-            .iter()
-            .map(|g| {
-                (
-                    g.index,
-                    g.name.clone(),
-                    g.memory_total_bytes.saturating_sub(g.memory_free_bytes),
-                    g.utilization_percent.unwrap_or(0),
-                )
-            })
-            .collect()
+    /// The GPUs' latest telemetry (NVML, every 10 s), when any was found.
+    pub fn gpu_snapshot(&self) -> Vec<gpu::GpuInfo> {
+        self.gpu
+            .as_ref()
+            .map(|p| p.snapshot().discovery.gpus)
+            .unwrap_or_default()
     }
 }
 
@@ -338,7 +328,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         .map(|m| m.len())
         .unwrap_or(0);
     let choice = gpu::choose_device(&found, gpu::CUDA_BUILT, model_bytes * 2);
-    let (model, tokenizer) = mec_inference::load(&config.model.path, &gpu::device_for(&choice))?;
+    let (model, tokenizer, device) = mec_inference::load_on(&config.model.path, &choice)?;
     let engine = Engine::start(
         Arc::new(model),
         Arc::new(tokenizer),
@@ -373,6 +363,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         started_unix: billing::unix_now(),
         sync: Arc::default(),
         gpu,
+        device,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
