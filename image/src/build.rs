@@ -5,7 +5,10 @@
 //!    (cached as a tarball keyed by the suite and package list, so a second
 //!    build skips the download; the cache is named in the log);
 //! 2. our files added: the agent binary (its DWARF split off into
-//!    `edge-agent.debug` beside the image), the model, the configuration,
+//!    `edge-agent.debug` beside the image; the CPU build, the right one for
+//!    a disk with no NVIDIA driver: the CUDA build, `cargo xtask
+//!    build-cuda`, would need the driver's libraries to start at all), the
+//!    model, the configuration,
 //!    the units, mounts and users (the user made with `useradd` in a chroot; units
 //!    enabled with `systemctl --root`);
 //! 3. every timestamp set to the build's fixed time;
