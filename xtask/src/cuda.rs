@@ -335,13 +335,13 @@ const WORKSPACE_CRATES: [&str; 7] = [
 ];
 
 /// The release build's own target directory, shared by the checkouts.
-pub fn target_dir() -> PathBuf {
+fn target_dir() -> PathBuf {
     cache_dir().join("target-cuda")
 }
 
 /// Where the build puts the launcher (`edge-agent-cuda`) and the binary
 /// (`edge-agent-cuda.bin`), laid out as they are installed.
-pub fn out_dir() -> PathBuf {
+fn out_dir() -> PathBuf {
     root().join("target/cuda")
 }
 
