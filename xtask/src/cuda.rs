@@ -22,11 +22,11 @@
 //! **Targets.** See [`COMPUTE_CAP`].
 //!
 //! **Caching.** The kernels take minutes on two cores and do not depend on
-//! our code. The release build has a target directory of its own under the
-//! same cache ([`target_dir`]), so every checkout on the machine (and every
-//! CI run in a fresh clone) reuses the kernels and the dependencies, and
-//! compiles only the workspace. `cargo check` uses the checkout's `target/`,
-//! next to clippy's results.
+//! our code. The release build shares the target directory of `cargo xtask
+//! test` ([`ci::target_dir`], under the same cache): every dependency the CPU
+//! build compiled is reused, and every checkout on the machine (and every CI
+//! run in a fresh clone) reuses the kernels. A change of toolkit or targets
+//! cleans them ([`build_agent`]). `cargo check` uses the checkout's `target/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,7 +34,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use crate::{cargo, output, root, run};
+use crate::{cache_dir, cargo, ci, output, root, run};
 
 /// The CUDA release every wheel is pinned to. cudarc 0.19 knows CUDA up to 13.4.
 pub const CUDA_VERSION: &str = "13.4.92";
@@ -130,6 +130,21 @@ pub struct Toolchain {
 }
 
 impl Toolchain {
+    /// The toolkit's compiler.
+    pub fn nvcc(&self) -> PathBuf {
+        self.cuda_home.join("bin/nvcc")
+    }
+
+    /// What the compiled kernels depend on besides their sources: the
+    /// compiler (its path names the CUDA version) and the targets. Kept
+    /// beside them; a change cleans them (see [`build_agent`]).
+    pub fn kernels_key(&self, compute_cap: u32) -> String {
+        format!(
+            "nvcc {}\ncuda {CUDA_VERSION}\ncompute_cap {compute_cap}\n",
+            self.nvcc().display()
+        )
+    }
+
     /// The run-time stubs: a box with the CUDA libraries and no driver.
     pub fn no_driver_libs(&self) -> PathBuf {
         self.dir.join("no-driver")
@@ -141,6 +156,9 @@ impl Toolchain {
         let mut paths = vec![self.cuda_home.join("bin")];
         paths.extend(std::env::split_paths(&path));
         cmd.env("CUDA_HOME", &self.cuda_home)
+            // cudaforge reruns candle-kernels' build script when NVCC
+            // changes (not when CUDA_HOME does): the path names the version.
+            .env("NVCC", self.nvcc())
             .env("PATH", std::env::join_paths(paths).expect("PATH"))
             .env("CUDA_COMPUTE_CAP", compute_cap.to_string())
             // cudaforge asks for SASS only; the PTX beside it is what lets
@@ -155,14 +173,6 @@ impl Toolchain {
 
 fn jobs() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
-}
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| root().join("target"))
-        .join("mec-edge")
 }
 
 /// Installs the toolkit wheels and makes the stubs, once per machine.
@@ -323,36 +333,19 @@ pub enum Mode {
     Test,
 }
 
-/// The workspace's crates that the CUDA binary is built from.
-const WORKSPACE_CRATES: [&str; 7] = [
-    "edge-agent",
-    "mec-inference",
-    "mec-sync",
-    "mec-metering",
-    "mec-provisioning",
-    "mec-image",
-    "mec-update",
-];
-
-/// The release build's own target directory, shared by the checkouts.
-fn target_dir() -> PathBuf {
-    cache_dir().join("target-cuda")
-}
-
 /// Where the build puts the launcher (`edge-agent-cuda`) and the binary
 /// (`edge-agent-cuda.bin`), laid out as they are installed.
 fn out_dir() -> PathBuf {
     root().join("target/cuda")
 }
 
-/// Checks, builds or builds and tests; prints the time it took and, for a
-/// build, the binary's size.
+/// `cargo xtask build-cuda`: checks, builds or builds and tests.
 pub fn build(mode: Mode, compute_cap: u32) -> anyhow::Result<()> {
     let toolchain = ensure_toolchain()?;
-    let started = Instant::now();
-    let mut cmd = cargo();
-    toolchain.apply(&mut cmd, compute_cap);
     if mode == Mode::Check {
+        let started = Instant::now();
+        let mut cmd = cargo();
+        toolchain.apply(&mut cmd, compute_cap);
         run(cmd.args([
             "check",
             "--workspace",
@@ -366,30 +359,63 @@ pub fn build(mode: Mode, compute_cap: u32) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    // The workspace's own artifacts from other checkouts are of no use here
-    // (their paths differ); clean them so the shared directory does not grow
-    // with every clone. Dependencies and the kernels stay.
-    let target = target_dir();
-    if target.join("release").exists() {
-        let mut clean = cargo();
-        clean
-            .args(["clean", "--release", "-q"])
-            .env("CARGO_TARGET_DIR", &target);
-        for p in WORKSPACE_CRATES {
-            clean.args(["-p", p]);
-        }
-        run(&mut clean)?;
+    let _lock = ci::lock_target()?;
+    let launcher = build_agent(&toolchain, compute_cap)?;
+    if mode == Mode::Test {
+        // The same linted release build as `cargo xtask test`, so the CPU
+        // binaries the test uses (it makes its configuration with
+        // `edge-agent init`) share its artifacts.
+        run(ci::linted_cargo()?
+            .args(["test", "--release", "--workspace", "--test", "it", "--"])
+            .args(["gpu::", "--include-ignored", "--nocapture"])
+            .env("MEC_CUDA_AGENT", &launcher)
+            .env("MEC_CUDA_NO_DRIVER_LIBS", toolchain.no_driver_libs()))?;
     }
-    run(cmd.env("CARGO_TARGET_DIR", &target).args([
+    Ok(())
+}
+
+/// The release build of `edge-agent-cuda`, in the shared target directory
+/// of `cargo xtask test` (so it shares every dependency the CPU build
+/// compiled; the CUDA kernels are compiled once per machine and kept),
+/// linted by clippy like the rest. Installs it with its launcher in
+/// `target/cuda/`; returns the launcher's path.
+///
+/// candle-kernels' build script does not rerun when the toolkit changes,
+/// and cudaforge's own cache of compiled objects does not know the compiler
+/// either: when the toolkit or the targets differ from those the kernels
+/// were compiled with ([`Toolchain::kernels_key`], stamped beside them),
+/// they are cleaned first.
+pub fn build_agent(toolchain: &Toolchain, compute_cap: u32) -> anyhow::Result<PathBuf> {
+    let started = Instant::now();
+    let target = ci::target_dir();
+    let stamp = target.join("release/.cuda-kernels-key");
+    let key = toolchain.kernels_key(compute_cap);
+    let previous = std::fs::read_to_string(&stamp).ok();
+    if previous.as_deref() != Some(key.as_str()) {
+        if let Some(previous) = previous {
+            eprintln!(
+                "xtask: the CUDA kernels were compiled with\n{previous}and are wanted with\n{key}cleaning them"
+            );
+        }
+        run(cargo()
+            .args(["clean", "--release", "-q", "-p", "candle-kernels"])
+            .env("CARGO_TARGET_DIR", &target))?;
+    }
+    let mut cmd = ci::linted_cargo()?;
+    toolchain.apply(&mut cmd, compute_cap);
+    // `--workspace`: the features unify as in the test build, so only what
+    // the `cuda` feature changes is compiled here.
+    run(cmd.args([
         "build",
         "--release",
-        "-p",
-        "edge-agent",
+        "--workspace",
         "--features",
-        "cuda",
+        "edge-agent/cuda",
         "--bin",
         "edge-agent-cuda",
     ]))?;
+    std::fs::create_dir_all(stamp.parent().unwrap())?;
+    std::fs::write(&stamp, &key)?;
     let secs = started.elapsed().as_secs();
     let out = out_dir();
     std::fs::create_dir_all(&out)?;
@@ -404,17 +430,7 @@ pub fn build(mode: Mode, compute_cap: u32) -> anyhow::Result<()> {
         size as f64 / (1 << 20) as f64,
         launcher.display()
     );
-    if mode == Mode::Test {
-        // `--workspace` builds the CPU binaries too (the test makes its
-        // configuration with `edge-agent init`), with the features unified as
-        // in `cargo xtask test`, so nothing is compiled twice.
-        run(cargo()
-            .args(["test", "--workspace", "--test", "gpu", "--"])
-            .args(["--include-ignored", "--nocapture"])
-            .env("MEC_CUDA_AGENT", &launcher)
-            .env("MEC_CUDA_NO_DRIVER_LIBS", toolchain.no_driver_libs()))?;
-    }
-    Ok(())
+    Ok(launcher)
 }
 
 #[cfg(test)]

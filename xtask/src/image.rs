@@ -1,64 +1,20 @@
 //! `cargo xtask image`: the appliance disk, in one command. Installs the
-//! Debian tools it needs, builds the release agent, fetches the model, then
-//! runs `mec_image::build` (see that crate for the steps and the layout).
+//! Debian tools it needs (see [`crate::debian`]), builds the release agent,
+//! fetches the model, then runs `mec_image::build` (see that crate for the
+//! steps and the layout).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
-use mec_image::build::{BuildOptions, TOOLS};
+use mec_image::build::BuildOptions;
 use mec_image::layout::Sizes;
 use serde_json::json;
 
-use crate::{cargo, model, output, root, run};
-
-/// Debian packages that carry the build's tools.
-const HOST_PACKAGES: [&str; 9] = [
-    "binutils",
-    "debootstrap",
-    "e2fsprogs",
-    "dosfstools",
-    "mtools",
-    "fdisk",
-    "qemu-utils",
-    "systemd",
-    "tar",
-];
+use crate::{cargo, debian, model, output, root, run};
 
 /// The Debian suite of the image.
 pub const SUITE: &str = "bookworm";
-
-/// Installs the Debian packages in `packages` when any of `tools` is missing.
-pub fn ensure_tools(tools: &[&str], packages: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&&str> = tools
-        .iter()
-        .filter(|t| !mec_image::build::which(t))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("installing {packages:?} (missing: {missing:?})");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-}
-
-/// Installs what the image's boot test needs: QEMU for x86-64 and the
-/// UEFI firmware (OVMF).
-pub fn ensure_boot_tools() -> anyhow::Result<()> {
-    let firmware = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
-    if mec_image::build::which("qemu-system-x86_64") && firmware.exists() {
-        return Ok(());
-    }
-    eprintln!("installing qemu-system-x86 and ovmf for the image's boot test");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(["qemu-system-x86", "ovmf"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-}
 
 /// The Debian mirror this machine's apt uses (so the image comes from the
 /// same place as the machine's own packages).
@@ -89,8 +45,24 @@ pub fn debian_mirror() -> anyhow::Result<String> {
     anyhow::bail!("no apt source for Debian {SUITE} in /etc/apt: set MEC_DEBIAN_MIRROR")
 }
 
-/// Builds the image into `out` (default `target/image`).
+/// `cargo xtask image`: builds the release agent, then the image into `out`
+/// (default `target/image`).
 pub fn image(
+    signing_key: Option<PathBuf>,
+    version: Option<String>,
+    out: Option<PathBuf>,
+    test_bundles: bool,
+) -> anyhow::Result<()> {
+    debian::ensure(&[&debian::IMAGE])?;
+    run(cargo().args(["build", "--release", "-p", "edge-agent"]))?;
+    let agent = root().join("target/release/edge-agent");
+    build_image(&agent, signing_key, version, out, test_bundles)
+}
+
+/// Builds the image around the release agent binary `agent` (`cargo xtask
+/// test` passes the one its test build made, so nothing is compiled again).
+pub fn build_image(
+    agent: &Path,
     signing_key: Option<PathBuf>,
     version: Option<String>,
     out: Option<PathBuf>,
@@ -100,10 +72,9 @@ pub fn image(
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_writer(std::io::stderr)
         .try_init();
-    ensure_tools(&TOOLS, &HOST_PACKAGES)?;
+    debian::ensure(&[&debian::IMAGE])?;
     let root = root();
     let model = model::ensure(&root)?;
-    run(cargo().args(["build", "--release", "-p", "edge-agent"]))?;
     let out = out.unwrap_or_else(|| root.join("target/image"));
     std::fs::create_dir_all(&out)?;
 
@@ -178,7 +149,7 @@ pub fn image(
         cache_dir,
         mirror,
         suite: SUITE.into(),
-        agent_binary: root.join("target/release/edge-agent"),
+        agent_binary: agent.to_path_buf(),
         model,
         model_id: "smollm2-135m-instruct".into(),
         version,

@@ -9,7 +9,9 @@ use anyhow::{bail, Context};
 mod bench_api;
 mod bench_inference;
 mod bench_sync;
+mod ci;
 mod cuda;
+mod debian;
 mod image;
 mod model;
 mod report;
@@ -31,10 +33,11 @@ enum Task {
     /// ./state/agent the first time, serve the MEC API on 127.0.0.1:8080 with
     /// a demo subscriber, and print how to call it (Ctrl-C stops it).
     Run,
-    /// Run every test of the workspace, then build the appliance image and
-    /// its test bundles, build the CUDA agent and run it without a driver,
-    /// and run the image's boot and update tests in QEMU (installs
-    /// qemu-system-x86 and ovmf).
+    /// Every check: rustfmt, the release build of every target linted by
+    /// clippy, every test of the workspace, the appliance image and its test
+    /// bundles, the CUDA agent run without a driver, and the image's boot and
+    /// update tests in QEMU (installs the Debian tools with apt-get). Prints a
+    /// table of each phase's time at the end. See xtask/src/ci.rs.
     Test,
     /// Build the appliance disk image (target/image/edge-VERSION.img, its
     /// signed manifest, a qcow2): Debian bookworm by debootstrap, the release
@@ -56,6 +59,10 @@ enum Task {
         /// one signed by another key, one with a flipped byte.
         #[arg(long)]
         test_bundles: bool,
+        /// Use this release `edge-agent` binary instead of building one
+        /// (`cargo xtask test` passes the one its build made).
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
     },
     /// The GPU build: install the CUDA 13 compiler from PyPI wheels (once, in
     /// ~/.cache/mec-edge), then build target/release/edge-agent-cuda with
@@ -144,6 +151,16 @@ fn root() -> PathBuf {
     manifest_dir.parent().unwrap().to_path_buf()
 }
 
+/// This machine's cache for the project (`~/.cache/mec-edge`): the CUDA
+/// compiler, the shared target directory of `cargo xtask test`.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| root().join("target"))
+        .join("mec-edge")
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
@@ -183,39 +200,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Run => run_agent::run(),
         Task::Setup => model::ensure(&root()).map(|_| ()),
-        Task::Test => {
-            model::ensure(&root())?;
-            // `cargo test --workspace` builds every package's binaries before
-            // any test runs (each package's integration tests need its own),
-            // so the end-to-end tests find core-ingest, edge-agent and
-            // edgeprov beside them. A separate `cargo build` would compile
-            // the workspace a second time with other features.
-            run(cargo().args(["test", "--workspace", "--all-targets"]))?;
-            // The appliance image, built and booted in QEMU: its test is
-            // ignored by a plain `cargo test` (it needs the image, and
-            // minutes), and run here by name.
-            image::image(None, None, None, true)?;
-            // The GPU build, linked and started without a driver: never
-            // skipped. Its kernels and dependencies are compiled once per
-            // machine (see xtask/src/cuda.rs); a fresh clone compiles only
-            // the workspace again.
-            cuda::build(cuda::Mode::Test, cuda::COMPUTE_CAP)?;
-            image::ensure_boot_tools()?;
-            // `--workspace`, as above, so the features unify the same way
-            // and nothing is compiled again.
-            for test in ["image_boot", "image_update"] {
-                run(cargo().args([
-                    "test",
-                    "--workspace",
-                    "--test",
-                    test,
-                    "--",
-                    "--ignored",
-                    "--nocapture",
-                ]))?;
-            }
-            Ok(())
-        }
+        Task::Test => ci::test(),
         Task::E2ePlanted => e2e_planted(),
         Task::BuildCuda {
             check,
@@ -234,7 +219,11 @@ fn main() -> anyhow::Result<()> {
             version,
             out,
             test_bundles,
-        } => image::image(signing_key, version, out, test_bundles),
+            agent,
+        } => match agent {
+            Some(agent) => image::build_image(&agent, signing_key, version, out, test_bundles),
+            None => image::image(signing_key, version, out, test_bundles),
+        },
         Task::Bench { quick } => bench_all(quick),
         Task::BenchReport => bench_report(),
         Task::BenchLog { records } => bench_log(records),
@@ -316,8 +305,9 @@ fn e2e_planted() -> anyhow::Result<()> {
             "-p",
             "hil-tests",
             "--test",
-            "e2e",
+            "it",
             "--",
+            "e2e::",
             "--nocapture",
         ])
         .env("MEC_BIN_DIR", &planted)

@@ -2,7 +2,7 @@
 //! durable is lost, the seq stays dense, and appends work again once an ack
 //! frees room.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

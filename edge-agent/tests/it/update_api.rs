@@ -5,7 +5,7 @@
 //! operator key, so what the service says is a refusal; the slots
 //! themselves are tested in `mec-update` and in QEMU (`hil-tests`).
 
-mod common;
+use crate::common;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;

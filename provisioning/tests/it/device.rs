@@ -2,7 +2,7 @@
 //! directory: the whole flow, every refusal (and the state unchanged after
 //! it), repeated requests, and factory reset with and without authorization.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

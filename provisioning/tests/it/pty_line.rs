@@ -3,7 +3,7 @@
 //! real `edgeprov` binary on the other, a relay between them that can drop,
 //! flip and add bytes.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! (a real datagram socket this test binds): READY=1 once serving, WATCHDOG=1
 //! pings when `$WATCHDOG_USEC` is set, STOPPING=1 on SIGTERM, then exit 0.
 
-mod common;
+use crate::common;
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};

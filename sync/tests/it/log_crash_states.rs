@@ -1,7 +1,7 @@
 //! Named crash states of the usage log: each test builds the bytes a crash
 //! leaves behind, reopens, and checks what recovery keeps and refuses.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::Write;

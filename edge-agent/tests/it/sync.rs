@@ -2,7 +2,7 @@
 //! (run in this process from mec-sync) over QUIC with mutual TLS, once the
 //! node certificate appears in the identity directory.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! `kill -9` of a serving agent under load, then a restart: every balance
 //! equals its grants minus the tokens of the records in the usage log.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

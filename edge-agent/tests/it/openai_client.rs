@@ -1,7 +1,7 @@
 //! The official `openai` Python client (from PyPI, in a virtual environment
 //! this test makes under the target directory) against a real agent.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -44,7 +44,7 @@ async fn the_official_openai_client_works_streaming_too() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::new(dir.path());
     agent.grant(IMSI, 10_000).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/openai_client.py");
     let (api, key, model) = (agent.api.clone(), agent.key.clone(), agent.model.clone());
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)

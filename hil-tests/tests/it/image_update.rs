@@ -269,7 +269,7 @@ fn disk_facts(overlay: &Path, manifest: &Value, tmp: &Path) -> (String, String, 
 }
 
 #[test]
-#[ignore = "needs the appliance image, its test bundles and many minutes of QEMU: `cargo xtask test` runs it (by hand: `cargo xtask image --test-bundles`, then `cargo test -p hil-tests --test image_update -- --ignored --nocapture`)"]
+#[ignore = "needs the appliance image, its test bundles and many minutes of QEMU: `cargo xtask test` runs it (by hand: `cargo xtask image --test-bundles`, then `cargo test -p hil-tests --test it -- image_update:: --ignored --nocapture`)"]
 fn updates_go_in_only_signed_newer_and_whole_and_a_bad_release_rolls_back() {
     let image = built_image();
     let manifest = image_manifest(&image);

@@ -2,7 +2,7 @@
 //! the agent takes its node id, core and API address from it, and a
 //! subscriber new to the box gets the site's default packages once.
 
-mod common;
+use crate::common;
 
 use common::*;
 use mec_provisioning::pb::{ApplySiteConfig, DefaultPackage};

@@ -24,7 +24,7 @@ fn edgeprov(args: &[&str]) -> (i32, Value) {
 }
 
 #[test]
-#[ignore = "needs the appliance image and minutes of QEMU: `cargo xtask test` builds the image and runs this test (by hand: `cargo xtask image`, then `cargo test -p hil-tests --test image_boot -- --ignored --nocapture`)"]
+#[ignore = "needs the appliance image and minutes of QEMU: `cargo xtask test` builds the image and runs this test (by hand: `cargo xtask image`, then `cargo test -p hil-tests --test it -- image_boot:: --ignored --nocapture`)"]
 fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
     let image = built_image();
     let tmp = tempfile::tempdir().unwrap();

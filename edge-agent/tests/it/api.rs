@@ -1,7 +1,7 @@
 //! The MEC API over real HTTP on loopback, with the real model, a real usage
 //! log and the real ledger store: a running `edge-agent serve` per test.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! pwrite + fdatasync give byte-identical log directories. Also the concurrent
 //! group-commit path on each backend.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

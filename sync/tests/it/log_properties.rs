@@ -3,7 +3,7 @@
 //! exactly the intact frames, in order, and never call damage to an earlier
 //! write a torn tail.
 
-mod common;
+use crate::common;
 
 use std::fs;
 

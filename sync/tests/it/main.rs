@@ -1,0 +1,16 @@
+//! The integration tests of sync: the usage log, its crash states and the sync over loopback QUIC.
+//!
+//! One test binary per crate (one link of the whole stack instead of one
+//! per file, as rust-analyzer and matklad's "Delete Cargo Integration
+//! Tests" advise); each file is a module, and a test's name is
+//! `<file>::<test>`.
+
+mod common;
+
+mod core_ingest_cli;
+mod faults;
+mod log_backends;
+mod log_crash_states;
+mod log_full;
+mod log_properties;
+mod upload_e2e;
