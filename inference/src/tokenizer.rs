@@ -163,14 +163,18 @@ impl Tokenizer {
             .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL)
             .map(|(s, _)| AddedToken::from(s.clone(), true))
             .collect();
-        inner.add_special_tokens(&special);
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| err(format!("special tokens: {e}")))?;
         let user: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
             .filter(|(_, t)| **t == TOKEN_TYPE_USER_DEFINED)
             .map(|(s, _)| AddedToken::from(s.clone(), false))
             .collect();
-        inner.add_tokens(&user);
+        inner
+            .add_tokens(user)
+            .map_err(|e| err(format!("user-defined tokens: {e}")))?;
 
         let id_token = |key: &str| -> Option<(u32, String)> {
             let id = file.u64(key).ok()? as u32;
