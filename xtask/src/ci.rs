@@ -20,8 +20,11 @@
 //! while the build compiles. After the build, two lanes: beside, the image
 //! (debootstrap waits on the network and dpkg) and then its QEMU tests (one
 //! emulated machine, about one core); main, the tests and then the CUDA
-//! agent. The beside lane's output goes to logs under `target/xtask-test/`,
-//! printed when each of its phases ends, so the console stays readable.
+//! agent. The image and the CUDA build run at a lower CPU priority
+//! ([`at_low_priority`]): they only wait for the CPU, while the tests and the
+//! emulated machine run against clocks. The beside lane's output goes to
+//! logs under `target/xtask-test/`, printed when each of its phases ends, so
+//! the console stays readable.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -81,6 +84,22 @@ pub fn linted_cargo() -> anyhow::Result<Command> {
         .env("RUSTC_WORKSPACE_WRAPPER", clippy_driver()?)
         .env("CLIPPY_ARGS", ["-D", "warnings"].join("__CLIPPY_HACKERY__"));
     Ok(c)
+}
+
+/// Makes `cmd` run at a lower CPU priority (nice 10): for work that waits
+/// for nothing but the CPU (compiling, building the image) beside work that
+/// runs against a clock (the tests, an emulated machine booting, whose
+/// guest has timeouts of its own). The scheduler then gives the spare
+/// cycles to the compile and the clock-bound work keeps its pace.
+pub fn at_low_priority(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setpriority is async-signal-safe and changes only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+            Ok(())
+        })
+    }
 }
 
 /// What a phase came to.
@@ -275,6 +294,8 @@ type TestBinaries = BTreeMap<String, PathBuf>;
 
 fn pipeline(p: &Phases) -> anyhow::Result<()> {
     let logs = root().join("target/xtask-test");
+    // The lanes' logs of an earlier run would be appended to.
+    let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs)?;
     let _lock = p.run("main", "lock the shared target directory", lock_target)?;
     p.run("main", "Debian tools (apt-get, then checked)", || {
@@ -308,6 +329,14 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
         .get("hil-tests")
         .context("the build made no hil-tests test binary")?
         .clone();
+    // Once the main lane fails, the beside lane starts no further phase.
+    let main_failed = std::sync::atomic::AtomicBool::new(false);
+    let go_on = || -> anyhow::Result<()> {
+        if main_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("not started: the main lane failed");
+        }
+        Ok(())
+    };
     std::thread::scope(|s| {
         let beside = s.spawn(|| {
             let log = logs.join("image.log");
@@ -316,15 +345,18 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
                 // goes to the lane's log.
                 let mut cmd = Command::new(std::env::current_exe()?);
                 cmd.args(["image", "--test-bundles", "--agent"]).arg(&agent);
-                run_logged(&mut cmd, &log)
+                run_logged(at_low_priority(&mut cmd), &log)
             });
             print_log(&log, image.is_err());
             image?;
             let log = logs.join("qemu.log");
-            let qemu = p
-                .run("beside", "QEMU: image_boot", || {
-                    run_test_binary(&hil, &["image_boot::", "--ignored"], &[], &log)
+            let qemu = go_on()
+                .and_then(|_| {
+                    p.run("beside", "QEMU: image_boot", || {
+                        run_test_binary(&hil, &["image_boot::", "--ignored"], &[], &log)
+                    })
                 })
+                .and_then(|_| go_on())
                 .and_then(|_| {
                     p.run("beside", "QEMU: image_update", || {
                         run_test_binary(&hil, &["image_update::", "--ignored"], &[], &log)
@@ -339,7 +371,7 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
             })
             .and_then(|_| {
                 p.run("main", "CUDA agent: release build", || {
-                    cuda::build_agent(&toolchain, cuda::COMPUTE_CAP)
+                    cuda::build_agent(&toolchain, cuda::COMPUTE_CAP, true)
                 })
             })
             .and_then(|launcher| {
@@ -353,10 +385,13 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
                         ),
                     ];
                     let r = run_test_binary(&hil, &["gpu::", "--include-ignored"], &env, &log);
-                    print_log(&log, false);
+                    print_log(&log, r.is_err());
                     r
                 })
             });
+        if main.is_err() {
+            main_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let beside = beside.join().expect("the image and QEMU lane panicked");
         main?;
         beside
@@ -416,6 +451,8 @@ fn build_tests() -> anyhow::Result<TestBinaries> {
             "--no-run",
         ])
         .args(["--message-format", "json-render-diagnostics"])
+        // What each crate cost: <target>/cargo-timings/cargo-timing.html.
+        .arg("--timings")
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run cargo test --no-run")?;

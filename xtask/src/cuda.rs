@@ -360,7 +360,7 @@ pub fn build(mode: Mode, compute_cap: u32) -> anyhow::Result<()> {
         return Ok(());
     }
     let _lock = ci::lock_target()?;
-    let launcher = build_agent(&toolchain, compute_cap)?;
+    let launcher = build_agent(&toolchain, compute_cap, false)?;
     if mode == Mode::Test {
         // The same linted release build as `cargo xtask test`, so the CPU
         // binaries the test uses (it makes its configuration with
@@ -377,15 +377,20 @@ pub fn build(mode: Mode, compute_cap: u32) -> anyhow::Result<()> {
 /// The release build of `edge-agent-cuda`, in the shared target directory
 /// of `cargo xtask test` (so it shares every dependency the CPU build
 /// compiled; the CUDA kernels are compiled once per machine and kept),
-/// linted by clippy like the rest. Installs it with its launcher in
-/// `target/cuda/`; returns the launcher's path.
+/// linted by clippy like the rest, at a lower CPU priority when asked
+/// (beside the QEMU tests). Installs it with its launcher in `target/cuda/`;
+/// returns the launcher's path.
 ///
 /// candle-kernels' build script does not rerun when the toolkit changes,
 /// and cudaforge's own cache of compiled objects does not know the compiler
 /// either: when the toolkit or the targets differ from those the kernels
 /// were compiled with ([`Toolchain::kernels_key`], stamped beside them),
 /// they are cleaned first.
-pub fn build_agent(toolchain: &Toolchain, compute_cap: u32) -> anyhow::Result<PathBuf> {
+pub fn build_agent(
+    toolchain: &Toolchain,
+    compute_cap: u32,
+    low_priority: bool,
+) -> anyhow::Result<PathBuf> {
     let started = Instant::now();
     let target = ci::target_dir();
     let stamp = target.join("release/.cuda-kernels-key");
@@ -403,6 +408,9 @@ pub fn build_agent(toolchain: &Toolchain, compute_cap: u32) -> anyhow::Result<Pa
     }
     let mut cmd = ci::linted_cargo()?;
     toolchain.apply(&mut cmd, compute_cap);
+    if low_priority {
+        ci::at_low_priority(&mut cmd);
+    }
     // `--workspace`: the features unify as in the test build, so only what
     // the `cuda` feature changes is compiled here.
     run(cmd.args([
