@@ -446,6 +446,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_kernels_key_changes_with_the_compiler_and_the_target() {
+        let at = |dir: &str| Toolchain {
+            dir: PathBuf::from(dir),
+            cuda_home: PathBuf::from(dir).join("venv/site-packages/nvidia/cu13"),
+        };
+        let a = at("/cache/cuda-13.4.92");
+        assert_eq!(a.kernels_key(75), a.kernels_key(75));
+        assert!(a
+            .kernels_key(75)
+            .contains("cuda-13.4.92/venv/site-packages/nvidia/cu13/bin/nvcc"));
+        assert_ne!(a.kernels_key(75), a.kernels_key(90), "another target");
+        assert_ne!(
+            a.kernels_key(75),
+            at("/cache/cuda-13.0.88").kernels_key(75),
+            "another toolkit"
+        );
+    }
+
+    #[test]
     fn declared_functions_are_the_prefix_s_and_not_the_excluded() {
         let src = "extern \"C\" { pub fn cuInit(flags: u32) -> CUresult; \
                    pub fn cudaMalloc(p: *mut u8) -> u32; pub fn cublasCreate_v2(); }\n\
