@@ -482,8 +482,10 @@ fn build_tests() -> anyhow::Result<TestBinaries> {
     Ok(binaries)
 }
 
-/// Runs a test binary as `cargo test` would (from its package's directory),
-/// `--nocapture`, output appended to `log`.
+/// Runs hil-tests' test binary `exe` as `cargo test` would (from the
+/// package's directory), `--nocapture`, output appended to `log`: no cargo
+/// process holds the target directory's lock while the QEMU tests run
+/// beside a build.
 fn run_test_binary(
     exe: &Path,
     args: &[&str],

@@ -86,13 +86,14 @@ fn describe(tool: &Tool) -> String {
 
 /// The tools of `sets` that are not here, described.
 pub fn missing(sets: &[&[Tool]]) -> Vec<String> {
-    let mut out: Vec<String> = sets
-        .iter()
-        .flat_map(|s| s.iter())
-        .filter(|t| !present(t))
-        .map(describe)
-        .collect();
-    out.dedup();
+    let mut out: Vec<String> = Vec::new();
+    for t in sets.iter().flat_map(|s| s.iter()).filter(|t| !present(t)) {
+        let d = describe(t);
+        // A tool in two sets (qemu-img, debugfs) is named once.
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
     out
 }
 
@@ -222,5 +223,7 @@ mod tests {
             missing(&[&set]),
             vec!["surely-not-a-command-here (package some-package)"]
         );
+        // Named once when two sets hold it.
+        assert_eq!(missing(&[&set, &set]).len(), 1);
     }
 }

@@ -53,7 +53,6 @@ pub fn image(
     out: Option<PathBuf>,
     test_bundles: bool,
 ) -> anyhow::Result<()> {
-    debian::ensure(&[&debian::IMAGE])?;
     run(cargo().args(["build", "--release", "-p", "edge-agent"]))?;
     let agent = root().join("target/release/edge-agent");
     build_image(&agent, signing_key, version, out, test_bundles)
