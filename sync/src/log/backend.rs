@@ -45,6 +45,8 @@ pub enum BackendKind {
     Uring,
     /// `pwrite` + `fdatasync`.
     File,
+    /// A backend the caller supplied ([`super::UsageLog::open_with_backend`]).
+    Custom,
 }
 
 impl BackendKind {
@@ -53,6 +55,7 @@ impl BackendKind {
         match self {
             BackendKind::Uring => "uring",
             BackendKind::File => "file",
+            BackendKind::Custom => "custom",
         }
     }
 }

@@ -297,6 +297,36 @@ impl UsageLog {
         node_id: &str,
         options: LogOptions,
     ) -> Result<UsageLog, LogError> {
+        let choice = options.backend;
+        Self::open_inner(dir, identity, node_id, options, |start| {
+            writer::spawn(choice, start)
+        })
+    }
+
+    /// Opens the log over a backend the caller made, ignoring
+    /// `options.backend`: how the tests put a fault-injecting backend (one
+    /// that fails the Nth write or sync, or answers slowly) under the writer.
+    pub fn open_with_backend<B: SegmentBackend + Send + 'static>(
+        dir: &Path,
+        identity: NodeIdentity,
+        node_id: &str,
+        options: LogOptions,
+        backend: B,
+    ) -> Result<UsageLog, LogError> {
+        Self::open_inner(dir, identity, node_id, options, move |start| {
+            writer::spawn_with(backend, start).map(|h| (h, BackendKind::Custom))
+        })
+    }
+
+    fn open_inner(
+        dir: &Path,
+        identity: NodeIdentity,
+        node_id: &str,
+        options: LogOptions,
+        spawn: impl FnOnce(
+            writer::WriterStart,
+        ) -> Result<(std::thread::JoinHandle<()>, BackendKind), LogError>,
+    ) -> Result<UsageLog, LogError> {
         let recovered = recovery::recover(dir, &identity, node_id)?;
         let active = recovered
             .segments
@@ -337,7 +367,7 @@ impl UsageLog {
             max_batch_bytes: options.max_batch_bytes,
             commit_delay: options.commit_delay,
         };
-        let (writer, backend) = writer::spawn(options.backend, start)?;
+        let (writer, backend) = spawn(start)?;
         tracing::info!(dir = %dir.display(), backend = backend.as_str(), durable_seq, acked_seq = recovered.ack.seq, "usage log open");
         Ok(UsageLog {
             shared,

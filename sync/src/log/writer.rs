@@ -60,18 +60,7 @@ pub(crate) fn spawn(
     let handle = std::thread::Builder::new()
         .name(format!("usage-log-{}", kind.as_str()))
         .spawn(move || match kind {
-            BackendKind::File => {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build();
-                match rt {
-                    Ok(rt) => rt.block_on(run(FileBackend, start, ready_tx)),
-                    Err(e) => {
-                        let _ = ready_tx
-                            .send(Err(LogError::Unavailable(format!("writer runtime: {e}"))));
-                    }
-                }
-            }
+            BackendKind::File => run_on_tokio(FileBackend, start, ready_tx),
             #[cfg(target_os = "linux")]
             BackendKind::Uring => match tokio_uring::Runtime::new(&tokio_uring::builder()) {
                 Ok(rt) => rt.block_on(run(super::backend::UringBackend, start, ready_tx)),
@@ -82,10 +71,45 @@ pub(crate) fn spawn(
             },
             #[cfg(not(target_os = "linux"))]
             BackendKind::Uring => unreachable!(),
+            BackendKind::Custom => unreachable!("spawn_with starts custom backends"),
         })
         .map_err(|e| LogError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+    wait_ready(handle, ready_rx).map(|h| (h, kind))
+}
+
+/// Starts the writer thread over a backend the caller made (a test's
+/// fault-injecting backend, say), on a current-thread tokio runtime.
+pub(crate) fn spawn_with<B: SegmentBackend + Send + 'static>(
+    backend: B,
+    start: WriterStart,
+) -> Result<std::thread::JoinHandle<()>, LogError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("usage-log-custom".into())
+        .spawn(move || run_on_tokio(backend, start, ready_tx))
+        .map_err(|e| LogError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+    wait_ready(handle, ready_rx)
+}
+
+/// Runs the writer on a current-thread tokio runtime (every backend but io_uring).
+fn run_on_tokio<B: SegmentBackend>(backend: B, start: WriterStart, ready: Ready) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt.block_on(run(backend, start, ready)),
+        Err(e) => {
+            let _ = ready.send(Err(LogError::Unavailable(format!("writer runtime: {e}"))));
+        }
+    }
+}
+
+fn wait_ready(
+    handle: std::thread::JoinHandle<()>,
+    ready_rx: std::sync::mpsc::Receiver<Result<(), LogError>>,
+) -> Result<std::thread::JoinHandle<()>, LogError> {
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok((handle, kind)),
+        Ok(Ok(())) => Ok(handle),
         Ok(Err(e)) => {
             let _ = handle.join();
             Err(e)
@@ -198,7 +222,7 @@ async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready
                         while let Ok(item) = rx.try_recv() {
                             w.accept(item);
                         }
-                        w.fail_all(failure);
+                        w.discard_undurable(failure, Vec::new());
                     }
                     Ok(None) => break,
                     Err(_) => {}
@@ -382,6 +406,19 @@ impl<B: SegmentBackend> Writer<B> {
     /// wait for that repair).
     async fn fail(&mut self, error: LogError, batch: Vec<Item>) {
         tracing::error!(%error, durable_seq = self.durable_seq, "usage log write failed; records not yet durable are refused");
+        self.discard_undurable(error.clone(), batch);
+        // The run loop repairs before it writes again.
+        self.broken = Some(error);
+    }
+
+    /// Answers every record not yet durable (`batch` and all pending) with
+    /// `error`, and rolls the sequencer back to the last durable record in
+    /// a new epoch, in one step. Whoever refuses records must roll back:
+    /// seqs handed out and then refused would otherwise leave a hole the
+    /// writer waits on forever, and a chain head naming a record that does
+    /// not exist. Records of the old epoch still on their way are refused
+    /// on arrival ([`Writer::accept`]).
+    fn discard_undurable(&mut self, error: LogError, batch: Vec<Item>) {
         {
             let mut s = self.shared.seq.lock().unwrap();
             s.epoch += 1;
@@ -393,9 +430,7 @@ impl<B: SegmentBackend> Writer<B> {
         for item in batch {
             let _ = item.reply.send(Err(error.clone()));
         }
-        self.fail_all(error.clone());
-        // The run loop repairs before it writes again.
-        self.broken = Some(error);
+        self.fail_all(error);
     }
 
     /// One repair attempt; on success the log accepts appends again.
@@ -420,6 +455,8 @@ impl<B: SegmentBackend> Writer<B> {
         }
     }
 
+    /// Answers every pending record with `error`. Only with the sequencer
+    /// rolled back ([`Writer::discard_undurable`]), or when the log closes.
     fn fail_all(&mut self, error: LogError) {
         for (_, item) in std::mem::take(&mut self.pending) {
             let _ = item.reply.send(Err(error.clone()));

@@ -11,6 +11,7 @@ mod core_ingest_cli;
 mod faults;
 mod log_backends;
 mod log_crash_states;
+mod log_faults;
 mod log_full;
 mod log_properties;
 mod upload_e2e;
