@@ -63,7 +63,8 @@ pub struct ApiConfig {
     /// Largest request body; larger ones get 413.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
-    /// Longest a request may run; its reservation expires after it.
+    /// Longest a request body may take to arrive. (A reservation is held for
+    /// as long as its request runs; no clock expires it.)
     #[serde(default = "default_request_timeout")]
     pub request_timeout_s: u64,
     /// On SIGTERM, how long in-flight requests may finish before they are
@@ -551,7 +552,7 @@ impl Config {
         self.identity_dir().join("operator-ca.crt")
     }
 
-    /// `state_dir/inflight.tally` (see `server::tally`).
+    /// `state_dir/inflight.tally` (see `mec_billing::tally`).
     pub fn tally_path(&self) -> PathBuf {
         self.node.state_dir.join("inflight.tally")
     }

@@ -168,9 +168,6 @@ pub struct Reservation {
     pub holds: Vec<Debit>,
     /// Σ of the holds: the most the request may use.
     pub granted: u64,
-    /// After this the reservation is dropped (a crashed or stuck request
-    /// cannot strand quota).
-    pub expires_at: Timestamp,
 }
 
 /// One bucket as the admin API shows it.
@@ -347,15 +344,21 @@ impl Ledger {
         }
     }
 
-    /// Holds up to `wanted` tokens of `imsi` until `expires_at`, nearest
-    /// expiry first; refuses when fewer than `needed` are available.
+    /// Holds up to `wanted` tokens of `imsi`, nearest expiry first, until
+    /// the reservation is settled or released; refuses when fewer than
+    /// `needed` are available.
+    ///
+    /// A reservation never expires by itself: no clock decides that the
+    /// request holding it is gone (a request that waits long in a queue is
+    /// still live, and a clock stepped forward would free every hold at
+    /// once). Whoever holds it releases it when the request ends; the agent
+    /// ties that to the request's lifetime.
     pub fn reserve(
         &mut self,
         imsi: &Imsi,
         needed: u64,
         wanted: u64,
         now: Timestamp,
-        expires_at: Timestamp,
     ) -> Result<Reservation, LedgerError> {
         let wanted = wanted.max(needed);
         let avail = self.available(imsi, now);
@@ -389,7 +392,6 @@ impl Ledger {
             imsi: imsi.clone(),
             granted: wanted - left,
             holds,
-            expires_at,
         };
         self.reservations.insert(r.id, r.clone());
         Ok(r)
@@ -406,17 +408,29 @@ impl Ledger {
         }
     }
 
-    /// Settles a reservation: debits `used` tokens from its holds in order
-    /// and releases the rest. Tokens beyond the grant (the engine caps
-    /// generation, so only a bug makes any) are debited from the first hold,
-    /// so nothing made goes unbilled. Returns the debits, for the usage
-    /// record and the store.
+    /// Settles a reservation at once: [`Ledger::debits_for`] then
+    /// [`Ledger::commit`].
     pub fn settle(&mut self, reservation: u64, used: u64) -> Result<Vec<Debit>, LedgerError> {
+        let debits = self.debits_for(reservation, used)?;
+        self.commit(reservation, &debits)?;
+        Ok(debits)
+    }
+
+    /// The debits that settle `used` tokens of a reservation, changing
+    /// nothing: taken from its holds in order. Tokens beyond the grant (the
+    /// engine caps generation, so only a bug makes any) go to the first
+    /// hold, so nothing made goes unbilled. Every reservation has at least
+    /// one hold (it covers at least its `needed`, and a hold is only made
+    /// of tokens), so the debits always sum to `used`.
+    ///
+    /// The agent asks for these, writes them into the usage record, and
+    /// commits them only once the record is durable: a record that never
+    /// made it into the log debits nothing.
+    pub fn debits_for(&self, reservation: u64, used: u64) -> Result<Vec<Debit>, LedgerError> {
         let r = self
             .reservations
-            .remove(&reservation)
+            .get(&reservation)
             .ok_or(LedgerError::UnknownReservation(reservation))?;
-        self.drop_holds(&r);
         let mut debits = Vec::new();
         let mut left = used;
         for h in &r.holds {
@@ -437,8 +451,19 @@ impl Ledger {
                 }
             }
         }
-        self.apply(&debits);
         Ok(debits)
+    }
+
+    /// Ends a reservation with `debits` (from [`Ledger::debits_for`]):
+    /// releases its holds and applies the debits.
+    pub fn commit(&mut self, reservation: u64, debits: &[Debit]) -> Result<(), LedgerError> {
+        let r = self
+            .reservations
+            .remove(&reservation)
+            .ok_or(LedgerError::UnknownReservation(reservation))?;
+        self.drop_holds(&r);
+        self.apply(debits);
+        Ok(())
     }
 
     /// Releases a reservation without debiting anything (no token was made).
@@ -462,21 +487,6 @@ impl Ledger {
             }
         }
         unknown
-    }
-
-    /// Drops reservations expired at `now`; returns how many.
-    pub fn expire(&mut self, now: Timestamp) -> usize {
-        let expired: Vec<Reservation> = self
-            .reservations
-            .values()
-            .filter(|r| r.expires_at <= now)
-            .cloned()
-            .collect();
-        for r in &expired {
-            self.reservations.remove(&r.id);
-            self.drop_holds(r);
-        }
-        expired.len()
     }
 }
 
@@ -510,12 +520,12 @@ mod tests {
     fn reserve_holds_and_settle_debits_the_actual_tokens() {
         let mut l = Ledger::new();
         l.insert(bucket(1, BucketKind::Topup, 100, 30)).unwrap();
-        let r = l.reserve(&imsi(), 11, 60, T0, T0 + 600).unwrap();
+        let r = l.reserve(&imsi(), 11, 60, T0).unwrap();
         assert_eq!(r.granted, 60);
         assert_eq!(l.balance(&imsi(), T0).remaining_tokens, 40);
         // A second request sees only what is not held.
         assert_eq!(
-            l.reserve(&imsi(), 41, 41, T0, T0 + 600),
+            l.reserve(&imsi(), 41, 41, T0),
             Err(LedgerError::InsufficientQuota {
                 available: 40,
                 needed: 41
@@ -542,7 +552,7 @@ mod tests {
     fn grants_are_capped_by_the_balance_but_need_only_cover_the_minimum() {
         let mut l = Ledger::new();
         l.insert(bucket(1, BucketKind::Trial, 30, 30)).unwrap();
-        let r = l.reserve(&imsi(), 20, 500, T0, T0 + 600).unwrap();
+        let r = l.reserve(&imsi(), 20, 500, T0).unwrap();
         assert_eq!(r.granted, 30);
     }
 
@@ -551,7 +561,7 @@ mod tests {
         let mut l = Ledger::new();
         l.insert(bucket(1, BucketKind::Topup, 50, 90)).unwrap();
         l.insert(bucket(2, BucketKind::Trial, 10, 7)).unwrap();
-        let r = l.reserve(&imsi(), 1, 30, T0, T0 + 600).unwrap();
+        let r = l.reserve(&imsi(), 1, 30, T0).unwrap();
         assert_eq!(r.holds[0].bucket_id, 2);
         let d = l.settle(r.id, 30).unwrap();
         assert_eq!(
@@ -576,7 +586,7 @@ mod tests {
     fn monthly_allowance_renews_and_unused_tokens_expire() {
         let mut l = Ledger::new();
         l.insert(bucket(1, BucketKind::Monthly, 100, 365)).unwrap();
-        let r = l.reserve(&imsi(), 1, 70, T0, T0 + 600).unwrap();
+        let r = l.reserve(&imsi(), 1, 70, T0).unwrap();
         l.settle(r.id, 70).unwrap();
         assert_eq!(l.balance(&imsi(), T0 + DAY).remaining_tokens, 30);
         // 2026-02-15: a new month, the full allowance again (30 expired).
@@ -586,7 +596,7 @@ mod tests {
         assert_eq!(l.bucket(1).unwrap().period(feb - 1), Some(0));
         // The end of this month is the tokens' expiry, not the bucket's.
         assert_eq!(l.bucket(1).unwrap().expiry_at(T0), feb);
-        let r = l.reserve(&imsi(), 1, 10, feb, feb + 600).unwrap();
+        let r = l.reserve(&imsi(), 1, 10, feb).unwrap();
         assert_eq!(l.settle(r.id, 10).unwrap()[0].period, 1);
         assert_eq!(l.balance(&imsi(), feb).remaining_tokens, 90);
     }
@@ -597,14 +607,11 @@ mod tests {
         l.insert(bucket(1, BucketKind::Topup, 100, 40)).unwrap();
         l.insert(bucket(2, BucketKind::Monthly, 100, 365)).unwrap();
         // On Jan 15 the month's tokens expire Feb 15, the top-up Feb 24.
-        assert_eq!(
-            l.reserve(&imsi(), 1, 1, T0, T0 + 1).unwrap().holds[0].bucket_id,
-            2
-        );
+        assert_eq!(l.reserve(&imsi(), 1, 1, T0).unwrap().holds[0].bucket_id, 2);
         // On Feb 16 the new month's tokens expire Mar 15: the top-up first.
         let feb16 = T0 + 32 * DAY;
         assert_eq!(
-            l.reserve(&imsi(), 1, 1, feb16, feb16 + 1).unwrap().holds[0].bucket_id,
+            l.reserve(&imsi(), 1, 1, feb16).unwrap().holds[0].bucket_id,
             1
         );
     }
@@ -617,20 +624,46 @@ mod tests {
         assert_eq!(l.balance(&imsi(), T0 + 30 * DAY).remaining_tokens, 0);
         l.revoke(1).unwrap();
         assert_eq!(l.balance(&imsi(), T0).remaining_tokens, 0);
-        assert!(l.reserve(&imsi(), 1, 1, T0, T0 + 1).is_err());
+        assert!(l.reserve(&imsi(), 1, 1, T0).is_err());
         assert_eq!(l.revoke(9), Err(LedgerError::UnknownBucket(9)));
     }
 
     #[test]
-    fn expired_reservations_release_their_holds() {
+    fn a_reservation_holds_until_released_whatever_the_time() {
         let mut l = Ledger::new();
         l.insert(bucket(1, BucketKind::Topup, 100, 30)).unwrap();
-        l.reserve(&imsi(), 1, 100, T0, T0 + 60).unwrap();
-        assert_eq!(l.balance(&imsi(), T0).remaining_tokens, 0);
-        assert_eq!(l.expire(T0 + 59), 0);
-        assert_eq!(l.expire(T0 + 60), 1);
+        let r = l.reserve(&imsi(), 1, 100, T0).unwrap();
+        // Days later (a long queue, a clock stepped forward): still held.
+        assert_eq!(l.balance(&imsi(), T0 + 20 * DAY).remaining_tokens, 0);
+        assert!(l.reserve(&imsi(), 1, 1, T0 + 20 * DAY).is_err());
+        l.release(r.id).unwrap();
         assert_eq!(l.balance(&imsi(), T0).remaining_tokens, 100);
         assert_eq!(l.reservations(), 0);
+        assert_eq!(l.release(r.id), Err(LedgerError::UnknownReservation(r.id)));
+    }
+
+    #[test]
+    fn debits_are_planned_without_change_and_committed_once() {
+        let mut l = Ledger::new();
+        l.insert(bucket(1, BucketKind::Topup, 100, 30)).unwrap();
+        let r = l.reserve(&imsi(), 1, 40, T0).unwrap();
+        let d = l.debits_for(r.id, 50).unwrap();
+        assert_eq!(
+            d.iter().map(|d| d.tokens).sum::<u64>(),
+            50,
+            "beyond the grant still billed"
+        );
+        assert_eq!(
+            l.balance(&imsi(), T0).remaining_tokens,
+            60,
+            "nothing debited yet"
+        );
+        l.commit(r.id, &d).unwrap();
+        assert_eq!(l.balance(&imsi(), T0).remaining_tokens, 50);
+        assert_eq!(
+            l.commit(r.id, &d),
+            Err(LedgerError::UnknownReservation(r.id))
+        );
     }
 
     #[test]
@@ -689,7 +722,7 @@ mod tests {
                     let r: Reservation = open.remove(0);
                     let used = r.granted.min(needed + extra / 2);
                     debited += l.settle(r.id, used).unwrap().iter().map(|d| d.tokens).sum::<u64>();
-                } else if let Ok(r) = l.reserve(&imsi(), needed, needed + extra, T0, T0 + 60) {
+                } else if let Ok(r) = l.reserve(&imsi(), needed, needed + extra, T0) {
                     proptest::prop_assert!(r.granted >= needed);
                     open.push(r);
                 }

@@ -65,6 +65,10 @@ pub struct UsageRow {
 pub struct Applied {
     /// The record's seq.
     pub seq: u64,
+    /// The record's `record_id` (the request id), kept so that the next
+    /// start can tell a stream's record was written even once the log has
+    /// deleted it (see [`Store::record_seq`]).
+    pub record_id: Vec<u8>,
     /// Its debits.
     pub debits: Vec<Debit>,
     /// Its summary for the recent-usage view.
@@ -110,6 +114,11 @@ CREATE TABLE IF NOT EXISTS usage (
     outcome           TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_by_imsi ON usage(imsi, seq);
+CREATE TABLE IF NOT EXISTS record_ids (
+    record_id BLOB    PRIMARY KEY,
+    seq       INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS record_ids_by_seq ON record_ids(seq);
 ";
 
 /// Recent-usage rows kept per subscriber.
@@ -261,6 +270,12 @@ impl Store {
                 continue;
             }
             new += 1;
+            if !a.record_id.is_empty() {
+                tx.execute(
+                    "INSERT OR IGNORE INTO record_ids (record_id, seq) VALUES (?1, ?2)",
+                    params![a.record_id, seq],
+                )?;
+            }
             for d in &a.debits {
                 tx.execute(
                     "UPDATE buckets SET
@@ -303,6 +318,30 @@ impl Store {
         }
         tx.commit()?;
         Ok(new)
+    }
+
+    /// The seq of the applied record with this `record_id`, if the store
+    /// still knows it (ids are kept until [`Store::prune_record_ids`]).
+    pub fn record_seq(&self, record_id: &[u8]) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT seq FROM record_ids WHERE record_id = ?1",
+                [record_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|s| s as u64))
+    }
+
+    /// Forgets the record ids of seqs at or below `seq`: no in-flight slot
+    /// can ask about them any more (a slot only asks about records after
+    /// the log position it started at). Returns how many went.
+    pub fn prune_record_ids(&mut self, seq: u64) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM record_ids WHERE seq <= ?1",
+            [i64::try_from(seq).unwrap_or(i64::MAX)],
+        )?)
     }
 
     /// The last `limit` settled requests of `imsi`, newest first.
@@ -355,6 +394,7 @@ mod tests {
     fn applied(seq: u64, bucket: u64, tokens: u64) -> Applied {
         Applied {
             seq,
+            record_id: seq.to_be_bytes().to_vec(),
             debits: vec![Debit {
                 bucket_id: bucket,
                 tokens,
@@ -392,6 +432,8 @@ mod tests {
         );
         assert_eq!(s.applied_watermark().unwrap(), 2);
         assert!(s.is_applied(4).unwrap() && !s.is_applied(3).unwrap());
+        assert_eq!(s.record_seq(&4u64.to_be_bytes()).unwrap(), Some(4));
+        assert_eq!(s.record_seq(&3u64.to_be_bytes()).unwrap(), None);
         // Applying again changes nothing.
         assert_eq!(
             s.apply(&[applied(2, b.id, 10), applied(4, b.id, 1)])

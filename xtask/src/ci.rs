@@ -48,8 +48,9 @@ pub fn target_dir() -> PathBuf {
 
 /// The workspace's own crates: what another checkout leaves in the shared
 /// target directory that this one cannot use.
-const WORKSPACE_CRATES: [&str; 9] = [
+const WORKSPACE_CRATES: [&str; 10] = [
     "edge-agent",
+    "mec-billing",
     "mec-inference",
     "mec-sync",
     "mec-metering",

@@ -13,9 +13,9 @@ use mec_metering::{BucketKind, Imsi};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::billing::unix_now;
 use super::error::ApiError;
 use super::AppState;
+use mec_billing::unix_now;
 
 /// The admin routes.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -78,28 +78,16 @@ async fn grant(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
         let now = unix_now();
         let from = req.valid_from.unwrap_or(now);
         let until = from + i64::from(days) * 86_400;
-        let store = state.billing.store().clone();
+        let billing = state.billing.clone();
         let bucket = tokio::task::spawn_blocking(move || {
-            store
-                .lock()
-                .unwrap()
-                .grant(&imsi, kind, req.tokens, from, until, now)
+            billing.grant(&imsi, kind, req.tokens, from, until)
         })
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| ApiError::internal(e.to_string()))??;
         let id = bucket.id;
         let imsi = bucket.imsi.clone();
-        state.billing.mark_known(&imsi);
-        state
-            .billing
-            .ledger()
-            .lock()
-            .unwrap()
-            .insert(bucket)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
         tracing::info!(imsi = %imsi, bucket = id, tokens = req.tokens, kind = kind.as_str(), "granted");
-        let balance = state.billing.ledger().lock().unwrap().balance(&imsi, now);
+        let balance = state.billing.balance(&imsi);
         Ok((
             StatusCode::CREATED,
             Json(json!({ "bucket_id": id, "balance": balance })),
@@ -112,34 +100,17 @@ async fn grant(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
 }
 
 async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<u64>) -> Response {
-    let store = state.billing.store().clone();
-    let found = tokio::task::spawn_blocking(move || store.lock().unwrap().revoke(id)).await;
-    match found {
-        Ok(Ok(true)) => {
-            let _ = state.billing.ledger().lock().unwrap().revoke(id);
-            Json(json!({ "bucket_id": id, "revoked": true })).into_response()
-        }
-        Ok(Ok(false)) => ApiError {
-            status: StatusCode::NOT_FOUND,
-            ..ApiError::invalid("bucket_not_found", format!("no bucket {id}"))
-        }
-        .into_response(),
-        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+    let billing = state.billing.clone();
+    match tokio::task::spawn_blocking(move || billing.revoke(id)).await {
+        Ok(Ok(())) => Json(json!({ "bucket_id": id, "revoked": true })).into_response(),
+        Ok(Err(e)) => ApiError::from(e).into_response(),
         Err(e) => ApiError::internal(e.to_string()).into_response(),
     }
 }
 
 async fn balance(State(state): State<Arc<AppState>>, Path(imsi): Path<String>) -> Response {
     match imsi_of(&imsi) {
-        Ok(imsi) => Json(
-            state
-                .billing
-                .ledger()
-                .lock()
-                .unwrap()
-                .balance(&imsi, unix_now()),
-        )
-        .into_response(),
+        Ok(imsi) => Json(state.billing.balance(&imsi)).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -158,20 +129,19 @@ async fn usage(
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
-    let store = state.billing.store().clone();
+    let billing = state.billing.clone();
     let limit = q.limit.unwrap_or(20);
-    let rows =
-        tokio::task::spawn_blocking(move || store.lock().unwrap().recent_usage(&imsi, limit)).await;
+    let rows = tokio::task::spawn_blocking(move || billing.recent_usage(&imsi, limit)).await;
     match rows {
         Ok(Ok(rows)) => Json(json!({ "usage": rows })).into_response(),
-        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+        Ok(Err(e)) => ApiError::from(e).into_response(),
         Err(e) => ApiError::internal(e.to_string()).into_response(),
     }
 }
 
 /// `GET /admin/v1/sync`: the upload to the core.
 async fn sync_status(State(state): State<Arc<AppState>>) -> Response {
-    let log = state.billing.log().stats();
+    let log = state.log.stats();
     let view = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || state.sync_view())

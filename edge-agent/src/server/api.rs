@@ -19,17 +19,18 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
 use mec_inference::engine::{Delta, FinishReason, GenerateRequest, SubmitError, Summary};
-use mec_metering::ledger::Reservation;
 use mec_metering::Imsi;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 
-use super::billing::{RequestInfo, Usage};
+use mec_billing::tally::TallyError;
+use mec_billing::{Admission, Admit, RequestInfo, Settled, Usage};
+use mec_sync::record::Outcome;
+
 use super::error::ApiError;
 use super::openai::{parse_body, ChatRequest, CompletionRequest, Sampling};
-use super::tally::{Counting, TallyError};
 use super::AppState;
 
 /// The header naming the subscriber.
@@ -210,33 +211,18 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
             "the agent is shutting down",
         ));
     }
-    let billing = &state.billing;
     let metering_started = Instant::now();
-    billing.check_rate(
-        &p.info.imsi,
-        &p.info.app,
-        p.prompt.len() as u64 + p.max_completion,
-    )?;
-    billing.check_log()?;
-    let reservation = billing.reserve(&p.info.imsi, p.prompt.len() as u64, p.max_completion)?;
+    // Rate limits, room in the log, the reservation, a stream's slot. The
+    // admission holds the reservation until it settles or is dropped.
+    let admission = state.billing.admit(Admit {
+        info: &p.info,
+        prompt_tokens: p.prompt.len() as u64,
+        max_completion: p.max_completion,
+        stream: p.stream,
+    })?;
     let reserve_time = metering_started.elapsed();
-    // A stream's tokens are counted where a crash cannot lose them.
-    let counting = if p.stream {
-        match billing.begin_stream(&p.info, p.prompt.len() as u64, reservation.as_ref()) {
-            Ok(c) => c,
-            Err(e) => {
-                billing.release(reservation.as_ref());
-                return Err(e);
-            }
-        }
-    } else {
-        None
-    };
     // The reservation caps what may be generated.
-    let cap = match &reservation {
-        Some(r) => (r.granted - p.prompt.len() as u64).min(p.max_completion),
-        None => p.max_completion,
-    };
+    let cap = admission.completion_cap();
     let mut params = p.params.clone();
     params.max_tokens = Some(cap as usize);
     let generation = match state.engine.submit(GenerateRequest {
@@ -246,10 +232,7 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
     }) {
         Ok(g) => g,
         Err(e) => {
-            billing.release(reservation.as_ref());
-            if let Some(c) = counting {
-                c.release();
-            }
+            drop(admission); // releases the reservation and the slot
             return Err(match e {
                 SubmitError::Overloaded(n) => ApiError::unavailable(
                     "overloaded",
@@ -268,9 +251,8 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
     tokio::spawn(async move {
         let billed = Billed {
             info,
-            reservation,
+            admission,
             reserve_time,
-            counting,
         };
         run_generation(state, billed, generation, tx).await
     });
@@ -280,10 +262,9 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
 /// What a generation is billed against.
 struct Billed {
     info: RequestInfo,
-    reservation: Option<Reservation>,
+    /// The reservation and, for a stream, its in-flight slot.
+    admission: Admission,
     reserve_time: std::time::Duration,
-    /// A stream's in-flight slot.
-    counting: Option<Counting>,
 }
 
 /// Forwards deltas while the client listens, cancels when it leaves, then
@@ -296,9 +277,8 @@ async fn run_generation(
 ) {
     let Billed {
         info,
-        reservation,
+        mut admission,
         reserve_time,
-        mut counting,
     } = billed;
     let mec_inference::engine::Generation {
         mut deltas,
@@ -319,13 +299,9 @@ async fn run_generation(
             d = deltas.recv() => match d {
                 Some(d) => {
                     // Counted before the client can have it.
-                    if let Some(c) = counting.as_mut() {
-                        tally(c.count(d.token_ids.len() as u64));
-                    }
+                    tally(admission.count(d.token_ids.len() as u64));
                     if events.send(Event::Delta(d)).await.is_err() {
-                        if let Some(c) = counting.as_mut() {
-                            tally(c.client_left());
-                        }
+                        tally(admission.client_left());
                         cancel.store(true, Ordering::Relaxed);
                         break;
                     }
@@ -333,9 +309,7 @@ async fn run_generation(
                 None => break,
             },
             _ = events.closed() => {
-                if let Some(c) = counting.as_mut() {
-                    tally(c.client_left());
-                }
+                tally(admission.client_left());
                 cancel.store(true, Ordering::Relaxed);
                 break;
             }
@@ -366,14 +340,22 @@ async fn run_generation(
         }
     }
     let settle_started = Instant::now();
-    let usage = state
-        .billing
-        .settle(&info, reservation.as_ref(), &summary)
-        .await;
-    // A record that is not durable keeps its slot: the next start bills it.
-    if let (Ok(_), Some(c)) = (&usage, counting) {
-        c.release();
-    }
+    let settled = Settled {
+        prompt_tokens: summary.prompt_tokens as u64,
+        cached_prompt_tokens: summary.cached_prompt_tokens as u64,
+        completion_tokens: summary.completion_tokens as u64,
+        outcome: match summary.finish_reason {
+            FinishReason::Stop => Outcome::Completed,
+            FinishReason::Length => Outcome::Length,
+            FinishReason::Cancelled => Outcome::Cancelled,
+            FinishReason::Error => Outcome::Failed,
+        },
+        ttft: summary.ttft,
+        failure_reason: summary.error.clone(),
+    };
+    // A stream whose record cannot be written keeps its slot and hold and is
+    // billed once the log has room (billing does that).
+    let usage = admission.settle(&settled).await.map_err(ApiError::from);
     m.metering
         .observe((reserve_time + settle_started.elapsed()).as_secs_f64());
     let _ = events.send(Event::Done(Box::new(summary), usage)).await;
@@ -422,7 +404,7 @@ async fn respond_body(endpoint: Endpoint, p: &Prepared, mut rx: mpsc::Receiver<E
         Endpoint::Chat => format!("chatcmpl-{request_id}"),
         Endpoint::Completions => format!("cmpl-{request_id}"),
     };
-    let created = super::billing::unix_now();
+    let created = mec_billing::unix_now();
     let model = p.info.model.clone();
     if !p.stream {
         let mut text = String::new();
@@ -628,7 +610,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     }
-    match state.billing.check_log() {
+    match state.billing.check_log().map_err(ApiError::from) {
         Ok(()) => {
             // The log's backend shows whether io_uring survived the unit's
             // system call filter (else the agent took pwrite + fdatasync).
@@ -637,7 +619,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             Json(json!({
                 "status": "ready",
                 "model": state.config.model.id,
-                "log_backend": state.billing.log().backend().as_str(),
+                "log_backend": state.log.backend().as_str(),
                 "device": state.device,
                 "gpus": state.gpu_snapshot(),
             }))
@@ -654,7 +636,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.stats();
-    let log = state.billing.log().stats();
+    let log = state.log.stats();
     let sync = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || state.sync_view())
@@ -664,7 +646,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let snap = super::metrics::Snapshot {
         queue_depth: stats.queued,
         busy_slots: stats.busy_slots,
-        reservations: state.billing.ledger().lock().unwrap().reservations(),
+        reservations: state.billing.open_reservations(),
         backlog_records: log.backlog_records,
         backlog_bytes: log.backlog_bytes,
         gpus: state.gpu_snapshot(),

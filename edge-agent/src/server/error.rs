@@ -169,3 +169,26 @@ impl IntoResponse for ApiError {
         r
     }
 }
+
+/// Billing's refusals as the MEC API answers them.
+impl From<mec_billing::BillingError> for ApiError {
+    fn from(e: mec_billing::BillingError) -> ApiError {
+        use mec_billing::BillingError as B;
+        let message = e.to_string();
+        match e {
+            B::RateLimited { retry_after_s, .. } => {
+                ApiError::rate_limited(message, retry_after_s.ceil() as u64)
+            }
+            B::InsufficientQuota { .. } => ApiError::insufficient_quota(message),
+            B::LogUnavailable(_) => ApiError::unavailable("usage_log_unavailable", message),
+            B::TallyUnavailable(_) | B::NotRecorded(_) | B::Unfunded { .. } => {
+                ApiError::unavailable("usage_not_recorded", message)
+            }
+            B::UnknownPackage(_) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                ..ApiError::invalid("bucket_not_found", message)
+            },
+            B::Store(_) | B::Internal(_) => ApiError::internal(message),
+        }
+    }
+}

@@ -19,6 +19,8 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use mec_billing::tally::Tally;
+use mec_billing::{AppliedWatermark, Billing, BillingConfig, RateLimits, WelcomePackage};
 use mec_inference::engine::{Engine, EngineConfig};
 use mec_inference::gpu;
 use mec_metering::store::Store;
@@ -27,15 +29,12 @@ use mec_sync::log::{LogOptions, UsageLog};
 use sha2::Digest;
 
 use crate::config::Config;
-use tally::Tally;
 
 pub mod admin;
 pub mod api;
-pub mod billing;
 pub mod error;
 pub mod metrics;
 pub mod openai;
-pub mod tally;
 
 /// Cancel flags of the generations in flight (the drain cancels them).
 #[derive(Default)]
@@ -99,8 +98,11 @@ pub struct AppState {
     pub config: Config,
     /// The inference engine.
     pub engine: Engine,
-    /// Metering.
-    pub billing: billing::Billing,
+    /// Metering: admission, settlement, packages (`mec-billing`).
+    pub billing: Billing,
+    /// The usage log (billing appends to it; readiness, metrics and the
+    /// uploader read its state).
+    pub log: Arc<UsageLog>,
     /// Metrics.
     pub metrics: metrics::Metrics,
     /// Apps allowed to call.
@@ -119,14 +121,14 @@ pub struct AppState {
 }
 
 /// The site's default packages, for subscribers new to this box.
-fn welcome_packages(config: &Config) -> Vec<billing::WelcomePackage> {
+fn welcome_packages(config: &Config) -> Vec<WelcomePackage> {
     let Some(site) = &config.site else {
         return Vec::new();
     };
     site.default_packages
         .iter()
         .filter_map(|p| {
-            Some(billing::WelcomePackage {
+            Some(WelcomePackage {
                 kind: mec_metering::ledger::BucketKind::parse(&p.kind)?,
                 tokens: p.tokens,
                 valid_days: p.valid_days,
@@ -167,7 +169,7 @@ impl AppState {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let lag_s = match self.billing.log().oldest_unacked_end_ms() {
+        let lag_s = match self.log.oldest_unacked_end_ms() {
             Ok(Some(end_ms)) => ((now_ms - end_ms) / 1000).max(0),
             Ok(None) => 0,
             Err(e) => {
@@ -283,39 +285,43 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     };
     let log = UsageLog::open(&config.log_dir(), identity, &config.node.id, options)
         .with_context(|| format!("usage log in {}", config.log_dir().display()))?;
-    let mut store = Store::open(&config.ledger_path())
+    let log = Arc::new(log);
+    let store = Store::open(&config.ledger_path())
         .with_context(|| format!("ledger store {}", config.ledger_path().display()))?;
-    let replayed = billing::replay_log(&log, &mut store)?;
-    if replayed > 0 {
-        tracing::warn!(
-            records = replayed,
-            "re-applied usage records the ledger store had missed"
-        );
-    }
     if !config.metering.enabled {
         tracing::warn!(
             "METERING IS OFF (metering.enabled = false): nothing is reserved, settled or recorded"
         );
     }
     let (tally, left_in_flight) = Tally::open(&config.tally_path())?;
-    let tally = Arc::new(tally);
-    let billing = billing::Billing::start(
-        config.metering.enabled,
-        &config.limits,
-        Arc::new(log),
+    let applied = AppliedWatermark::default();
+    let limits = &config.limits;
+    let billing = Billing::start(
+        BillingConfig {
+            enabled: config.metering.enabled,
+            limits: RateLimits {
+                imsi_requests_per_second: limits.imsi_requests_per_second,
+                imsi_tokens_per_minute: limits.imsi_tokens_per_minute,
+                app_requests_per_second: limits.app_requests_per_second,
+                app_tokens_per_minute: limits.app_tokens_per_minute,
+            },
+            welcome: welcome_packages(&config),
+        },
+        log.clone(),
         store,
-        Duration::from_secs(config.api.request_timeout_s + 60),
-        welcome_packages(&config),
-        Some(tally.clone()),
+        Some(Arc::new(tally)),
+        applied.clone(),
     )?;
     // Streams the previous process was serving when it died are billed
-    // before anything else is served.
-    let recovered = billing.recover_streams(left_in_flight).await?;
-    if recovered != billing::Recovered::default() {
+    // before anything else is served; those that cannot be yet (a full
+    // log) wait with their slots, and the agent starts all the same.
+    let recovered = billing.recover_streams(left_in_flight).await;
+    if recovered != mec_billing::Recovered::default() {
         tracing::warn!(
             billed = recovered.billed,
             already_recorded = recovered.already,
             unreadable = recovered.unreadable,
+            waiting = recovered.waiting,
             "in-flight tally of the previous process"
         );
     }
@@ -357,10 +363,11 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         config,
         engine,
         billing,
+        log,
         metrics: metrics::Metrics::new(),
         inflight: InFlight::default(),
         draining: AtomicBool::new(false),
-        started_unix: billing::unix_now(),
+        started_unix: mec_billing::unix_now(),
         sync: Arc::default(),
         gpu,
         device,
@@ -386,20 +393,10 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
                 .await
         })
     };
-    // Expired reservations go back to their buckets even when no request comes.
-    let expirer = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                state
-                    .billing
-                    .ledger()
-                    .lock()
-                    .unwrap()
-                    .expire(billing::unix_now());
-            }
-        })
+    // Streams whose record could not be written are billed once the log has room.
+    let pending_biller = {
+        let (billing, stop) = (state.billing.clone(), stop_rx.clone());
+        tokio::spawn(async move { billing.run_pending(stop).await })
     };
     let watchdog = watchdog_usec().map(|watchdog_usec| {
         tokio::spawn(async move {
@@ -413,7 +410,8 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
 
     let uploader = state.config.core.clone().map(|core| {
         let (state, rx) = (state.clone(), stop_rx.clone());
-        tokio::spawn(async move { upload(state, core, rx).await })
+        let applied = applied.clone();
+        tokio::spawn(async move { upload(state, core, applied, rx).await })
     });
 
     // The handlers are in place before anyone hears the agent is ready: a
@@ -453,7 +451,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     if let Some(u) = uploader {
         let _ = tokio::time::timeout(Duration::from_secs(5), u).await;
     }
-    expirer.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), pending_biller).await;
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -469,6 +467,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
 async fn upload(
     state: Arc<AppState>,
     core: crate::config::CoreConfig,
+    applied: AppliedWatermark,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let c = &state.config;
@@ -490,7 +489,6 @@ async fn upload(
     let Ok(address) = core.address.parse() else {
         return;
     };
-    let store = state.billing.store().clone();
     let config = mec_sync::uploader::UploaderConfig {
         core: address,
         server_name: core.server_name.clone(),
@@ -509,11 +507,11 @@ async fn upload(
         poll: Duration::from_millis(100),
         // The log releases only records whose debits the ledger store holds.
         ack_limit: Some(mec_sync::uploader::AckLimit(Arc::new(move || {
-            store.lock().unwrap().applied_watermark().unwrap_or(0)
+            applied.get()
         }))),
     };
     tracing::info!(core = %core.address, "uploading usage records");
-    mec_sync::uploader::run(state.billing.shared_log(), config, state.sync.clone(), stop).await;
+    mec_sync::uploader::run(state.log.clone(), config, state.sync.clone(), stop).await;
 }
 
 /// The watchdog period systemd asks for, as libsystemd's

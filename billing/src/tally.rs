@@ -31,8 +31,10 @@
 //! is the usage log's business; after one, a slot may be stale or torn. A
 //! torn slot fails its CRC and is reported, never guessed at.
 //!
-//! The file is read once at start-up and then truncated; slots are reused
-//! while the agent runs.
+//! The file is read once at start-up. Slots the previous process left are
+//! adopted by the new one ([`Tally::adopt`]) and stay in the file until
+//! their stream is billed, which may be later than the start when the log
+//! is full; the other slots are reused while the agent runs.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -162,12 +164,16 @@ pub struct Tally {
     path: PathBuf,
     free: Mutex<Vec<u32>>,
     next: AtomicU32,
+    /// Slots in use, with the log position their stream started at.
+    live: Mutex<std::collections::BTreeMap<u32, u64>>,
 }
 
 impl Tally {
     /// Opens (creating) the file and returns what the previous process left
-    /// in it. The caller bills those, then calls [`Tally::clear`].
-    pub fn open(path: &Path) -> Result<(Tally, Vec<Slot>), TallyError> {
+    /// in it, each slot with its index. The caller adopts the live ones
+    /// ([`Tally::adopt`]) and frees each once its stream is billed; the free
+    /// and unreadable slots are reused.
+    pub fn open(path: &Path) -> Result<(Tally, Vec<(u32, Slot)>), TallyError> {
         let io = |error| TallyError::Io {
             path: path.to_path_buf(),
             error,
@@ -180,27 +186,48 @@ impl Tally {
             .open(path)
             .map_err(io)?;
         let bytes = std::fs::read(path).map_err(io)?;
-        let left = decode_file(&bytes)
-            .into_iter()
-            .filter(|s| *s != Slot::Free)
-            .collect();
+        let slots = decode_file(&bytes);
+        let mut free = Vec::new();
+        let mut left = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            match slot {
+                Slot::Live(_) => left.push((i as u32, slot.clone())),
+                Slot::Free => free.push(i as u32),
+                Slot::Corrupt(_) => {
+                    left.push((i as u32, slot.clone()));
+                    free.push(i as u32);
+                }
+            }
+        }
+        // Lowest index first when reused.
+        free.reverse();
         Ok((
             Tally {
                 file,
                 path: path.to_path_buf(),
-                free: Mutex::new(Vec::new()),
-                next: AtomicU32::new(0),
+                free: Mutex::new(free),
+                next: AtomicU32::new(slots.len() as u32),
+                live: Mutex::new(std::collections::BTreeMap::new()),
             },
             left,
         ))
     }
 
-    /// Empties the file: everything it held is billed.
-    pub fn clear(&self) -> Result<(), TallyError> {
-        self.file.set_len(0).map_err(|error| TallyError::Io {
-            path: self.path.clone(),
-            error,
-        })
+    /// Takes over slot `index` of the previous process (holding `entry`):
+    /// it stays written until its stream is billed and the slot released.
+    pub fn adopt(self: &Arc<Self>, index: u32, entry: Entry) -> Counting {
+        self.live.lock().unwrap().insert(index, entry.log_seq);
+        Counting {
+            tally: self.clone(),
+            index,
+            entry,
+        }
+    }
+
+    /// The lowest log position any live slot started at: records at or
+    /// below it can no longer be asked about by a slot.
+    pub fn min_live_log_seq(&self) -> Option<u64> {
+        self.live.lock().unwrap().values().min().copied()
     }
 
     /// Takes a slot for `entry`; the stream may start once this returned.
@@ -211,6 +238,7 @@ impl Tally {
             .unwrap()
             .pop()
             .unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
+        let log_seq = entry.log_seq;
         let counting = Counting {
             tally: self.clone(),
             index,
@@ -218,6 +246,7 @@ impl Tally {
         };
         // On failure the slot may hold part of the entry: it is not reused.
         counting.write()?;
+        self.live.lock().unwrap().insert(index, log_seq);
         Ok(counting)
     }
 
@@ -244,6 +273,11 @@ impl Counting {
             .write_slot(self.index, &encode_slot(&self.entry)?)
     }
 
+    /// What the slot holds.
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+
     /// Counts `tokens` more, before they go to the client.
     pub fn count(&mut self, tokens: u64) -> Result<(), TallyError> {
         if tokens == 0 {
@@ -265,6 +299,7 @@ impl Counting {
     /// to bill. A slot that cannot be freed is kept out of use (the next
     /// start finds its record in the log and only releases it).
     pub fn release(self) {
+        self.tally.live.lock().unwrap().remove(&self.index);
         match self.tally.write_slot(self.index, &[0u8; HEADER]) {
             Ok(()) => self.tally.free.lock().unwrap().push(self.index),
             Err(e) => tracing::warn!(error = %e, "could not free an in-flight slot"),
@@ -341,15 +376,27 @@ mod tests {
         drop((a, c, tally)); // the process dies: nothing is released
 
         let (tally, left) = Tally::open(&path).unwrap();
+        let tally = Arc::new(tally);
         match &left[..] {
-            [Slot::Live(a), Slot::Live(c)] => {
+            [(0, Slot::Live(a)), (1, Slot::Live(c))] => {
                 assert_eq!((a.completion_tokens, a.client_left), (2, true), "{a:?}");
                 assert_eq!(c, &entry(5));
+                // Adopted, billed, released: the next process finds nothing.
+                tally.adopt(0, a.clone()).release();
+                let c = tally.adopt(1, c.clone());
+                assert_eq!(tally.min_live_log_seq(), Some(7));
+                // A new stream takes the freed slot, never the adopted one.
+                assert_eq!(tally.begin(entry(1)).unwrap().index, 0);
+                c.release();
             }
             other => panic!("{other:?}"),
         }
-        tally.clear().unwrap();
+        drop(tally);
         let (_, left) = Tally::open(&path).unwrap();
-        assert!(left.is_empty());
+        assert_eq!(
+            left.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![0],
+            "only the stream begun after the adoption (never released) is left"
+        );
     }
 }

@@ -1,0 +1,63 @@
+//! What billing refuses, and why. The agent maps each to an HTTP status;
+//! billing itself knows nothing of HTTP.
+
+use mec_sync::log::LogError;
+
+/// Errors of [`crate::Billing`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BillingError {
+    /// A rate limit refuses: `what` names it.
+    #[error("rate limit exceeded: {what}; retry in {retry_after_s:.1} s")]
+    RateLimited {
+        /// Which limit.
+        what: &'static str,
+        /// Seconds until the request would pass.
+        retry_after_s: f64,
+    },
+    /// The subscriber's packages cannot cover the prompt and one token.
+    #[error(
+        "the subscriber's packages have {available} tokens available; this request needs at least \
+         {needed} (its prompt and one completion token)"
+    )]
+    InsufficientQuota {
+        /// Tokens available.
+        available: u64,
+        /// Tokens needed at least.
+        needed: u64,
+    },
+    /// The usage log cannot take a record now: nothing billable is served.
+    #[error("not serving: {0}")]
+    LogUnavailable(LogError),
+    /// A stream's in-flight slot could not be written: its tokens could not
+    /// be billed after a crash, so it is not served.
+    #[error("not streaming: {0}")]
+    TallyUnavailable(String),
+    /// The request's record could not be made durable.
+    #[error("the usage of this request could not be recorded: {0}")]
+    NotRecorded(LogError),
+    /// Tokens that no package covers: no record is written with billed
+    /// tokens and no debits. Alarmed at error level; the stream's slot (if
+    /// any) keeps the tokens until a package covers them.
+    #[error("{tokens} tokens of subscriber {imsi} are covered by no package")]
+    Unfunded {
+        /// The subscriber.
+        imsi: String,
+        /// Tokens made.
+        tokens: u64,
+    },
+    /// The ledger store (SQLite) failed.
+    #[error("ledger store: {0}")]
+    Store(String),
+    /// No such package.
+    #[error("no package {0}")]
+    UnknownPackage(u64),
+    /// A bug: a state billing never leaves.
+    #[error("billing: {0}")]
+    Internal(String),
+}
+
+impl From<mec_metering::store::StoreError> for BillingError {
+    fn from(e: mec_metering::store::StoreError) -> Self {
+        BillingError::Store(e.to_string())
+    }
+}
