@@ -132,6 +132,15 @@ pub fn reconcile(e: &Evidence) -> Reconciliation {
             if !a.gaps.is_empty() {
                 problems.push(format!("declared gaps at the core: {:?}", a.gaps));
             }
+            if !a.lost_by_core.is_empty() {
+                problems.push(format!(
+                    "records the core acknowledged and lost: {:?}",
+                    a.lost_by_core
+                ));
+            }
+            if !a.forks.is_empty() {
+                problems.push(format!("forks at seqs {:?}", a.forks));
+            }
             if a.quarantined != 0 {
                 problems.push(format!("{} records quarantined", a.quarantined));
             }
@@ -381,6 +390,8 @@ mod tests {
             records,
             contiguous_seq: records,
             gaps: vec![],
+            lost_by_core: vec![],
+            forks: vec![],
             quarantined: 0,
             duplicates: 0,
             chain: "ok".into(),

@@ -104,22 +104,31 @@ async fn stream(
         }) => {}
         other => return Err(format!("expected Hello, got {other:?}")),
     }
-    let cursor = {
+    let (cursor, known) = {
         let node = node_id.to_string();
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
-            store
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .cursor(&node)
+            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+            let cursor = s.cursor(&node)?;
+            let known = s.known_hashes(&node, &[cursor.contiguous_seq])?;
+            Ok::<_, crate::ingest_store::IngestStoreError>((cursor, known))
         })
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?
     };
+    // The hash of the stored record at the position (not a fork's): the
+    // edge releases its log to here only when its own record matches.
+    let contiguous_hash = known
+        .get(&cursor.contiguous_seq)
+        .and_then(|h| h.first())
+        .filter(|_| cursor.contiguous_seq > 0)
+        .map(|h| h.to_vec())
+        .unwrap_or_default();
     let hello = CoreFrame {
         kind: Some(core_frame::Kind::Hello(CoreHello {
             contiguous_seq: cursor.contiguous_seq,
+            contiguous_hash,
         })),
     };
     send.write_all(&encode_frame(&hello))
@@ -171,16 +180,31 @@ async fn commit_in_order(
             // Walk and commit under one lock: the cursor cannot move between them.
             let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
             let cursor = s.cursor(&node).map_err(|e| e.to_string())?;
-            let v = walk(&cursor, checked);
+            // The hashes to compare resends with, and the forks the next
+            // record may chain to.
+            let mut seqs = checked.seqs_at_or_below(cursor.contiguous_seq);
+            seqs.push(cursor.contiguous_seq);
+            let known = s
+                .known_hashes(&node, &seqs)
+                .map_err(|e| e.to_string())?;
+            let v = walk(&cursor, checked, &known);
             s.commit(&v, now_ms()).map_err(|e| e.to_string())?;
             for q in &v.quarantined {
-                tracing::warn!(node = %node, seq = ?q.seq, reason = %q.reason, "record quarantined");
+                if q.fork {
+                    tracing::error!(node = %node, seq = ?q.seq, "ALARM: fork: the node sent another record at a seq the core holds (kept aside; see core-ingest audit)");
+                } else {
+                    tracing::warn!(node = %node, seq = ?q.seq, reason = %q.reason, "record quarantined");
+                }
+            }
+            for (first, last) in &v.lost_by_core {
+                tracing::error!(node = %node, first, last, "ALARM: records the core had acknowledged are lost (the core was restored from a backup?); the node had deleted them");
             }
             Ok(Ack {
                 batch_id,
                 contiguous_seq: v.cursor.contiguous_seq,
                 duplicates: v.duplicates,
-                quarantined: v.quarantined.len() as u64,
+                quarantined: v.quarantined.iter().filter(|q| !q.fork).count() as u64,
+                forks: v.forks,
             })
         })
         .await

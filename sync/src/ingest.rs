@@ -12,11 +12,23 @@
 //!    one whose seq cannot be read at all is quarantined without one);
 //! 2. its body names that node — else quarantined (node A's certificate
 //!    carrying node B's records);
-//! 3. a seq at or below the cursor is a duplicate: counted, never stored again;
+//! 3. a seq at or below the cursor is a duplicate when its body hash is one
+//!    the core holds at that seq: counted, never stored again. A body the
+//!    core does not hold there is a fork (a box restored from a snapshot
+//!    wrote other records at seqs it had already sent): kept aside as a fork,
+//!    reported and alarmed, never dropped silently;
 //! 4. the next seq must chain to the cursor's hash — else quarantined;
 //! 5. a seq beyond the next is accepted only when the edge declared the
-//!    seqs between lost (they become a recorded gap); otherwise the rest of
-//!    the batch waits (the edge resends from the acknowledged position).
+//!    seqs between lost (they become a recorded gap, with the reason the
+//!    edge gave: salvaged from damage, or lost by the core); otherwise the
+//!    rest of the batch waits (the edge resends from the acknowledged
+//!    position). A declared range right after the cursor moves it even in
+//!    a batch without records;
+//! 6. a seq the store cannot hold (above `i64::MAX`) is quarantined.
+//!
+//! A record at the next seq may chain to the stored record before it or to
+//! a fork kept at that seq: after a fork, the node's own later records
+//! still reach the core.
 //!
 //! A quarantined record at the next seq still moves the cursor past it (the
 //! core keeps it aside, reports it and never bills it; the edge may release
@@ -28,8 +40,15 @@
 use ed25519_dalek::{Signature, VerifyingKey};
 use rayon::prelude::*;
 
+use std::collections::HashMap;
+
 use crate::record::{body_hash, SignedRecord, UsageRecord, GENESIS_HASH};
-use crate::wire::pb::{Batch, LostRange};
+use crate::wire::pb::{Batch, LossReason, LostRange};
+
+/// The body hashes the core holds at some seqs of a node: the stored
+/// record's, then any forks kept there. The server looks them up for the
+/// seqs of a batch at or below the cursor, and for the cursor's own seq.
+pub type KnownHashes = HashMap<u64, Vec<[u8; 32]>>;
 
 /// What the core holds for one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +96,9 @@ pub struct Quarantined {
     pub reason: String,
     /// The bytes as received.
     pub signed: Vec<u8>,
+    /// An authentic record of the node at a seq the core holds another
+    /// record for (not a faulty one).
+    pub fork: bool,
 }
 
 /// The verdicts on one batch.
@@ -88,28 +110,38 @@ pub struct BatchVerdict {
     pub duplicates: u64,
     /// Kept aside.
     pub quarantined: Vec<Quarantined>,
-    /// Seq ranges declared lost that the cursor moved past.
+    /// Seq ranges the edge declared lost (salvaged) that the cursor moved past.
     pub gaps: Vec<(u64, u64)>,
+    /// Seq ranges the core had acknowledged, no longer holds, and the edge
+    /// had deleted: named, the cursor moved past them.
+    pub lost_by_core: Vec<(u64, u64)>,
+    /// Of the duplicates, forks (kept in `quarantined`).
+    pub forks: u64,
     /// Records left for a later batch (an undeclared jump in seq).
     pub deferred: u64,
     /// The cursor once the verdicts are committed.
     pub cursor: NodeCursor,
 }
 
-fn declared_lost(lost: &[LostRange], first: u64, last: u64) -> bool {
-    // Every seq in first..=last lies in one of the declared ranges.
+/// Whether every seq in `first..=last` lies in a declared range, and why
+/// (lost by the core only when every covering range says so).
+fn declared_lost(lost: &[LostRange], first: u64, last: u64) -> Option<LossReason> {
     let mut next = first;
+    let mut reason = LossReason::CoreLost;
     let mut ranges: Vec<&LostRange> = lost.iter().collect();
     ranges.sort_by_key(|r| r.first);
     for r in ranges {
         if r.first <= next && r.last >= next {
             next = r.last.saturating_add(1);
+            if r.reason() != LossReason::CoreLost {
+                reason = LossReason::EdgeSalvaged;
+            }
         }
         if next > last {
-            return true;
+            return Some(reason);
         }
     }
-    next > last
+    (next > last).then_some(reason)
 }
 
 /// One record after the checks that need no cursor.
@@ -153,6 +185,16 @@ impl CheckedBatch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The seqs of its readable records at or below `seq` (resends, or
+    /// forks): the server looks up the hashes it holds there.
+    pub fn seqs_at_or_below(&self, seq: u64) -> Vec<u64> {
+        self.records
+            .iter()
+            .map(|r| r.seq)
+            .filter(|&s| s <= seq)
+            .collect()
+    }
 }
 
 /// Records per batch verification: large enough that a verification
@@ -184,6 +226,7 @@ pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> Checked
                 seq: None,
                 reason: format!("undecodable record: {e}"),
                 signed: bytes,
+                fork: false,
             }),
         }
     }
@@ -225,6 +268,7 @@ pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> Checked
                                 seq: None,
                                 reason: format!("undecodable body: {e}"),
                                 signed,
+                                fork: false,
                             })
                         }
                     },
@@ -257,18 +301,28 @@ pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> Checked
 }
 
 /// Places a checked batch against what the core holds for the node: which
-/// records to store, which are duplicates, which to quarantine, and where
-/// the cursor moves. Cheap; the server runs it under the store's lock.
-pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
+/// records to store, which are duplicates or forks, which to quarantine, and
+/// where the cursor moves. `known` holds the body hashes the core keeps at
+/// the batch's seqs at or below the cursor, and at the cursor's seq. Cheap;
+/// the server runs it under the store's lock.
+pub fn walk(cursor: &NodeCursor, checked: CheckedBatch, known: &KnownHashes) -> BatchVerdict {
     debug_assert_eq!(cursor.node_id, checked.node_id);
     let mut v = BatchVerdict {
         accepted: Vec::new(),
         duplicates: 0,
         quarantined: checked.unreadable,
         gaps: Vec::new(),
+        lost_by_core: Vec::new(),
+        forks: 0,
         deferred: 0,
         cursor: cursor.clone(),
     };
+    // Bodies the next record may chain to besides the cursor's hash: forks
+    // kept at the cursor's seq.
+    let mut alternatives: Vec<[u8; 32]> = known
+        .get(&cursor.contiguous_seq)
+        .cloned()
+        .unwrap_or_default();
     // Every record whose seq can be read takes part in the ordered walk,
     // sound or not: a bad record at the next seq is quarantined and the
     // cursor moves past it (the edge may release it; the core reports it),
@@ -279,6 +333,25 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
         let seq = r.seq;
         if seq <= c.contiguous_seq {
             v.duplicates += 1;
+            match known.get(&seq) {
+                Some(held) if r.authentic && r.fault.is_none() && !held.contains(&r.hash) => {
+                    v.forks += 1;
+                    if seq == cursor.contiguous_seq {
+                        alternatives.push(r.hash);
+                    }
+                    v.quarantined.push(Quarantined {
+                        seq: Some(seq),
+                        reason: format!(
+                            "fork: the node sent another record at seq {seq} than the one stored (restored from an older snapshot?)"
+                        ),
+                        signed: r.signed,
+                        fork: true,
+                    });
+                }
+                // The same body (or no stored body to compare: a declared
+                // gap, a quarantined seq): a resend.
+                _ => {}
+            }
             continue;
         }
         if deferring {
@@ -287,25 +360,34 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
         }
         if seq > c.contiguous_seq + 1 {
             let (first, last) = (c.contiguous_seq + 1, seq - 1);
-            if declared_lost(&checked.lost, first, last) {
-                v.gaps.push((first, last));
-                c.contiguous_seq = last;
-                c.last_hash = None;
-            } else {
-                deferring = true;
-                v.deferred += 1;
-                continue;
+            match declared_lost(&checked.lost, first, last) {
+                Some(reason) => {
+                    push_loss(&mut v.gaps, &mut v.lost_by_core, reason, first, last);
+                    c.contiguous_seq = last;
+                    c.last_hash = None;
+                    alternatives.clear();
+                }
+                None => {
+                    deferring = true;
+                    v.deferred += 1;
+                    continue;
+                }
             }
         }
         let fault = r.fault.or_else(|| {
+            if i64::try_from(seq).is_err() {
+                return Some(format!("seq {seq} is beyond what the store can hold"));
+            }
             let record = r.record.as_ref()?;
             let prev: [u8; 32] = record.prev_hash.as_slice().try_into().unwrap_or([0xff; 32]);
-            c.last_hash.is_some_and(|h| h != prev).then(|| {
-                format!(
-                    "seq {seq}: prev_hash does not chain to seq {}",
-                    c.contiguous_seq
-                )
-            })
+            c.last_hash
+                .is_some_and(|h| h != prev && !alternatives.contains(&prev))
+                .then(|| {
+                    format!(
+                        "seq {seq}: prev_hash does not chain to seq {}",
+                        c.contiguous_seq
+                    )
+                })
         });
         // Either way the cursor moves to this seq. The next record must chain
         // to this body if it is the node's own; a body whose signature fails
@@ -313,6 +395,7 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
         // signature still vouches for it).
         c.contiguous_seq = seq;
         c.last_hash = r.authentic.then_some(r.hash);
+        alternatives.clear();
         match (fault, r.record) {
             (None, Some(record)) => v.accepted.push(Accepted {
                 seq,
@@ -324,16 +407,54 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch) -> BatchVerdict {
                 seq: Some(seq),
                 reason: fault.unwrap_or_else(|| "undecodable body".into()),
                 signed: r.signed,
+                fork: false,
             }),
+        }
+    }
+    // Declared ranges right after the cursor move it, records or not (an
+    // edge that has nothing left to send of what the core lost).
+    if !deferring {
+        let c = &mut v.cursor;
+        while let Some(r) = checked
+            .lost
+            .iter()
+            .find(|r| r.first <= c.contiguous_seq + 1 && r.last > c.contiguous_seq)
+        {
+            let (first, last) = (c.contiguous_seq + 1, r.last);
+            push_loss(&mut v.gaps, &mut v.lost_by_core, r.reason(), first, last);
+            c.contiguous_seq = last;
+            c.last_hash = None;
         }
     }
     v
 }
 
+fn push_loss(
+    gaps: &mut Vec<(u64, u64)>,
+    lost_by_core: &mut Vec<(u64, u64)>,
+    reason: LossReason,
+    first: u64,
+    last: u64,
+) {
+    match reason {
+        LossReason::CoreLost => lost_by_core.push((first, last)),
+        LossReason::EdgeSalvaged => gaps.push((first, last)),
+    }
+}
+
 /// Checks the records of `batch` from node `cursor.node_id`, whose key is
 /// `key`: [`check_records`] then [`walk`].
-pub fn check_batch(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> BatchVerdict {
-    walk(cursor, check_records(&cursor.node_id, key, batch.clone()))
+pub fn check_batch(
+    cursor: &NodeCursor,
+    key: &VerifyingKey,
+    batch: &Batch,
+    known: &KnownHashes,
+) -> BatchVerdict {
+    walk(
+        cursor,
+        check_records(&cursor.node_id, key, batch.clone()),
+        known,
+    )
 }
 
 /// Records 1..=n of `node`, chained and signed with `k` (tests).
@@ -363,6 +484,12 @@ pub(crate) fn test_chain(node: &str, k: &ed25519_dalek::SigningKey, n: u64) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `check_batch` where the core holds no hashes to compare with beyond
+    /// the cursor (resends count as duplicates).
+    fn check_batch_fresh(cursor: &NodeCursor, key: &VerifyingKey, batch: &Batch) -> BatchVerdict {
+        check_batch(cursor, key, batch, &KnownHashes::new())
+    }
     use ed25519_dalek::SigningKey;
 
     fn key(seed: u8) -> SigningKey {
@@ -392,14 +519,14 @@ mod tests {
         recs[2500][last] ^= 1;
         let (first, second) = (batch(&recs[..1400]), batch(&recs[1400..]));
         let in_turn = {
-            let v1 = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &first);
-            let v2 = check_batch(&v1.cursor, &k.verifying_key(), &second);
+            let v1 = check_batch_fresh(&NodeCursor::new("n1"), &k.verifying_key(), &first);
+            let v2 = check_batch_fresh(&v1.cursor, &k.verifying_key(), &second);
             (v1, v2)
         };
         let c1 = check_records("n1", &k.verifying_key(), first);
         let c2 = check_records("n1", &k.verifying_key(), second);
-        let v1 = walk(&NodeCursor::new("n1"), c1);
-        let v2 = walk(&v1.cursor, c2);
+        let v1 = walk(&NodeCursor::new("n1"), c1, &KnownHashes::new());
+        let v2 = walk(&v1.cursor, c2, &KnownHashes::new());
         assert_eq!((v1, v2), in_turn);
         let v2 = &in_turn.1;
         assert_eq!(v2.cursor.contiguous_seq, 3000);
@@ -417,7 +544,7 @@ mod tests {
             for bit in [0x01u8, 0x80] {
                 let mut tampered = recs.clone();
                 tampered[2][pos] ^= bit;
-                let v = check_batch(
+                let v = check_batch_fresh(
                     &NodeCursor::new("n1"),
                     &k.verifying_key(),
                     &batch(&tampered),
@@ -446,17 +573,17 @@ mod tests {
     fn a_clean_batch_is_accepted_and_moves_the_cursor() {
         let k = key(1);
         let recs = chain("n1", &k, 5);
-        let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &batch(&recs));
+        let v = check_batch_fresh(&NodeCursor::new("n1"), &k.verifying_key(), &batch(&recs));
         assert_eq!(v.accepted.len(), 5);
         assert_eq!(v.cursor.contiguous_seq, 5);
         assert!(v.quarantined.is_empty() && v.duplicates == 0);
         // The same batch again: all duplicates, nothing moves.
-        let again = check_batch(&v.cursor, &k.verifying_key(), &batch(&recs));
+        let again = check_batch_fresh(&v.cursor, &k.verifying_key(), &batch(&recs));
         assert_eq!((again.accepted.len(), again.duplicates), (0, 5));
         assert_eq!(again.cursor, v.cursor);
         // Overlapping: 4..=5 duplicates, nothing new.
         let more = chain("n1", &k, 7);
-        let next = check_batch(&v.cursor, &k.verifying_key(), &batch(&more[3..]));
+        let next = check_batch_fresh(&v.cursor, &k.verifying_key(), &batch(&more[3..]));
         assert_eq!((next.accepted.len(), next.duplicates), (2, 2));
         assert_eq!(next.cursor.contiguous_seq, 7);
     }
@@ -467,7 +594,7 @@ mod tests {
         let mut recs = chain("n1", &k, 4);
         let last = recs[1].len() - 10;
         recs[1][last] ^= 1;
-        let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &batch(&recs));
+        let v = check_batch_fresh(&NodeCursor::new("n1"), &k.verifying_key(), &batch(&recs));
         // The bad record is kept aside and passed; the chain goes on.
         let accepted: Vec<u64> = v.accepted.iter().map(|a| a.seq).collect();
         assert_eq!(accepted, vec![1, 3, 4]);
@@ -475,7 +602,7 @@ mod tests {
         assert_eq!(v.quarantined[0].seq, Some(2));
         assert_eq!(v.cursor.contiguous_seq, 4);
         // Sent again, it is a duplicate, not a second quarantine.
-        let again = check_batch(&v.cursor, &k.verifying_key(), &batch(&recs));
+        let again = check_batch_fresh(&v.cursor, &k.verifying_key(), &batch(&recs));
         assert_eq!((again.duplicates, again.quarantined.len()), (4, 0));
     }
 
@@ -484,13 +611,13 @@ mod tests {
         let (a, b) = (key(1), key(2));
         // Node B's records sent over node A's connection.
         let recs = chain("b", &b, 2);
-        let v = check_batch(&NodeCursor::new("a"), &a.verifying_key(), &batch(&recs));
+        let v = check_batch_fresh(&NodeCursor::new("a"), &a.verifying_key(), &batch(&recs));
         assert!(v.accepted.is_empty());
         assert_eq!(v.quarantined.len(), 2);
         assert!(v.quarantined[0].reason.contains("signature"));
         // Signed with A's key but naming node B.
         let recs = chain("b", &a, 1);
-        let v = check_batch(&NodeCursor::new("a"), &a.verifying_key(), &batch(&recs));
+        let v = check_batch_fresh(&NodeCursor::new("a"), &a.verifying_key(), &batch(&recs));
         assert!(
             v.quarantined[0].reason.contains("names node"),
             "{:?}",
@@ -504,11 +631,15 @@ mod tests {
         let k = key(1);
         let recs = chain("n1", &k, 6);
         let mut b = batch(&[recs[0].clone(), recs[4].clone(), recs[5].clone()]);
-        let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &b);
+        let v = check_batch_fresh(&NodeCursor::new("n1"), &k.verifying_key(), &b);
         assert_eq!((v.accepted.len(), v.deferred), (1, 2));
         assert_eq!(v.cursor.contiguous_seq, 1);
-        b.lost = vec![LostRange { first: 2, last: 4 }];
-        let v = check_batch(&NodeCursor::new("n1"), &k.verifying_key(), &b);
+        b.lost = vec![LostRange {
+            first: 2,
+            last: 4,
+            reason: LossReason::EdgeSalvaged as i32,
+        }];
+        let v = check_batch_fresh(&NodeCursor::new("n1"), &k.verifying_key(), &b);
         assert_eq!(
             v.accepted.iter().map(|a| a.seq).collect::<Vec<_>>(),
             vec![1, 5, 6]
@@ -520,7 +651,7 @@ mod tests {
     #[test]
     fn undecodable_bytes_are_quarantined() {
         let k = key(1);
-        let v = check_batch(
+        let v = check_batch_fresh(
             &NodeCursor::new("n1"),
             &k.verifying_key(),
             &batch(&[vec![0xff, 0x01]]),

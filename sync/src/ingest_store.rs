@@ -28,6 +28,10 @@ pub enum IngestStoreError {
     /// SQLite failed.
     #[error("ingest store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A seq the store cannot hold (SQLite integers are signed 64-bit):
+    /// refused, never folded onto another seq.
+    #[error("seq {0} is beyond what the store can hold (2^63 - 1)")]
+    SeqOutOfRange(u64),
 }
 
 /// What `core-ingest audit` reports per node.
@@ -39,8 +43,14 @@ pub struct NodeAudit {
     pub records: u64,
     /// Every seq at or below this is stored or declared lost.
     pub contiguous_seq: u64,
-    /// Declared-lost ranges, inclusive.
+    /// Ranges the edge declared lost (salvaged from damage), inclusive.
     pub gaps: Vec<(u64, u64)>,
+    /// Ranges the core had acknowledged and no longer holds (restored from
+    /// a backup) that the edge had already deleted, inclusive.
+    pub lost_by_core: Vec<(u64, u64)>,
+    /// Seqs at which the node sent a record other than the one stored
+    /// (a box restored from a snapshot): both are kept.
+    pub forks: Vec<u64>,
     /// Records quarantined.
     pub quarantined: u64,
     /// Duplicates received (ignored).
@@ -54,6 +64,13 @@ pub struct NodeAudit {
 pub trait IngestStore {
     /// The node's cursor (a new one for a node never seen).
     fn cursor(&mut self, node_id: &str) -> Result<NodeCursor, IngestStoreError>;
+    /// The body hashes the core holds for `node_id` at `seqs`: the stored
+    /// record's first, then any forks kept there. Seqs with none are absent.
+    fn known_hashes(
+        &mut self,
+        node_id: &str,
+        seqs: &[u64],
+    ) -> Result<crate::ingest::KnownHashes, IngestStoreError>;
     /// Commits a batch's verdicts and the cursor, in one transaction.
     fn commit(&mut self, verdict: &BatchVerdict, now_ms: i64) -> Result<(), IngestStoreError>;
     /// Per-node audit.
@@ -122,6 +139,24 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 ";
 
+/// Columns added since the first schema: (table, column, definition).
+/// Added at open when missing, so a store made by an older core opens.
+const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+    // 'edge_salvaged' (the edge's log was damaged) or 'core_lost' (the core
+    // had acknowledged them and no longer holds them).
+    ("gaps", "reason", "TEXT NOT NULL DEFAULT 'edge_salvaged'"),
+    // 'fault' (failed a check) or 'fork' (the node's own record at a seq
+    // the core holds another record for).
+    ("quarantine", "kind", "TEXT NOT NULL DEFAULT 'fault'"),
+    // SHA-256 of `signed`: a resend of the same bytes is kept once.
+    ("quarantine", "signed_hash", "BLOB"),
+];
+
+const INDEXES: &str = "
+CREATE UNIQUE INDEX IF NOT EXISTS quarantine_once ON quarantine(node_id, signed_hash);
+CREATE INDEX IF NOT EXISTS quarantine_by_seq ON quarantine(node_id, seq);
+";
+
 impl SqliteStore {
     /// Opens (creating) the store at `path`.
     pub fn open(path: &Path) -> Result<SqliteStore, IngestStoreError> {
@@ -130,6 +165,19 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        for (table, column, definition) in ADDED_COLUMNS {
+            let has: bool = conn
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))?
+                .exists([column])?;
+            if !has {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+                ))?;
+            }
+        }
+        conn.execute_batch(INDEXES)?;
         Ok(SqliteStore { conn })
     }
 
@@ -139,8 +187,14 @@ impl SqliteStore {
     }
 }
 
+/// A count for SQLite (counts beyond 2^63 - 1 do not happen; saturate).
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A seq for SQLite: never folded (two seqs above 2^63 - 1 must not become one).
+fn seq_i64(seq: u64) -> Result<i64, IngestStoreError> {
+    i64::try_from(seq).map_err(|_| IngestStoreError::SeqOutOfRange(seq))
 }
 
 impl IngestStore for SqliteStore {
@@ -161,6 +215,42 @@ impl IngestStore for SqliteStore {
                 last_hash: hash.and_then(|h| h.try_into().ok()),
             },
         })
+    }
+
+    fn known_hashes(
+        &mut self,
+        node_id: &str,
+        seqs: &[u64],
+    ) -> Result<crate::ingest::KnownHashes, IngestStoreError> {
+        let mut out = crate::ingest::KnownHashes::new();
+        let mut stored = self
+            .conn
+            .prepare_cached("SELECT hash FROM records WHERE node_id = ?1 AND seq = ?2")?;
+        let mut forks = self.conn.prepare_cached(
+            "SELECT signed FROM quarantine WHERE node_id = ?1 AND seq = ?2 AND kind = 'fork'",
+        )?;
+        for &seq in seqs {
+            let Ok(at) = i64::try_from(seq) else { continue };
+            let mut hashes: Vec<[u8; 32]> = Vec::new();
+            if let Some(h) = stored
+                .query_row(params![node_id, at], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?
+            {
+                hashes.extend(<[u8; 32]>::try_from(h.as_slice()).ok());
+            }
+            let signed: Vec<Vec<u8>> = forks
+                .query_map(params![node_id, at], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            hashes.extend(signed.iter().filter_map(|b| {
+                crate::record::SignedRecord::from_bytes(b)
+                    .ok()
+                    .map(|s| crate::record::body_hash(&s.body))
+            }));
+            if !hashes.is_empty() {
+                out.insert(seq, hashes);
+            }
+        }
+        Ok(out)
     }
 
     fn commit(&mut self, v: &BatchVerdict, now_ms: i64) -> Result<(), IngestStoreError> {
@@ -190,7 +280,7 @@ impl IngestStore for SqliteStore {
                     .collect();
                 insert.execute(params![
                     node,
-                    to_i64(a.seq),
+                    seq_i64(a.seq)?,
                     r.record_id,
                     r.schema_version,
                     r.key_id,
@@ -219,17 +309,31 @@ impl IngestStore for SqliteStore {
                 ])?;
             }
         }
-        for (first, last) in &v.gaps {
-            tx.execute(
-                "INSERT OR IGNORE INTO gaps (node_id, first_seq, last_seq) VALUES (?1, ?2, ?3)",
-                params![node, to_i64(*first), to_i64(*last)],
-            )?;
+        for (ranges, reason) in [(&v.gaps, "edge_salvaged"), (&v.lost_by_core, "core_lost")] {
+            for (first, last) in ranges {
+                tx.execute(
+                    "INSERT OR IGNORE INTO gaps (node_id, first_seq, last_seq, reason) VALUES (?1, ?2, ?3, ?4)",
+                    params![node, seq_i64(*first)?, seq_i64(*last)?, reason],
+                )?;
+            }
         }
+        // A resend of bytes already kept aside is not kept (nor counted) again.
+        let mut quarantined = 0i64;
         for q in &v.quarantined {
-            tx.execute(
-                "INSERT INTO quarantine (node_id, seq, reason, signed, received_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![node, q.seq.map(to_i64), q.reason, q.signed, now_ms],
-            )?;
+            let seq = q.seq.map(seq_i64).transpose()?;
+            quarantined += tx.execute(
+                "INSERT OR IGNORE INTO quarantine (node_id, seq, reason, signed, received_ms, kind, signed_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    node,
+                    seq,
+                    q.reason,
+                    q.signed,
+                    now_ms,
+                    if q.fork { "fork" } else { "fault" },
+                    crate::log::format::sha256(&q.signed).to_vec()
+                ],
+            )? as i64;
         }
         tx.execute(
             "UPDATE nodes SET contiguous_seq = MAX(contiguous_seq, ?2),
@@ -238,10 +342,10 @@ impl IngestStore for SqliteStore {
              WHERE node_id = ?1",
             params![
                 node,
-                to_i64(v.cursor.contiguous_seq),
+                seq_i64(v.cursor.contiguous_seq)?,
                 v.cursor.last_hash.map(|h| h.to_vec()),
                 to_i64(v.duplicates),
-                v.quarantined.len() as i64,
+                quarantined,
                 now_ms
             ],
         )?;
@@ -259,15 +363,49 @@ impl IngestStore for SqliteStore {
         };
         let mut out = Vec::new();
         for (node_id, contiguous, duplicates, quarantined) in nodes {
-            let gaps: Vec<(u64, u64)> = {
+            let (mut gaps, mut lost_by_core) = (Vec::new(), Vec::new());
+            {
                 let mut stmt = self.conn.prepare(
-                    "SELECT first_seq, last_seq FROM gaps WHERE node_id = ?1 ORDER BY first_seq",
+                    "SELECT first_seq, last_seq, reason FROM gaps WHERE node_id = ?1 ORDER BY first_seq",
                 )?;
                 let rows = stmt.query_map([&node_id], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, String>(2)?,
+                    ))
                 })?;
-                rows.collect::<Result<_, _>>()?
-            };
+                for row in rows {
+                    let (first, last, reason) = row?;
+                    match reason.as_str() {
+                        "core_lost" => lost_by_core.push((first, last)),
+                        _ => gaps.push((first, last)),
+                    }
+                }
+            }
+            // Forks: the body hashes kept at each seq besides the stored one.
+            let mut fork_hashes: std::collections::HashMap<u64, Vec<Vec<u8>>> =
+                std::collections::HashMap::new();
+            {
+                let mut stmt = self.conn.prepare(
+                    "SELECT seq, signed FROM quarantine WHERE node_id = ?1 AND kind = 'fork' ORDER BY seq",
+                )?;
+                let rows = stmt.query_map([&node_id], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+                })?;
+                for row in rows {
+                    let (seq, signed) = row?;
+                    if let Ok(s) = crate::record::SignedRecord::from_bytes(&signed) {
+                        fork_hashes
+                            .entry(seq)
+                            .or_default()
+                            .push(crate::record::body_hash(&s.body).to_vec());
+                    }
+                }
+            }
+            let mut forks: Vec<u64> = fork_hashes.keys().copied().collect();
+            forks.sort_unstable();
+            let all_gaps: Vec<(u64, u64)> = gaps.iter().chain(&lost_by_core).copied().collect();
             let quarantined_seqs: std::collections::HashSet<u64> = {
                 let mut stmt = self
                     .conn
@@ -289,14 +427,18 @@ impl IngestStore for SqliteStore {
                     (row.get(0)?, row.get(1)?, row.get(2)?);
                 let seq = seq as u64;
                 records += 1;
-                let after_gap = gaps.iter().any(|g| g.1 + 1 == seq)
+                let after_gap = all_gaps.iter().any(|g| g.1 + 1 == seq)
                     || quarantined_seqs.contains(&(seq - 1))
                     || prev.as_ref().is_some_and(|(p, _)| {
                         (p + 1..seq).all(|s| {
                             quarantined_seqs.contains(&s)
-                                || gaps.iter().any(|g| g.0 <= s && s <= g.1)
+                                || all_gaps.iter().any(|g| g.0 <= s && s <= g.1)
                         })
                     });
+                // After a fork the node's records chain to the fork.
+                let to_fork = fork_hashes
+                    .get(&(seq - 1))
+                    .is_some_and(|hs| hs.contains(&prev_hash));
                 let expected = match &prev {
                     Some((p, h)) if *p + 1 == seq => Some(h.clone()),
                     None if seq == 1 => Some(crate::record::GENESIS_HASH.to_vec()),
@@ -304,7 +446,9 @@ impl IngestStore for SqliteStore {
                 };
                 if chain == "ok" {
                     match expected {
-                        Some(h) if h != prev_hash => chain = format!("broken at seq {seq}"),
+                        Some(h) if h != prev_hash && !to_fork => {
+                            chain = format!("broken at seq {seq}")
+                        }
                         None if !after_gap => chain = format!("missing records before seq {seq}"),
                         _ => {}
                     }
@@ -316,6 +460,8 @@ impl IngestStore for SqliteStore {
                 records,
                 contiguous_seq: contiguous as u64,
                 gaps,
+                lost_by_core,
+                forks,
                 quarantined: quarantined as u64,
                 duplicates: duplicates as u64,
                 chain,
@@ -346,7 +492,8 @@ mod tests {
                 records: part.to_vec(),
                 lost: vec![],
             };
-            let v = check_batch(&cursor, &k.verifying_key(), &batch);
+            let known = s.known_hashes("n1", &[cursor.contiguous_seq]).unwrap();
+            let v = check_batch(&cursor, &k.verifying_key(), &batch, &known);
             s.commit(&v, 0).unwrap();
         }
         drop(s);

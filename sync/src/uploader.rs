@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::core_server::{read_frame, stopped};
 use crate::log::UsageLog;
 use crate::quic::{client_endpoint, TransportOptions};
+use crate::upload::EdgePosition;
 use crate::upload::{Backoff, UploadWindow, WindowLimits};
 use crate::wire::pb::{core_frame, edge_frame, CoreFrame, EdgeFrame, Hello};
 use crate::wire::{encode_frame, FrameDecoder};
@@ -64,6 +65,10 @@ pub struct UploaderStatus {
     pub last_error: Option<String>,
     /// Why the last connection (or attempt) ended; kept after reconnecting.
     pub last_disconnect: Option<String>,
+    /// Why the core's position and this log disagreed at the last hello (a
+    /// fork, a core restored from a backup, a box from a snapshot); kept
+    /// until a hello agrees.
+    pub alarm: Option<String>,
 }
 
 /// A fault planted on purpose, to check that the end-to-end test catches a
@@ -202,13 +207,43 @@ async fn exchange(
         .map_err(|e| e.to_string())?;
     let mut dec = FrameDecoder::new();
     let mut buf = vec![0u8; 64 << 10];
-    let contiguous = match read_frame::<CoreFrame>(&mut recv, &mut dec, &mut buf).await? {
+    let core_hello = match read_frame::<CoreFrame>(&mut recv, &mut dec, &mut buf).await? {
         Some(CoreFrame {
             kind: Some(core_frame::Kind::Hello(h)),
-        }) => h.contiguous_seq,
+        }) => h,
         other => return Err(format!("expected CoreHello, got {other:?}")),
     };
-    let pos = window.on_core_hello(contiguous);
+    let contiguous = core_hello.contiguous_seq;
+    let core_hash: Option<[u8; 32]> = core_hello.contiguous_hash.as_slice().try_into().ok();
+    let edge = {
+        let l = log.clone();
+        tokio::task::spawn_blocking(move || {
+            let stats = l.stats();
+            let hash_at_core = if contiguous <= stats.durable_seq {
+                l.body_hash_at(contiguous)?
+            } else {
+                None
+            };
+            Ok::<_, crate::log::LogError>(EdgePosition {
+                acked: stats.acked_seq,
+                durable: stats.durable_seq,
+                hash_at_core,
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
+    };
+    let resume = window.on_core_hello(contiguous, core_hash, edge);
+    if let Some(alarm) = &resume.alarm {
+        tracing::error!(
+            core_seq = contiguous,
+            log_acked = edge.acked,
+            log_durable = edge.durable,
+            "ALARM: {alarm}"
+        );
+    }
+    let pos = resume.release_to;
     ack_log(log, pos, &config.ack_limit).await?;
     {
         let mut s = status.lock().unwrap();
@@ -216,6 +251,7 @@ async fn exchange(
         s.connections += 1;
         s.acked_seq = pos;
         s.last_error = None;
+        s.alarm = resume.alarm;
     }
     loop {
         // Fill the window with what the log holds.

@@ -155,6 +155,9 @@ pub struct SyncView {
     pub last_error: Option<String>,
     /// Why the last connection ended (kept after reconnecting).
     pub last_disconnect: Option<String>,
+    /// Why the core's position and this box's log disagree (a fork, a core
+    /// restored from a backup, a box restored from a snapshot), while they do.
+    pub alarm: Option<String>,
 }
 
 impl AppState {
@@ -186,6 +189,7 @@ impl AppState {
             connections: status.connections,
             last_error: status.last_error,
             last_disconnect: status.last_disconnect,
+            alarm: status.alarm,
         })
     }
 }

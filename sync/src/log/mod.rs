@@ -493,6 +493,33 @@ impl UsageLog {
         }
     }
 
+    /// The acknowledged position and the body hash of the record there (kept
+    /// after the record itself is deleted).
+    pub fn ack_state(&self) -> AckState {
+        *self.shared.ack.lock().unwrap()
+    }
+
+    /// The body hash of durable record `seq`: from the ack file when `seq`
+    /// is the acknowledged one, else from the record if the log still has
+    /// it. `None` when it has neither. Blocking file I/O (one read).
+    pub fn body_hash_at(&self, seq: u64) -> Result<Option<[u8; 32]>, LogError> {
+        let ack = self.ack_state();
+        if seq == ack.seq {
+            return Ok((seq > 0).then_some(ack.hash));
+        }
+        match self.read_from(seq, 1, usize::MAX)?.into_iter().next() {
+            Some((s, bytes)) if s == seq => {
+                let signed =
+                    SignedRecord::from_bytes(&bytes).map_err(|e| LogError::Inconsistent {
+                        path: self.shared.dir.clone(),
+                        reason: format!("seq {seq} does not decode: {e}"),
+                    })?;
+                Ok(Some(format::sha256(&signed.body)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// When the oldest record the core has not acknowledged ended (its
     /// `end_time_unix_ms`): how far the upload lags. `None` when the core
     /// holds every record. Blocking file I/O (one read).

@@ -180,6 +180,8 @@ struct Writer<B: SegmentBackend> {
 
 const REPAIR_DELAY_MIN: Duration = Duration::from_millis(10);
 const REPAIR_DELAY_MAX: Duration = Duration::from_secs(2);
+/// Repair attempts when the log closes while broken.
+const CLOSE_REPAIR_TRIES: usize = 12;
 
 async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready) {
     let file = match backend.open(&start.active_path).await {
@@ -224,7 +226,22 @@ async fn run<B: SegmentBackend>(mut backend: B, start: WriterStart, ready: Ready
                         }
                         w.discard_undurable(failure, Vec::new());
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        // Closing while broken: bytes of the failed write may
+                        // still be in the file, and the next open would take
+                        // them for durable records that were refused. Repair
+                        // before leaving (a few quick tries).
+                        for _ in 0..CLOSE_REPAIR_TRIES {
+                            if w.try_repair().await {
+                                break;
+                            }
+                            tokio::time::sleep(REPAIR_DELAY_MIN).await;
+                        }
+                        if w.broken.is_some() {
+                            tracing::error!("usage log closed with a failed write it could not cut back: the next open may find records whose appends were refused");
+                        }
+                        break;
+                    }
                     Err(_) => {}
                 }
                 w.repair_delay = (w.repair_delay * 2).min(REPAIR_DELAY_MAX);

@@ -15,3 +15,4 @@ mod log_faults;
 mod log_full;
 mod log_properties;
 mod upload_e2e;
+mod upload_positions;
