@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 /// A manifest error.
@@ -209,7 +209,8 @@ pub fn verify_bytes(
         .map_err(|e| ManifestError::Signature(format!("{what}: {e}")))?;
     let sig = ed25519_dalek::Signature::from_slice(&sig_bytes)
         .map_err(|e| ManifestError::Signature(format!("{what}: {e}")))?;
-    key.verify(bytes, &sig).map_err(|_| {
+    // The strict equation, as every signature check of the product.
+    key.verify_strict(bytes, &sig).map_err(|_| {
         ManifestError::Signature(format!("{what} was not signed by key {}", key_id(key)))
     })
 }

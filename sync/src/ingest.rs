@@ -6,8 +6,9 @@
 //!
 //! Rules, in order, for each record of a batch:
 //! 1. it decodes, and its signature verifies with the key of the node the
-//!    connection's certificate names (batch verification; on failure each
-//!    record is checked alone to find the bad ones) — else quarantined (a
+//!    connection's certificate names (the strict equation, the one every
+//!    other check of the product uses, in parallel over the cores) — else
+//!    quarantined (a
 //!    body that does not decode still takes its place by the seq it claims;
 //!    one whose seq cannot be read at all is quarantined without one);
 //! 2. its body names that node — else quarantined (node A's certificate
@@ -37,7 +38,7 @@
 //! is not the node's, so the next record's link to it is not checked (that
 //! record's own signature vouches for it).
 
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use rayon::prelude::*;
 
 use std::collections::HashMap;
@@ -197,31 +198,19 @@ impl CheckedBatch {
     }
 }
 
-/// Records per batch verification: large enough that a verification
-/// amortises well (per-signature cost falls until about 1,000), small enough
-/// that every rayon thread gets a share of a batch.
-fn verify_chunk(records: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    records.div_ceil(threads).clamp(128, 1024)
-}
-
 /// Decodes `batch` and checks each record's signature against `key` and its
 /// node id against `node_id` (the certificate's), in parallel.
 pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> CheckedBatch {
     let mut unreadable = Vec::new();
     // Decode envelopes; quarantine what does not decode.
-    let mut envelopes: Vec<(Vec<u8>, SignedRecord, Signature)> = Vec::new();
+    let mut envelopes: Vec<(Vec<u8>, SignedRecord)> = Vec::new();
     for bytes in batch.records {
-        let parsed = SignedRecord::from_bytes(&bytes).and_then(|s| {
-            let sig: [u8; 64] = s
-                .signature
-                .as_slice()
-                .try_into()
-                .map_err(|_| crate::record::RecordError::SignatureLength(s.signature.len()))?;
-            Ok((s, Signature::from_bytes(&sig)))
+        let parsed = SignedRecord::from_bytes(&bytes).and_then(|s| match s.signature.len() {
+            64 => Ok(s),
+            n => Err(crate::record::RecordError::SignatureLength(n)),
         });
         match parsed {
-            Ok((s, sig)) => envelopes.push((bytes, s, sig)),
+            Ok(s) => envelopes.push((bytes, s)),
             Err(e) => unreadable.push(Quarantined {
                 seq: None,
                 reason: format!("undecodable record: {e}"),
@@ -230,57 +219,51 @@ pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> Checked
             }),
         }
     }
-    // Signatures: batch verification in chunks spread over the cores, and
-    // one by one only inside a chunk that fails. Bodies are decoded and
-    // hashed in the same tasks.
-    let chunk = verify_chunk(envelopes.len());
+    // Signatures, spread over the cores; bodies are decoded and hashed in
+    // the same tasks.
     let checked: Vec<Result<CheckedRecord, Quarantined>> = envelopes
-        .par_chunks_mut(chunk)
-        .flat_map_iter(|chunk| {
-            let messages: Vec<&[u8]> = chunk.iter().map(|e| e.1.body.as_slice()).collect();
-            let signatures: Vec<Signature> = chunk.iter().map(|e| e.2).collect();
-            let keys = vec![*key; chunk.len()];
-            let chunk_ok = ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok();
-            chunk.iter_mut().map(move |(bytes, s, _)| {
-                let signed = std::mem::take(bytes);
-                let authentic = chunk_ok || s.verify(key).is_ok();
-                let hash = body_hash(&s.body);
-                let (seq, record, fault) = match s.record() {
-                    Ok(record) => {
-                        let fault = if !authentic {
-                            Some("signature does not verify with the node's key".to_string())
-                        } else if record.node_id != node_id {
-                            Some(format!(
-                                "record names node {:?}, the certificate {node_id:?}",
-                                record.node_id
-                            ))
-                        } else {
-                            None
-                        };
-                        (record.seq, Some(record), fault)
+        .par_iter_mut()
+        .map(|(bytes, s)| {
+            let signed = std::mem::take(bytes);
+            // The strict check, as everywhere else (batch verification
+            // uses another equation and could accept what it refuses).
+            let authentic = s.verify(key).is_ok();
+            let hash = body_hash(&s.body);
+            let (seq, record, fault) = match s.record() {
+                Ok(record) => {
+                    let fault = if !authentic {
+                        Some("signature does not verify with the node's key".to_string())
+                    } else if record.node_id != node_id {
+                        Some(format!(
+                            "record names node {:?}, the certificate {node_id:?}",
+                            record.node_id
+                        ))
+                    } else {
+                        None
+                    };
+                    (record.seq, Some(record), fault)
+                }
+                // It still takes its place in the walk if its seq reads,
+                // so that one damaged record cannot hold a node back.
+                Err(e) => match crate::record::claimed_seq(&s.body) {
+                    Some(seq) => (seq, None, Some(format!("undecodable body: {e}"))),
+                    None => {
+                        return Err(Quarantined {
+                            seq: None,
+                            reason: format!("undecodable body: {e}"),
+                            signed,
+                            fork: false,
+                        })
                     }
-                    // It still takes its place in the walk if its seq reads,
-                    // so that one damaged record cannot hold a node back.
-                    Err(e) => match crate::record::claimed_seq(&s.body) {
-                        Some(seq) => (seq, None, Some(format!("undecodable body: {e}"))),
-                        None => {
-                            return Err(Quarantined {
-                                seq: None,
-                                reason: format!("undecodable body: {e}"),
-                                signed,
-                                fork: false,
-                            })
-                        }
-                    },
-                };
-                Ok(CheckedRecord {
-                    seq,
-                    signed,
-                    record,
-                    hash,
-                    authentic,
-                    fault,
-                })
+                },
+            };
+            Ok(CheckedRecord {
+                seq,
+                signed,
+                record,
+                hash,
+                authentic,
+                fault,
             })
         })
         .collect();

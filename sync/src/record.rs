@@ -4,7 +4,7 @@
 //! The signature covers the encoded `body` exactly as produced, so a verifier
 //! never re-encodes: [`SignedRecord::verify`] checks the bytes it was given.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
@@ -62,14 +62,17 @@ impl SignedRecord {
         SignedRecord { body, signature }
     }
 
-    /// Checks the signature over `body` as stored.
+    /// Checks the signature over `body` as stored, with the strict
+    /// equation (`verify_strict`: small-order keys and non-canonical
+    /// signatures refused). Every check in the product uses this one, so
+    /// the edge's `log verify` and the core's ingest never disagree.
     pub fn verify(&self, key: &VerifyingKey) -> Result<(), RecordError> {
         let bytes: [u8; 64] = self
             .signature
             .as_slice()
             .try_into()
             .map_err(|_| RecordError::SignatureLength(self.signature.len()))?;
-        key.verify(&self.body, &Signature::from_bytes(&bytes))
+        key.verify_strict(&self.body, &Signature::from_bytes(&bytes))
             .map_err(|_| RecordError::BadSignature)
     }
 
@@ -153,5 +156,43 @@ mod tests {
             signed.verify(&key.verifying_key()),
             Err(RecordError::SignatureLength(63))
         );
+    }
+
+    /// A key of small order (here the identity point) with the signature
+    /// (R = identity, s = 0) "verifies" any message under the permissive
+    /// equation. Every check of the product is the strict one, so the
+    /// single check and the core's checks agree: refused everywhere.
+    #[test]
+    fn a_small_order_key_and_its_forgery_verify_nowhere() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = VerifyingKey::from_bytes(&identity).unwrap();
+        let mut signature = [0u8; 64];
+        signature[0] = 1;
+        let forged = SignedRecord {
+            body: UsageRecord {
+                seq: 1,
+                billed_tokens: 1_000_000,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            signature: signature.to_vec(),
+        };
+        assert_eq!(forged.verify(&weak), Err(RecordError::BadSignature));
+        let batch = crate::ingest::check_records(
+            "",
+            &weak,
+            crate::wire::pb::Batch {
+                batch_id: 1,
+                records: vec![forged.encode_to_vec()],
+                lost: vec![],
+            },
+        );
+        let v = crate::ingest::walk(
+            &crate::ingest::NodeCursor::new(""),
+            batch,
+            &Default::default(),
+        );
+        assert!(v.accepted.is_empty(), "the core stored a forgery");
     }
 }
