@@ -11,6 +11,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::ingest_store::{IngestStore, SqliteStore};
+use crate::pki::make_crl;
 use crate::pki::{generate_ca, issue_node_cert, issue_server_cert, CertAndKey};
 use crate::quic::{server_endpoint, TransportOptions};
 
@@ -36,6 +37,11 @@ pub struct CoreConfig {
     /// UDP segmentation offload (off works around kernel and NIC bugs).
     #[serde(default = "default_true")]
     pub segmentation_offload: bool,
+    /// The operator's certificate revocation list (PEM): a node whose
+    /// certificate it lists is refused in the handshake. `revoke-node-cert`
+    /// writes it; `serve` reads it again within seconds of a change.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 fn default_idle() -> u64 {
@@ -66,7 +72,10 @@ impl CoreConfig {
             &mut c.ca_key,
             &mut c.cert,
             &mut c.key,
-        ] {
+        ]
+        .into_iter()
+        .chain(c.crl.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -118,10 +127,13 @@ pub fn init(dir: &Path, listen: &str, sans: &[String]) -> anyhow::Result<serde_j
     write_file(&dir.join("operator-ca.key"), &ca.key_pem, true)?;
     write_file(&dir.join("core.crt"), &server.cert_pem, false)?;
     write_file(&dir.join("core.key"), &server.key_pem, true)?;
+    write_file(&dir.join("crl.pem"), &make_crl(&ca, &[], 1)?, false)?;
     let text = format!(
         "# Written by `core-ingest init` (a dev operator CA: keep operator-ca.key secret).\n\
          listen = {listen:?}\nstore = \"core.sqlite\"\nca_cert = \"operator-ca.crt\"\nca_key = \"operator-ca.key\"\n\
-         cert = \"core.crt\"\nkey = \"core.key\"\n# idle_timeout_s = 30\n# segmentation_offload = true\n"
+         cert = \"core.crt\"\nkey = \"core.key\"\n\
+         # Revoked node certificates (core-ingest revoke-node-cert).\ncrl = \"crl.pem\"\n\
+         # idle_timeout_s = 30\n# segmentation_offload = true\n"
     );
     write_file(&config_path, &text, false)?;
     CoreConfig::load(&config_path)?;
@@ -148,13 +160,53 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
         segmentation_offload: config.segmentation_offload,
         ..TransportOptions::default()
     };
+    let crl_text = |c: &CoreConfig| -> anyhow::Result<String> {
+        match &c.crl {
+            Some(p) => read(p),
+            None => Ok(String::new()),
+        }
+    };
     let endpoint = server_endpoint(
         config.listen.parse()?,
         &read(&config.cert)?,
         &read(&config.key)?,
         &read(&config.ca_cert)?,
+        &crl_text(&config)?,
         &transport,
     )?;
+    // A CRL the operator updates takes effect for new handshakes within
+    // seconds, without a restart; one that does not parse keeps the last good one.
+    let crl_watch = config.crl.clone().map(|path| {
+        let (endpoint, config, transport) = (endpoint.clone(), config.clone(), transport);
+        tokio::spawn(async move {
+            let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut seen = mtime(&path);
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                let now = mtime(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                let rebuilt = (|| -> anyhow::Result<quinn::ServerConfig> {
+                    Ok(crate::quic::server_config(
+                        &read(&config.cert)?,
+                        &read(&config.key)?,
+                        &read(&config.ca_cert)?,
+                        &read(&path)?,
+                        &transport,
+                    )?)
+                })();
+                match rebuilt {
+                    Ok(c) => {
+                        endpoint.set_server_config(Some(c));
+                        tracing::info!(crl = %path.display(), "certificate revocation list reloaded");
+                    }
+                    Err(e) => tracing::error!(crl = %path.display(), error = %e, "certificate revocation list not reloaded; the previous one stays"),
+                }
+            }
+        })
+    });
     let bound = endpoint.local_addr()?;
     let (stop, rx) = tokio::sync::watch::channel(false);
     let shared: crate::core_server::SharedStore = Arc::new(Mutex::new(store));
@@ -174,8 +226,46 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     let _ = stop.send(true);
+    if let Some(w) = crl_watch {
+        w.abort();
+    }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
     Ok(())
+}
+
+/// `core-ingest revoke-node-cert`: adds the certificate's serial number to
+/// the CRL (`crl` in the configuration), signed by the operator CA and
+/// written atomically. A running core refuses the node's next handshake.
+pub fn revoke_node_cert(config: &CoreConfig, cert_pem: &str) -> anyhow::Result<serde_json::Value> {
+    let path = config
+        .crl
+        .as_ref()
+        .context("the configuration names no crl file (crl = \"crl.pem\")")?;
+    let ca = config.ca()?;
+    let serial = crate::pki::serial_of(cert_pem)?;
+    let existing = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let (mut revoked, number) =
+        crate::pki::read_crl(&ca, &existing).with_context(|| format!("{}", path.display()))?;
+    let already = revoked.iter().any(|r| r.serial == serial);
+    if !already {
+        revoked.push(crate::pki::Revoked {
+            serial: serial.clone(),
+            at_unix: chrono::Utc::now().timestamp(),
+        });
+        let tmp = path.with_extension("pem.tmp");
+        write_file(&tmp, &make_crl(&ca, &revoked, number + 1)?, false)?;
+        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    }
+    Ok(serde_json::json!({
+        "serial": hex::encode(&serial),
+        "already_revoked": already,
+        "revoked": revoked.len(),
+        "crl": path,
+    }))
 }
 
 /// `core-ingest audit`: per node, records, highest contiguous seq, gaps,

@@ -252,6 +252,7 @@ impl LoopbackCore {
             &server.cert_pem,
             &server.key_pem,
             &ca.cert_pem,
+            "",
             &crate::quic::TransportOptions::default(),
         )
         .map_err(|e| e.to_string())?;

@@ -12,6 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SubjectPublicKeyInfo,
 };
+use rustls::pki_types::pem::PemObject;
 
 /// How long a node certificate is valid.
 pub const NODE_CERT_YEARS: i32 = 5;
@@ -186,4 +187,78 @@ mod tests {
         assert!(node_id_of(&der(&server.cert_pem)).is_err());
         assert!(issue_node_cert(&ca, "bad id", &node.public_key_pem()).is_err());
     }
+}
+
+/// The serial number of a certificate (PEM), as a CRL names it.
+pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    Ok(cert.tbs_certificate.raw_serial().to_vec())
+}
+
+/// A revoked certificate: its serial number and when (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The certificate's serial number.
+    pub serial: Vec<u8>,
+    /// When it was revoked (Unix seconds).
+    pub at_unix: i64,
+}
+
+/// The revoked certificates and the number of a CRL (PEM) signed by `ca`;
+/// an empty text is an empty list, number 0. A CRL another issuer signed
+/// is refused.
+pub fn read_crl(ca: &CertAndKey, crl_pem: &str) -> Result<(Vec<Revoked>, u64), PkiError> {
+    if crl_pem.trim().is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes())
+        .map_err(|e| PkiError::Parse(format!("CRL: {e}")))?;
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+        .map_err(|e| PkiError::Parse(format!("CRL: {e}")))?;
+    let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let (_, ca_cert) = x509_parser::parse_x509_certificate(ca_der.as_ref())
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    crl.verify_signature(ca_cert.public_key())
+        .map_err(|e| PkiError::Parse(format!("CRL: not signed by the operator CA: {e}")))?;
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|r| Revoked {
+            serial: r.raw_serial().to_vec(),
+            at_unix: r.revocation_date.timestamp(),
+        })
+        .collect();
+    let number = crl
+        .crl_number()
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(0);
+    Ok((revoked, number))
+}
+
+/// A CRL (PEM) of `revoked`, number `number`, signed by the operator CA.
+pub fn make_crl(ca: &CertAndKey, revoked: &[Revoked], number: u64) -> Result<String, PkiError> {
+    let now = time::OffsetDateTime::now_utc();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        // Valid for long: the core reads the operator's current file, and a
+        // node is refused as long as the list names it.
+        next_update: now + time::Duration::days(3650),
+        crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|r| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&r.serial),
+                revocation_time: time::OffsetDateTime::from_unix_timestamp(r.at_unix)
+                    .unwrap_or(now),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer(ca)?)?.pem()?)
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::wire::ALPN;
 
@@ -103,17 +103,30 @@ fn roots(ca_pem: &str) -> Result<Arc<rustls::RootCertStore>, QuicError> {
     Ok(Arc::new(roots))
 }
 
-/// The core's endpoint: its certificate and key, the operator CA for
-/// clients, bound to `listen`.
-pub fn server_endpoint(
-    listen: SocketAddr,
+/// Certificate revocation lists of a PEM text (none in an empty text).
+pub fn crls(pem: &str) -> Result<Vec<CertificateRevocationListDer<'static>>, QuicError> {
+    CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| QuicError::Pem {
+            what: "certificate revocation list".into(),
+            reason: e.to_string(),
+        })
+}
+
+/// The core's TLS and transport configuration: its certificate and key, the
+/// operator CA for clients, and the operator's CRL (`crl_pem`; a node whose
+/// certificate it lists is refused in the handshake). core-ingest builds it
+/// again when the CRL file changes.
+pub fn server_config(
     cert_pem: &str,
     key_pem: &str,
     ca_pem: &str,
+    crl_pem: &str,
     options: &TransportOptions,
-) -> Result<quinn::Endpoint, QuicError> {
+) -> Result<quinn::ServerConfig, QuicError> {
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
+            .with_crls(crls(crl_pem)?)
             .build()
             .map_err(|e| QuicError::Verifier(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -129,6 +142,19 @@ pub fn server_endpoint(
         .map_err(|e| QuicError::Verifier(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(options));
+    Ok(config)
+}
+
+/// The core's endpoint ([`server_config`]) bound to `listen`.
+pub fn server_endpoint(
+    listen: SocketAddr,
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    crl_pem: &str,
+    options: &TransportOptions,
+) -> Result<quinn::Endpoint, QuicError> {
+    let config = server_config(cert_pem, key_pem, ca_pem, crl_pem, options)?;
     let socket = std::net::UdpSocket::bind(listen)?;
     let (reset_key, cid_key) = restart_keys(key_pem);
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));

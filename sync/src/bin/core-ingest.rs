@@ -51,6 +51,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Revoke a node certificate (a stolen box): its serial number goes on
+    /// the operator's CRL; a running core refuses the node's next handshake.
+    RevokeNodeCert {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The certificate to revoke (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+    },
     /// Per node: records, highest contiguous seq, gaps, quarantine, chain (JSON).
     Audit {
         /// Configuration file.
@@ -91,6 +101,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(core_ingest::serve(config))?;
+        }
+        Command::RevokeNodeCert { config, cert } => {
+            let config = CoreConfig::load(&config)?;
+            let pem = std::fs::read_to_string(&cert)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+            println!("{}", core_ingest::revoke_node_cert(&config, &pem)?);
         }
         Command::IssueNodeCert {
             config,

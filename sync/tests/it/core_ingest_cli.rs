@@ -208,3 +208,210 @@ async fn an_operator_sees_records_arrive_once_even_across_a_core_crash() {
     assert_eq!((completion, cached), (5 * N, 4 * N));
     assert!(days.iter().all(|d| d["day"] == "2026-11-18"), "{days:?}");
 }
+
+/// An edge's log, identity and certificate from the core's CA.
+async fn enrolled_edge(
+    dir: &Path,
+    config: &str,
+    node_id: &str,
+    records: u64,
+) -> (Arc<UsageLog>, String, String) {
+    let identity = NodeIdentity::generate().unwrap();
+    identity.write_to(&dir.join("identity")).unwrap();
+    let log = Arc::new(
+        UsageLog::open(
+            &dir.join("log"),
+            identity,
+            node_id,
+            LogOptions {
+                backend: BackendChoice::File,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    for _ in 0..records {
+        log.append(UsageRecord {
+            imsi: "001010000000001".into(),
+            billed_tokens: 10,
+            prompt_tokens: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let cert_path = dir.join("identity/node.crt");
+    let out = core_ingest(&[
+        "issue-node-cert",
+        "--config",
+        config,
+        "--node-id",
+        node_id,
+        "--public-key",
+        dir.join("identity/node.pub").to_str().unwrap(),
+        "--out",
+        cert_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = std::fs::read_to_string(dir.join("identity/node.key")).unwrap();
+    (log, std::fs::read_to_string(&cert_path).unwrap(), key)
+}
+
+/// Uploads for at most `for_at_most`; returns the log's acked seq and the
+/// uploader's last error.
+async fn upload_for(
+    log: &Arc<UsageLog>,
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    until_acked: u64,
+    for_at_most: Duration,
+) -> (u64, Option<String>) {
+    let status = Arc::new(Mutex::new(UploaderStatus::default()));
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let transport = TransportOptions {
+        idle_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let task = tokio::spawn(mec_sync::uploader::run(
+        log.clone(),
+        UploaderConfig {
+            core: addr,
+            server_name: "localhost".into(),
+            ca_pem: ca_pem.into(),
+            cert_pem: cert_pem.into(),
+            key_pem: key_pem.into(),
+            limits: WindowLimits::default(),
+            transport,
+            poll: Duration::from_millis(20),
+            ack_limit: None,
+        },
+        status.clone(),
+        rx,
+    ));
+    let deadline = Instant::now() + for_at_most;
+    while log.stats().acked_seq < until_acked && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let error = status.lock().unwrap().last_error.clone();
+    (log.stats().acked_seq, error)
+}
+
+/// A stolen box signs valid records until its certificate expires, unless
+/// the operator revokes it: `revoke-node-cert` puts it on the CRL, and the
+/// running core refuses its next handshake; other nodes go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_node_certificate_is_refused_by_the_running_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let core_dir = dir.path().join("core");
+    let out = core_ingest(&[
+        "init",
+        "--dir",
+        core_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = init["config"].as_str().unwrap().to_string();
+    let ca_pem = std::fs::read_to_string(init["ca_cert"].as_str().unwrap()).unwrap();
+    let (stolen, stolen_cert, stolen_key) =
+        enrolled_edge(&dir.path().join("stolen"), &config, "edge-s", 10).await;
+    let (other, other_cert, other_key) =
+        enrolled_edge(&dir.path().join("other"), &config, "edge-o", 10).await;
+    let (mut core, addr) = serve(Path::new(&config));
+    let up = |log, cert, key, until| {
+        let (ca_pem, cert, key): (String, String, String) = (ca_pem.clone(), cert, key);
+        async move {
+            upload_for(
+                log,
+                addr,
+                &ca_pem,
+                &cert,
+                &key,
+                until,
+                Duration::from_secs(20),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        up(&stolen, stolen_cert.clone(), stolen_key.clone(), 10)
+            .await
+            .0,
+        10
+    );
+
+    let cert_file = dir.path().join("stolen/identity/node.crt");
+    let out = core_ingest(&[
+        "revoke-node-cert",
+        "--config",
+        &config,
+        "--cert",
+        cert_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            revoked["already_revoked"].as_bool(),
+            revoked["revoked"].as_u64()
+        ),
+        (Some(false), Some(1))
+    );
+    let again = core_ingest(&[
+        "revoke-node-cert",
+        "--config",
+        &config,
+        "--cert",
+        cert_file.to_str().unwrap(),
+    ]);
+    let again: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["already_revoked"], true);
+    tokio::time::sleep(Duration::from_secs(3)).await; // the core reads the CRL again
+
+    for _ in 0..5 {
+        stolen
+            .append(UsageRecord {
+                billed_tokens: 1,
+                prompt_tokens: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let (acked, error) = upload_for(
+        &stolen,
+        addr,
+        &ca_pem,
+        &stolen_cert,
+        &stolen_key,
+        15,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(acked, 10, "a revoked node uploaded");
+    assert!(error.is_some(), "the refusal is reported");
+    assert_eq!(
+        up(&other, other_cert, other_key, 10).await.0,
+        10,
+        "other nodes go on"
+    );
+    unsafe { libc::kill(core.id() as i32, libc::SIGTERM) };
+    assert!(core.wait().unwrap().success());
+}
