@@ -129,7 +129,11 @@ pub struct BatchVerdict {
 fn declared_lost(lost: &[LostRange], first: u64, last: u64) -> Option<LossReason> {
     let mut next = first;
     let mut reason = LossReason::CoreLost;
-    let mut ranges: Vec<&LostRange> = lost.iter().collect();
+    // A range reaching beyond what the store can hold is not honoured.
+    let mut ranges: Vec<&LostRange> = lost
+        .iter()
+        .filter(|r| i64::try_from(r.last).is_ok())
+        .collect();
     ranges.sort_by_key(|r| r.first);
     for r in ranges {
         if r.first <= next && r.last >= next {
@@ -401,7 +405,11 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch, known: &KnownHashes) -> 
         while let Some(r) = checked
             .lost
             .iter()
-            .find(|r| r.first <= c.contiguous_seq + 1 && r.last > c.contiguous_seq)
+            .find(|r| {
+                r.first <= c.contiguous_seq + 1
+                    && r.last > c.contiguous_seq
+                    && i64::try_from(r.last).is_ok()
+            })
         {
             let (first, last) = (c.contiguous_seq + 1, r.last);
             push_loss(&mut v.gaps, &mut v.lost_by_core, r.reason(), first, last);

@@ -478,6 +478,76 @@ mod tests {
     use crate::wire::pb::Batch;
     use ed25519_dalek::SigningKey;
 
+    fn verdict(node: &str, seqs: &[u64], quarantined: Vec<crate::ingest::Quarantined>) -> BatchVerdict {
+        BatchVerdict {
+            accepted: seqs
+                .iter()
+                .map(|&seq| crate::ingest::Accepted {
+                    seq,
+                    record: crate::record::UsageRecord {
+                        seq,
+                        node_id: node.into(),
+                        ..Default::default()
+                    },
+                    signed: seq.to_be_bytes().to_vec(),
+                    hash: [seq as u8; 32],
+                })
+                .collect(),
+            duplicates: 0,
+            quarantined,
+            gaps: vec![],
+            lost_by_core: vec![],
+            forks: 0,
+            deferred: 0,
+            cursor: NodeCursor {
+                node_id: node.into(),
+                contiguous_seq: seqs.last().copied().unwrap_or(0),
+                last_hash: None,
+            },
+        }
+    }
+
+    /// Two seqs above 2^63 - 1 must never become one row (SQLite integers
+    /// are signed): the commit is refused instead.
+    #[test]
+    fn seqs_beyond_what_sqlite_holds_are_refused_never_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("c.sqlite")).unwrap();
+        let big = i64::MAX as u64 + 5;
+        let r = s.commit(&verdict("n1", &[big, big + 1], vec![]), 0);
+        let rows: i64 = s
+            .conn
+            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            matches!(r, Err(IngestStoreError::SeqOutOfRange(_))),
+            "{r:?}, {rows} rows"
+        );
+        assert_eq!(rows, 0);
+    }
+
+    /// An unreadable record resent again and again is kept aside once.
+    #[test]
+    fn a_resend_of_a_record_kept_aside_is_kept_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("c.sqlite")).unwrap();
+        let garbage = || crate::ingest::Quarantined {
+            seq: None,
+            reason: "undecodable record".into(),
+            signed: b"not a record".to_vec(),
+            fork: false,
+        };
+        for _ in 0..5 {
+            s.commit(&verdict("n1", &[], vec![garbage()]), 0).unwrap();
+        }
+        let kept: i64 = s
+            .conn
+            .query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 1);
+        assert_eq!(s.audit().unwrap()[0].quarantined, 1);
+    }
+
     #[test]
     fn batches_commit_once_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
