@@ -402,15 +402,11 @@ pub fn walk(cursor: &NodeCursor, checked: CheckedBatch, known: &KnownHashes) -> 
     // edge that has nothing left to send of what the core lost).
     if !deferring {
         let c = &mut v.cursor;
-        while let Some(r) = checked
-            .lost
-            .iter()
-            .find(|r| {
-                r.first <= c.contiguous_seq + 1
-                    && r.last > c.contiguous_seq
-                    && i64::try_from(r.last).is_ok()
-            })
-        {
+        while let Some(r) = checked.lost.iter().find(|r| {
+            r.first <= c.contiguous_seq + 1
+                && r.last > c.contiguous_seq
+                && i64::try_from(r.last).is_ok()
+        }) {
             let (first, last) = (c.contiguous_seq + 1, r.last);
             push_loss(&mut v.gaps, &mut v.lost_by_core, r.reason(), first, last);
             c.contiguous_seq = last;

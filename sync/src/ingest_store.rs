@@ -478,7 +478,11 @@ mod tests {
     use crate::wire::pb::Batch;
     use ed25519_dalek::SigningKey;
 
-    fn verdict(node: &str, seqs: &[u64], quarantined: Vec<crate::ingest::Quarantined>) -> BatchVerdict {
+    fn verdict(
+        node: &str,
+        seqs: &[u64],
+        quarantined: Vec<crate::ingest::Quarantined>,
+    ) -> BatchVerdict {
         BatchVerdict {
             accepted: seqs
                 .iter()

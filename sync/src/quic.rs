@@ -177,20 +177,26 @@ pub fn server_endpoint(
 /// timeout. (quinn's default keys are random per process, so a restarted
 /// core drops those packets as invalid.)
 fn restart_keys(key_pem: &str) -> (ring::hmac::Key, u64) {
-    use sha2::Digest;
-    let derive = |label: &[u8]| {
-        let mut h = sha2::Sha256::new();
-        h.update(label);
-        h.update(key_pem.as_bytes());
-        h.finalize()
-    };
-    let reset = derive(b"mec-usage/1 stateless reset key\0");
-    let cid = derive(b"mec-usage/1 connection id key\0");
-    let cid_key = u64::from_le_bytes(cid[..8].try_into().expect("8 bytes"));
-    (
-        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset),
-        cid_key,
-    )
+    use ring::hkdf;
+    /// An HKDF output length in bytes.
+    struct Len(usize);
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    // HKDF-SHA256 (RFC 5869) keyed by the core's private key, one label each.
+    let prk =
+        hkdf::Salt::new(hkdf::HKDF_SHA256, b"mec-usage/1 restart keys").extract(key_pem.as_bytes());
+    let reset = ring::hmac::Key::from(
+        prk.expand(&[b"stateless reset key"], ring::hmac::HMAC_SHA256)
+            .expect("a 32-byte output is within HKDF's limit"),
+    );
+    let mut cid = [0u8; 8];
+    prk.expand(&[b"connection id key"], Len(cid.len()))
+        .and_then(|okm| okm.fill(&mut cid))
+        .expect("an 8-byte output is within HKDF's limit");
+    (reset, u64::from_le_bytes(cid))
 }
 
 /// The edge's endpoint: its node certificate and key, the operator CA for

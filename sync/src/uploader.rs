@@ -134,12 +134,9 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => tracing::warn!(error = %e, "upload connection lost"),
         }
-        let jitter = (SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-            % 1000) as f64
-            / 1000.0;
+        // Full jitter from a real random source: boxes that lost the core
+        // together must not reconnect together.
+        let jitter: f64 = rand::random();
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay(jitter)) => {}
             _ = stopped(&mut shutdown) => break,

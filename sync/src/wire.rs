@@ -60,21 +60,18 @@ impl FrameDecoder {
 
     /// The next whole frame as `M`, `Ok(None)` when more bytes are needed.
     pub fn next_frame<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
-        let mut len: u64 = 0;
-        let mut header = 0;
-        loop {
-            let Some(&b) = self.buf.get(header) else {
-                return Ok(None);
+        // The length is a varint of at most 10 bytes; decoding is prost's
+        // (which refuses one whose value does not fit 64 bits).
+        let Some(last) = self.buf.iter().take(10).position(|b| b & 0x80 == 0) else {
+            return if self.buf.len() >= 10 {
+                Err(FrameError::BadLength)
+            } else {
+                Ok(None)
             };
-            if header == 10 {
-                return Err(FrameError::BadLength);
-            }
-            len |= u64::from(b & 0x7f) << (7 * header);
-            header += 1;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
+        };
+        let mut prefix = &self.buf[..=last];
+        let len = prost::encoding::decode_varint(&mut prefix).map_err(|_| FrameError::BadLength)?;
+        let header = last + 1;
         if len > MAX_FRAME as u64 {
             return Err(FrameError::TooLarge(len));
         }
@@ -133,6 +130,11 @@ mod tests {
         ));
         let mut d = FrameDecoder::new();
         d.push(&[0xff; 11]);
+        assert_eq!(d.next_frame::<EdgeFrame>(), Err(FrameError::BadLength));
+        // Ten bytes whose last carries bits beyond the 64th: not a length
+        // (read as 64 bits it would be 0, an empty frame).
+        let mut d = FrameDecoder::new();
+        d.push(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02]);
         assert_eq!(d.next_frame::<EdgeFrame>(), Err(FrameError::BadLength));
         let mut d = FrameDecoder::new();
         d.push(&[3, 0xff, 0xff, 0xff]);
