@@ -17,7 +17,13 @@ pub fn admin(args: &AdminArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let client = reqwest::Client::new();
+        let token = std::fs::read_to_string(config.admin_token_path()).map_err(|e| {
+            anyhow::anyhow!(
+                "reading the admin token {}: {e} (run as the agent's user or root)",
+                config.admin_token_path().display()
+            )
+        })?;
+        let client = crate::admin_client(token.trim())?;
         let req = match &args.command {
             AdminCommand::Grant {
                 imsi,

@@ -552,6 +552,13 @@ impl Config {
         self.identity_dir().join("operator-ca.crt")
     }
 
+    /// `state_dir/admin.token`: the admin API's bearer credential (0600,
+    /// made at the first start). Only the agent's user and root can read
+    /// it, so only they can grant packages or start updates.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.node.state_dir.join("admin.token")
+    }
+
     /// `state_dir/inflight.tally` (see `mec_billing::tally`).
     pub fn tally_path(&self) -> PathBuf {
         self.node.state_dir.join("inflight.tally")

@@ -18,3 +18,15 @@ pub mod log_cmd;
 pub mod provision_cmd;
 pub mod server;
 pub mod update_cmd;
+
+/// An HTTP client for the admin API: every request carries `token` (the
+/// agent's `state_dir/admin.token`) as its bearer credential.
+pub fn admin_client(token: &str) -> anyhow::Result<reqwest::Client> {
+    let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| anyhow::anyhow!("the admin token is not a header value"))?;
+    auth.set_sensitive(true);
+    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, auth)]);
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}

@@ -233,15 +233,33 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// The admin API at `url`.
-    pub fn new(url: &str) -> Admin {
+    /// The admin API at `url`, with the agent's admin `token`.
+    pub fn new(url: &str, token: &str) -> Admin {
+        let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .expect("an admin token is a header value");
+        auth.set_sensitive(true);
         Admin {
             url: url.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                .default_headers(reqwest::header::HeaderMap::from_iter([(
+                    reqwest::header::AUTHORIZATION,
+                    auth,
+                )]))
                 .build()
                 .unwrap(),
         }
+    }
+
+    /// The admin API of a local agent, from its ready line.
+    pub fn of_ready(ready: &Value) -> Admin {
+        let token = std::fs::read_to_string(
+            ready["admin_token_file"]
+                .as_str()
+                .expect("the ready line names the admin token file"),
+        )
+        .expect("the admin token is readable");
+        Admin::new(ready["admin_url"].as_str().unwrap_or_default(), &token)
     }
 
     /// Grants `tokens` to `imsi` (a top-up valid 30 days).

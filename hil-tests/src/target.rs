@@ -14,6 +14,8 @@ pub struct Hardware {
     /// The box's admin API, `http://host:port` (usually an SSH tunnel: it
     /// listens on the box's loopback).
     pub admin: String,
+    /// The box's admin token (its `state_dir/admin.token`).
+    pub admin_token: String,
     /// An app key the box accepts.
     pub app_key: String,
     /// The relay's address as the box reaches this machine (host:port); the
@@ -70,6 +72,7 @@ impl Mode {
             serial: PathBuf::from(need("MEC_HIL_SERIAL")?),
             api: need("MEC_HIL_API")?.trim_end_matches('/').to_string(),
             admin: need("MEC_HIL_ADMIN")?.trim_end_matches('/').to_string(),
+            admin_token: need("MEC_HIL_ADMIN_TOKEN")?,
             app_key: need("MEC_HIL_APP_KEY")?,
             core_advertise: need("MEC_HIL_CORE_ADVERTISE")?,
             kill_agent: get("MEC_HIL_KILL_AGENT"),
@@ -121,6 +124,7 @@ mod tests {
             ("MEC_HIL_SERIAL", "/dev/ttyUSB0"),
             ("MEC_HIL_API", "http://10.0.0.5:8080/"),
             ("MEC_HIL_ADMIN", "http://127.0.0.1:18081"),
+            ("MEC_HIL_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef"),
             ("MEC_HIL_APP_KEY", "sk-box"),
             ("MEC_HIL_CORE_ADVERTISE", "10.0.0.1:7443"),
         ];

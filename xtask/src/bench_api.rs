@@ -19,6 +19,7 @@ struct Server {
     child: Child,
     api: String,
     admin: String,
+    admin_token: String,
     key: String,
     model: String,
 }
@@ -62,6 +63,12 @@ fn start(agent: &Path, dir: &Path, metering: bool) -> anyhow::Result<Server> {
         child,
         api: ready["api_url"].as_str().unwrap_or_default().into(),
         admin: ready["admin_url"].as_str().unwrap_or_default().into(),
+        admin_token: std::fs::read_to_string(
+            ready["admin_token_file"].as_str().unwrap_or_default(),
+        )
+        .context("reading the agent's admin token")?
+        .trim()
+        .to_string(),
         key: init["app_key"].as_str().unwrap_or_default().into(),
         model: ready["model"].as_str().unwrap_or_default().into(),
     })
@@ -85,6 +92,7 @@ async fn load(s: &Server, clients: usize, duration: Duration) -> anyhow::Result<
     for i in 0..clients {
         let r = http
             .post(format!("{}/admin/v1/grants", s.admin))
+            .bearer_auth(&s.admin_token)
             .json(&json!({ "imsi": imsi(i), "tokens": 1_000_000_000u64 }))
             .send()
             .await?;

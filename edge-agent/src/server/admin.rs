@@ -17,8 +17,71 @@ use super::error::ApiError;
 use super::AppState;
 use mec_billing::unix_now;
 
-/// The admin routes.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The admin API's credential in `path`: read, or made (32 random bytes,
+/// hex, mode 0600, created exclusively) at the first start.
+pub fn load_or_create_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::read_to_string(path) {
+        Ok(t) if t.trim().len() >= 32 => {
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("restricting {}", path.display()))?;
+                tracing::warn!(path = %path.display(), "the admin token was readable by others; now 0600");
+            }
+            return Ok(t.trim().to_string());
+        }
+        Ok(_) => anyhow::bail!(
+            "{}: not an admin token (at least 32 characters); remove it to make a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random bytes: {e}"))?;
+    let token = hex::encode(bytes);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    Ok(token)
+}
+
+/// 401 unless the request carries the admin token as a bearer credential.
+async fn require_token(
+    State(token): State<Arc<String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if given.as_bytes().ct_eq(token.as_bytes()).into() {
+        next.run(req).await
+    } else {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            ..ApiError::unauthorized(
+                "the admin API needs the agent's admin token (state_dir/admin.token) as a bearer credential",
+            )
+        }
+        .into_response()
+    }
+}
+
+/// The admin routes, behind the admin token.
+pub fn router(state: Arc<AppState>, token: Arc<String>) -> Router {
     Router::new()
         .route("/admin/v1/grants", post(grant))
         .route("/admin/v1/buckets/{id}", delete(revoke))
@@ -26,6 +89,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/v1/subscribers/{imsi}/usage", get(usage))
         .route("/admin/v1/sync", get(sync_status))
         .route("/admin/v1/update", get(update_status).post(update_apply))
+        .layer(axum::middleware::from_fn_with_state(token, require_token))
         .with_state(state)
 }
 

@@ -361,6 +361,8 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding admin.listen {admin_addr}"))?;
     let (api_bound, admin_bound) = (api_listener.local_addr()?, admin_listener.local_addr()?);
     let grace = Duration::from_secs(config.api.shutdown_grace_s);
+    let admin_token_path = config.admin_token_path();
+    let admin_token = Arc::new(admin::load_or_create_token(&admin_token_path)?);
 
     let state = Arc::new(AppState {
         apps: apps(&config)?,
@@ -390,7 +392,10 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         })
     };
     let admin_server = {
-        let (router, stop) = (admin::router(state.clone()), stopped(stop_rx.clone()));
+        let (router, stop) = (
+            admin::router(state.clone(), admin_token),
+            stopped(stop_rx.clone()),
+        );
         tokio::spawn(async move {
             axum::serve(admin_listener, router)
                 .with_graceful_shutdown(stop)
@@ -426,6 +431,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         "event": "ready",
         "api_url": format!("http://{api_bound}"),
         "admin_url": format!("http://{admin_bound}"),
+        "admin_token_file": admin_token_path,
         "model": state.config.model.id,
     });
     println!("{ready}");

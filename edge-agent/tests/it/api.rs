@@ -156,6 +156,33 @@ async fn completions_streamed_or_not_report_the_usage_that_was_recorded() {
     );
 }
 
+/// Any local process could grant packages or start an update through the
+/// admin API; now only who can read the agent's admin token (its user,
+/// root) can.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_refuses_requests_without_the_admin_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::new(dir.path());
+    let grant = json!({ "imsi": IMSI, "tokens": 1000, "kind": "topup" });
+    let url = format!("{}/admin/v1/grants", agent.admin);
+    let anyone = reqwest::Client::new();
+    for auth in [None, Some("Bearer not-the-token"), Some(agent.key.as_str())] {
+        let mut r = anyone.post(&url).json(&grant);
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 401, "with {auth:?}");
+    }
+    assert_eq!(agent.remaining(IMSI).await, 0, "nothing was granted");
+    let token_file = &agent.admin_token_file;
+    let mode = std::fs::metadata(token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", token_file.display());
+    agent.grant(IMSI, 1000).await;
+    assert_eq!(agent.remaining(IMSI).await, 1000);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_exhausted_package_gets_429_before_any_inference() {
     let dir = tempfile::tempdir().unwrap();

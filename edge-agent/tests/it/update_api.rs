@@ -45,7 +45,7 @@ async fn the_admin_api_asks_the_update_service_and_streams_its_answer() {
     );
     std::fs::write(&config, text).unwrap();
     let agent = Agent::serve(dir.path(), &config, &key);
-    let http = reqwest::Client::new();
+    let http = agent.admin_http.clone();
     let url = format!("{}/admin/v1/update", agent.admin);
 
     // No service (not an appliance): a clear 503 naming the socket.

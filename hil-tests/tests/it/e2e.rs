@@ -164,7 +164,7 @@ async fn from_a_provisioned_box_to_the_bill_under_faults() {
             stage("agent start", &mut since);
             (
                 TheBox::Local(agent),
-                Admin::new(&format!("http://{admin}")),
+                Admin::of_ready(&ready),
                 ApiTarget {
                     base_url: format!("http://{api}"),
                     app_key: String::new(),
@@ -175,7 +175,7 @@ async fn from_a_provisioned_box_to_the_bill_under_faults() {
         Mode::Hardware(h) => {
             provision(&h.serial, &h.core_advertise, None, &core);
             stage("provision over the serial device", &mut since);
-            let admin = Admin::new(&h.admin);
+            let admin = Admin::new(&h.admin, &h.admin_token);
             wait_for_core_configured(&admin, &h.core_advertise).await;
             stage("the box's agent takes the site configuration", &mut since);
             let models: serde_json::Value = reqwest::Client::new()

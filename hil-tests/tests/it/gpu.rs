@@ -148,8 +148,11 @@ fn the_cuda_build_without_a_driver_serves_on_the_cpu() {
 
     let http = reqwest::blocking::Client::new();
     let imsi = "001010000000001";
+    let admin_token =
+        std::fs::read_to_string(ready_line["admin_token_file"].as_str().unwrap()).unwrap();
     let granted = http
         .post(format!("http://{admin}/admin/v1/grants"))
+        .bearer_auth(admin_token.trim())
         .json(
             &serde_json::json!({ "imsi": imsi, "tokens": 1000, "kind": "topup", "valid_days": 30 }),
         )

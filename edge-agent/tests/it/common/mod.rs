@@ -25,6 +25,10 @@ pub struct Agent {
     pub model: String,
     pub child: Child,
     pub http: reqwest::Client,
+    /// A client carrying the admin token.
+    pub admin_http: reqwest::Client,
+    /// Where the agent keeps its admin token.
+    pub admin_token_file: PathBuf,
 }
 
 pub fn bin() -> &'static str {
@@ -137,12 +141,19 @@ impl Agent {
             model: v["model"].as_str().unwrap().to_string(),
             child,
             http: reqwest::Client::new(),
+            admin_token_file: PathBuf::from(v["admin_token_file"].as_str().unwrap()),
+            admin_http: edge_agent::admin_client(
+                std::fs::read_to_string(v["admin_token_file"].as_str().unwrap())
+                    .unwrap()
+                    .trim(),
+            )
+            .unwrap(),
         }
     }
 
     pub async fn grant(&self, imsi: &str, tokens: u64) -> Value {
         let r = self
-            .http
+            .admin_http
             .post(format!("{}/admin/v1/grants", self.admin))
             .json(&json!({ "imsi": imsi, "tokens": tokens, "kind": "topup" }))
             .send()
@@ -207,16 +218,15 @@ impl Agent {
             .unwrap()
     }
 
-    /// GET `url` (with the app key), as JSON.
+    /// GET `url` as JSON: with the admin token on the admin API, else
+    /// with the app key.
     pub async fn get_json(&self, url: String) -> Value {
-        let r = self
-            .http
-            .get(url)
-            .bearer_auth(&self.key)
-            .send()
-            .await
-            .unwrap();
-        r.json().await.unwrap()
+        let request = if url.starts_with(&self.admin) {
+            self.admin_http.get(url)
+        } else {
+            self.http.get(url).bearer_auth(&self.key)
+        };
+        request.send().await.unwrap().json().await.unwrap()
     }
 
     pub fn post(&self, path: &str, imsi: &str) -> reqwest::RequestBuilder {
