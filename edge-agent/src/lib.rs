@@ -12,6 +12,8 @@ pub mod admin_cmd;
 pub mod bench_inference_cmd;
 pub mod cli;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod generate_cmd;
 pub mod init_cmd;
 pub mod log_cmd;

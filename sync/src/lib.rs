@@ -13,6 +13,8 @@
 
 pub mod core_ingest;
 pub mod core_server;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod identity;
 pub mod ingest;
 pub mod ingest_store;

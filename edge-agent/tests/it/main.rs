@@ -9,6 +9,7 @@ mod common;
 
 mod api;
 mod crash;
+mod fuzz_smoke;
 mod generate_cli;
 mod log_cli;
 mod openai_client;

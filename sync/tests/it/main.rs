@@ -9,6 +9,7 @@ mod common;
 
 mod core_ingest_cli;
 mod faults;
+mod fuzz_smoke;
 mod log_backends;
 mod log_crash_states;
 mod log_faults;
