@@ -345,7 +345,7 @@ impl Config {
         if c.model.path.is_relative() {
             c.model.path = base.join(&c.model.path);
         }
-        let site_path = c.node.state_dir.join("site.toml");
+        let site_path = c.state().site();
         let site = mec_provisioning::site::SiteConfig::load(&site_path).map_err(|message| {
             ConfigError::Parse {
                 path: site_path.clone(),
@@ -532,41 +532,46 @@ impl Config {
         Ok(())
     }
 
+    /// The state directory's layout (file names in `mec_node::state`).
+    pub fn state(&self) -> mec_node::state::StateDir {
+        mec_node::state::StateDir::new(&self.node.state_dir)
+    }
+
     /// `state_dir/identity`.
     pub fn identity_dir(&self) -> PathBuf {
-        self.node.state_dir.join("identity")
+        self.state().identity_dir()
     }
 
     /// `state_dir/log`.
     pub fn log_dir(&self) -> PathBuf {
-        self.node.state_dir.join("log")
+        self.state().log_dir()
     }
 
     /// `state_dir/identity/node.crt`: the node certificate for the upload.
     pub fn node_cert_path(&self) -> PathBuf {
-        self.identity_dir().join("node.crt")
+        self.state().node_cert()
     }
 
     /// `state_dir/identity/operator-ca.crt`.
     pub fn operator_ca_path(&self) -> PathBuf {
-        self.identity_dir().join("operator-ca.crt")
+        self.state().operator_ca()
     }
 
     /// `state_dir/admin.token`: the admin API's bearer credential (0600,
     /// made at the first start). Only the agent's user and root can read
     /// it, so only they can grant packages or start updates.
     pub fn admin_token_path(&self) -> PathBuf {
-        self.node.state_dir.join("admin.token")
+        self.state().admin_token()
     }
 
     /// `state_dir/inflight.tally` (see `mec_billing::tally`).
     pub fn tally_path(&self) -> PathBuf {
-        self.node.state_dir.join("inflight.tally")
+        self.state().tally()
     }
 
     /// `state_dir/ledger.sqlite`.
     pub fn ledger_path(&self) -> PathBuf {
-        self.node.state_dir.join("ledger.sqlite")
+        self.state().ledger()
     }
 }
 

@@ -59,8 +59,9 @@ pub fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let state_dir = dir.join("state");
-    let identity = NodeIdentity::load_or_create(&state_dir.join("identity"))
-        .with_context(|| format!("node identity in {}", state_dir.join("identity").display()))?;
+    let identity_dir = mec_node::state::StateDir::new(&state_dir).identity_dir();
+    let identity = NodeIdentity::load_or_create(&identity_dir)
+        .with_context(|| format!("node identity in {}", identity_dir.display()))?;
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
     let app_key = format!(

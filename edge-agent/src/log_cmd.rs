@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine;
+use mec_node::state::StateDir;
 use mec_sync::identity::{self, NodeIdentity};
 use mec_sync::log::{verify, LogOptions, UsageLog};
 use mec_sync::record::{self, ClockSync, Outcome, SignedRecord, UsageRecord};
@@ -16,17 +17,17 @@ use crate::cli::BenchArgs;
 
 /// The log folder inside a node state directory.
 pub fn log_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("log")
+    StateDir::new(state_dir).log_dir()
 }
 
 /// The identity folder inside a node state directory.
 pub fn identity_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("identity")
+    StateDir::new(state_dir).identity_dir()
 }
 
 /// `log verify`: JSON summary on stdout; exit 1 when anything is wrong.
 pub fn verify(dir: &Path) -> anyhow::Result<ExitCode> {
-    let pub_path = identity_dir(dir).join(identity::PUB_FILE);
+    let pub_path = StateDir::new(dir).node_pub();
     let key = identity::load_public_key(&pub_path)
         .context("cannot check signatures without the node's public key")?;
     let log = log_dir(dir);
@@ -241,8 +242,8 @@ pub fn upload(args: &crate::cli::UploadArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("--core {:?}", args.core))?,
         server_name: args.server_name.clone(),
         ca_pem: read(args.core_ca.clone())?,
-        cert_pem: read(identity_dir(&args.dir).join("node.crt"))?,
-        key_pem: read(identity_dir(&args.dir).join("node.key"))?,
+        cert_pem: read(StateDir::new(&args.dir).node_cert())?,
+        key_pem: read(StateDir::new(&args.dir).node_key())?,
         limits: mec_sync::upload::WindowLimits {
             batch_records: args.batch_records,
             batch_bytes: 4 << 20,

@@ -54,7 +54,7 @@ fn real_serial(s: &str) -> Option<String> {
 
 /// `<state_dir>/device-id`, made once with a random id and read after.
 fn kept_device_id(state_dir: &Path) -> anyhow::Result<String> {
-    let path = state_dir.join("device-id");
+    let path = mec_node::state::StateDir::new(state_dir).device_id();
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
         Ok(_) => {}

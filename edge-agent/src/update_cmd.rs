@@ -185,10 +185,8 @@ fn check_health(args: &BootHealthArgs) -> anyhow::Result<()> {
     // The usage log, read-only, while the agent appends: a torn tail is not
     // a problem; segments released under the reader are, so a failure is
     // checked again before it counts.
-    let key = mec_sync::identity::load_public_key(
-        &config.identity_dir().join(mec_sync::identity::PUB_FILE),
-    )
-    .context("the node's public key")?;
+    let key = mec_sync::identity::load_public_key(&config.state().node_pub())
+        .context("the node's public key")?;
     let mut last = None;
     for _ in 0..3 {
         let report = mec_sync::log::verify::verify_log(&config.log_dir(), &key);

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use mec_sync::pki::{generate_ca, issue_node_cert, CertAndKey};
+use mec_node::pki::{generate_ca, issue_node_cert, CertAndKey};
 
 /// A CA error, naming the file.
 #[derive(Debug, thiserror::Error)]

@@ -34,8 +34,8 @@ impl NodeCert {
     /// Parses a node certificate (PEM).
     pub fn parse(pem: &str) -> Result<NodeCert, String> {
         let der = der_of(pem, "the node certificate")?;
-        let node_id = mec_sync::pki::node_id_of(&der).map_err(|e| e.to_string())?;
-        let public_key = mec_sync::pki::ed25519_key_of(&der).map_err(|e| e.to_string())?;
+        let node_id = mec_node::pki::node_id_of(&der).map_err(|e| e.to_string())?;
+        let public_key = mec_node::pki::ed25519_key_of(&der).map_err(|e| e.to_string())?;
         let (_, cert) = parse_x509_certificate(&der).map_err(|e| e.to_string())?;
         let not_after = chrono::DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))

@@ -9,7 +9,7 @@
 //! | `identity/node.key`, `identity/node.pub` | `GenerateIdentity` (key made here, 0600, never sent) |
 //! | `identity/node.crt`, `identity/operator-ca.crt` | `InstallCertificate` |
 //! | `site.toml` | `ApplySiteConfig` (temp file, fsync, rename, fsync of the directory) |
-//! | `retired/<unix ms>/` | `FactoryReset` moves the above, `log/` and `ledger.sqlite*` here |
+//! | `retired/<unix ms>/` | `FactoryReset` moves the above, `log/`, `ledger.sqlite*` and `inflight.tally` here (`mec_node::state::retired_by_reset`) |
 //!
 //! Rules that keep a box safe from whoever holds the cable:
 //! * a provisioned box (certificate installed) makes no new identity;
@@ -29,7 +29,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mec_sync::identity::NodeIdentity;
+use mec_node::identity::NodeIdentity;
+use mec_node::state::StateDir;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
@@ -119,20 +120,24 @@ impl Device {
         }
     }
 
+    fn state(&self) -> StateDir {
+        StateDir::new(&self.state_dir)
+    }
+
     fn identity_dir(&self) -> PathBuf {
-        self.state_dir.join("identity")
+        self.state().identity_dir()
     }
 
     fn cert_path(&self) -> PathBuf {
-        self.identity_dir().join("node.crt")
+        self.state().node_cert()
     }
 
     fn ca_path(&self) -> PathBuf {
-        self.identity_dir().join("operator-ca.crt")
+        self.state().operator_ca()
     }
 
     fn site_path(&self) -> PathBuf {
-        self.state_dir.join("site.toml")
+        self.state().site()
     }
 
     /// Answers one frame's payload. A payload that is not a request gets a
@@ -238,7 +243,7 @@ impl Device {
 
     fn identity(&self) -> Result<Option<NodeIdentity>, Refusal> {
         let dir = self.identity_dir();
-        if !dir.join("node.key").exists() {
+        if !self.state().node_key().exists() {
             return Ok(None);
         }
         NodeIdentity::load(&dir)
@@ -320,7 +325,7 @@ impl Device {
                 ErrorCode::CertificateMismatch,
                 format!(
                     "the certificate is for another key (key id {}), not this box's (key id {})",
-                    mec_sync::identity::key_id(&cert.public_key),
+                    mec_node::identity::key_id(&cert.public_key),
                     identity.key_id()
                 ),
             );
@@ -474,9 +479,7 @@ impl Device {
         for entry in fs::read_dir(&self.state_dir)? {
             let name = entry?.file_name();
             let n = name.to_string_lossy();
-            let provisioned =
-                n == "identity" || n == "site.toml" || n == "log" || n.starts_with("ledger.sqlite");
-            if provisioned {
+            if mec_node::state::retired_by_reset(&n) {
                 fs::rename(self.state_dir.join(&name), retired.join(&name))?;
             }
         }

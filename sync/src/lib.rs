@@ -11,15 +11,17 @@
 //! durable.
 #![warn(missing_docs)]
 
+// The node's identity and PKI live in `mec-node` (provisioning uses them
+// without this crate); re-exported under their old paths.
+pub use mec_node::{identity, pki};
+
 pub mod core_ingest;
 pub mod core_server;
 #[doc(hidden)]
 pub mod fuzz_targets;
-pub mod identity;
 pub mod ingest;
 pub mod ingest_store;
 pub mod log;
-pub mod pki;
 pub mod quic;
 pub mod record;
 pub mod upload;

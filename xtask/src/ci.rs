@@ -48,9 +48,10 @@ pub fn target_dir() -> PathBuf {
 
 /// The workspace's own crates: what another checkout leaves in the shared
 /// target directory that this one cannot use.
-const WORKSPACE_CRATES: [&str; 10] = [
+const WORKSPACE_CRATES: [&str; 11] = [
     "edge-agent",
     "mec-billing",
+    "mec-node",
     "mec-inference",
     "mec-sync",
     "mec-metering",

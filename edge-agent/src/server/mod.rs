@@ -484,7 +484,7 @@ async fn upload(
     let files = [
         c.node_cert_path(),
         c.operator_ca_path(),
-        c.identity_dir().join("node.key"),
+        c.state().node_key(),
     ];
     let pems = loop {
         if let [Ok(cert), Ok(ca), Ok(key)] = files.clone().map(std::fs::read_to_string) {

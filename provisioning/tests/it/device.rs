@@ -198,7 +198,7 @@ fn every_bad_request_is_refused_and_leaves_the_box_as_it_was() {
     );
     b.hello();
     // A certificate before any identity.
-    let other = mec_sync::identity::NodeIdentity::generate().unwrap();
+    let other = mec_node::identity::NodeIdentity::generate().unwrap();
     let foreign = ca.issue("edge-0001", &other.public_key_pem()).unwrap();
     refused(b.send(install(&ca, foreign.clone())), ErrorCode::NoIdentity);
     let public = b.identity();

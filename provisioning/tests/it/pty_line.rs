@@ -115,7 +115,7 @@ async fn a_box_is_provisioned_refuses_a_second_time_and_resets_only_for_its_ca()
     // The certificate on the box binds the node id to the key made there.
     let cert = std::fs::read_to_string(state.join("identity/node.crt")).unwrap();
     let cert = mec_provisioning::cert::NodeCert::parse(&cert).unwrap();
-    let key = mec_sync::identity::NodeIdentity::load(&state.join("identity")).unwrap();
+    let key = mec_node::identity::NodeIdentity::load(&state.join("identity")).unwrap();
     assert_eq!(cert.public_key, key.verifying_key());
     assert_eq!(cert.node_id, "edge-0001");
     assert_eq!(v["key_id"], key.key_id());
@@ -188,7 +188,7 @@ async fn provisioning_gets_through_a_line_that_drops_flips_and_adds_bytes() {
     // answered from memory, not carried out twice.
     let cert = std::fs::read_to_string(state.join("identity/node.crt")).unwrap();
     let cert = mec_provisioning::cert::NodeCert::parse(&cert).unwrap();
-    let key = mec_sync::identity::NodeIdentity::load(&state.join("identity")).unwrap();
+    let key = mec_node::identity::NodeIdentity::load(&state.join("identity")).unwrap();
     assert_eq!(cert.public_key, key.verifying_key());
     assert!(state.join("site.toml").exists());
 }

@@ -12,7 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SubjectPublicKeyInfo,
 };
-use rustls::pki_types::pem::PemObject;
+use rustls_pki_types::pem::PemObject;
 
 /// How long a node certificate is valid.
 pub const NODE_CERT_YEARS: i32 = 5;
@@ -191,7 +191,7 @@ mod tests {
 
 /// The serial number of a certificate (PEM), as a CRL names it.
 pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
-    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .map_err(|e| PkiError::Parse(e.to_string()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
         .map_err(|e| PkiError::Parse(e.to_string()))?;
@@ -214,11 +214,11 @@ pub fn read_crl(ca: &CertAndKey, crl_pem: &str) -> Result<(Vec<Revoked>, u64), P
     if crl_pem.trim().is_empty() {
         return Ok((Vec::new(), 0));
     }
-    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes())
+    let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes())
         .map_err(|e| PkiError::Parse(format!("CRL: {e}")))?;
     let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
         .map_err(|e| PkiError::Parse(format!("CRL: {e}")))?;
-    let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())
+    let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())
         .map_err(|e| PkiError::Parse(e.to_string()))?;
     let (_, ca_cert) = x509_parser::parse_x509_certificate(ca_der.as_ref())
         .map_err(|e| PkiError::Parse(e.to_string()))?;
