@@ -190,8 +190,9 @@ pub struct Recovered {
     pub waiting: usize,
 }
 
-/// Bytes of a typical record, for the log's room check before serving.
-const TYPICAL_RECORD_BYTES: u64 = 512;
+/// Bytes of a typical record: admission (and readiness) ask the log for
+/// room for one before serving billable work.
+pub const TYPICAL_RECORD_BYTES: u64 = 512;
 
 /// Billing. Cheap to clone (a handle).
 #[derive(Clone)]
@@ -354,17 +355,6 @@ impl Billing {
             admission.counting = Some(counting);
         }
         Ok(admission)
-    }
-
-    /// Whether the log can take a record now (readiness asks too).
-    pub fn check_log(&self) -> Result<(), BillingError> {
-        if !self.inner.enabled {
-            return Ok(());
-        }
-        self.inner
-            .log
-            .check_accepting(TYPICAL_RECORD_BYTES)
-            .map_err(BillingError::LogUnavailable)
     }
 
     /// Grants the welcome packages to a subscriber who never held a package

@@ -610,7 +610,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     }
-    match state.billing.check_log().map_err(ApiError::from) {
+    // Room in the log for a record, as admission asks (not when metering is off).
+    let log_ok = match state.billing.enabled() {
+        true => state
+            .log
+            .check_accepting(mec_billing::TYPICAL_RECORD_BYTES)
+            .map_err(|e| ApiError::from(mec_billing::BillingError::LogUnavailable(e))),
+        false => Ok(()),
+    };
+    match log_ok {
         Ok(()) => {
             // The log's backend shows whether io_uring survived the unit's
             // system call filter (else the agent took pwrite + fdatasync).
