@@ -106,7 +106,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = CoreConfig::load(&config)?;
             let pem = std::fs::read_to_string(&cert)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
-            println!("{}", core_ingest::revoke_node_cert(&config, &pem)?);
+            let revoked = core_ingest::revoke_node_cert(&config, &pem)
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", cert.display()))?;
+            println!("{revoked}");
         }
         Command::IssueNodeCert {
             config,
