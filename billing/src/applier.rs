@@ -116,8 +116,14 @@ fn apply_loop(
                 .and_then(Tally::min_live_log_seq)
                 .unwrap_or(u64::MAX)
                 .min(watermark.get());
-            if let Err(e) = store.prune_record_ids(below) {
-                tracing::warn!(error = %e, "pruning the store's record ids");
+            // The releases that made those slots free must be durable first.
+            match tally.map(Tally::sync).transpose() {
+                Ok(_) => {
+                    if let Err(e) = store.prune_record_ids(below) {
+                        tracing::warn!(error = %e, "pruning the store's record ids");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "in-flight tally not synced; record ids kept"),
             }
             if let Err(e) = store.prune_usage() {
                 tracing::warn!(error = %e, "pruning the store's recent usage");

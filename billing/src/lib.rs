@@ -589,7 +589,12 @@ impl Billing {
     /// slot until its record is durable.
     pub async fn bill_pending(&self) -> usize {
         let _one = self.inner.billing_pending.lock().await;
-        let list = std::mem::take(&mut *self.inner.pending.lock().unwrap());
+        let mut list = std::mem::take(&mut *self.inner.pending.lock().unwrap());
+        // Every stream gets its hold first, billed now or not: a stream left
+        // waiting without one would let new requests spend its tokens.
+        for p in list.iter_mut().filter(|p| p.reservation.is_none()) {
+            p.reservation = self.hold_for_interrupted(p);
+        }
         let mut kept = Vec::new();
         let mut billed = 0;
         let mut log_full = false;
@@ -597,9 +602,6 @@ impl Billing {
             if log_full {
                 kept.push(p);
                 continue;
-            }
-            if p.reservation.is_none() {
-                p.reservation = self.hold_for_interrupted(&p);
             }
             let Some(reservation) = p.reservation else {
                 if !std::mem::replace(&mut p.alarmed, true) {

@@ -224,6 +224,18 @@ impl Tally {
         }
     }
 
+    /// Makes the slots' writes durable (`fdatasync`). Slots are written
+    /// without it (the page cache outlives the process); before the store
+    /// forgets record ids, the releases must outlive a power cut too, or a
+    /// slot freed in memory could come back at the next start with its
+    /// record id forgotten.
+    pub fn sync(&self) -> Result<(), TallyError> {
+        self.file.sync_data().map_err(|error| TallyError::Io {
+            path: self.path.clone(),
+            error,
+        })
+    }
+
     /// The lowest log position any live slot started at: records at or
     /// below it can no longer be asked about by a slot.
     pub fn min_live_log_seq(&self) -> Option<u64> {
@@ -299,9 +311,14 @@ impl Counting {
     /// to bill. A slot that cannot be freed is kept out of use (the next
     /// start finds its record in the log and only releases it).
     pub fn release(self) {
-        self.tally.live.lock().unwrap().remove(&self.index);
+        // Zeroed first, then out of the live set: the store prunes record ids
+        // only below live slots, after syncing this file (see `Tally::sync`).
+        // A slot that cannot be zeroed stays live.
         match self.tally.write_slot(self.index, &[0u8; HEADER]) {
-            Ok(()) => self.tally.free.lock().unwrap().push(self.index),
+            Ok(()) => {
+                self.tally.live.lock().unwrap().remove(&self.index);
+                self.tally.free.lock().unwrap().push(self.index);
+            }
             Err(e) => tracing::warn!(error = %e, "could not free an in-flight slot"),
         }
     }

@@ -117,7 +117,11 @@ async fn a_reservation_held_by_a_live_request_never_expires() {
     let a_info = info();
     let a = admit(&bx.billing, &a_info, 10, 990, false).unwrap();
     assert_eq!(a.granted(), 1000);
-    // Longer than any time-to-live the agent gave reservations before.
+    // Time passes under a live request (the old billing, given a 1 s
+    // time-to-live, dropped the hold here; the agent's was 660 s, which a
+    // test cannot wait out: the ledger's own test,
+    // `a_reservation_holds_until_released_whatever_the_time`, moves its
+    // clock 20 days instead, time being an argument there).
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let b_info = info();
     let b = admit(&bx.billing, &b_info, 10, 990, false);
@@ -361,4 +365,54 @@ async fn tokens_no_package_covers_are_never_recorded_free() {
     let r = record_at(&bx.log, 1);
     assert_eq!(r.billed_tokens, 16);
     assert_eq!(r.debits.iter().map(|d| d.tokens).sum::<u64>(), 16);
+}
+
+/// Several streams a dead process left, the log full at start: each holds
+/// its tokens while it waits, so requests served meanwhile cannot spend them
+/// and every one is billed once there is room.
+#[tokio::test]
+async fn every_stream_waiting_for_room_holds_its_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let bx = open_box(dir.path(), 1000, 1000);
+    fill_to_the_brim(&bx.billing, 12, false).await;
+    let durable = bx.log.stats().durable_seq;
+    bx.billing.shutdown();
+    drop(bx);
+    leave_a_slot(
+        dir.path(),
+        uuid::Uuid::now_v7(),
+        imsi().as_str(),
+        durable,
+        7,
+    );
+    leave_a_slot(
+        dir.path(),
+        uuid::Uuid::now_v7(),
+        imsi().as_str(),
+        durable,
+        7,
+    );
+
+    let bx = open_box(dir.path(), 1000, 1000);
+    let before = remaining(&bx.billing);
+    let recovered = bx.billing.recover_streams(bx.left.clone()).await;
+    assert_eq!(
+        (recovered.billed, recovered.waiting),
+        (0, 2),
+        "{recovered:?}"
+    );
+    assert_eq!(
+        bx.billing.open_reservations(),
+        2,
+        "each waiting stream holds"
+    );
+    assert_eq!(remaining(&bx.billing), before - 34);
+    acknowledge_all(&bx).await;
+    // A request served now cannot take what the streams hold.
+    let a = admit(&bx.billing, &info(), 10, 5000, false).unwrap();
+    assert_eq!(a.granted(), before - 34);
+    drop(a);
+    assert_eq!(bx.billing.bill_pending().await, 2);
+    assert_eq!(bx.billing.pending(), 0);
+    assert_eq!(remaining(&bx.billing), before - 34);
 }
