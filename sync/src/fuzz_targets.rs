@@ -62,26 +62,12 @@ pub fn sync_frames(data: &[u8]) {
             at += n;
             given += n;
             loop {
-                let r = if as_core {
-                    dec.next_frame::<CoreFrame>()
-                        .map(|m| m.map(|m| encode_frame(&m)))
-                } else {
-                    dec.next_frame::<EdgeFrame>()
-                        .map(|m| m.map(|m| encode_frame(&m)))
-                };
+                let r = next_encoded(&mut dec, as_core);
                 match r {
                     Ok(Some(wire)) => {
                         let mut again = FrameDecoder::new();
                         again.push(&wire);
-                        let round = if as_core {
-                            again
-                                .next_frame::<CoreFrame>()
-                                .map(|m| m.map(|m| encode_frame(&m)))
-                        } else {
-                            again
-                                .next_frame::<EdgeFrame>()
-                                .map(|m| m.map(|m| encode_frame(&m)))
-                        };
+                        let round = next_encoded(&mut again, as_core);
                         assert_eq!(round, Ok(Some(wire)), "a decoded message round-trips");
                     }
                     Ok(None) => break,
@@ -96,6 +82,20 @@ pub fn sync_frames(data: &[u8]) {
 /// The node whose records [`ingest_records`] checks: the id and key the
 /// tests' seed records carry, so mutated seeds reach the deeper checks.
 pub const FUZZ_NODE: &str = "node-test";
+
+/// The next whole frame, as a core's or an edge's message, encoded again.
+fn next_encoded(
+    dec: &mut FrameDecoder,
+    as_core: bool,
+) -> Result<Option<Vec<u8>>, crate::wire::FrameError> {
+    if as_core {
+        dec.next_frame::<CoreFrame>()
+            .map(|m| m.map(|m| encode_frame(&m)))
+    } else {
+        dec.next_frame::<EdgeFrame>()
+            .map(|m| m.map(|m| encode_frame(&m)))
+    }
+}
 
 /// core-ingest's decoding and placing of a batch from a node: the bytes as
 /// a `Batch`, and as one record of a batch. Never a panic; every record is

@@ -81,6 +81,15 @@ fn live_slots(dir: &std::path::Path) -> Vec<Entry> {
         .collect()
 }
 
+/// A box (1,000 tokens) whose log is full when it stops; its last durable seq.
+async fn stop_with_a_full_log(dir: &std::path::Path) -> u64 {
+    let bx = open_box(dir, 1000, 1000);
+    fill_to_the_brim(&bx.billing, 12, false).await;
+    let durable = bx.log.stats().durable_seq;
+    bx.billing.shutdown();
+    durable
+}
+
 /// The state a SIGKILL mid-stream leaves: a slot in the tally, no record.
 fn leave_a_slot(
     dir: &std::path::Path,
@@ -174,11 +183,7 @@ async fn a_record_that_is_not_durable_debits_nothing() {
 #[tokio::test]
 async fn the_agent_starts_with_a_full_log_and_bills_left_streams_once_there_is_room() {
     let dir = tempfile::tempdir().unwrap();
-    let bx = open_box(dir.path(), 1000, 1000);
-    fill_to_the_brim(&bx.billing, 12, false).await;
-    let durable = bx.log.stats().durable_seq;
-    bx.billing.shutdown();
-    drop(bx);
+    let durable = stop_with_a_full_log(dir.path()).await;
     let id = uuid::Uuid::now_v7();
     leave_a_slot(dir.path(), id, imsi().as_str(), durable, 7);
 
@@ -373,11 +378,7 @@ async fn tokens_no_package_covers_are_never_recorded_free() {
 #[tokio::test]
 async fn every_stream_waiting_for_room_holds_its_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let bx = open_box(dir.path(), 1000, 1000);
-    fill_to_the_brim(&bx.billing, 12, false).await;
-    let durable = bx.log.stats().durable_seq;
-    bx.billing.shutdown();
-    drop(bx);
+    let durable = stop_with_a_full_log(dir.path()).await;
     leave_a_slot(
         dir.path(),
         uuid::Uuid::now_v7(),

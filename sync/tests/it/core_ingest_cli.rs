@@ -42,10 +42,8 @@ fn serve(config: &Path) -> (Child, std::net::SocketAddr) {
     (child, v["listen"].as_str().unwrap().parse().unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_operator_sees_records_arrive_once_even_across_a_core_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let core_dir = dir.path().join("core");
+/// `core-ingest init` in `core_dir`: the configuration's path and the CA (PEM).
+fn init_core(core_dir: &Path) -> (String, String) {
     let out = core_ingest(&[
         "init",
         "--dir",
@@ -61,6 +59,13 @@ async fn an_operator_sees_records_arrive_once_even_across_a_core_crash() {
     let init: Value = serde_json::from_slice(&out.stdout).unwrap();
     let config = init["config"].as_str().unwrap().to_string();
     let ca_pem = std::fs::read_to_string(init["ca_cert"].as_str().unwrap()).unwrap();
+    (config, ca_pem)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_sees_records_arrive_once_even_across_a_core_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, ca_pem) = init_core(&dir.path().join("core"));
 
     // The edge: identity, log with records, a certificate from the core's CA.
     let edge = dir.path().join("edge");
@@ -310,22 +315,7 @@ async fn upload_for(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_node_certificate_is_refused_by_the_running_core() {
     let dir = tempfile::tempdir().unwrap();
-    let core_dir = dir.path().join("core");
-    let out = core_ingest(&[
-        "init",
-        "--dir",
-        core_dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let init: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let config = init["config"].as_str().unwrap().to_string();
-    let ca_pem = std::fs::read_to_string(init["ca_cert"].as_str().unwrap()).unwrap();
+    let (config, ca_pem) = init_core(&dir.path().join("core"));
     let (stolen, stolen_cert, stolen_key) =
         enrolled_edge(&dir.path().join("stolen"), &config, "edge-s", 10).await;
     let (other, other_cert, other_key) =
