@@ -300,6 +300,9 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs)?;
     let _lock = p.run("main", "lock the shared target directory", lock_target)?;
+    p.run("main", "free disk space", || {
+        enough_space(&[&root(), &target_dir(), &crate::cache_dir()])
+    })?;
     p.run("main", "Debian tools (apt-get, then checked)", || {
         debian::ensure(&[&debian::IMAGE, &debian::BOOT])
     })?;
@@ -522,12 +525,65 @@ fn run_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a cold run writes, at most: the shared target directory (about
+/// 8 GiB), the image, its work tree and test bundles (about 6 GiB), the
+/// model, the CUDA toolkit and the Debian cache, with room to spare. A run
+/// that starts with less fails part-way with "No space left on device" from
+/// whichever tool met it first, in a log CI may cut; this says it up front.
+const NEEDED_FREE_GIB: u64 = 20;
+
+/// Fails, naming the path and the figures, when a filesystem holding any of
+/// `paths` has less than [`NEEDED_FREE_GIB`] free.
+fn enough_space(paths: &[&Path]) -> anyhow::Result<()> {
+    for path in paths {
+        // The nearest existing ancestor stands for a path not made yet.
+        let existing = path
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        let free = free_bytes(existing)?;
+        let gib = free / (1 << 30);
+        eprintln!("xtask: {} has {gib} GiB free", existing.display());
+        if gib < NEEDED_FREE_GIB {
+            bail!(
+                "{} has {gib} GiB free; a cold `cargo xtask test` writes up to \
+                 {NEEDED_FREE_GIB} GiB (build, image, bundles): free some space \
+                 (old clones, `cargo clean`) and run it again",
+                existing.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged user may still write on the filesystem of `path`.
+fn free_bytes(path: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a plain struct
+    // statvfs fills in; both outlive the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", path.display()));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Prints a lane's log (all of it after a failure, else its last lines).
+/// After a failure its last lines come first too: CI reports may keep only
+/// part of a long output, and the cause is at the end.
 fn print_log(log: &Path, failed: bool) {
     let Ok(text) = std::fs::read_to_string(log) else {
         return;
     };
     let lines: Vec<&str> = text.lines().collect();
+    if failed {
+        eprintln!("xtask: ---- the end of {} ----", log.display());
+        for l in &lines[lines.len().saturating_sub(15)..] {
+            eprintln!("{l}");
+        }
+    }
     let keep = if failed { lines.len() } else { 80 };
     eprintln!("xtask: ---- {} ----", log.display());
     for l in &lines[lines.len().saturating_sub(keep)..] {
@@ -539,6 +595,13 @@ fn print_log(log: &Path, failed: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_space_is_read_and_a_missing_path_is_an_error_naming_it() {
+        assert!(free_bytes(Path::new("/")).unwrap() > 0);
+        let e = free_bytes(Path::new("/no/such/dir")).unwrap_err();
+        assert!(format!("{e:#}").contains("/no/such/dir"), "{e:#}");
+    }
 
     #[test]
     fn the_table_has_every_phase_with_its_lane_and_a_failure_says_so() {
