@@ -26,7 +26,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
             reason: "--device cpu".into(),
         },
         DeviceArg::Auto => {
-            gpu::choose_device(&gpu::discover(None), gpu::CUDA_BUILT, model_bytes * 2)
+            gpu::choose_device(&gpu::discover(None), gpu::CUDA_BUILD, model_bytes * 2)
         }
         // A GPU named on the command line is opened without asking NVML:
         // whether it can run the model is what the caller wants to know.

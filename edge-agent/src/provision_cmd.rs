@@ -94,7 +94,17 @@ fn facts(args: &ProvisionListenArgs) -> anyhow::Result<DeviceFacts> {
                 memory_bytes: g.memory_total_bytes,
             })
             .collect(),
-        gpu_note: gpus.reason.unwrap_or_default(),
+        // Why the model would not run on a GPU here: none found, or found
+        // but unusable (a driver older than the build needs, a CPU build).
+        gpu_note: match gpus.reason.clone() {
+            Some(reason) => reason,
+            None => {
+                match mec_inference::gpu::choose_device(&gpus, mec_inference::gpu::CUDA_BUILD, 0) {
+                    mec_inference::gpu::DeviceChoice::Cpu { reason } => reason,
+                    mec_inference::gpu::DeviceChoice::Cuda { .. } => String::new(),
+                }
+            }
+        },
         slots: Some(SlotSource(std::sync::Arc::new(read_slots))),
     })
 }

@@ -41,6 +41,9 @@ pub struct Discovery {
     pub gpus: Vec<GpuInfo>,
     /// Why there are none, when there are none.
     pub reason: Option<String>,
+    /// The newest CUDA version the installed driver runs, as CUDA writes
+    /// it (13000 = 13.0), when NVML says.
+    pub cuda_driver_version: Option<u32>,
 }
 
 impl Discovery {
@@ -51,6 +54,7 @@ impl Discovery {
             return Discovery {
                 gpus: vec![g.clone()],
                 reason: None,
+                cuda_driver_version: self.cuda_driver_version,
             };
         }
         let found = if self.gpus.is_empty() {
@@ -64,6 +68,7 @@ impl Discovery {
             reason: Some(format!(
                 "GPU {index} was asked for and is not there ({found})"
             )),
+            cuda_driver_version: self.cuda_driver_version,
         }
     }
 }
@@ -80,18 +85,29 @@ pub fn discover(lib_path: Option<&Path>) -> Discovery {
             return Discovery {
                 gpus: Vec::new(),
                 reason: Some(format!("NVML is not available: {e}")),
+                cuda_driver_version: None,
             }
         }
     };
+    let cuda_driver_version = nvml
+        .sys_cuda_driver_version()
+        .ok()
+        .and_then(|v| u32::try_from(v).ok());
     match read_all(&nvml) {
         Ok(gpus) if gpus.is_empty() => Discovery {
             gpus,
             reason: Some("NVML reports no GPU".into()),
+            cuda_driver_version,
         },
-        Ok(gpus) => Discovery { gpus, reason: None },
+        Ok(gpus) => Discovery {
+            gpus,
+            reason: None,
+            cuda_driver_version,
+        },
         Err(e) => Discovery {
             gpus: Vec::new(),
             reason: Some(format!("NVML failed: {e}")),
+            cuda_driver_version,
         },
     }
 }
@@ -132,9 +148,11 @@ pub enum DeviceChoice {
 
 /// The policy: the GPU with the most free memory among those with room for
 /// `needed_bytes` (weights plus KV cache), lowest index on a tie; CPU when the
-/// build has no CUDA, when NVML found nothing, or when no GPU has room.
-pub fn choose_device(found: &Discovery, cuda_built: bool, needed_bytes: u64) -> DeviceChoice {
-    if !cuda_built {
+/// build has no CUDA, when NVML found nothing, when the driver is older than
+/// the CUDA version the build needs (`build`, see [`CUDA_BUILD`]), or when no
+/// GPU has room.
+pub fn choose_device(found: &Discovery, build: Option<u32>, needed_bytes: u64) -> DeviceChoice {
+    let Some(needs) = build else {
         let seen = if found.gpus.is_empty() {
             String::new()
         } else {
@@ -143,11 +161,14 @@ pub fn choose_device(found: &Discovery, cuda_built: bool, needed_bytes: u64) -> 
         return DeviceChoice::Cpu {
             reason: format!("built without the cuda feature{seen}"),
         };
-    }
+    };
     if found.gpus.is_empty() {
         return DeviceChoice::Cpu {
             reason: found.reason.clone().unwrap_or_else(|| "no GPU".into()),
         };
+    }
+    if let Err(reason) = driver_runs(found.cuda_driver_version, needs) {
+        return DeviceChoice::Cpu { reason };
     }
     found
         .gpus
@@ -167,6 +188,55 @@ pub fn choose_device(found: &Discovery, cuda_built: bool, needed_bytes: u64) -> 
 /// Whether this build carries the CUDA backend.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
+/// The CUDA version this build's kernels and API were compiled for (13000 =
+/// 13.0), which the driver must run; `None` without the `cuda` feature. A
+/// driver reads PTX only up to its own CUDA version: an older one fails
+/// every kernel load (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`), so the agent
+/// refuses it up front instead.
+#[cfg(feature = "cuda")]
+pub const CUDA_BUILD: Option<u32> =
+    Some(candle_core::cuda_backend::cudarc::driver::sys::CUDA_VERSION);
+/// See the `cuda` build's definition.
+#[cfg(not(feature = "cuda"))]
+pub const CUDA_BUILD: Option<u32> = None;
+
+/// `13000` as `13.0`.
+pub fn cuda_version_text(v: u32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// Whether a driver that runs CUDA `driver` (unknown: `None`, let the device
+/// open decide) runs a build that needs `needs`; the reason when not.
+pub fn driver_runs(driver: Option<u32>, needs: u32) -> Result<(), String> {
+    match driver {
+        Some(d) if d < needs => Err(format!(
+            "the NVIDIA driver runs CUDA up to {} and this build needs CUDA {} \
+             (driver 580 or newer for 13.0): update the driver, or use the CPU build",
+            cuda_version_text(d),
+            cuda_version_text(needs)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The driver's CUDA version as the driver itself says (`cuDriverGetVersion`,
+/// which needs no `cuInit`); `None` when no driver answers (a stub, none
+/// installed) or the build has no CUDA.
+pub fn cuda_driver_version() -> Option<u32> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let mut v: std::ffi::c_int = 0;
+        // SAFETY: the driver writes one int through the pointer, which
+        // outlives the call.
+        let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            return u32::try_from(v).ok();
+        }
+    }
+    None
+}
+
 /// Opens the chosen device. When the CUDA device cannot be opened (no
 /// driver, a stub library, a device gone), the model runs on the CPU: the
 /// returned choice is then `Cpu` with the reason, and a warning is logged.
@@ -178,13 +248,24 @@ pub fn open_device(choice: &DeviceChoice) -> (candle_core::Device, DeviceChoice)
             tracing::info!(%reason, "inference runs on the CPU");
             (candle_core::Device::Cpu, choice.clone())
         }
-        DeviceChoice::Cuda { index } => match candle_core::Device::new_cuda(*index as usize) {
-            Ok(d) => {
-                tracing::info!(index, "inference runs on CUDA");
-                (d, choice.clone())
+        DeviceChoice::Cuda { index } => {
+            if let Some(needs) = CUDA_BUILD {
+                if let Err(why) = driver_runs(cuda_driver_version(), needs) {
+                    return fall_back(*index, &why);
+                }
             }
-            Err(e) => fall_back(*index, &format!("cannot open the CUDA device: {e}")),
-        },
+            open_cuda(*index)
+        }
+    }
+}
+
+fn open_cuda(index: u32) -> (candle_core::Device, DeviceChoice) {
+    match candle_core::Device::new_cuda(index as usize) {
+        Ok(d) => {
+            tracing::info!(index, "inference runs on CUDA");
+            (d, DeviceChoice::Cuda { index })
+        }
+        Err(e) => fall_back(index, &format!("cannot open the CUDA device: {e}")),
     }
 }
 
@@ -283,18 +364,22 @@ mod tests {
     }
 
     fn found(gpus: Vec<GpuInfo>) -> Discovery {
-        Discovery { gpus, reason: None }
+        Discovery {
+            gpus,
+            reason: None,
+            cuda_driver_version: Some(13000),
+        }
     }
 
     #[test]
     fn policy_table() {
-        let check = |d: Discovery, cuda: bool, need_gib: u64, want: DeviceChoice| {
+        let check = |d: Discovery, cuda: Option<u32>, need_gib: u64, want: DeviceChoice| {
             assert_eq!(choose_device(&d, cuda, need_gib << 30), want);
         };
         let cpu = |r: &str| DeviceChoice::Cpu { reason: r.into() };
         check(
             found(vec![gpu(0, 10)]),
-            false,
+            None,
             1,
             cpu("built without the cuda feature (1 GPU(s) present)"),
         );
@@ -302,40 +387,76 @@ mod tests {
             Discovery {
                 gpus: vec![],
                 reason: Some("NVML is not available: x".into()),
+                cuda_driver_version: None,
             },
-            true,
+            Some(13000),
             1,
             cpu("NVML is not available: x"),
         );
         check(
             found(vec![gpu(0, 4), gpu(1, 10), gpu(2, 8)]),
-            true,
+            Some(13000),
             1,
             DeviceChoice::Cuda { index: 1 },
         );
         check(
             found(vec![gpu(0, 10), gpu(1, 10)]),
-            true,
+            Some(13000),
             1,
             DeviceChoice::Cuda { index: 0 },
         );
         check(
             found(vec![gpu(0, 2), gpu(1, 3)]),
-            true,
+            Some(13000),
             4,
             cpu("no GPU has 4096 MiB free"),
         );
     }
 
     #[test]
+    fn a_driver_older_than_the_build_means_the_cpu_with_both_versions() {
+        // The H200 box's 580 driver runs CUDA 13.0: a 13.4 build's PTX fails
+        // there, a 13.0 build's runs; a 12.8 driver runs neither.
+        let mut d = found(vec![gpu(0, 10)]);
+        d.cuda_driver_version = Some(13000);
+        assert_eq!(
+            choose_device(&d, Some(13000), 1),
+            DeviceChoice::Cuda { index: 0 }
+        );
+        let reason = match choose_device(&d, Some(13040), 1) {
+            DeviceChoice::Cpu { reason } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            reason.starts_with(
+                "the NVIDIA driver runs CUDA up to 13.0 and this build needs CUDA 13.4"
+            ),
+            "{reason}"
+        );
+        d.cuda_driver_version = Some(12080);
+        assert!(matches!(
+            choose_device(&d, Some(13000), 1),
+            DeviceChoice::Cpu { reason } if reason.contains("up to 12.8") && reason.contains("needs CUDA 13.0")
+        ));
+        // A driver that does not say is left to the device open to decide.
+        d.cuda_driver_version = None;
+        assert_eq!(
+            choose_device(&d, Some(13000), 1),
+            DeviceChoice::Cuda { index: 0 }
+        );
+        assert_eq!(cuda_version_text(13000), "13.0");
+        assert_eq!(cuda_version_text(12080), "12.8");
+    }
+
+    #[test]
     fn a_pinned_gpu_is_the_only_candidate_and_a_missing_one_says_so() {
         let three = found(vec![gpu(0, 4), gpu(1, 10), gpu(2, 8)]);
         assert_eq!(
-            choose_device(&three.clone().only(2), true, 1),
+            choose_device(&three.clone().only(2), Some(13000), 1),
             DeviceChoice::Cuda { index: 2 }
         );
         assert_eq!(
-            choose_device(&three.only(7), true, 1),
+            choose_device(&three.only(7), Some(13000), 1),
             DeviceChoice::Cpu {
                 reason: "GPU 7 was asked for and is not there (GPUs found: 0, 1, 2)".into()
             }
@@ -343,9 +464,10 @@ mod tests {
         let none = Discovery {
             gpus: vec![],
             reason: Some("NVML is not available: x".into()),
+            cuda_driver_version: None,
         };
         assert_eq!(
-            choose_device(&none.only(0), true, 1),
+            choose_device(&none.only(0), Some(13000), 1),
             DeviceChoice::Cpu {
                 reason: "GPU 0 was asked for and is not there (NVML is not available: x)".into()
             }
@@ -363,7 +485,7 @@ mod tests {
                 .contains("NVML is not available"),
             "{d:?}"
         );
-        let choice = choose_device(&d, true, 1);
+        let choice = choose_device(&d, Some(13000), 1);
         assert!(
             matches!(choice, DeviceChoice::Cpu { ref reason } if reason.contains("NVML")),
             "{choice:?}"

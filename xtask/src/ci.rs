@@ -376,7 +376,7 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
             })
             .and_then(|_| {
                 p.run("main", "CUDA agent: release build", || {
-                    cuda::build_agent(&toolchain, cuda::COMPUTE_CAP, true)
+                    cuda::build_agent(&toolchain, &cuda::Targets::one(cuda::COMPUTE_CAP), true)
                 })
             })
             .and_then(|launcher| {

@@ -36,30 +36,93 @@ use anyhow::{bail, Context};
 
 use crate::{cache_dir, cargo, ci, output, root, run};
 
-/// The CUDA release every wheel is pinned to. cudarc 0.19 knows CUDA up to 13.4.
-pub const CUDA_VERSION: &str = "13.4.92";
+/// The CUDA release every wheel is pinned to: the oldest CUDA 13, because
+/// the driver must read the PTX the toolkit writes. A 13.x toolkit writes PTX
+/// ISA 9.x, and a driver reads only the ISA of its own CUDA version or older:
+/// on an H200 with driver 580 (the R580 long-term branch, CUDA 13.0), a
+/// build made with 13.4 (PTX ISA 9.4) failed every kernel load with
+/// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION`, and the same build made with 13.0 ran.
+/// The agent refuses the GPU up front on a driver older than this (see
+/// `mec_inference::gpu`).
+pub const CUDA_VERSION: &str = "13.0.88";
 
-/// The wheels that make the toolkit (the cccl headers are versioned apart).
+/// The wheels that make the toolkit (the cccl headers and the runtime are
+/// versioned apart).
 pub const WHEELS: [&str; 5] = [
-    "nvidia-cuda-nvcc==13.4.92",
-    "nvidia-cuda-runtime==13.4.92",
-    "nvidia-cuda-crt==13.4.92",
-    "nvidia-nvvm==13.4.92",
-    "nvidia-cuda-cccl==13.3.5.0.6",
+    "nvidia-cuda-nvcc==13.0.88",
+    "nvidia-cuda-runtime==13.0.96",
+    "nvidia-cuda-crt==13.0.88",
+    "nvidia-nvvm==13.0.88",
+    "nvidia-cuda-cccl==13.0.85",
 ];
 
-/// The GPU generation the kernels are compiled for: 7.5 (Turing, the T4),
-/// the oldest that CUDA 13 supports, as machine code (SASS), plus its PTX.
-///
-/// Why: edge sites run T4 and A2 as often as L4, L40S or H100. SASS runs only
-/// on its own generation, but PTX is compiled by the driver for the GPU it
-/// finds (once, then cached), so `sm_75` + `compute_75` PTX runs on all of
-/// them: T4 (7.5) natively, A2 (8.6), L4 and L40S (8.9), H100 (9.0) through
-/// the driver's JIT. Each further SASS target would add as much compile time
-/// again (minutes on two cores). The price: no kernel uses instructions newer
-/// than Turing's, and candle leaves out its bf16 WMMA kernels below 8.0; the
-/// agent runs the model in f32 on the GPU, which needs neither. A fleet of one
-/// generation gets native code with `--compute-cap 89` (L4/L40S) or `90`.
+/// The generations edge sites run, compiled to machine code (SASS) by the
+/// release build and the GPU bundle: 7.5 (T4), 8.0 (A100, A30), 8.6 (A2,
+/// A10), 8.9 (L4, L40S), 9.0 (H100, H200). With SASS for its generation a
+/// GPU runs the kernels at once; from PTX alone the driver compiles every
+/// kernel at the first load (15 s on the H200), and again after every driver
+/// update.
+pub const FLEET: [u32; 5] = [75, 80, 86, 89, 90];
+
+/// The kernels' targets: SASS for `sass`, and PTX of `ptx` for every newer
+/// generation (the driver compiles it once for the GPU it finds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    /// Machine code for these generations; the first is the lowest and is
+    /// what candle-kernels' build sees as `CUDA_COMPUTE_CAP`.
+    pub sass: Vec<u32>,
+    pub ptx: u32,
+}
+
+impl Targets {
+    /// One generation, as SASS and PTX: what CI compiles (each further SASS
+    /// target costs as much compile time again, minutes on two cores). 7.5
+    /// by default, the oldest CUDA 13 supports, so the PTX runs on all of the
+    /// fleet. candle leaves out its bf16 WMMA kernels below 8.0; the agent
+    /// runs the model in f32 on the GPU and needs neither.
+    pub fn one(compute_cap: u32) -> Targets {
+        Targets {
+            sass: vec![compute_cap],
+            ptx: compute_cap,
+        }
+    }
+
+    /// The release build's and the GPU bundle's: SASS for every generation
+    /// of [`FLEET`] and PTX of the newest for what comes after.
+    pub fn fleet() -> Targets {
+        Targets {
+            sass: FLEET.to_vec(),
+            ptx: *FLEET.last().unwrap(),
+        }
+    }
+
+    /// The lowest generation (candle-kernels' `CUDA_COMPUTE_CAP`).
+    pub fn base(&self) -> u32 {
+        self.sass[0]
+    }
+
+    /// nvcc flags for every target besides the base's SASS, which
+    /// candle-kernels' build asks for itself.
+    pub fn extra_nvcc_flags(&self) -> String {
+        let mut flags: Vec<String> = self.sass[1..]
+            .iter()
+            .map(|c| format!("-gencode=arch=compute_{c},code=sm_{c}"))
+            .collect();
+        flags.push(format!(
+            "-gencode=arch=compute_{p},code=compute_{p}",
+            p = self.ptx
+        ));
+        flags.join(" ")
+    }
+
+    /// Says what the kernels carry, for logs.
+    pub fn describe(&self) -> String {
+        let sass: Vec<String> = self.sass.iter().map(|c| format!("sm_{c}")).collect();
+        format!("SASS {} + PTX compute_{}", sass.join(","), self.ptx)
+    }
+}
+
+/// The generation CI compiles: see [`Targets::one`].
 pub const COMPUTE_CAP: u32 = 75;
 
 /// The CUDA libraries the binary links, with the prefix of their functions,
@@ -138,10 +201,11 @@ impl Toolchain {
     /// What the compiled kernels depend on besides their sources: the
     /// compiler (its path names the CUDA version) and the targets. Kept
     /// beside them; a change cleans them (see [`build_agent`]).
-    pub fn kernels_key(&self, compute_cap: u32) -> String {
+    pub fn kernels_key(&self, targets: &Targets) -> String {
         format!(
-            "nvcc {}\ncuda {CUDA_VERSION}\ncompute_cap {compute_cap}\n",
-            self.nvcc().display()
+            "nvcc {}\ncuda {CUDA_VERSION}\ntargets {}\n",
+            self.nvcc().display(),
+            targets.describe()
         )
     }
 
@@ -150,8 +214,8 @@ impl Toolchain {
         self.dir.join("no-driver")
     }
 
-    /// The environment of a CUDA build for GPUs of generation `compute_cap`.
-    pub fn apply(&self, cmd: &mut Command, compute_cap: u32) {
+    /// The environment of a CUDA build for `targets`.
+    pub fn apply(&self, cmd: &mut Command, targets: &Targets) {
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![self.cuda_home.join("bin")];
         paths.extend(std::env::split_paths(&path));
@@ -160,15 +224,23 @@ impl Toolchain {
             // changes (not when CUDA_HOME does): the path names the version.
             .env("NVCC", self.nvcc())
             .env("PATH", std::env::join_paths(paths).expect("PATH"))
-            .env("CUDA_COMPUTE_CAP", compute_cap.to_string())
-            // cudaforge asks for SASS only; the PTX beside it is what lets
-            // newer GPUs run the statically linked kernels (see COMPUTE_CAP).
-            .env(
-                "NVCC_APPEND_FLAGS",
-                format!("-gencode=arch=compute_{compute_cap},code=compute_{compute_cap}"),
-            )
+            // cudarc binds the API of this version (and the agent compares
+            // the driver's with it at start).
+            .env("CUDARC_CUDA_VERSION", cudarc_version())
+            .env("CUDA_COMPUTE_CAP", targets.base().to_string())
+            // cudaforge asks for the base's SASS only; the other targets and
+            // the PTX ride along through nvcc's own variable.
+            .env("NVCC_APPEND_FLAGS", targets.extra_nvcc_flags())
             .env("CUDAFORGE_THREADS", jobs().to_string());
     }
+}
+
+/// [`CUDA_VERSION`] as cudarc spells it: `13.0.88` is `13000`.
+fn cudarc_version() -> String {
+    let mut parts = CUDA_VERSION.split('.');
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(13);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    format!("{}", major * 1000 + minor * 10)
 }
 
 fn jobs() -> usize {
@@ -340,12 +412,12 @@ fn out_dir() -> PathBuf {
 }
 
 /// `cargo xtask build-cuda`: checks, builds or builds and tests.
-pub fn build(mode: Mode, compute_cap: u32) -> anyhow::Result<()> {
+pub fn build(mode: Mode, targets: &Targets) -> anyhow::Result<()> {
     let toolchain = ensure_toolchain()?;
     if mode == Mode::Check {
         let started = Instant::now();
         let mut cmd = cargo();
-        toolchain.apply(&mut cmd, compute_cap);
+        toolchain.apply(&mut cmd, targets);
         run(cmd.args([
             "check",
             "--workspace",
@@ -354,13 +426,14 @@ pub fn build(mode: Mode, compute_cap: u32) -> anyhow::Result<()> {
             "edge-agent/cuda",
         ]))?;
         eprintln!(
-            "xtask: cargo check --features cuda took {} s (kernels for sm_{compute_cap})",
-            started.elapsed().as_secs()
+            "xtask: cargo check --features cuda took {} s (kernels: {})",
+            started.elapsed().as_secs(),
+            targets.describe()
         );
         return Ok(());
     }
     let _lock = ci::lock_target()?;
-    let launcher = build_agent(&toolchain, compute_cap, false)?;
+    let launcher = build_agent(&toolchain, targets, false)?;
     if mode == Mode::Test {
         // The same linted release build as `cargo xtask test`, so the CPU
         // binaries the test uses (it makes its configuration with
@@ -388,13 +461,13 @@ pub fn build(mode: Mode, compute_cap: u32) -> anyhow::Result<()> {
 /// they are cleaned first.
 pub fn build_agent(
     toolchain: &Toolchain,
-    compute_cap: u32,
+    targets: &Targets,
     low_priority: bool,
 ) -> anyhow::Result<PathBuf> {
     let started = Instant::now();
     let target = ci::target_dir();
     let stamp = target.join("release/.cuda-kernels-key");
-    let key = toolchain.kernels_key(compute_cap);
+    let key = toolchain.kernels_key(targets);
     let previous = std::fs::read_to_string(&stamp).ok();
     if previous.as_deref() != Some(key.as_str()) {
         if let Some(previous) = previous {
@@ -407,7 +480,7 @@ pub fn build_agent(
             .env("CARGO_TARGET_DIR", &target))?;
     }
     let mut cmd = ci::linted_cargo()?;
-    toolchain.apply(&mut cmd, compute_cap);
+    toolchain.apply(&mut cmd, targets);
     if low_priority {
         ci::at_low_priority(&mut cmd);
     }
@@ -433,9 +506,10 @@ pub fn build_agent(
     std::fs::copy(root().join("edge-agent/edge-agent-cuda.sh"), &launcher)?;
     let size = std::fs::metadata(&bin)?.len();
     eprintln!(
-        "xtask: built {} in {secs} s: {:.1} MiB (kernels for sm_{compute_cap} + PTX), launcher {}",
+        "xtask: built {} in {secs} s: {:.1} MiB (kernels: {}), launcher {}",
         bin.display(),
         size as f64 / (1 << 20) as f64,
+        targets.describe(),
         launcher.display()
     );
     Ok(launcher)
@@ -452,16 +526,43 @@ mod tests {
             cuda_home: PathBuf::from(dir).join("venv/site-packages/nvidia/cu13"),
         };
         let a = at("/cache/cuda-13.4.92");
-        assert_eq!(a.kernels_key(75), a.kernels_key(75));
+        let t75 = Targets::one(75);
+        assert_eq!(a.kernels_key(&t75), a.kernels_key(&t75));
         assert!(a
-            .kernels_key(75)
+            .kernels_key(&t75)
             .contains("cuda-13.4.92/venv/site-packages/nvidia/cu13/bin/nvcc"));
-        assert_ne!(a.kernels_key(75), a.kernels_key(90), "another target");
         assert_ne!(
-            a.kernels_key(75),
-            at("/cache/cuda-13.0.88").kernels_key(75),
+            a.kernels_key(&t75),
+            a.kernels_key(&Targets::one(90)),
+            "another target"
+        );
+        assert_ne!(
+            a.kernels_key(&t75),
+            a.kernels_key(&Targets::fleet()),
+            "more targets"
+        );
+        assert_ne!(
+            a.kernels_key(&t75),
+            at("/cache/cuda-13.0.88").kernels_key(&t75),
             "another toolkit"
         );
+    }
+
+    #[test]
+    fn the_fleet_gets_sass_for_each_generation_and_ptx_of_the_newest() {
+        let fleet = Targets::fleet();
+        assert_eq!(fleet.base(), 75);
+        assert_eq!(
+            fleet.extra_nvcc_flags(),
+            "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_86,code=sm_86 \
+             -gencode=arch=compute_89,code=sm_89 -gencode=arch=compute_90,code=sm_90 \
+             -gencode=arch=compute_90,code=compute_90"
+        );
+        assert_eq!(
+            Targets::one(75).extra_nvcc_flags(),
+            "-gencode=arch=compute_75,code=compute_75"
+        );
+        assert_eq!(cudarc_version(), "13000");
     }
 
     #[test]

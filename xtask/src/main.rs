@@ -79,8 +79,13 @@ enum Task {
         test: bool,
         /// The GPU generation for the kernels' machine code (PTX beside it
         /// lets newer GPUs run them): 75 = T4 and up, 89 = L4/L40S, 90 = H100.
-        #[arg(long, default_value_t = cuda::COMPUTE_CAP)]
+        #[arg(long, default_value_t = cuda::COMPUTE_CAP, conflicts_with = "fleet")]
         compute_cap: u32,
+        /// Machine code for every generation edge sites run (7.5, 8.0, 8.6,
+        /// 8.9, 9.0) and PTX of the newest: the release build (about five
+        /// times the compile time of one).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Check that the end-to-end test catches a lost batch: run it against
     /// an edge agent built with a planted fault (its uploader never sends
@@ -206,13 +211,19 @@ fn main() -> anyhow::Result<()> {
             check,
             test,
             compute_cap,
+            fleet,
         } => {
             let mode = match (check, test) {
                 (true, _) => cuda::Mode::Check,
                 (_, true) => cuda::Mode::Test,
                 _ => cuda::Mode::Build,
             };
-            cuda::build(mode, compute_cap)
+            let targets = if fleet {
+                cuda::Targets::fleet()
+            } else {
+                cuda::Targets::one(compute_cap)
+            };
+            cuda::build(mode, &targets)
         }
         Task::Image {
             signing_key,

@@ -337,7 +337,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     let model_bytes = std::fs::metadata(&config.model.path)
         .map(|m| m.len())
         .unwrap_or(0);
-    let choice = gpu::choose_device(&found, gpu::CUDA_BUILT, model_bytes * 2);
+    let choice = gpu::choose_device(&found, gpu::CUDA_BUILD, model_bytes * 2);
     let (model, tokenizer, device) = mec_inference::load_on(&config.model.path, &choice)?;
     let engine = Engine::start(
         Arc::new(model),

@@ -11,12 +11,21 @@
 //!   have no kernels of our own for (CUDA). On the CPU it serves as a second
 //!   implementation the tests hold the first to.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 
 use crate::gguf::{GgufFile, ModelError};
 
 mod native;
+mod paged;
 mod tensor;
+
+pub use paged::BLOCK_POSITIONS;
+
+/// Positions of KV cache a model on the tensor path holds unless told
+/// otherwise ([`Model::load_with_kv`]): sixteen sequences of 2,048.
+pub const DEFAULT_KV_POSITIONS: usize = 16 * 2048;
 
 /// Hyperparameters read from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,7 +128,8 @@ impl ForwardPath {
 
 enum Weights {
     Native(native::NativeWeights),
-    Tensor(tensor::TensorWeights),
+    /// The weights and the paged KV pool every sequence's cache lives in.
+    Tensor(tensor::TensorWeights, Arc<paged::KvPool>),
 }
 
 /// A loaded model: immutable, shared by every sequence that runs on it.
@@ -150,16 +160,17 @@ pub struct KvCache {
 #[derive(Debug, Clone)]
 enum CacheLayers {
     Native(Vec<native::LayerKv>),
-    Tensor(Vec<Option<(Tensor, Tensor)>>),
+    /// Blocks of the model's pool (a clone shares them, copy on write).
+    Paged(paged::PagedSeq),
 }
 
 impl KvCache {
     /// An empty cache for `model`.
     pub fn new(model: &Model) -> KvCache {
         let n = model.config.n_layer;
-        let layers = match model.weights {
+        let layers = match &model.weights {
             Weights::Native(_) => CacheLayers::Native(vec![native::LayerKv::default(); n]),
-            Weights::Tensor(_) => CacheLayers::Tensor(vec![None; n]),
+            Weights::Tensor(_, pool) => CacheLayers::Paged(paged::PagedSeq::new(pool.clone())),
         };
         KvCache {
             layers,
@@ -189,7 +200,7 @@ impl KvCache {
                     l.truncate(len, self.width);
                 }
             }
-            CacheLayers::Tensor(layers) => tensor::truncate(layers, len)?,
+            CacheLayers::Paged(seq) => seq.truncate(len),
         }
         self.len = len;
         Ok(())
@@ -209,6 +220,18 @@ impl Model {
         device: &Device,
         path: ForwardPath,
     ) -> Result<Model, ModelError> {
+        Model::load_with_kv(file, device, path, DEFAULT_KV_POSITIONS)
+    }
+
+    /// [`Model::load_with`], with a KV pool of `kv_positions` positions on
+    /// the tensor path (allocated here, on the device; the native path's
+    /// caches grow in host memory instead).
+    pub fn load_with_kv(
+        file: &mut GgufFile,
+        device: &Device,
+        path: ForwardPath,
+        kv_positions: usize,
+    ) -> Result<Model, ModelError> {
         let mut config = ModelConfig::from_gguf(file)?;
         let weights = match path {
             ForwardPath::Native => {
@@ -221,7 +244,14 @@ impl Model {
                 Weights::Native(native::NativeWeights::load(file, &mut config)?)
             }
             ForwardPath::Tensor => {
-                Weights::Tensor(tensor::TensorWeights::load(file, &mut config, device)?)
+                let w = tensor::TensorWeights::load(file, &mut config, device)?;
+                let pool = w.pool(&config, kv_positions, device).map_err(|e| {
+                    load_err(
+                        file,
+                        format!("the KV cache of {kv_positions} positions: {e}"),
+                    )
+                })?;
+                Weights::Tensor(w, Arc::new(pool))
             }
         };
         Ok(Model {
@@ -245,7 +275,16 @@ impl Model {
     pub fn forward_path(&self) -> ForwardPath {
         match self.weights {
             Weights::Native(_) => ForwardPath::Native,
-            Weights::Tensor(_) => ForwardPath::Tensor,
+            Weights::Tensor(..) => ForwardPath::Tensor,
+        }
+    }
+
+    /// The tensor path's KV pool: positions in use and in all (`None` on the
+    /// native path, whose caches live in host memory).
+    pub fn kv_pool_usage(&self) -> Option<(usize, usize)> {
+        match &self.weights {
+            Weights::Native(_) => None,
+            Weights::Tensor(_, pool) => Some((pool.used(), pool.capacity())),
         }
     }
 
@@ -272,11 +311,11 @@ impl Model {
                 self.config.vocab_size
             );
         }
-        let matches = matches!(
-            (&self.weights, &cache.layers),
-            (Weights::Native(_), CacheLayers::Native(_))
-                | (Weights::Tensor(_), CacheLayers::Tensor(_))
-        );
+        let matches = match (&self.weights, &cache.layers) {
+            (Weights::Native(_), CacheLayers::Native(_)) => true,
+            (Weights::Tensor(_, pool), CacheLayers::Paged(seq)) => Arc::ptr_eq(pool, seq.pool()),
+            _ => false,
+        };
         if !matches {
             candle_core::bail!("this KV cache was made for another model");
         }
@@ -287,8 +326,32 @@ impl Model {
     /// returns the logits for the next token after the last one (`[vocab]`, f32).
     /// On error the cache is left as it was.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let mut out = self.forward_rows(tokens, cache, false)?;
+        let last = out.pop().expect("one row of logits");
+        Tensor::from_vec(last, self.config.vocab_size, &self.device)
+    }
+
+    /// Runs `tokens` as [`Model::forward`] does and returns the logits after
+    /// every one of them (teacher forcing: what perplexity and agreement
+    /// between backends are measured on).
+    pub fn forward_all(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        self.forward_rows(tokens, cache, true)
+    }
+
+    fn forward_rows(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        all: bool,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
         self.check_step(tokens, cache)?;
         let pos = cache.len;
+        let t = tokens.len();
+        let logits_of: Vec<usize> = if all { (0..t).collect() } else { vec![t - 1] };
         let logits = match (&self.weights, &mut cache.layers) {
             (Weights::Native(w), CacheLayers::Native(kv)) => {
                 let rows: Vec<(u32, usize, usize)> = tokens
@@ -297,28 +360,26 @@ impl Model {
                     .map(|(i, &id)| (id, 0, pos + i))
                     .collect();
                 let mut caches = [kv.as_mut_slice()];
-                let out = native_pass(w, &self.config, &rows, &mut caches, &[rows.len() - 1]);
-                match out {
-                    Ok(mut l) => Ok(Tensor::from_vec(
-                        l.remove(0),
-                        self.config.vocab_size,
-                        &self.device,
-                    )?),
-                    Err(e) => Err(e),
-                }
+                native_pass(w, &self.config, &rows, &mut caches, &logits_of)
             }
-            (Weights::Tensor(w), CacheLayers::Tensor(kv)) => {
-                w.forward(&self.config, &self.device, tokens, pos, kv)
+            (Weights::Tensor(w, _), CacheLayers::Paged(seq)) => {
+                seq.prepare(pos, t)?;
+                let rows = [tensor::SeqRows {
+                    tokens,
+                    pos,
+                    cache: seq,
+                }];
+                w.forward(&self.config, &self.device, &rows, &logits_of)
             }
             _ => unreachable!("checked by check_step"),
         };
         match logits {
             Ok(l) => {
-                cache.len += tokens.len();
+                cache.len += t;
                 Ok(l)
             }
             Err(e) => {
-                cache.len += tokens.len();
+                cache.len += t;
                 cache.truncate(pos)?;
                 Err(e)
             }
@@ -326,11 +387,11 @@ impl Model {
     }
 
     /// One decode step of several sequences at once: `steps[i] = (token,
-    /// cache)` runs `token` after what that cache holds. On the native path
-    /// the sequences share each weight product (a weight block is read once
-    /// for all of them); elsewhere they run one after another. Returns the
-    /// logits after each token, in order. On error every cache is left as
-    /// it was.
+    /// cache)` runs `token` after what that cache holds. The sequences share
+    /// each weight product (a weight block is read once for all of them),
+    /// on the native path as on the tensor path, where attention reads the
+    /// paged caches of the whole batch at once. Returns the logits after
+    /// each token, in order. On error every cache is left as it was.
     pub fn forward_batch(
         &self,
         steps: &mut [(u32, &mut KvCache)],
@@ -338,37 +399,51 @@ impl Model {
         for (id, cache) in steps.iter() {
             self.check_step(&[*id], cache)?;
         }
-        let Weights::Native(w) = &self.weights else {
-            let mut out = Vec::with_capacity(steps.len());
-            for (i, (id, cache)) in steps.iter_mut().enumerate() {
-                match self.forward(&[*id], cache) {
-                    Ok(l) => out.push(l.to_vec1::<f32>()?),
-                    Err(e) => {
-                        for (_, earlier) in steps[..i].iter_mut() {
-                            let held = earlier.len - 1;
-                            earlier.truncate(held)?;
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-            return Ok(out);
-        };
-        let rows: Vec<(u32, usize, usize)> = steps
-            .iter()
-            .enumerate()
-            .map(|(i, (id, cache))| (*id, i, cache.len))
-            .collect();
         let positions: Vec<usize> = steps.iter().map(|(_, c)| c.len).collect();
-        let mut caches: Vec<&mut [native::LayerKv]> = steps
-            .iter_mut()
-            .map(|(_, cache)| match &mut cache.layers {
-                CacheLayers::Native(kv) => kv.as_mut_slice(),
-                CacheLayers::Tensor(_) => unreachable!("checked by check_step"),
-            })
-            .collect();
-        let all: Vec<usize> = (0..rows.len()).collect();
-        let out = native_pass(w, &self.config, &rows, &mut caches, &all);
+        let out = match &self.weights {
+            Weights::Native(w) => {
+                let rows: Vec<(u32, usize, usize)> = steps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, cache))| (*id, i, cache.len))
+                    .collect();
+                let mut caches: Vec<&mut [native::LayerKv]> = steps
+                    .iter_mut()
+                    .map(|(_, cache)| match &mut cache.layers {
+                        CacheLayers::Native(kv) => kv.as_mut_slice(),
+                        CacheLayers::Paged(_) => unreachable!("checked by check_step"),
+                    })
+                    .collect();
+                let all: Vec<usize> = (0..rows.len()).collect();
+                native_pass(w, &self.config, &rows, &mut caches, &all)
+            }
+            Weights::Tensor(w, _) => {
+                let ids: Vec<[u32; 1]> = steps.iter().map(|(id, _)| [*id]).collect();
+                let prepared =
+                    steps
+                        .iter_mut()
+                        .try_for_each(|(_, cache)| match &mut cache.layers {
+                            CacheLayers::Paged(seq) => seq.prepare(cache.len, 1),
+                            CacheLayers::Native(_) => unreachable!("checked by check_step"),
+                        });
+                prepared.and_then(|()| {
+                    let rows: Vec<tensor::SeqRows<'_>> = steps
+                        .iter()
+                        .zip(&ids)
+                        .map(|((_, cache), id)| match &cache.layers {
+                            CacheLayers::Paged(seq) => tensor::SeqRows {
+                                tokens: id,
+                                pos: cache.len,
+                                cache: seq,
+                            },
+                            CacheLayers::Native(_) => unreachable!("checked by check_step"),
+                        })
+                        .collect();
+                    let all: Vec<usize> = (0..rows.len()).collect();
+                    w.forward(&self.config, &self.device, &rows, &all)
+                })
+            }
+        };
         for ((_, cache), held) in steps.iter_mut().zip(positions) {
             cache.len = held + 1;
             if out.is_err() {

@@ -1,13 +1,32 @@
 //! The forward pass as candle tensor operations: the path for devices we
 //! have no kernels of our own for (CUDA), and on the CPU a second
 //! implementation the tests compare the native one with. Weights stay as GGUF
-//! stores them (`QMatMul`); the KV cache concatenates per step.
+//! stores them (`QMatMul`: on CUDA, candle's MMVQ kernels for up to 8 rows
+//! and MMQ beyond, both quantising activations to Q8_1 as llama.cpp does).
+//!
+//! One pass runs rows of one or several sequences ([`SeqRows`]): a prompt
+//! (one sequence, many rows) or a decode step of a batch (many sequences,
+//! one row each). Every row is one matrix product per weight for the whole
+//! pass; attention reads the paged KV cache ([`super::paged`]) for all the
+//! sequences at once, gathered to the longest and masked.
+//!
+//! What a decode step costs in kernel launches (CUDA, per layer, any batch
+//! size): 2 RMS norms, 7 quantised products (each a Q8_1 quantisation and a
+//! product: 14), 2 RoPE, 2 scatters into the pool, 2 gathers and 2
+//! transposes out of it, the query's permute, 2 attention products, the
+//! scale, the mask, a softmax, the output permute, 2 residual adds, SiLU and
+//! the gate product: about 33 launches per layer, 30 layers: about 1,000 per
+//! step, plus the embedding, the final norm, the output product, the row
+//! selection and the copy to the host. Batching amortises them over the
+//! sequences of a step; a CUDA graph of the step (not done yet) would replay
+//! them in one.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::paged::{KvPool, PagedSeq};
 use super::{load_err, ModelConfig};
 use crate::gguf::{GgufFile, ModelError};
 
@@ -35,21 +54,6 @@ pub(super) struct TensorWeights {
     /// RoPE tables, `[context_length, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
-}
-
-/// Keeps the first `len` positions of every layer.
-pub(super) fn truncate(
-    layers: &mut [Option<(Tensor, Tensor)>],
-    len: usize,
-) -> candle_core::Result<()> {
-    for l in layers.iter_mut() {
-        if let Some((k, v)) = l.take() {
-            if len > 0 {
-                *l = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
-            }
-        }
-    }
-    Ok(())
 }
 
 impl TensorWeights {
@@ -121,48 +125,84 @@ impl TensorWeights {
         })
     }
 
-    /// Runs `tokens` at positions `pos..`, appends their keys and values to
-    /// `cache`, and returns the logits after the last one.
+    /// Runs every sequence's rows after what its cache holds, writes their
+    /// keys and values to the pool, and returns the logits after each row
+    /// `logits_of` names (indexes into the concatenated rows), in order.
+    /// Every sequence runs the same number of rows (a prompt alone, or one
+    /// row each in a decode step). The caches must have been prepared for
+    /// the new positions ([`super::paged::PagedSeq::prepare`]); their
+    /// lengths are the caller's to keep.
     pub(super) fn forward(
         &self,
         c: &ModelConfig,
         device: &Device,
-        tokens: &[u32],
-        pos: usize,
-        cache: &mut [Option<(Tensor, Tensor)>],
-    ) -> candle_core::Result<Tensor> {
-        let t = tokens.len();
-        let ids = Tensor::new(tokens, device)?;
-        let mut x = self.embedding.embedding(&ids)?.unsqueeze(0)?; // [1, t, dim]
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        let mask = if t > 1 {
-            Some(causal_mask(t, pos, device)?)
-        } else {
-            None
-        };
-        let n_rep = c.n_head / c.n_kv_head;
-        for (layer, kv) in self.layers.iter().zip(cache.iter_mut()) {
+        seqs: &[SeqRows<'_>],
+        logits_of: &[usize],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let b = seqs.len();
+        let t = seqs.first().map_or(0, |s| s.tokens.len());
+        if b == 0 || t == 0 || seqs.iter().any(|s| s.tokens.len() != t) {
+            candle_core::bail!("a pass needs sequences of the same, non-zero number of rows");
+        }
+        let n = b * t;
+        let (kvh, hd) = (c.n_kv_head, c.head_dim);
+        let n_rep = c.n_head / kvh;
+        let kv_width = kvh * hd;
+        // Longest sequence after this pass: the keys every query may read.
+        let l = seqs.iter().map(|s| s.pos + t).max().unwrap_or(0);
+
+        // What the host decides, uploaded once per pass.
+        let mut ids = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        let mut new_slots = Vec::with_capacity(n);
+        let mut gather = Vec::with_capacity(b * l);
+        let mut mask = Vec::with_capacity(b * t * l);
+        for s in seqs {
+            for (i, &id) in s.tokens.iter().enumerate() {
+                ids.push(id);
+                positions.push((s.pos + i) as u32);
+                new_slots.push(s.cache.slot(s.pos + i));
+            }
+            let len = s.pos + t;
+            let pad = s.cache.slot(0);
+            gather.extend((0..l).map(|j| if j < len { s.cache.slot(j) } else { pad }));
+            for i in 0..t {
+                mask.extend((0..l).map(|j| {
+                    if j <= s.pos + i {
+                        0f32
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        let ids = Tensor::new(ids.as_slice(), device)?;
+        let positions = Tensor::new(positions.as_slice(), device)?;
+        let new_slots = Tensor::new(new_slots.as_slice(), device)?
+            .unsqueeze(1)?
+            .broadcast_as((n, kv_width))?
+            .contiguous()?;
+        let gather = Tensor::new(gather.as_slice(), device)?;
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, l), device)?;
+        // One RoPE row per row of the pass, each at its own position.
+        let cos = self.cos.index_select(&positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(&positions, 0)?.unsqueeze(1)?;
+        let pool = seqs[0].cache.pool();
+
+        let mut x = self.embedding.embedding(&ids)?; // [n, dim]
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps as f32)?;
-            let add_bias = |y: Tensor, b: &Option<Tensor>| match b {
-                Some(b) => y.broadcast_add(b),
+            let add_bias = |y: Tensor, bias: &Option<Tensor>| match bias {
+                Some(bias) => y.broadcast_add(bias),
                 None => Ok(y),
             };
             let q = add_bias(layer.q.forward(&h)?, &layer.q_bias)?;
             let k = add_bias(layer.k.forward(&h)?, &layer.k_bias)?;
             let v = add_bias(layer.v.forward(&h)?, &layer.v_bias)?;
-            let q = q
-                .reshape((1, t, c.n_head, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = k
-                .reshape((1, t, c.n_kv_head, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = v
-                .reshape((1, t, c.n_kv_head, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
+            // Rows as RoPE's batch, one position each.
+            let q = q.reshape((n, c.n_head, 1, hd))?;
+            let k = k.reshape((n, kvh, 1, hd))?;
             let (q, k) = if c.interleaved_rope {
                 (
                     candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
@@ -174,35 +214,73 @@ impl TensorWeights {
                     candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
                 )
             };
-            let (k, v) = match kv.take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                None => (k, v),
-            };
-            *kv = Some((k.clone(), v.clone()));
-            let k = repeat_kv(k, n_rep)?;
-            let v = repeat_kv(v, n_rep)?;
-            let scale = 1.0 / (c.head_dim as f64).sqrt();
-            let att = (q.matmul(&k.t()?)? * scale)?;
-            let att = match &mask {
-                Some(m) => att.broadcast_add(m)?,
-                None => att,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v.contiguous()?)?; // [1, heads, t, head_dim]
-            let y = y.transpose(1, 2)?.reshape((1, t, c.n_head * c.head_dim))?;
+            pool.k[li].scatter_set(&new_slots, &k.reshape((n, kv_width))?, 0)?;
+            pool.v[li].scatter_set(&new_slots, &v.contiguous()?, 0)?;
+            // [b, kvh, l, hd]: each sequence's keys and values, padded.
+            let keys = pool.k[li]
+                .index_select(&gather, 0)?
+                .reshape((b, l, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let values = pool.v[li]
+                .index_select(&gather, 0)?
+                .reshape((b, l, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            // Queries grouped by the key/value head they read (heads
+            // kv * n_rep .. kv * n_rep + n_rep share kv): no copy of keys
+            // per head.
+            let q = q
+                .reshape((b, t, kvh, n_rep, hd))?
+                .permute((0, 2, 3, 1, 4))?
+                .contiguous()?
+                .reshape((b, kvh, n_rep * t, hd))?;
+            let att = (q.matmul(&keys.t()?)? * scale)?
+                .reshape((b, kvh, n_rep, t, l))?
+                .broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((b, kvh, n_rep * t, l))?;
+            let y = att
+                .matmul(&values)?
+                .reshape((b, kvh, n_rep, t, hd))?
+                .permute((0, 3, 1, 2, 4))?
+                .contiguous()?
+                .reshape((n, c.n_head * hd))?;
             x = (x + layer.o.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.eps as f32)?;
             let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
             let ff = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
             x = (x + ff)?;
         }
-        let last = x.narrow(1, t - 1, 1)?;
+        // Only the rows whose logits are wanted go through the output
+        // product and to the host.
+        let rows: Vec<u32> = logits_of.iter().map(|&r| r as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), device)?;
+        let last = x.index_select(&rows, 0)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, c.eps as f32)?;
-        self.output
-            .forward(&last)?
-            .flatten_all()?
-            .to_dtype(DType::F32)
+        self.output.forward(&last)?.to_dtype(DType::F32)?.to_vec2()
     }
+
+    /// A pool for `positions` positions of every layer on `device`.
+    pub(super) fn pool(
+        &self,
+        c: &ModelConfig,
+        positions: usize,
+        device: &Device,
+    ) -> candle_core::Result<KvPool> {
+        KvPool::new(
+            self.layers.len(),
+            c.n_kv_head * c.head_dim,
+            positions,
+            device,
+        )
+    }
+}
+
+/// One sequence's part of a pass: `tokens` at positions `pos..`.
+pub(super) struct SeqRows<'a> {
+    pub(super) tokens: &'a [u32],
+    pub(super) pos: usize,
+    pub(super) cache: &'a PagedSeq,
 }
 
 fn rope_tables(
@@ -219,23 +297,4 @@ fn rope_tables(
     let pos = Tensor::arange(0u32, ctx as u32, device)?.to_dtype(DType::F32)?;
     let freqs = pos.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
     Ok((freqs.cos()?, freqs.sin()?))
-}
-
-/// `[t, pos + t]`: 0 where query i may see key j (j <= pos + i), -inf elsewhere.
-fn causal_mask(t: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let s = pos + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (t, s), device)
-}
-
-fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, kv, n_rep, s, d))?
-        .reshape((b, kv * n_rep, s, d))
 }

@@ -7,4 +7,5 @@
 
 mod engine;
 mod model;
+mod paged;
 mod tokenizer;
