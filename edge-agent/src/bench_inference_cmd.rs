@@ -16,7 +16,7 @@ use mec_inference::tokenizer::{ChatMessage, Tokenizer};
 use crate::cli::BenchInferenceArgs;
 
 /// The four concurrent streams' questions: open-ended, so each runs long.
-const STREAM_QUESTIONS: [&str; 4] = [
+pub(crate) const STREAM_QUESTIONS: [&str; 4] = [
     "Write a long story about a lighthouse keeper who befriends a whale.",
     "Explain in detail how a cellular network hands a call from one tower to the next.",
     "Describe, step by step, how to bake bread at home, with tips for beginners.",
@@ -73,53 +73,11 @@ pub fn bench(args: &BenchInferenceArgs) -> anyhow::Result<ExitCode> {
         max_tokens: Some(args.decode_tokens),
         ..Default::default()
     };
-    let run = |prompts: Vec<Vec<u32>>| -> anyhow::Result<Vec<(Instant, Summary)>> {
-        let gens = prompts
-            .into_iter()
-            .enumerate()
-            .map(|(i, prompt)| {
-                let submitted = Instant::now();
-                let g = engine.submit(GenerateRequest {
-                    prompt,
-                    params: greedy.clone(),
-                    subscriber: format!("bench-{i}"),
-                })?;
-                Ok((submitted, g))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        rt.block_on(async {
-            let mut out = Vec::new();
-            for (submitted, mut g) in gens {
-                while g.deltas.recv().await.is_some() {}
-                let s = (&mut g.summary).await.context("no summary")?;
-                if let Some(e) = &s.error {
-                    anyhow::bail!("generation failed: {e}");
-                }
-                out.push((submitted, s));
-            }
-            Ok(out)
-        })
-    };
+    let run = |prompts: Vec<Vec<u32>>| run_streams(&engine, &rt, prompts, &greedy);
 
     let single = run(vec![long.clone()])?.remove(0).1;
     let cached = run(vec![long.clone()])?.remove(0).1;
     let concurrent = run(streams)?;
-    // Aggregate decode rate: tokens after each stream's first, over the span
-    // from the earliest first token to the last end.
-    let first = concurrent
-        .iter()
-        .map(|(at, s)| *at + s.ttft)
-        .min()
-        .context("no streams")?;
-    let end = concurrent
-        .iter()
-        .map(|(at, s)| *at + s.ttft + s.decode_time)
-        .max()
-        .context("no streams")?;
-    let after_first: usize = concurrent
-        .iter()
-        .map(|(_, s)| s.completion_tokens.saturating_sub(1))
-        .sum();
     let report = serde_json::json!({
         "engine": "mec-inference",
         "version": env!("CARGO_PKG_VERSION"),
@@ -131,14 +89,68 @@ pub fn bench(args: &BenchInferenceArgs) -> anyhow::Result<ExitCode> {
         "decode_tokens_per_s": rate(single.completion_tokens.saturating_sub(1), single.decode_time),
         "cached_ttft_ms": ms(cached.ttft),
         "cached_prompt_tokens": cached.cached_prompt_tokens,
-        "aggregate_4_tokens_per_s": rate(after_first, end - first),
+        "aggregate_4_tokens_per_s": aggregate_rate(&concurrent),
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{report}");
     Ok(ExitCode::SUCCESS)
 }
 
-fn templated(tok: &Tokenizer, question: &str) -> anyhow::Result<Vec<u32>> {
+/// Submits every prompt to `engine` at once and waits for each to end: when
+/// it was submitted, and its summary. A generation that failed is an error.
+pub(crate) fn run_streams(
+    engine: &Engine,
+    rt: &tokio::runtime::Runtime,
+    prompts: Vec<Vec<u32>>,
+    params: &SamplingParams,
+) -> anyhow::Result<Vec<(Instant, Summary)>> {
+    let gens = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| {
+            let submitted = Instant::now();
+            let g = engine.submit(GenerateRequest {
+                prompt,
+                params: params.clone(),
+                subscriber: format!("bench-{i}"),
+            })?;
+            Ok((submitted, g))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    rt.block_on(async {
+        let mut out = Vec::new();
+        for (submitted, mut g) in gens {
+            while g.deltas.recv().await.is_some() {}
+            let s = (&mut g.summary).await.context("no summary")?;
+            if let Some(e) = &s.error {
+                anyhow::bail!("generation failed: {e}");
+            }
+            out.push((submitted, s));
+        }
+        Ok(out)
+    })
+}
+
+/// Aggregate decode rate of streams run together: tokens after each
+/// stream's first, over the span from the earliest first token to the last
+/// end (0 when there is no span).
+pub(crate) fn aggregate_rate(done: &[(Instant, Summary)]) -> f64 {
+    let first = done.iter().map(|(at, s)| *at + s.ttft).min();
+    let end = done
+        .iter()
+        .map(|(at, s)| *at + s.ttft + s.decode_time)
+        .max();
+    let tokens: usize = done
+        .iter()
+        .map(|(_, s)| s.completion_tokens.saturating_sub(1))
+        .sum();
+    match (first, end) {
+        (Some(a), Some(b)) => rate(tokens, b - a),
+        _ => 0.0,
+    }
+}
+
+pub(crate) fn templated(tok: &Tokenizer, question: &str) -> anyhow::Result<Vec<u32>> {
     let text = tok
         .apply_chat_template(&[ChatMessage::user(question.to_string())])
         .map_err(anyhow::Error::msg)?;

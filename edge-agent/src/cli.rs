@@ -24,6 +24,15 @@ pub enum Command {
     Log(LogCommand),
     /// Generate text with a local model (for technicians and benchmarks).
     Generate(GenerateArgs),
+    /// Check the GPU path on this box: the driver's and the build's CUDA
+    /// versions, the GPUs, and a fixed text teacher-forced on the tensor
+    /// path (on the GPU, or on the CPU where none can run) against the CPU
+    /// path and llama.cpp's figures. Exit 1 when outside the tolerance.
+    GpuCheck(GpuCheckArgs),
+    /// Write a synthetic model for speed figures: llama-shaped (1.5b or 7b),
+    /// random Q4_1 weights, the default model's tokenizer. Its text is
+    /// noise. Prints one JSON object (parameters, bytes read per token).
+    SynthModel(SynthModelArgs),
     /// Write a working configuration, a node identity and a dev app key into
     /// DIR; print them as one JSON object.
     Init(InitArgs),
@@ -282,6 +291,94 @@ pub struct GenerateArgs {
     pub device: DeviceArg,
 }
 
+/// Arguments of `edge-agent gpu-check`.
+#[derive(Debug, Args, Clone)]
+pub struct GpuCheckArgs {
+    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $MEC_MODEL].
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Where the tensor path runs: `auto`, `cpu` or a GPU index (as
+    /// `generate --device`).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceArg,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON object to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
+    /// Only the speed (needs --speed): for a synthetic model, whose
+    /// random weights make agreement figures meaningless.
+    #[arg(long, requires = "speed")]
+    pub speed_only: bool,
+    /// Also measure speed on the tensor path: time to first token for
+    /// prompts of these lengths, then decode tokens/s with this many
+    /// concurrent streams, this many tokens each, through the engine the
+    /// agent serves with; e.g. `200,800:1,16,64:128`.
+    #[arg(long, value_name = "PROMPTS:STREAMS:TOKENS", value_parser = parse_speed_plan)]
+    pub speed: Option<SpeedPlan>,
+}
+
+/// Arguments of `edge-agent synth-model`.
+#[derive(Debug, Args, Clone)]
+pub struct SynthModelArgs {
+    /// The shape: 1.5b, 7b (or tiny, for tests).
+    #[arg(long, value_parser = parse_shape)]
+    pub shape: mec_inference::synthetic::Shape,
+    /// The file to write.
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// Where the tokenizer comes from [default: the default model].
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer_from: Option<PathBuf>,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn parse_shape(s: &str) -> Result<mec_inference::synthetic::Shape, String> {
+    mec_inference::synthetic::shape(s).ok_or_else(|| {
+        let names: Vec<&str> = mec_inference::synthetic::SHAPES
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        format!("{s:?} is not one of {}", names.join(", "))
+    })
+}
+
+/// `gpu-check --speed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpeedPlan {
+    /// Prompt lengths for time to first token.
+    pub prompt_tokens: Vec<usize>,
+    /// Concurrent streams for decode rates.
+    pub streams: Vec<usize>,
+    /// Most tokens per stream.
+    pub decode_tokens: usize,
+}
+
+fn parse_speed_plan(s: &str) -> Result<SpeedPlan, String> {
+    let list = |part: &str, what: &str, max: usize| -> Result<Vec<usize>, String> {
+        part.split(',')
+            .map(|n| match n.trim().parse::<usize>() {
+                Ok(v) if (1..=max).contains(&v) => Ok(v),
+                _ => Err(format!("{what}: {n:?} is not a number from 1 to {max}")),
+            })
+            .collect()
+    };
+    let parts: Vec<&str> = s.split(':').collect();
+    let [prompts, streams, tokens] = parts[..] else {
+        return Err(format!(
+            "{s:?} is not PROMPTS:STREAMS:TOKENS (e.g. 200,800:1,16,64:128)"
+        ));
+    };
+    Ok(SpeedPlan {
+        prompt_tokens: list(prompts, "prompt tokens", 4096)?,
+        streams: list(streams, "streams", 256)?,
+        decode_tokens: list(tokens, "tokens per stream", 4096)?[0],
+    })
+}
+
 /// `generate --device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceArg {
@@ -453,6 +550,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log(LogCommand::Upload(a)) => crate::log_cmd::upload(&a),
         Command::Generate(a) => crate::generate_cmd::generate(&a),
         Command::BenchInference(a) => crate::bench_inference_cmd::bench(&a),
+        Command::GpuCheck(a) => crate::gpu_check_cmd::check(&a),
+        Command::SynthModel(a) => crate::gpu_check_cmd::synth_model(&a),
         Command::Init(a) => crate::init_cmd::init(&a),
         Command::Serve(a) => {
             let config = crate::config::Config::load(&a.config)?;
@@ -465,5 +564,26 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Update(UpdateCommand::Apply(a)) => crate::update_cmd::apply(&a),
         Command::Update(UpdateCommand::ServeStdio(a)) => crate::update_cmd::serve_stdio(&a),
         Command::BootHealth(a) => crate::update_cmd::boot_health(&a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_speed_plan_reads_three_lists_and_a_bad_one_says_which_part() {
+        assert_eq!(
+            parse_speed_plan("200,800:1,16,64:128"),
+            Ok(SpeedPlan {
+                prompt_tokens: vec![200, 800],
+                streams: vec![1, 16, 64],
+                decode_tokens: 128,
+            })
+        );
+        let e = parse_speed_plan("200:0:8").unwrap_err();
+        assert!(e.contains("streams: \"0\""), "{e}");
+        let e = parse_speed_plan("200:1").unwrap_err();
+        assert!(e.contains("PROMPTS:STREAMS:TOKENS"), "{e}");
     }
 }

@@ -35,7 +35,13 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
             reason: "built without the cuda feature".into(),
         },
     };
-    let (model, tokenizer, device) = mec_inference::load_on(&path, &choice)?;
+    // One sequence: the whole context, and nothing more.
+    let budget = mec_inference::model::KvBudget {
+        sequences: 1,
+        extra_positions: 0,
+        max_bytes: None,
+    };
+    let (model, tokenizer, device) = mec_inference::load_on(&path, &choice, &budget)?;
     let prompt = if args.raw {
         args.prompt.clone()
     } else {

@@ -15,6 +15,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod generate_cmd;
+pub mod gpu_check_cmd;
 pub mod init_cmd;
 pub mod log_cmd;
 pub mod provision_cmd;

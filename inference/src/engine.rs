@@ -3,9 +3,12 @@
 //! active sequence, each with its own KV cache, and batches their decode
 //! steps: one forward pass per step for all of them (continuous batching, as
 //! llama.cpp's server and vLLM do), so a weight is read once per step
-//! instead of once per sequence. A new request's prompt is prefilled between
-//! two steps, then it joins the batch; finished sequences leave their KV in
-//! a prefix cache that later prompts with the same beginning reuse.
+//! instead of once per sequence. A new request's prompt is prefilled in
+//! chunks of at most `prefill_chunk` tokens, one chunk between two decode
+//! steps (chunked prefill, as vLLM and llama.cpp's server do), so a long
+//! prompt delays the other streams' next token by one chunk, not by the
+//! whole prompt; then it joins the batch. Finished sequences leave their KV
+//! in a prefix cache that later prompts with the same beginning reuse.
 //!
 //! A request yields a stream of [`Delta`]s and, separately, one [`Summary`].
 //! The summary always arrives, even when the caller dropped the stream (the
@@ -16,7 +19,7 @@
 //! other); a stop *sequence*'s tokens count too, though its text is cut.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +38,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Tokens of KV kept in the prefix cache across all entries.
     pub prefix_cache_tokens: usize,
+    /// Most prompt tokens prefilled between two decode steps.
+    pub prefill_chunk: usize,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +48,7 @@ impl Default for EngineConfig {
             slots: 2,
             queue_capacity: 64,
             prefix_cache_tokens: 16_384,
+            prefill_chunk: 256,
         }
     }
 }
@@ -253,6 +259,8 @@ struct Shared {
     ready: Condvar,
     prefix: Mutex<PrefixCache>,
     busy: AtomicUsize,
+    /// Requests admitted so far (their order).
+    admitted: AtomicU64,
 }
 
 /// Counts for metrics.
@@ -291,6 +299,7 @@ impl Engine {
             ready: Condvar::new(),
             prefix: Mutex::new(PrefixCache::default()),
             busy: AtomicUsize::new(0),
+            admitted: AtomicU64::new(0),
         });
         let scheduler = {
             let (model, tokenizer, shared, config) = (
@@ -382,14 +391,15 @@ impl Drop for Engine {
     }
 }
 
-/// The scheduler: admits queued requests while slots are free (prefilling
-/// each), then runs one batched decode step for every active sequence, and
-/// repeats until the engine closes and nothing is left.
+/// The scheduler: admits queued requests while slots are free, prefills
+/// one chunk of the oldest prompt not yet prefilled, then runs one batched
+/// decode step for every sequence past its prefill, and repeats until the
+/// engine closes and nothing is left.
 fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &EngineConfig) {
     let slots = config.slots.max(1);
     let mut active: Vec<Sequence> = Vec::new();
     loop {
-        // Admit: wait for work only when there is nothing to decode.
+        // Admit: wait for work only when there is nothing to run.
         while active.len() < slots {
             let job = {
                 let mut q = shared.queue.lock().unwrap();
@@ -416,44 +426,55 @@ fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &Engi
         if active.is_empty() {
             return; // closed, and nothing queued or running
         }
-        // Each sequence takes the token its logits give; those that go on
-        // are fed back together.
+        // One prefill chunk, for the oldest sequence still prefilling.
+        if let Some(seq) = active.iter_mut().find(|s| s.prefilling()) {
+            seq.prefill_chunk(model, config.prefill_chunk.max(1));
+        }
+        // Each sequence past its prefill takes the token its logits give;
+        // those that go on are fed back together.
         let mut next = Vec::with_capacity(active.len());
-        let mut still = Vec::with_capacity(active.len());
+        let mut decoding = Vec::with_capacity(active.len());
+        let mut prefilling = Vec::new();
         for mut seq in active.drain(..) {
+            if seq.prefilling() && !seq.ended {
+                prefilling.push(seq);
+                continue;
+            }
             match seq.take_token(tokenizer) {
                 Some(id) => {
                     next.push(id);
-                    still.push(seq);
+                    decoding.push(seq);
                 }
                 None => seq
                     .finish(tokenizer, shared, config)
                     .send_and_release(shared),
             }
         }
-        active = still;
-        if active.is_empty() {
-            continue;
-        }
-        let mut steps: Vec<(u32, &mut KvCache)> = next
-            .iter()
-            .zip(active.iter_mut())
-            .map(|(&id, seq)| (id, &mut seq.cache))
-            .collect();
-        match model.forward_batch(&mut steps) {
-            Ok(logits) => {
-                for (seq, l) in active.iter_mut().zip(logits) {
-                    seq.logits = l;
+        if !decoding.is_empty() {
+            let mut steps: Vec<(u32, &mut KvCache)> = next
+                .iter()
+                .zip(decoding.iter_mut())
+                .map(|(&id, seq)| (id, &mut seq.cache))
+                .collect();
+            match model.forward_batch(&mut steps) {
+                Ok(logits) => {
+                    for (seq, l) in decoding.iter_mut().zip(logits) {
+                        seq.logits = l;
+                    }
                 }
-            }
-            Err(e) => {
-                for mut seq in active.drain(..) {
-                    seq.fail(e.to_string());
-                    seq.finish(tokenizer, shared, config)
-                        .send_and_release(shared);
+                Err(e) => {
+                    for mut seq in decoding.drain(..) {
+                        seq.fail(e.to_string());
+                        seq.finish(tokenizer, shared, config)
+                            .send_and_release(shared);
+                    }
                 }
             }
         }
+        // Oldest first, so prefill goes in order of admission.
+        active = decoding;
+        active.append(&mut prefilling);
+        active.sort_by_key(|s| s.admitted);
     }
 }
 
@@ -497,6 +518,11 @@ struct Sequence {
     first_token_at: Option<Instant>,
     /// Set when the sequence must end at the next `take_token`.
     ended: bool,
+    /// Prompt tokens in the cache so far (the prompt is prefilled when it
+    /// reaches `history.len()` before the first completion token).
+    prefilled: usize,
+    /// Admission order (prefill goes oldest first).
+    admitted: u64,
 }
 
 impl Sequence {
@@ -522,27 +548,13 @@ impl Sequence {
                 tx: job.summary,
             });
         }
-        let (cached, mut cache) = shared
+        let (cached, cache) = shared
             .prefix
             .lock()
             .unwrap()
             .lookup(prompt)
             .unwrap_or_else(|| (0, KvCache::new(model)));
         summary.cached_prompt_tokens = cached;
-        let logits = model
-            .forward(&prompt[cached..], &mut cache)
-            .and_then(|l| l.to_vec1::<f32>());
-        let logits = match logits {
-            Ok(l) => l,
-            Err(e) => {
-                summary.finish_reason = FinishReason::Error;
-                summary.error = Some(e.to_string());
-                return Err(Finished {
-                    summary,
-                    tx: job.summary,
-                });
-            }
-        };
         let max_tokens = job
             .req
             .params
@@ -559,7 +571,7 @@ impl Sequence {
             cancel: job.cancel,
             summary,
             cache,
-            logits,
+            logits: Vec::new(),
             max_tokens,
             stream: TextStream::default(),
             text: String::new(),
@@ -567,7 +579,38 @@ impl Sequence {
             pending_ids: Vec::new(),
             first_token_at: None,
             ended: false,
+            prefilled: cached,
+            admitted: shared.admitted.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Whether prompt tokens are still to be prefilled.
+    fn prefilling(&self) -> bool {
+        self.logits.is_empty()
+    }
+
+    /// Runs the next `chunk` prompt tokens; after the last, the sequence
+    /// has the logits of its first completion token. A cancelled request
+    /// or a failed pass ends the sequence (at its next turn).
+    fn prefill_chunk(&mut self, model: &Model, chunk: usize) {
+        if self.cancelled() {
+            self.summary.finish_reason = FinishReason::Cancelled;
+            self.ended = true;
+            return;
+        }
+        // The prefix cache leaves at least the prompt's last token to run
+        // (its logits are the first completion token's).
+        let start = self.prefilled;
+        let end = (start + chunk).min(self.history.len());
+        match model.forward(&self.history[start..end], &mut self.cache) {
+            Ok(l) if end == self.history.len() => match l.to_vec1::<f32>() {
+                Ok(l) => self.logits = l,
+                Err(e) => self.fail(e.to_string()),
+            },
+            Ok(_) => {}
+            Err(e) => self.fail(e.to_string()),
+        }
+        self.prefilled = end;
     }
 
     fn cancelled(&self) -> bool {

@@ -9,12 +9,14 @@
 
 pub use candle_core::Device;
 
+pub mod agreement;
 pub mod engine;
 pub mod gguf;
 pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod sampling;
+pub mod synthetic;
 pub mod tokenizer;
 
 /// The default model's path: `$MEC_MODEL` when set, else
@@ -36,13 +38,15 @@ pub fn default_model_path() -> std::path::PathBuf {
 /// here and not on the first request. When the GPU cannot be opened, or the
 /// model cannot load or run on it, it is loaded on the CPU instead; the
 /// returned choice says where it runs and why.
+/// `budget` sizes the KV pool of the tensor path (the GPU's).
 pub fn load_on(
     path: &std::path::Path,
     choice: &gpu::DeviceChoice,
+    budget: &model::KvBudget,
 ) -> Result<(model::Model, tokenizer::Tokenizer, gpu::DeviceChoice), gguf::ModelError> {
     let (device, used) = gpu::open_device(choice);
     if let gpu::DeviceChoice::Cuda { index } = used {
-        let on_gpu = load(path, &device).and_then(|(model, tokenizer)| {
+        let on_gpu = load_budgeted(path, &device, budget).and_then(|(model, tokenizer)| {
             let mut cache = model::KvCache::new(&model);
             model
                 .forward(&[0], &mut cache)
@@ -74,5 +78,22 @@ pub fn load(
     let mut file = gguf::GgufFile::open(path)?;
     let tokenizer = tokenizer::Tokenizer::from_gguf(&file)?;
     let model = model::Model::load(&mut file, device)?;
+    Ok((model, tokenizer))
+}
+
+/// [`load`], with the tensor path's KV pool sized by `budget`.
+pub fn load_budgeted(
+    path: &std::path::Path,
+    device: &Device,
+    budget: &model::KvBudget,
+) -> Result<(model::Model, tokenizer::Tokenizer), gguf::ModelError> {
+    let mut file = gguf::GgufFile::open(path)?;
+    let tokenizer = tokenizer::Tokenizer::from_gguf(&file)?;
+    let model = model::Model::load_budgeted(
+        &mut file,
+        device,
+        model::ForwardPath::for_device(device),
+        budget,
+    )?;
     Ok((model, tokenizer))
 }

@@ -26,7 +26,8 @@ const METRICS: [(&str, bool); 6] = [
     ("peak_rss_mb", false),
 ];
 
-fn venv_python(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+/// bench/venv's python with llama-cpp-python, installed on first use.
+pub(crate) fn venv_python(root: &Path) -> anyhow::Result<std::path::PathBuf> {
     let venv = root.join("bench/venv");
     let python = venv.join("bin/python");
     let ready = python.exists()
@@ -152,4 +153,20 @@ pub fn bench(rounds: usize, threads: usize, decode_tokens: usize) -> anyhow::Res
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// Remakes llama.cpp's figures for the agreement text
+/// (inference/src/agreement/llamacpp.json): its tokens, the token it ranks
+/// first after each, and its perplexity (bench/agreement_reference.py).
+pub fn agreement_reference() -> anyhow::Result<()> {
+    let root = root();
+    let model = crate::model::ensure(&root)?;
+    let python = venv_python(&root)?;
+    let dir = root.join("inference/src/agreement");
+    run(Command::new(python)
+        .arg(root.join("bench/agreement_reference.py"))
+        .arg(&model)
+        .arg(dir.join("text.txt"))
+        .arg(dir.join("llamacpp.json"))
+        .arg("2"))
 }

@@ -383,7 +383,7 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
                 p.run("main", "CUDA agent: no-driver test", || {
                     let log = logs.join("gpu.log");
                     let env = [
-                        ("MEC_CUDA_AGENT", launcher.into_os_string()),
+                        ("MEC_CUDA_AGENT", launcher.clone().into_os_string()),
                         (
                             "MEC_CUDA_NO_DRIVER_LIBS",
                             toolchain.no_driver_libs().into_os_string(),
@@ -392,6 +392,12 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
                     let r = run_test_binary(&hil, &["gpu::", "--include-ignored"], &env, &log);
                     print_log(&log, r.is_err());
                     r
+                })
+                .map(|()| launcher)
+            })
+            .and_then(|launcher| {
+                p.run("main", "GPU bundle: check.sh without a driver", || {
+                    crate::gpu_bundle::check_without_driver(&launcher, &toolchain.no_driver_libs())
                 })
             });
         if main.is_err() {

@@ -443,6 +443,7 @@ pub fn build(mode: Mode, targets: &Targets) -> anyhow::Result<()> {
             .args(["gpu::", "--include-ignored", "--nocapture"])
             .env("MEC_CUDA_AGENT", &launcher)
             .env("MEC_CUDA_NO_DRIVER_LIBS", toolchain.no_driver_libs()))?;
+        crate::gpu_bundle::check_without_driver(&launcher, &toolchain.no_driver_libs())?;
     }
     Ok(())
 }

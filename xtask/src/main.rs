@@ -12,6 +12,7 @@ mod bench_sync;
 mod ci;
 mod cuda;
 mod debian;
+mod gpu_bundle;
 mod image;
 mod model;
 mod report;
@@ -74,7 +75,8 @@ enum Task {
         #[arg(long, conflicts_with = "test")]
         check: bool,
         /// Build, then run the GPU tests: the no-driver test here, the GPU
-        /// scenario on a box with a GPU.
+        /// scenario on a box with a GPU; then the GPU bundle's check.sh
+        /// against the stub libraries (as a box without a driver).
         #[arg(long)]
         test: bool,
         /// The GPU generation for the kernels' machine code (PTX beside it
@@ -86,6 +88,28 @@ enum Task {
         /// times the compile time of one).
         #[arg(long)]
         fleet: bool,
+    },
+    /// The GPU check bundle: the CUDA build (machine code for every
+    /// generation of the fleet), its launcher, the model and check.sh, in
+    /// target/gpu-bundle/mec-gpu-check; on a box with an NVIDIA driver,
+    /// check.sh reports the driver, the GPUs, the GPU path's agreement with
+    /// the CPU and llama.cpp, and its speed, as JSON and text.
+    GpuBundle {
+        /// Output directory [default: target/gpu-bundle].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Also write it as tar parts of at most this many MiB, with
+        /// PARTS.sha256 and join.sh (which checks, joins and runs it).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        split_mib: Option<u64>,
+        /// Kernels for this one GPU generation only (faster to build)
+        /// instead of the whole fleet's.
+        #[arg(long)]
+        compute_cap: Option<u32>,
+        /// Use this CUDA build's launcher (edge-agent-cuda, with its .bin
+        /// beside it) instead of building one.
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
     },
     /// Check that the end-to-end test catches a lost batch: run it against
     /// an edge agent built with a planted fault (its uploader never sends
@@ -130,6 +154,10 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Remake llama.cpp's figures for the agreement check
+    /// (inference/src/agreement/llamacpp.json: tokens, first-ranked token
+    /// after each, perplexity), with llama-cpp-python in bench/venv.
+    AgreementReference,
     /// Benchmark inference beside llama.cpp (llama-cpp-python in bench/venv,
     /// installed on first use): same model, prompt ids and threads, in
     /// alternating rounds; writes bench/out/inference-bench.json.
@@ -207,6 +235,15 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => model::ensure(&root()).map(|_| ()),
         Task::Test => ci::test(),
         Task::E2ePlanted => e2e_planted(),
+        Task::GpuBundle {
+            out,
+            split_mib,
+            compute_cap,
+            agent,
+        } => {
+            let targets = compute_cap.map_or_else(cuda::Targets::fleet, cuda::Targets::one);
+            gpu_bundle::bundle(out, split_mib, &targets, agent).map(|_| ())
+        }
         Task::BuildCuda {
             check,
             test,
@@ -249,6 +286,7 @@ fn main() -> anyhow::Result<()> {
             threads,
             decode_tokens,
         } => bench_inference::bench(rounds, threads, decode_tokens),
+        Task::AgreementReference => bench_inference::agreement_reference(),
     }
 }
 

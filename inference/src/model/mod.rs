@@ -27,6 +27,40 @@ pub use paged::BLOCK_POSITIONS;
 /// otherwise ([`Model::load_with_kv`]): sixteen sequences of 2,048.
 pub const DEFAULT_KV_POSITIONS: usize = 16 * 2048;
 
+/// How large the tensor path's KV pool is made at load: room for every
+/// sequence that runs at once to reach the context, and for the prefix
+/// cache, within a memory budget (on a GPU, what its memory leaves after
+/// the weights). A pool too small for all of that still serves; a request
+/// that finds it full ends with an error naming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBudget {
+    /// Sequences that run at once (the engine's slots).
+    pub sequences: usize,
+    /// Positions beyond theirs (the prefix cache's).
+    pub extra_positions: usize,
+    /// At most this many bytes.
+    pub max_bytes: Option<u64>,
+}
+
+impl KvBudget {
+    /// Bytes one position takes in every layer's keys and values (f32).
+    pub fn bytes_per_position(config: &ModelConfig) -> u64 {
+        (2 * config.n_layer * config.n_kv_head * config.head_dim * 4) as u64
+    }
+
+    /// The pool's positions for a model of `config` (one block at least).
+    pub fn positions(&self, config: &ModelConfig) -> usize {
+        let want = self
+            .sequences
+            .saturating_mul(config.context_length)
+            .saturating_add(self.extra_positions);
+        let cap = self.max_bytes.map_or(usize::MAX, |b| {
+            usize::try_from(b / Self::bytes_per_position(config).max(1)).unwrap_or(usize::MAX)
+        });
+        want.min(cap).max(BLOCK_POSITIONS)
+    }
+}
+
 /// Hyperparameters read from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -221,6 +255,18 @@ impl Model {
         path: ForwardPath,
     ) -> Result<Model, ModelError> {
         Model::load_with_kv(file, device, path, DEFAULT_KV_POSITIONS)
+    }
+
+    /// [`Model::load_with`], with a KV pool sized by `budget` for this
+    /// model's shape and context.
+    pub fn load_budgeted(
+        file: &mut GgufFile,
+        device: &Device,
+        path: ForwardPath,
+        budget: &KvBudget,
+    ) -> Result<Model, ModelError> {
+        let config = ModelConfig::from_gguf(file)?;
+        Model::load_with_kv(file, device, path, budget.positions(&config))
     }
 
     /// [`Model::load_with`], with a KV pool of `kv_positions` positions on
@@ -471,5 +517,49 @@ pub(crate) fn load_err(file: &GgufFile, e: impl std::fmt::Display) -> ModelError
     ModelError::Load {
         path: file.path().to_path_buf(),
         reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> ModelConfig {
+        ModelConfig {
+            arch: "llama".into(),
+            n_layer: 30,
+            n_head: 9,
+            n_kv_head: 3,
+            dim: 576,
+            head_dim: 64,
+            eps: 1e-5,
+            rope_base: 100_000.0,
+            context_length: 8192,
+            vocab_size: 49152,
+            interleaved_rope: true,
+        }
+    }
+
+    #[test]
+    fn the_kv_pool_holds_every_slot_and_the_prefix_cache_within_the_bytes() {
+        let c = smollm2();
+        // 30 layers x (keys + values) x 3 heads x 64 x 4 bytes.
+        assert_eq!(KvBudget::bytes_per_position(&c), 46_080);
+        let all = KvBudget {
+            sequences: 4,
+            extra_positions: 16_384,
+            max_bytes: None,
+        };
+        assert_eq!(all.positions(&c), 4 * 8192 + 16_384);
+        let capped = KvBudget {
+            max_bytes: Some(1 << 30),
+            ..all
+        };
+        assert_eq!(capped.positions(&c), (1usize << 30) / 46_080);
+        let tiny = KvBudget {
+            max_bytes: Some(10),
+            ..all
+        };
+        assert_eq!(tiny.positions(&c), BLOCK_POSITIONS, "one block at least");
     }
 }

@@ -199,6 +199,7 @@ fn one_subscribers_burst_does_not_starve_another() {
         slots: 1,
         queue_capacity: 16,
         prefix_cache_tokens: 0,
+        ..Default::default()
     });
     let p = chat(&e, "Say something.");
     rt().block_on(async {
@@ -241,4 +242,56 @@ fn stop_sequence_cuts_the_text_but_counts_its_tokens() {
         s.completion_tokens, 3,
         "' Paris', '.', and the newline token"
     );
+}
+
+/// A long prompt is prefilled a chunk at a time between decode steps: a
+/// stream already decoding goes on meanwhile. With chunks of 16 tokens, a
+/// prompt of over 200 takes more than 12 steps to prefill, in which the
+/// running stream (8 tokens to go) finishes; prefilled whole at admission,
+/// the long prompt's first token would come while the running stream still
+/// had tokens left. The text is the same as with one big chunk.
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_while_another_stream_decodes() {
+    let whole = {
+        let e = engine(EngineConfig {
+            slots: 2,
+            prefix_cache_tokens: 0,
+            ..Default::default()
+        });
+        let long = chat(
+            &e,
+            &"Tell me about the sea and the harbour town. ".repeat(20),
+        );
+        rt().block_on(collect(&e, req(long, 6, "b"))).0
+    };
+    let e = engine(EngineConfig {
+        slots: 2,
+        prefix_cache_tokens: 0,
+        prefill_chunk: 16,
+        ..Default::default()
+    });
+    let long = chat(
+        &e,
+        &"Tell me about the sea and the harbour town. ".repeat(20),
+    );
+    assert!(long.len() > 200, "{}", long.len());
+    rt().block_on(async {
+        let mut running = e.submit(req(chat(&e, "Count to twenty."), 9, "a")).unwrap();
+        // Decoding has begun before the long prompt arrives.
+        running.deltas.recv().await.expect("a first delta");
+        let mut chunked = e.submit(req(long.clone(), 6, "b")).unwrap();
+        let first = chunked.deltas.recv().await.expect("a first delta");
+        let summary = running.summary.try_recv();
+        assert!(
+            summary.is_ok(),
+            "the running stream had not finished when the long prompt's first token came"
+        );
+        let mut text = first.text;
+        while let Some(d) = chunked.deltas.recv().await {
+            text.push_str(&d.text);
+        }
+        let s = chunked.summary.await.unwrap();
+        assert_eq!(s.prompt_tokens, long.len());
+        assert_eq!(text, whole);
+    });
 }

@@ -8,4 +8,5 @@
 mod engine;
 mod model;
 mod paged;
+mod synthetic;
 mod tokenizer;
