@@ -61,6 +61,8 @@ pub struct Metrics {
     pub metering: Histogram,
     queue_depth: Gauge,
     busy_slots: Gauge,
+    kv_positions_used: Gauge,
+    kv_positions_total: Gauge,
     reservations: Gauge,
     backlog_records: Gauge,
     backlog_bytes: Gauge,
@@ -83,6 +85,9 @@ pub struct Snapshot {
     pub queue_depth: usize,
     /// Slots generating.
     pub busy_slots: usize,
+    /// The GPU path's KV pool: positions in use and in all (none on the
+    /// CPU path, whose caches grow in host memory).
+    pub kv_pool: Option<(usize, usize)>,
     /// Open reservations.
     pub reservations: usize,
     /// Records not yet acknowledged by the core.
@@ -138,6 +143,16 @@ impl Metrics {
         };
         let queue_depth = gauge(&mut registry, "queue_depth", "Requests waiting for a slot");
         let busy_slots = gauge(&mut registry, "busy_slots", "Slots generating");
+        let kv_positions_used = gauge(
+            &mut registry,
+            "kv_cache_positions_used",
+            "Positions of the GPU path's KV cache pool held by sequences and the prefix cache",
+        );
+        let kv_positions_total = gauge(
+            &mut registry,
+            "kv_cache_positions_total",
+            "Positions of the GPU path's KV cache pool, allocated at start",
+        );
         let reservations = gauge(
             &mut registry,
             "reservations_outstanding",
@@ -205,6 +220,8 @@ impl Metrics {
             metering,
             queue_depth,
             busy_slots,
+            kv_positions_used,
+            kv_positions_total,
             reservations,
             backlog_records,
             backlog_bytes,
@@ -247,6 +264,10 @@ impl Metrics {
     pub fn render(&self, snap: &Snapshot) -> String {
         self.queue_depth.set(snap.queue_depth as i64);
         self.busy_slots.set(snap.busy_slots as i64);
+        if let Some((used, total)) = snap.kv_pool {
+            self.kv_positions_used.set(used as i64);
+            self.kv_positions_total.set(total as i64);
+        }
         self.reservations.set(snap.reservations as i64);
         self.backlog_records.set(snap.backlog_records as i64);
         self.backlog_bytes.set(snap.backlog_bytes as i64);
@@ -323,10 +344,13 @@ mod tests {
                 power_mw: None,
             }],
             device: Some(DeviceChoice::Cuda { index: 0 }),
+            kv_pool: Some((64, 32_768)),
             ..Default::default()
         };
         let text = m.render(&snap);
         for line in [
+            "mec_kv_cache_positions_used 64",
+            "mec_kv_cache_positions_total 32768",
             "mec_inference_device{kind=\"cuda\",gpu=\"0\"} 1",
             "mec_gpu_memory_used_bytes{gpu=\"0\",name=\"NVIDIA L4\"} 4294967296",
             "mec_gpu_memory_total_bytes{gpu=\"0\",name=\"NVIDIA L4\"} 25769803776",
