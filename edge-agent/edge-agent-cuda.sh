@@ -35,4 +35,9 @@ if [ -n "$missing" ]; then
         "run the CPU build instead: edge-agent $*" >&2
     exit 69 # EX_UNAVAILABLE
 fi
+# candle's kernels are PTX, compiled by the driver at load (seconds); the
+# driver's cache keeps the result for the next start, if it fits: its default
+# size is 256 MiB, this makes it 1 GiB (an operator's own setting wins).
+CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-1073741824}
+export CUDA_CACHE_MAXSIZE
 exec "$bin" "$@"

@@ -426,8 +426,16 @@ fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &Engi
         if active.is_empty() {
             return; // closed, and nothing queued or running
         }
+        // A request cancelled while its prompt waits to be prefilled ends
+        // now, not when the prompts ahead of it are done.
+        for seq in active.iter_mut().filter(|s| s.prefilling() && !s.ended) {
+            if seq.cancelled() {
+                seq.summary.finish_reason = FinishReason::Cancelled;
+                seq.ended = true;
+            }
+        }
         // One prefill chunk, for the oldest sequence still prefilling.
-        if let Some(seq) = active.iter_mut().find(|s| s.prefilling()) {
+        if let Some(seq) = active.iter_mut().find(|s| s.prefilling() && !s.ended) {
             seq.prefill_chunk(model, config.prefill_chunk.max(1));
         }
         // Each sequence past its prefill takes the token its logits give;

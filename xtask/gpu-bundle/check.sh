@@ -29,10 +29,11 @@ out=${1:-$here/results}
 mkdir -p "$out"
 txt=$out/results.txt
 : >"$txt"
-say() { echo "$*" | tee -a "$txt"; }
+say() { printf '%s\n' "$*" | tee -a "$txt"; }
+json_str() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'; }
 
 # --- 1. libraries -----------------------------------------------------------
-need_toolkit="libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10"
+need_toolkit="libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13"
 if [ -n "${MEC_CUDA_LIBS:-}" ]; then
     search=$(echo "$MEC_CUDA_LIBS" | tr ':' ' ')
     driver_search=$search
@@ -44,13 +45,15 @@ else
         done
     done
     # The nvidia-* Python packages (pip's CUDA): site-packages/nvidia/*/lib.
-    for root in /usr/lib /usr/local/lib /opt "$HOME/.local/lib" /root/.local/lib; do
+    for root in /usr/lib /usr/local/lib /opt "${HOME:-/root}/.local/lib" /root/.local/lib; do
         [ -d "$root" ] || continue
         for d in $(find "$root" -maxdepth 7 -type d -path '*site-packages/nvidia/*/lib' 2>/dev/null | sort); do
             search="$search $d"
         done
     done
     driver_search="/usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib"
+    # A distribution's CUDA packages put the toolkit's libraries there too.
+    search="$search /usr/lib/x86_64-linux-gnu /usr/lib64"
 fi
 libpath=""
 libs_json=""
@@ -79,7 +82,7 @@ for lib in libcuda.so.1 $need_toolkit; do
     if [ -n "$dir" ]; then
         add_dir "$dir"
         say "library $lib: $dir"
-        libs_json="$libs_json${libs_json:+,}\"$lib\":\"$dir\""
+        libs_json="$libs_json${libs_json:+,}\"$lib\":\"$(json_str "$dir")\""
     else
         say "library $lib: not found"
         libs_json="$libs_json${libs_json:+,}\"$lib\":null"
@@ -95,7 +98,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
     say "nvidia-smi: not installed"
 fi
-smi_json=$(printf '%s' "$smi" | sed 's/\\/\\\\/g; s/"/\\"/g')
+smi_json=$(json_str "$smi")
 
 # --- 3. the check ------------------------------------------------------------
 speed=${MEC_SPEED:-200,800:1,16,64:128}
@@ -141,7 +144,7 @@ if [ -n "${MEC_SYNTH:-}" ] && [ "$check" != null ]; then
     fi
 fi
 cat >"$out/results.json" <<JSON
-{"libraries":{$libs_json},"ld_library_path":"$libpath","nvidia_smi":"$smi_json","exit_code":$rc,"gpu_check":$check,"synthetic_model":$synth,"synthetic_speed":$synth_speed}
+{"libraries":{$libs_json},"ld_library_path":"$(json_str "$libpath")","nvidia_smi":"$smi_json","exit_code":$rc,"gpu_check":$check,"synthetic_model":$synth,"synthetic_speed":$synth_speed}
 JSON
 say "results: $out/results.json, $out/results.txt (exit $rc)"
 exit $rc

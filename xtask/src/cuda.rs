@@ -215,23 +215,58 @@ impl Toolchain {
     }
 
     /// The environment of a CUDA build for `targets`.
-    pub fn apply(&self, cmd: &mut Command, targets: &Targets) {
+    pub fn apply(&self, cmd: &mut Command, targets: &Targets) -> anyhow::Result<()> {
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![self.cuda_home.join("bin")];
         paths.extend(std::env::split_paths(&path));
         cmd.env("CUDA_HOME", &self.cuda_home)
-            // cudaforge reruns candle-kernels' build script when NVCC
-            // changes (not when CUDA_HOME does): the path names the version.
-            .env("NVCC", self.nvcc())
             .env("PATH", std::env::join_paths(paths).expect("PATH"))
             // cudarc binds the API of this version (and the agent compares
             // the driver's with it at start).
             .env("CUDARC_CUDA_VERSION", cudarc_version())
             .env("CUDA_COMPUTE_CAP", targets.base().to_string())
-            // cudaforge asks for the base's SASS only; the other targets and
-            // the PTX ride along through nvcc's own variable.
-            .env("NVCC_APPEND_FLAGS", targets.extra_nvcc_flags())
             .env("CUDAFORGE_THREADS", jobs().to_string());
+        // cudaforge reruns candle-kernels' build script when NVCC changes
+        // (not when CUDA_HOME does): the path names the version.
+        if targets.sass.len() == 1 {
+            // One generation: its PTX rides along through nvcc's own
+            // variable (cudaforge asks for the SASS only).
+            cmd.env("NVCC", self.nvcc())
+                .env("NVCC_APPEND_FLAGS", targets.extra_nvcc_flags());
+        } else {
+            // Several: nvcc refuses `--ptx` with more than one architecture,
+            // and candle-kernels compiles its PTX modules that way, so the
+            // further targets go only to the calls that make machine code
+            // (the statically linked kernels), through a wrapper.
+            cmd.env("NVCC", self.nvcc_wrapper(targets)?)
+                .env_remove("NVCC_APPEND_FLAGS");
+        }
+        Ok(())
+    }
+
+    /// `nvcc` that adds `targets`' further flags to every call but a
+    /// `--ptx` one; written beside the toolchain, named by the targets.
+    fn nvcc_wrapper(&self, targets: &Targets) -> anyhow::Result<PathBuf> {
+        let name: Vec<String> = targets.sass.iter().map(u32::to_string).collect();
+        let path = self
+            .dir
+            .join(format!("nvcc-sm{}-ptx{}", name.join("-"), targets.ptx));
+        let script = format!(
+            "#!/bin/sh\n\
+             # nvcc with further targets on every call that makes machine code\n\
+             # (written by cargo xtask build-cuda: {describe})\n\
+             for a in \"$@\"; do\n\
+             \x20   case $a in --ptx | -ptx) exec '{nvcc}' \"$@\" ;; esac\n\
+             done\n\
+             exec '{nvcc}' \"$@\" {flags}\n",
+            describe = targets.describe(),
+            nvcc = self.nvcc().display(),
+            flags = targets.extra_nvcc_flags(),
+        );
+        std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(path)
     }
 }
 
@@ -417,7 +452,7 @@ pub fn build(mode: Mode, targets: &Targets) -> anyhow::Result<()> {
     if mode == Mode::Check {
         let started = Instant::now();
         let mut cmd = cargo();
-        toolchain.apply(&mut cmd, targets);
+        toolchain.apply(&mut cmd, targets)?;
         run(cmd.args([
             "check",
             "--workspace",
@@ -481,7 +516,7 @@ pub fn build_agent(
             .env("CARGO_TARGET_DIR", &target))?;
     }
     let mut cmd = ci::linted_cargo()?;
-    toolchain.apply(&mut cmd, targets);
+    toolchain.apply(&mut cmd, targets)?;
     if low_priority {
         ci::at_low_priority(&mut cmd);
     }
@@ -547,6 +582,41 @@ mod tests {
             at("/cache/cuda-13.0.88").kernels_key(&t75),
             "another toolkit"
         );
+    }
+
+    /// nvcc refuses `--ptx` with several architectures: the fleet's
+    /// wrapper passes the further targets to every other call only.
+    #[test]
+    fn the_fleet_wrapper_adds_targets_except_to_ptx_calls() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("cu13");
+        std::fs::create_dir_all(home.join("bin")).unwrap();
+        let nvcc = home.join("bin/nvcc");
+        std::fs::write(&nvcc, "#!/bin/sh\necho \"$@\"\n").unwrap();
+        std::fs::set_permissions(&nvcc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let toolchain = Toolchain {
+            dir: tmp.path().to_path_buf(),
+            cuda_home: home,
+        };
+        let fleet = Targets::fleet();
+        let wrapper = toolchain.nvcc_wrapper(&fleet).unwrap();
+        let args = |a: &[&str]| {
+            let out = Command::new(&wrapper).args(a).output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        assert_eq!(args(&["--ptx", "a b.cu"]), "--ptx a b.cu");
+        assert_eq!(
+            args(&["-c", "moe.cu"]),
+            format!("-c moe.cu {}", fleet.extra_nvcc_flags())
+        );
+        let mut one = Command::new("true");
+        toolchain.apply(&mut one, &Targets::one(75)).unwrap();
+        let envs: Vec<_> = one.get_envs().collect();
+        assert!(envs
+            .iter()
+            .any(|(k, v)| *k == "NVCC" && *v == Some(toolchain.nvcc().as_os_str())));
     }
 
     #[test]

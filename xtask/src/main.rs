@@ -84,13 +84,15 @@ enum Task {
         #[arg(long, default_value_t = cuda::COMPUTE_CAP, conflicts_with = "fleet")]
         compute_cap: u32,
         /// Machine code for every generation edge sites run (7.5, 8.0, 8.6,
-        /// 8.9, 9.0) and PTX of the newest: the release build (about five
-        /// times the compile time of one).
+        /// 8.9, 9.0) and PTX of the newest, for the statically linked
+        /// kernels (candle's own modules are PTX, compiled by the driver at
+        /// load); about five times the compile time of one. Not yet built
+        /// by this project's CI.
         #[arg(long)]
         fleet: bool,
     },
-    /// The GPU check bundle: the CUDA build (machine code for every
-    /// generation of the fleet), its launcher, the model and check.sh, in
+    /// The GPU check bundle: the CUDA build, its launcher, the model and
+    /// check.sh, in
     /// target/gpu-bundle/mec-gpu-check; on a box with an NVIDIA driver,
     /// check.sh reports the driver, the GPUs, the GPU path's agreement with
     /// the CPU and llama.cpp, and its speed, as JSON and text.
@@ -102,10 +104,14 @@ enum Task {
         /// PARTS.sha256 and join.sh (which checks, joins and runs it).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         split_mib: Option<u64>,
-        /// Kernels for this one GPU generation only (faster to build)
-        /// instead of the whole fleet's.
+        /// The GPU generation of the kernels' machine code (PTX beside it,
+        /// which every newer GPU runs through the driver's compiler).
+        #[arg(long, default_value_t = cuda::COMPUTE_CAP, conflicts_with = "fleet")]
+        compute_cap: u32,
+        /// Machine code for every generation of the fleet (see
+        /// `build-cuda --fleet`; not yet built by this project's CI).
         #[arg(long)]
-        compute_cap: Option<u32>,
+        fleet: bool,
         /// Use this CUDA build's launcher (edge-agent-cuda, with its .bin
         /// beside it) instead of building one.
         #[arg(long, value_name = "PATH")]
@@ -239,9 +245,14 @@ fn main() -> anyhow::Result<()> {
             out,
             split_mib,
             compute_cap,
+            fleet,
             agent,
         } => {
-            let targets = compute_cap.map_or_else(cuda::Targets::fleet, cuda::Targets::one);
+            let targets = if fleet {
+                cuda::Targets::fleet()
+            } else {
+                cuda::Targets::one(compute_cap)
+            };
             gpu_bundle::bundle(out, split_mib, &targets, agent).map(|_| ())
         }
         Task::BuildCuda {

@@ -30,8 +30,10 @@ pub const DEFAULT_KV_POSITIONS: usize = 16 * 2048;
 /// How large the tensor path's KV pool is made at load: room for every
 /// sequence that runs at once to reach the context, and for the prefix
 /// cache, within a memory budget (on a GPU, what its memory leaves after
-/// the weights). A pool too small for all of that still serves; a request
-/// that finds it full ends with an error naming it.
+/// the weights). A pool too small for all of that still serves, but a
+/// pass that finds it full fails with an error naming it, and the engine
+/// ends every sequence of that pass (a decode step ends the whole batch):
+/// the budget is meant to leave no room for that.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvBudget {
     /// Sequences that run at once (the engine's slots).
