@@ -372,10 +372,18 @@ fn parse_speed_plan(s: &str) -> Result<SpeedPlan, String> {
             "{s:?} is not PROMPTS:STREAMS:TOKENS (e.g. 200,800:1,16,64:128)"
         ));
     };
+    let decode_tokens = match tokens.trim().parse::<usize>() {
+        Ok(v) if (1..=4096).contains(&v) => v,
+        _ => {
+            return Err(format!(
+                "tokens per stream: {tokens:?} is not one number from 1 to 4096"
+            ))
+        }
+    };
     Ok(SpeedPlan {
         prompt_tokens: list(prompts, "prompt tokens", 4096)?,
         streams: list(streams, "streams", 256)?,
-        decode_tokens: list(tokens, "tokens per stream", 4096)?[0],
+        decode_tokens,
     })
 }
 
@@ -583,6 +591,8 @@ mod tests {
         );
         let e = parse_speed_plan("200:0:8").unwrap_err();
         assert!(e.contains("streams: \"0\""), "{e}");
+        let e = parse_speed_plan("200:1:8,16").unwrap_err();
+        assert!(e.contains("tokens per stream: \"8,16\""), "{e}");
         let e = parse_speed_plan("200:1").unwrap_err();
         assert!(e.contains("PROMPTS:STREAMS:TOKENS"), "{e}");
     }

@@ -20,14 +20,13 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(mec_inference::default_model_path);
     let model_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let found = gpu::discover(None);
     // Room for the weights and as much again for KV caches and activations.
     let choice = match args.device {
         DeviceArg::Cpu => gpu::DeviceChoice::Cpu {
             reason: "--device cpu".into(),
         },
-        DeviceArg::Auto => {
-            gpu::choose_device(&gpu::discover(None), gpu::CUDA_BUILD, model_bytes * 2)
-        }
+        DeviceArg::Auto => gpu::choose_device(&found, gpu::CUDA_BUILD, model_bytes * 2),
         // A GPU named on the command line is opened without asking NVML:
         // whether it can run the model is what the caller wants to know.
         DeviceArg::Gpu(index) if gpu::CUDA_BUILT => gpu::DeviceChoice::Cuda { index },
@@ -35,12 +34,8 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
             reason: "built without the cuda feature".into(),
         },
     };
-    // One sequence: the whole context, and nothing more.
-    let budget = mec_inference::model::KvBudget {
-        sequences: 1,
-        extra_positions: 0,
-        max_bytes: None,
-    };
+    // One sequence, up to the whole context.
+    let budget = gpu::kv_budget(&found, &choice, model_bytes, 1, 0);
     let (model, tokenizer, device) = mec_inference::load_on(&path, &choice, &budget)?;
     let prompt = if args.raw {
         args.prompt.clone()

@@ -185,6 +185,34 @@ pub fn choose_device(found: &Discovery, build: Option<u32>, needed_bytes: u64) -
         })
 }
 
+/// The KV pool's budget for `sequences` running at once, each up to the
+/// context, and `extra_positions` more (the prefix cache), on the device
+/// `choice` names: on a GPU, within half of the free memory `found` saw
+/// there once the weights have room (three times the model file: the
+/// weights, their dequantised copies, activations); unbounded on the CPU,
+/// where the native path's caches grow in host memory.
+pub fn kv_budget(
+    found: &Discovery,
+    choice: &DeviceChoice,
+    model_bytes: u64,
+    sequences: usize,
+    extra_positions: usize,
+) -> crate::model::KvBudget {
+    let free = match choice {
+        DeviceChoice::Cuda { index } => found
+            .gpus
+            .iter()
+            .find(|g| g.index == *index)
+            .map(|g| g.memory_free_bytes),
+        DeviceChoice::Cpu { .. } => None,
+    };
+    crate::model::KvBudget {
+        sequences,
+        extra_positions,
+        max_bytes: free.map(|f| f.saturating_sub(model_bytes * 3) / 2),
+    }
+}
+
 /// Whether this build carries the CUDA backend.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
@@ -411,6 +439,21 @@ mod tests {
             4,
             cpu("no GPU has 4096 MiB free"),
         );
+    }
+
+    #[test]
+    fn the_kv_budget_is_half_of_what_the_chosen_gpu_leaves_after_the_weights() {
+        let found = Discovery {
+            gpus: vec![gpu(0, 1), gpu(1, 10)],
+            reason: None,
+            cuda_driver_version: Some(13000),
+        };
+        let model = 100 << 20;
+        let b = kv_budget(&found, &DeviceChoice::Cuda { index: 1 }, model, 64, 4096);
+        assert_eq!((b.sequences, b.extra_positions), (64, 4096));
+        assert_eq!(b.max_bytes, Some(((10u64 << 30) - 3 * model) / 2));
+        let cpu = DeviceChoice::Cpu { reason: "x".into() };
+        assert_eq!(kv_budget(&found, &cpu, model, 4, 0).max_bytes, None);
     }
 
     #[test]

@@ -338,22 +338,13 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         .map(|m| m.len())
         .unwrap_or(0);
     let choice = gpu::choose_device(&found, gpu::CUDA_BUILD, model_bytes * 2);
-    // The GPU's KV pool: every slot up to the context and the prefix cache,
-    // in at most half of what the GPU's free memory leaves after the
-    // weights (with room for their dequantised copies and activations).
-    let gpu_free = match choice {
-        gpu::DeviceChoice::Cuda { index } => found
-            .gpus
-            .iter()
-            .find(|g| g.index == index)
-            .map(|g| g.memory_free_bytes),
-        gpu::DeviceChoice::Cpu { .. } => None,
-    };
-    let budget = mec_inference::model::KvBudget {
-        sequences: config.model.slots,
-        extra_positions: config.model.prefix_cache_tokens,
-        max_bytes: gpu_free.map(|free| free.saturating_sub(model_bytes * 3) / 2),
-    };
+    let budget = gpu::kv_budget(
+        &found,
+        &choice,
+        model_bytes,
+        config.model.slots,
+        config.model.prefix_cache_tokens,
+    );
     let (model, tokenizer, device) = mec_inference::load_on(&config.model.path, &choice, &budget)?;
     if let Some((_, positions)) = model.kv_pool_usage() {
         tracing::info!(positions, "KV cache pool allocated");
