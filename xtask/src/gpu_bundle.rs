@@ -104,7 +104,10 @@ pub fn bundle(
         "check.sh",
         "README.txt",
     ] {
-        sums.push_str(&format!("{}  {f}\n", sha256_file(&dir.join(f))?));
+        sums.push_str(&format!(
+            "{}  {f}\n",
+            crate::model::sha256_file(&dir.join(f))?
+        ));
     }
     std::fs::write(dir.join("SHA256SUMS"), sums)?;
     let size: u64 = std::fs::read_dir(&dir)?
@@ -247,19 +250,6 @@ pub fn split(file: &Path, part_bytes: u64) -> anyhow::Result<Vec<PathBuf>> {
     }
     std::fs::write(dir.join("PARTS.sha256"), sums)?;
     Ok(parts)
-}
-
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex::encode(h.finalize()));
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 fn copy_exec(from: &Path, to: &Path) -> anyhow::Result<()> {
