@@ -242,14 +242,25 @@ impl PrefixCache {
             last_used: self.clock,
         });
         while self.entries.iter().map(|e| e.tokens.len()).sum::<usize>() > budget {
-            let oldest = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(i, _)| i)
-                .unwrap();
-            self.entries.remove(oldest);
+            self.evict_oldest();
+        }
+    }
+
+    /// Drops the least recently used entry (its KV blocks go back to the
+    /// pool unless a running sequence shares them); false when empty.
+    fn evict_oldest(&mut self) -> bool {
+        let oldest = self
+            .entries
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(i, _)| i);
+        match oldest {
+            Some(i) => {
+                self.entries.remove(i);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -261,6 +272,8 @@ struct Shared {
     busy: AtomicUsize,
     /// Requests admitted so far (their order).
     admitted: AtomicU64,
+    /// Sequences whose KV was dropped to make room (recomputed later).
+    preempted: AtomicU64,
 }
 
 /// Counts for metrics.
@@ -272,6 +285,9 @@ pub struct EngineStats {
     pub busy_slots: usize,
     /// Slots in all.
     pub slots: usize,
+    /// Times a sequence's KV cache was dropped because the pool was full
+    /// (the sequence recomputes it and goes on; nothing is lost).
+    pub preemptions: u64,
 }
 
 /// The engine. Dropping it stops the scheduler after the requests it runs.
@@ -300,6 +316,7 @@ impl Engine {
             prefix: Mutex::new(PrefixCache::default()),
             busy: AtomicUsize::new(0),
             admitted: AtomicU64::new(0),
+            preempted: AtomicU64::new(0),
         });
         let scheduler = {
             let (model, tokenizer, shared, config) = (
@@ -338,6 +355,7 @@ impl Engine {
             queued: self.shared.queue.lock().unwrap().len,
             busy_slots: self.shared.busy.load(Ordering::Relaxed),
             slots: self.config.slots.max(1),
+            preemptions: self.shared.preempted.load(Ordering::Relaxed),
         }
     }
 
@@ -435,8 +453,11 @@ fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &Engi
             }
         }
         // One prefill chunk, for the oldest sequence still prefilling.
-        if let Some(seq) = active.iter_mut().find(|s| s.prefilling() && !s.ended) {
-            seq.prefill_chunk(model, config.prefill_chunk.max(1));
+        if let Some(i) = active.iter().position(|s| s.prefilling() && !s.ended) {
+            let chunk = active[i].next_chunk(config.prefill_chunk.max(1));
+            if room_for_prefill(model, shared, &mut active, i, chunk) {
+                active[i].prefill_chunk(model, chunk);
+            }
         }
         // Each sequence past its prefill takes the token its logits give;
         // those that go on are fed back together.
@@ -458,6 +479,14 @@ fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &Engi
                     .send_and_release(shared),
             }
         }
+        room_for_decode(
+            model,
+            tokenizer,
+            shared,
+            config,
+            (&mut decoding, &mut next),
+            &mut prefilling,
+        );
         if !decoding.is_empty() {
             let mut steps: Vec<(u32, &mut KvCache)> = next
                 .iter()
@@ -484,6 +513,113 @@ fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &Engi
         active.append(&mut prefilling);
         active.sort_by_key(|s| s.admitted);
     }
+}
+
+/// Makes room in the KV pool for the next `t` prompt positions of
+/// `active[i]`: evicts the prefix cache, least recently used first; then,
+/// when no sequence is decoding (none will free blocks by finishing),
+/// preempts the newest other sequence holding blocks. False when the chunk
+/// must wait for decoding sequences to finish, or when the pool cannot
+/// hold this sequence even alone (it then ends with that error).
+fn room_for_prefill(
+    model: &Model,
+    shared: &Shared,
+    active: &mut [Sequence],
+    i: usize,
+    t: usize,
+) -> bool {
+    loop {
+        if model.kv_has_room(&[(&active[i].cache, t)]) {
+            return true;
+        }
+        if shared.prefix.lock().unwrap().evict_oldest() {
+            continue;
+        }
+        if active.iter().any(|s| !s.prefilling() && !s.ended) {
+            return false;
+        }
+        let victim = active
+            .iter()
+            .enumerate()
+            .filter(|(j, s)| *j != i && !s.cache.is_empty())
+            .max_by_key(|(_, s)| s.admitted)
+            .map(|(j, _)| j);
+        match victim {
+            Some(j) => active[j].preempt(model, shared),
+            None => {
+                let want = active[i].cache.len() + t;
+                active[i].fail(kv_full(model, want));
+                return false;
+            }
+        }
+    }
+}
+
+/// Makes room in the KV pool for one more position of every sequence in
+/// the decode batch (`batch`: the sequences and the tokens they feed):
+/// evicts the prefix cache, least recently used first, then preempts the
+/// newest sequence holding blocks (a decoding one leaves the batch and
+/// recomputes its KV once there is room: its text so far stands, and
+/// greedy decoding continues exactly as it would have). A sequence that
+/// cannot grow even alone ends with that error.
+fn room_for_decode(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    shared: &Shared,
+    config: &EngineConfig,
+    batch: (&mut Vec<Sequence>, &mut Vec<u32>),
+    prefilling: &mut Vec<Sequence>,
+) {
+    let (decoding, next) = batch;
+    loop {
+        let passes: Vec<(&KvCache, usize)> = decoding.iter().map(|s| (&s.cache, 1)).collect();
+        if decoding.is_empty() || model.kv_has_room(&passes) {
+            return;
+        }
+        if shared.prefix.lock().unwrap().evict_oldest() {
+            continue;
+        }
+        let newest_decoding = decoding
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, s)| s.admitted)
+            .map(|(j, s)| (j, s.admitted));
+        let newest_waiting = prefilling
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.cache.is_empty())
+            .max_by_key(|(_, s)| s.admitted)
+            .map(|(j, s)| (j, s.admitted));
+        match (newest_decoding, newest_waiting) {
+            (_, Some((j, w))) if newest_decoding.is_none_or(|(_, d)| w > d) => {
+                prefilling[j].preempt(model, shared);
+            }
+            (Some((j, _)), _) if decoding.len() > 1 || newest_waiting.is_some() => {
+                let mut seq = decoding.remove(j);
+                next.remove(j);
+                seq.preempt(model, shared);
+                prefilling.push(seq);
+            }
+            _ => {
+                // One sequence, holding every block that is not free.
+                let mut seq = decoding.remove(0);
+                next.remove(0);
+                let want = seq.cache.len() + 1;
+                seq.fail(kv_full(model, want));
+                seq.finish(tokenizer, shared, config)
+                    .send_and_release(shared);
+            }
+        }
+    }
+}
+
+/// The error of a sequence the whole KV pool cannot hold.
+fn kv_full(model: &Model, positions: usize) -> String {
+    let total = model.kv_pool_usage().map_or(0, |(_, total)| total);
+    format!(
+        "the KV cache is full: this sequence needs {positions} positions and the pool holds \
+         {total} (raise the KV budget or lower the context)"
+    )
 }
 
 /// A summary on its way back to the caller.
@@ -592,6 +728,27 @@ impl Sequence {
         })
     }
 
+    /// Prompt positions the next prefill chunk runs (at most `chunk`).
+    fn next_chunk(&self, chunk: usize) -> usize {
+        (self.history.len() - self.prefilled).min(chunk)
+    }
+
+    /// Drops the KV cache to give its blocks back to the pool: the
+    /// sequence prefills its prompt and what it has generated again when
+    /// there is room (recomputation, as vLLM preempts), then goes on where
+    /// it was; the sampler's state is kept, so nothing it sends changes.
+    fn preempt(&mut self, model: &Model, shared: &Shared) {
+        tracing::debug!(
+            positions = self.cache.len(),
+            admitted = self.admitted,
+            "the KV cache is full: a sequence is preempted and will recompute"
+        );
+        self.cache = KvCache::new(model);
+        self.prefilled = 0;
+        self.logits.clear();
+        shared.preempted.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Whether prompt tokens are still to be prefilled.
     fn prefilling(&self) -> bool {
         self.logits.is_empty()
@@ -609,7 +766,7 @@ impl Sequence {
         // The prefix cache leaves at least the prompt's last token to run
         // (its logits are the first completion token's).
         let start = self.prefilled;
-        let end = (start + chunk).min(self.history.len());
+        let end = start + self.next_chunk(chunk);
         match model.forward(&self.history[start..end], &mut self.cache) {
             Ok(l) if end == self.history.len() => match l.to_vec1::<f32>() {
                 Ok(l) => self.logits = l,

@@ -655,6 +655,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         queue_depth: stats.queued,
         busy_slots: stats.busy_slots,
         kv_pool: state.engine.model().kv_pool_usage(),
+        kv_preemptions: stats.preemptions,
         reservations: state.billing.open_reservations(),
         backlog_records: log.backlog_records,
         backlog_bytes: log.backlog_bytes,

@@ -63,6 +63,7 @@ pub struct Metrics {
     busy_slots: Gauge,
     kv_positions_used: Gauge,
     kv_positions_total: Gauge,
+    kv_preemptions: Counter,
     reservations: Gauge,
     backlog_records: Gauge,
     backlog_bytes: Gauge,
@@ -88,6 +89,8 @@ pub struct Snapshot {
     /// The GPU path's KV pool: positions in use and in all (none on the
     /// CPU path, whose caches grow in host memory).
     pub kv_pool: Option<(usize, usize)>,
+    /// Sequences preempted because the KV pool was full (the engine's count).
+    pub kv_preemptions: u64,
     /// Open reservations.
     pub reservations: usize,
     /// Records not yet acknowledged by the core.
@@ -152,6 +155,12 @@ impl Metrics {
             &mut registry,
             "kv_cache_positions_total",
             "Positions of the GPU path's KV cache pool, allocated at start",
+        );
+        let kv_preemptions = Counter::default();
+        registry.register(
+            "kv_cache_preemptions",
+            "Sequences whose KV was dropped because the pool was full, to be recomputed",
+            kv_preemptions.clone(),
         );
         let reservations = gauge(
             &mut registry,
@@ -222,6 +231,7 @@ impl Metrics {
             busy_slots,
             kv_positions_used,
             kv_positions_total,
+            kv_preemptions,
             reservations,
             backlog_records,
             backlog_bytes,
@@ -268,6 +278,10 @@ impl Metrics {
             self.kv_positions_used.set(used as i64);
             self.kv_positions_total.set(total as i64);
         }
+        // The engine counts; the counter catches up at each scrape.
+        let seen = self.kv_preemptions.get();
+        self.kv_preemptions
+            .inc_by(snap.kv_preemptions.saturating_sub(seen));
         self.reservations.set(snap.reservations as i64);
         self.backlog_records.set(snap.backlog_records as i64);
         self.backlog_bytes.set(snap.backlog_bytes as i64);
@@ -345,11 +359,15 @@ mod tests {
             }],
             device: Some(DeviceChoice::Cuda { index: 0 }),
             kv_pool: Some((64, 32_768)),
+            kv_preemptions: 3,
             ..Default::default()
         };
+        m.render(&snap);
         let text = m.render(&snap);
         for line in [
             "mec_kv_cache_positions_used 64",
+            // Rendered twice: the counter follows the engine's count, once.
+            "mec_kv_cache_preemptions_total 3",
             "mec_kv_cache_positions_total 32768",
             "mec_inference_device{kind=\"cuda\",gpu=\"0\"} 1",
             "mec_gpu_memory_used_bytes{gpu=\"0\",name=\"NVIDIA L4\"} 4294967296",

@@ -30,10 +30,10 @@ pub const DEFAULT_KV_POSITIONS: usize = 16 * 2048;
 /// How large the tensor path's KV pool is made at load: room for every
 /// sequence that runs at once to reach the context, and for the prefix
 /// cache, within a memory budget (on a GPU, what its memory leaves after
-/// the weights). A pool too small for all of that still serves, but a
-/// pass that finds it full fails with an error naming it, and the engine
-/// ends every sequence of that pass (a decode step ends the whole batch):
-/// the budget is meant to leave no room for that.
+/// the weights). A pool too small for all of that still serves: before
+/// each pass the engine checks for room ([`Model::kv_has_room`]) and makes
+/// it by evicting the prefix cache, then by preempting the newest sequence
+/// (its KV is dropped and recomputed later, as vLLM does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvBudget {
     /// Sequences that run at once (the engine's slots).
@@ -333,6 +333,23 @@ impl Model {
         match &self.weights {
             Weights::Native(_) => None,
             Weights::Tensor(_, pool) => Some((pool.used(), pool.capacity())),
+        }
+    }
+
+    /// Whether the tensor path's KV pool has room for these passes, each
+    /// `(cache, tokens)`: what [`Model::forward`] or [`Model::forward_batch`]
+    /// would take of it (new blocks, and copies of shared blocks written
+    /// into). Always true on the native path. A pass without room fails
+    /// with "the KV cache is full"; the engine asks first and makes room.
+    pub fn kv_has_room(&self, passes: &[(&KvCache, usize)]) -> bool {
+        match &self.weights {
+            Weights::Native(_) => true,
+            Weights::Tensor(_, pool) => {
+                pool.has_room(passes.iter().filter_map(|(cache, t)| match &cache.layers {
+                    CacheLayers::Paged(seq) => Some((seq, cache.len, *t)),
+                    CacheLayers::Native(_) => None,
+                }))
+            }
         }
     }
 

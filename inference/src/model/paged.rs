@@ -123,6 +123,22 @@ impl KvPool {
         self.blocks.lock().unwrap().used() * BLOCK_POSITIONS
     }
 
+    /// Whether the free blocks cover what these steps would take: for each,
+    /// a sequence of this pool and `(held, t)` as [`PagedSeq::prepare`]
+    /// takes them. The engine asks before a pass, so that it can make room
+    /// (evict, preempt) instead of failing the pass.
+    pub(crate) fn has_room<'a>(
+        &self,
+        steps: impl IntoIterator<Item = (&'a PagedSeq, usize, usize)>,
+    ) -> bool {
+        let table = self.blocks.lock().unwrap();
+        let wanted: usize = steps
+            .into_iter()
+            .map(|(seq, held, t)| seq.blocks_wanted(&table, held, t))
+            .sum();
+        wanted <= table.free.len()
+    }
+
     /// Copies block `from` to block `to` in every layer.
     fn copy_block(&self, from: u32, to: u32) -> candle_core::Result<()> {
         let (from, to) = (
@@ -196,6 +212,18 @@ impl PagedSeq {
                 table.release(b);
             }
         }
+    }
+
+    /// Free blocks that `prepare(held, t)` would take: the new blocks, and
+    /// one for a copy of a shared block that the first position lands in.
+    fn blocks_wanted(&self, table: &BlockTable, held: usize, t: usize) -> usize {
+        let need = (held + t).div_ceil(BLOCK_POSITIONS);
+        let cow = held % BLOCK_POSITIONS != 0
+            && self
+                .blocks
+                .get(held / BLOCK_POSITIONS)
+                .is_some_and(|&b| table.shared(b));
+        need.saturating_sub(self.blocks.len()) + usize::from(cow)
     }
 
     /// The pool row of position `pos` (which the sequence must hold).
@@ -300,6 +328,37 @@ mod tests {
         assert_eq!(p.used(), BLOCK_POSITIONS);
         drop(s);
         assert_eq!(p.used(), 0);
+    }
+
+    /// `has_room` says yes exactly when `prepare` would succeed: new
+    /// blocks, a copy on write, and several sequences at once.
+    #[test]
+    fn room_is_judged_as_prepare_takes_blocks() {
+        let p = pool(3 * BLOCK_POSITIONS);
+        let mut a = PagedSeq::new(p.clone());
+        assert!(p.has_room([(&a, 0, 3 * BLOCK_POSITIONS)]));
+        assert!(!p.has_room([(&a, 0, 3 * BLOCK_POSITIONS + 1)]));
+        a.prepare(0, 5).unwrap();
+        // Within its block: nothing to take.
+        assert!(p.has_room([(&a, 5, BLOCK_POSITIONS - 5)]));
+        let b = a.clone();
+        // Writing at 5 now copies the shared block first: one block, and a
+        // second for crossing into the next block.
+        assert_eq!(a.blocks_wanted(&p.blocks.lock().unwrap(), 5, 1), 1);
+        assert!(p.has_room([(&a, 5, BLOCK_POSITIONS)]));
+        assert!(!p.has_room([(&a, 5, 1), (&b, 5, BLOCK_POSITIONS)]));
+        let mut c = b.clone();
+        assert!(!p.has_room([(&c, 5, 2 * BLOCK_POSITIONS)]));
+        assert!(c.prepare(5, 2 * BLOCK_POSITIONS).is_err());
+        assert!(p.has_room([(&c, 5, BLOCK_POSITIONS)]));
+        c.prepare(5, BLOCK_POSITIONS).unwrap();
+        assert_eq!(p.used(), 3 * BLOCK_POSITIONS);
+        assert!(!p.has_room([(&a, 5, 1)]), "a's block is shared with b");
+        drop(b);
+        assert!(
+            p.has_room([(&a, 5, BLOCK_POSITIONS - 5)]),
+            "a alone holds it now"
+        );
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! The tensor path (the GPU's) on candle's CPU backend: batched decoding
 //! over the paged KV cache, held to the native path and to itself.
 
+use std::sync::Arc;
+
 use candle_core::Device;
+use mec_inference::engine::{Engine, EngineConfig, FinishReason, GenerateRequest, Summary};
 use mec_inference::gguf::GgufFile;
 use mec_inference::model::{ForwardPath, KvCache, Model, BLOCK_POSITIONS};
+use mec_inference::sampling::SamplingParams;
 use mec_inference::tokenizer::Tokenizer;
 
 fn load(path: ForwardPath, kv_positions: usize) -> Model {
@@ -212,4 +216,159 @@ fn a_full_kv_pool_is_a_clear_error_and_frees_on_drop() {
     drop(a);
     assert_eq!(tensor.kv_pool_usage(), Some((0, 2 * BLOCK_POSITIONS)));
     tensor.forward(&ids, &mut b).unwrap();
+}
+
+/// Greedy tokens after `prompt` on `model`, one pass per token, stopping at
+/// the end of turn; with the smallest gap between the chosen logit and the
+/// runner-up along the way.
+fn greedy_alone(model: &Model, tok: &Tokenizer, prompt: &[u32], n: usize) -> (Vec<u32>, f32) {
+    let mut cache = KvCache::new(model);
+    let mut logits = model
+        .forward(prompt, &mut cache)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let (mut out, mut gap) = (Vec::new(), f32::INFINITY);
+    for _ in 0..n {
+        let id = argmax(&logits);
+        let second = logits
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != id)
+            .map(|(_, l)| *l)
+            .fold(f32::NEG_INFINITY, f32::max);
+        gap = gap.min(logits[id] - second);
+        out.push(id as u32);
+        if tok.stop_ids().contains(&(id as u32)) {
+            break;
+        }
+        logits = model
+            .forward(&[id as u32], &mut cache)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+    }
+    (out, gap)
+}
+
+fn engine_on(model: Model, slots: usize) -> Engine {
+    Engine::start(
+        Arc::new(model),
+        Arc::new(tokenizer()),
+        EngineConfig {
+            slots,
+            ..Default::default()
+        },
+    )
+}
+
+/// Runs `prompts` at once, greedy, `n` tokens at most each: the token ids
+/// each stream carried and each summary.
+fn run_together(e: &Engine, prompts: &[Vec<u32>], n: usize) -> Vec<(Vec<u32>, Summary)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let gens: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            e.submit(GenerateRequest {
+                prompt: p.clone(),
+                params: SamplingParams {
+                    max_tokens: Some(n),
+                    ..Default::default()
+                },
+                subscriber: format!("s{i}"),
+            })
+            .unwrap()
+        })
+        .collect();
+    rt.block_on(async {
+        let mut out = Vec::new();
+        for mut g in gens {
+            let mut ids = Vec::new();
+            while let Some(d) = g.deltas.recv().await {
+                ids.extend(d.token_ids);
+            }
+            out.push((ids, g.summary.await.unwrap()));
+        }
+        out
+    })
+}
+
+/// A KV pool with room for two of three sequences at once: the engine
+/// makes room by evicting the prefix cache and preempting the newest
+/// sequence, whose KV is recomputed once blocks are free. Every request
+/// completes with the tokens it gets alone (its greedy choices are far
+/// from ties, checked first, so the recomputed KV's rounding cannot turn
+/// them), and none ends in an error.
+#[test]
+fn a_full_kv_pool_preempts_and_every_request_completes_as_alone() {
+    let tok = tokenizer();
+    let n = 24;
+    let prompts: Vec<Vec<u32>> = [
+        "1, 2, 3, 4, 5,",
+        "Python is a programming language",
+        "Edge boxes serve tokens close to the phone, and",
+    ]
+    .iter()
+    .map(|p| tok.encode(p).unwrap())
+    .collect();
+    let reference = load(ForwardPath::Tensor, 64 * BLOCK_POSITIONS);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let (ids, gap) = greedy_alone(&reference, &tok, p, n);
+            assert!(gap > 0.05, "a near tie ({gap}): choose another prompt");
+            ids
+        })
+        .collect();
+    drop(reference);
+    let need: Vec<usize> = prompts
+        .iter()
+        .zip(&alone)
+        .map(|(p, a)| (p.len() + a.len()).div_ceil(BLOCK_POSITIONS))
+        .collect();
+    // Room for the longest alone, and one block more: not for all three.
+    let blocks = need.iter().max().unwrap() + 1;
+    assert!(need.iter().sum::<usize>() > blocks + 1, "{need:?}");
+    let e = engine_on(load(ForwardPath::Tensor, blocks * BLOCK_POSITIONS), 3);
+    let together = run_together(&e, &prompts, n);
+    for (i, ((ids, s), want)) in together.iter().zip(&alone).enumerate() {
+        assert_ne!(s.finish_reason, FinishReason::Error, "{i}: {:?}", s.error);
+        assert_eq!(s.completion_tokens, want.len(), "{i}");
+        let shown = if tok.stop_ids().contains(want.last().unwrap()) {
+            &want[..want.len() - 1]
+        } else {
+            &want[..]
+        };
+        assert_eq!(ids, shown, "sequence {i}");
+    }
+    assert!(e.stats().preemptions > 0, "the pool was never short");
+}
+
+/// A sequence the whole pool cannot hold ends with an error that names the
+/// KV cache, and its summary counts the tokens it produced (so they are
+/// billed); the next request is served.
+#[test]
+fn a_sequence_longer_than_the_pool_ends_with_a_clear_error() {
+    let tok = tokenizer();
+    let prompt = tok.encode("The capital of France is").unwrap();
+    let e = engine_on(load(ForwardPath::Tensor, 2 * BLOCK_POSITIONS), 1);
+    let out = run_together(&e, std::slice::from_ref(&prompt), 3 * BLOCK_POSITIONS);
+    let (ids, s) = &out[0];
+    assert_eq!(s.finish_reason, FinishReason::Error);
+    let err = s.error.as_deref().unwrap();
+    assert!(err.contains("the KV cache is full"), "{err}");
+    assert_eq!(prompt.len() + s.completion_tokens, 2 * BLOCK_POSITIONS + 1);
+    assert_eq!(ids.len(), s.completion_tokens);
+    // Its KV went to the prefix cache; the next request makes room there.
+    let next = run_together(&e, &[prompt], 4);
+    assert_eq!(
+        next[0].1.finish_reason,
+        FinishReason::Length,
+        "{:?}",
+        next[0].1
+    );
 }
