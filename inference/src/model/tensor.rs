@@ -11,18 +11,23 @@
 //! sequences at once, gathered to the longest and masked.
 //!
 //! What a decode step costs in kernel launches (CUDA, per layer, any batch
-//! size): 2 RMS norms, 7 quantised products (each a Q8_1 quantisation and a
-//! product: 14), 2 RoPE, 2 scatters into the pool, 2 gathers and 2
-//! transposes out of it, the query's permute, 2 attention products, the
-//! scale, the mask, a softmax, the output permute, 2 residual adds, SiLU and
-//! the gate product: about 33 launches per layer, 30 layers: about 1,000 per
-//! step, plus the embedding, the final norm, the output product, the row
-//! selection and the copy to the host. Batching amortises them over the
-//! sequences of a step; a CUDA graph of the step (not done yet) would replay
-//! them in one.
+//! size): 2 RMS norms; 4 quantised products, each a Q8_1 quantisation of
+//! its input and a product (8), with the query, key and value matrices
+//! stacked into one and the gate and up matrices into another (35
+//! launches per layer before, with 7 products); the copies of q, k and v
+//! out of the stacked output (3), 2 RoPE, 2 scatters into the pool, 2
+//! gathers and 2 transposes out of it, the query's permute, 2 attention
+//! products, the scale, the mask, a softmax, the output permute, 2
+//! residual adds, SiLU and the gate product: 32 launches per layer, 30
+//! layers: about 960 per step, plus the embedding, the final norm, the
+//! output product, the row selection and the copy to the host. Batching
+//! amortises them over the sequences of a step; a CUDA graph of the step
+//! (not done: candle allocates every intermediate afresh, which stream
+//! capture would have to record and replay) would replay them in one.
 
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -32,17 +37,77 @@ use crate::gguf::{GgufFile, ModelError};
 
 struct Layer {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    q_bias: Option<Tensor>,
-    k_bias: Option<Tensor>,
-    v_bias: Option<Tensor>,
+    /// Rows `q | k | v`: one product (one quantisation of the input, one
+    /// kernel) where three were.
+    qkv: Stacked,
+    /// Qwen2's attention biases, laid out as `qkv`'s rows.
+    qkv_bias: Option<Tensor>,
     o: QMatMul,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
+    /// Rows `gate | up`.
+    gate_up: Stacked,
     down: QMatMul,
+}
+
+/// Matrices applied to the same input, their outputs side by side
+/// (`[n, Σ rows]`). Stored as one matrix when they share a type and a width
+/// (GGUF quantises each row on its own, so their rows concatenate into a
+/// valid matrix of that type); otherwise as parts whose outputs are joined.
+enum Stacked {
+    One(QMatMul),
+    Parts(Vec<QMatMul>),
+}
+
+impl Stacked {
+    fn load(file: &mut GgufFile, names: &[String], device: &Device) -> Result<Stacked, ModelError> {
+        let parts = names
+            .iter()
+            .map(|n| file.tensor(n, &Device::Cpu))
+            .collect::<Result<Vec<QTensor>, _>>()?;
+        Stacked::new(parts, device).map_err(|e| load_err(file, e))
+    }
+
+    /// `parts` (on the CPU) stacked on `device`.
+    fn new(parts: Vec<QTensor>, device: &Device) -> candle_core::Result<Stacked> {
+        let dtype = parts[0].dtype();
+        let width = |t: &QTensor| t.shape().dims().last().copied();
+        let uniform = parts
+            .iter()
+            .all(|t| t.dtype() == dtype && t.shape().rank() == 2 && width(t) == width(&parts[0]));
+        if uniform {
+            let rows: usize = parts.iter().map(|t| t.shape().dims()[0]).sum();
+            let mut bytes = Vec::new();
+            for t in &parts {
+                bytes.extend_from_slice(&t.data()?);
+            }
+            let dims = vec![rows, width(&parts[0]).unwrap_or(0)];
+            let t = qtensor_from_ggml(dtype, &bytes, dims, device)?;
+            return Ok(Stacked::One(QMatMul::from_qtensor(t)?));
+        }
+        let on_device = |t: QTensor| -> candle_core::Result<QMatMul> {
+            let dims = t.shape().dims().to_vec();
+            QMatMul::from_qtensor(qtensor_from_ggml(t.dtype(), &t.data()?, dims, device)?)
+        };
+        Ok(Stacked::Parts(
+            parts
+                .into_iter()
+                .map(on_device)
+                .collect::<candle_core::Result<_>>()?,
+        ))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Stacked::One(m) => m.forward(x),
+            Stacked::Parts(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|m| m.forward(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 1)
+            }
+        }
+    }
 }
 
 /// The weights, as candle tensors.
@@ -79,6 +144,21 @@ impl TensorWeights {
                 Ok(None)
             }
         };
+        // All three biases or none (Qwen2 has them, llama not).
+        let biases =
+            |file: &mut GgufFile, names: [String; 3]| -> Result<Option<Tensor>, ModelError> {
+                let mut parts = Vec::new();
+                for n in &names {
+                    match optional(file, n)? {
+                        Some(b) => parts.push(b),
+                        None if parts.is_empty() => return Ok(None),
+                        None => return Err(load_err(file, format!("{n} is missing"))),
+                    }
+                }
+                Tensor::cat(&parts, 0)
+                    .map(Some)
+                    .map_err(|e| load_err(file, e))
+            };
         let embedding = Arc::new(file.tensor("token_embd.weight", device)?);
         let vocab_size = embedding.shape().dims()[0];
         let mut layers = Vec::with_capacity(config.n_layer);
@@ -86,16 +166,15 @@ impl TensorWeights {
             let p = |s: &str| format!("blk.{i}.{s}");
             layers.push(Layer {
                 attn_norm: dense(file, &p("attn_norm.weight"))?,
-                q: q(file, &p("attn_q.weight"))?,
-                k: q(file, &p("attn_k.weight"))?,
-                v: q(file, &p("attn_v.weight"))?,
-                q_bias: optional(file, &p("attn_q.bias"))?,
-                k_bias: optional(file, &p("attn_k.bias"))?,
-                v_bias: optional(file, &p("attn_v.bias"))?,
+                qkv: Stacked::load(
+                    file,
+                    &[p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight")],
+                    device,
+                )?,
+                qkv_bias: biases(file, [p("attn_q.bias"), p("attn_k.bias"), p("attn_v.bias")])?,
                 o: q(file, &p("attn_output.weight"))?,
                 ffn_norm: dense(file, &p("ffn_norm.weight"))?,
-                gate: q(file, &p("ffn_gate.weight"))?,
-                up: q(file, &p("ffn_up.weight"))?,
+                gate_up: Stacked::load(file, &[p("ffn_gate.weight"), p("ffn_up.weight")], device)?,
                 down: q(file, &p("ffn_down.weight"))?,
             });
         }
@@ -193,14 +272,17 @@ impl TensorWeights {
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps as f32)?;
-            let add_bias = |y: Tensor, bias: &Option<Tensor>| match bias {
-                Some(bias) => y.broadcast_add(bias),
-                None => Ok(y),
+            let qkv = layer.qkv.forward(&h)?;
+            let qkv = match &layer.qkv_bias {
+                Some(bias) => qkv.broadcast_add(bias)?,
+                None => qkv,
             };
-            let q = add_bias(layer.q.forward(&h)?, &layer.q_bias)?;
-            let k = add_bias(layer.k.forward(&h)?, &layer.k_bias)?;
-            let v = add_bias(layer.v.forward(&h)?, &layer.v_bias)?;
-            // Rows as RoPE's batch, one position each.
+            let q_width = c.n_head * hd;
+            let q = qkv.narrow(1, 0, q_width)?;
+            let k = qkv.narrow(1, q_width, kv_width)?;
+            let v = qkv.narrow(1, q_width + kv_width, kv_width)?;
+            // Rows as RoPE's batch, one position each (the reshape of a
+            // column range copies it out, contiguous, as RoPE wants).
             let q = q.reshape((n, c.n_head, 1, hd))?;
             let k = k.reshape((n, kvh, 1, hd))?;
             let (q, k) = if c.interleaved_rope {
@@ -247,8 +329,12 @@ impl TensorWeights {
                 .reshape((n, c.n_head * hd))?;
             x = (x + layer.o.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let ff = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            let gate_up = layer.gate_up.forward(&h)?;
+            let ffn = gate_up.dim(1)? / 2;
+            let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, ffn)?)?;
+            let ff = layer
+                .down
+                .forward(&(gate * gate_up.narrow(1, ffn, ffn)?)?)?;
             x = (x + ff)?;
         }
         // Only the rows whose logits are wanted go through the output
@@ -297,4 +383,67 @@ fn rope_tables(
     let pos = Tensor::arange(0u32, ctx as u32, device)?.to_dtype(DType::F32)?;
     let freqs = pos.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
     Ok((freqs.cos()?, freqs.sin()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    fn quantized(rows: usize, seed: f64, dtype: GgmlDType) -> QTensor {
+        let w = Tensor::arange(0f32, (rows * 64) as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.37, seed)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((rows, 64))
+            .unwrap();
+        QTensor::quantize(&w, dtype).unwrap()
+    }
+
+    /// Stacked rows give each part's product side by side, to the bit:
+    /// one matrix when the parts share a type, parts joined when not.
+    #[test]
+    fn a_stacked_product_equals_its_parts_side_by_side() {
+        let x = Tensor::arange(0f32, 3.0 * 64.0, &Device::Cpu)
+            .unwrap()
+            .affine(0.01, -0.9)
+            .unwrap()
+            .cos()
+            .unwrap()
+            .reshape((3, 64))
+            .unwrap();
+        for dtypes in [
+            [GgmlDType::Q4_1, GgmlDType::Q4_1, GgmlDType::Q4_1],
+            [GgmlDType::Q4_1, GgmlDType::Q4_1, GgmlDType::Q8_0],
+        ] {
+            let shapes = [(64, 0.1), (32, 0.2), (32, 0.3)];
+            let make = || {
+                shapes
+                    .iter()
+                    .zip(dtypes)
+                    .map(|(&(rows, seed), dtype)| quantized(rows, seed, dtype))
+                    .collect::<Vec<_>>()
+            };
+            let stacked = Stacked::new(make(), &Device::Cpu).unwrap();
+            let uniform = dtypes.iter().all(|&d| d == dtypes[0]);
+            assert_eq!(matches!(stacked, Stacked::One(_)), uniform, "{dtypes:?}");
+            let got = stacked.forward(&x).unwrap();
+            assert_eq!(got.dims(), &[3, 128]);
+            let want = Tensor::cat(
+                &make()
+                    .into_iter()
+                    .map(|t| QMatMul::from_qtensor(t).unwrap().forward(&x).unwrap())
+                    .collect::<Vec<_>>(),
+                1,
+            )
+            .unwrap();
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap(),
+                "{dtypes:?}"
+            );
+        }
+    }
 }
