@@ -5,12 +5,14 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::ingest_store::{IngestStore, SqliteStore};
+use crate::ingest_store::{
+    ExportQuery, ExportValue, IngestStore, PgOptions, StoreLocation, DAY_COLUMNS, RECORD_COLUMNS,
+};
 use crate::pki::make_crl;
 use crate::pki::{generate_ca, issue_node_cert, issue_server_cert, CertAndKey};
 use crate::quic::{server_endpoint, TransportOptions};
@@ -21,8 +23,16 @@ use crate::quic::{server_endpoint, TransportOptions};
 pub struct CoreConfig {
     /// UDP address to listen on (port 0: any; `serve` prints the bound one).
     pub listen: String,
-    /// The SQLite store.
-    pub store: PathBuf,
+    /// The store: a path or `sqlite:PATH` (the embedded default), or
+    /// `postgres://USER@HOST[:PORT]/DB` (the password from `PGPASSWORD`, a
+    /// password file or `~/.pgpass`; never in this file).
+    pub store: String,
+    /// PostgreSQL connection settings (pool size, password file).
+    #[serde(default)]
+    pub postgres: PgOptions,
+    /// The directory of the configuration file (relative paths start there).
+    #[serde(skip)]
+    pub base: PathBuf,
     /// Operator CA certificate (verifies nodes).
     pub ca_cert: PathBuf,
     /// Operator CA key (issues dev node certificates).
@@ -66,21 +76,44 @@ impl CoreConfig {
             )
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut c.store,
-            &mut c.ca_cert,
-            &mut c.ca_key,
-            &mut c.cert,
-            &mut c.key,
-        ]
-        .into_iter()
-        .chain(c.crl.as_mut())
+        c.base = base.to_path_buf();
+        c.location()?;
+        if let Some(p) = c
+            .postgres
+            .password_file
+            .as_mut()
+            .filter(|p| p.is_relative())
+        {
+            *p = base.join(&*p);
+        }
+        for p in [&mut c.ca_cert, &mut c.ca_key, &mut c.cert, &mut c.key]
+            .into_iter()
+            .chain(c.crl.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         Ok(c)
+    }
+
+    /// Where the store is.
+    pub fn location(&self) -> anyhow::Result<StoreLocation> {
+        Ok(StoreLocation::parse(&self.store, &self.base)?)
+    }
+
+    /// Opens the store (a PostgreSQL schema is migrated to this binary's).
+    pub fn open_store(&self) -> anyhow::Result<Arc<dyn IngestStore>> {
+        let location = self.location()?;
+        location.open(&self.postgres).with_context(|| {
+            format!(
+                "opening the store {}",
+                match &location {
+                    StoreLocation::Sqlite(p) => p.display().to_string(),
+                    StoreLocation::Postgres(_) => "(PostgreSQL)".into(),
+                }
+            )
+        })
     }
 
     fn ca(&self) -> anyhow::Result<CertAndKey> {
@@ -111,10 +144,27 @@ fn write_file(path: &Path, text: &str, private: bool) -> anyhow::Result<()> {
 
 /// `core-ingest init`: a dev operator CA, a server certificate for
 /// localhost, 127.0.0.1, ::1 and `sans`, and a configuration in `dir`.
-pub fn init(dir: &Path, listen: &str, sans: &[String]) -> anyhow::Result<serde_json::Value> {
+pub fn init(
+    dir: &Path,
+    listen: &str,
+    sans: &[String],
+    store: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
     listen
         .parse::<SocketAddr>()
         .with_context(|| format!("--listen {listen:?} is not host:port"))?;
+    let store = store.unwrap_or("core.sqlite");
+    if let StoreLocation::Postgres(url) = StoreLocation::parse(store, dir)? {
+        let has_password = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .is_some_and(|(auth, _)| auth.contains(':'));
+        anyhow::ensure!(
+            !has_password,
+            "--store: leave the password out of the URL (it would show in `ps` and in the \
+             configuration); give it in PGPASSWORD, ~/.pgpass or [postgres] password_file"
+        );
+    }
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     let config_path = dir.join("core-ingest.toml");
@@ -130,15 +180,19 @@ pub fn init(dir: &Path, listen: &str, sans: &[String]) -> anyhow::Result<serde_j
     write_file(&dir.join("crl.pem"), &make_crl(&ca, &[], 1)?, false)?;
     let text = format!(
         "# Written by `core-ingest init` (a dev operator CA: keep operator-ca.key secret).\n\
-         listen = {listen:?}\nstore = \"core.sqlite\"\nca_cert = \"operator-ca.crt\"\nca_key = \"operator-ca.key\"\n\
+         listen = {listen:?}\nstore = {store:?}\nca_cert = \"operator-ca.crt\"\nca_key = \"operator-ca.key\"\n\
          cert = \"core.crt\"\nkey = \"core.key\"\n\
          # Revoked node certificates (core-ingest revoke-node-cert).\ncrl = \"crl.pem\"\n\
          # idle_timeout_s = 30\n# segmentation_offload = true\n"
     );
     write_file(&config_path, &text, false)?;
-    CoreConfig::load(&config_path)?;
+    let config = CoreConfig::load(&config_path)?;
+    // The store is made now, so that a wrong URL or a missing right shows
+    // at init and not at the first upload.
+    let opened = config.open_store()?;
     Ok(serde_json::json!({
         "config": config_path,
+        "store": opened.describe(),
         "listen": listen,
         "ca_cert": dir.join("operator-ca.crt"),
         "server_names": names,
@@ -153,8 +207,10 @@ pub fn issue(config: &CoreConfig, node_id: &str, public_key_pem: &str) -> anyhow
 
 /// `core-ingest serve`: until SIGTERM or SIGINT. Prints one ready line.
 pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
-    let store =
-        SqliteStore::open(&config.store).with_context(|| format!("{}", config.store.display()))?;
+    let store = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || config.open_store()).await??
+    };
     let transport = TransportOptions {
         idle_timeout: std::time::Duration::from_secs(config.idle_timeout_s),
         segmentation_offload: config.segmentation_offload,
@@ -209,11 +265,11 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
     });
     let bound = endpoint.local_addr()?;
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let shared: crate::core_server::SharedStore = Arc::new(Mutex::new(store));
-    let server = tokio::spawn(crate::core_server::serve(endpoint, shared, rx));
+    let described = store.describe();
+    let server = tokio::spawn(crate::core_server::serve(endpoint, store, rx));
     println!(
         "{}",
-        serde_json::json!({ "event": "ready", "listen": bound.to_string() })
+        serde_json::json!({ "event": "ready", "listen": bound.to_string(), "store": described })
     );
     tracing::info!(%bound, "core-ingest serving");
     use tokio::signal::unix::{signal, SignalKind};
@@ -271,8 +327,7 @@ pub fn revoke_node_cert(config: &CoreConfig, cert_pem: &str) -> anyhow::Result<s
 /// `core-ingest audit`: per node, records, highest contiguous seq, gaps,
 /// quarantine, chain status.
 pub fn audit(config: &CoreConfig) -> anyhow::Result<serde_json::Value> {
-    let mut store = SqliteStore::open(&config.store)?;
-    Ok(serde_json::to_value(store.audit()?)?)
+    Ok(serde_json::to_value(config.open_store()?.audit()?)?)
 }
 
 /// Output format of `export`.
@@ -298,34 +353,6 @@ pub fn parse_time(s: &str) -> anyhow::Result<i64> {
     anyhow::bail!("{s:?} is not a time (RFC 3339, YYYY-MM-DD, or Unix seconds)")
 }
 
-const RECORD_COLUMNS: [&str; 15] = [
-    "node_id",
-    "seq",
-    "record_id",
-    "imsi",
-    "app_id",
-    "model_id",
-    "prompt_tokens",
-    "cached_prompt_tokens",
-    "completion_tokens",
-    "billed_tokens",
-    "outcome",
-    "failure_reason",
-    "start_time_unix_ms",
-    "end_time_unix_ms",
-    "package_ids",
-];
-
-const DAY_COLUMNS: [&str; 7] = [
-    "imsi",
-    "day",
-    "records",
-    "prompt_tokens",
-    "cached_prompt_tokens",
-    "completion_tokens",
-    "billed_tokens",
-];
-
 /// `core-ingest export`: records whose end time is in `[from, to)` (Unix
 /// ms), one row each, or with `by_imsi_day` the sums per IMSI per UTC day.
 pub fn export(
@@ -336,75 +363,52 @@ pub fn export(
     by_imsi_day: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<u64> {
-    let store = SqliteStore::open(&config.store)?;
-    let conn = store.connection();
-    let (from, to) = (from_ms.unwrap_or(i64::MIN), to_ms.unwrap_or(i64::MAX));
-    let (sql, columns): (String, &[&str]) = if by_imsi_day {
-        (
-            "SELECT imsi, strftime('%Y-%m-%d', end_time_unix_ms / 1000, 'unixepoch') AS day, COUNT(*),
-                    SUM(prompt_tokens), SUM(cached_prompt_tokens), SUM(completion_tokens), SUM(billed_tokens)
-             FROM records WHERE end_time_unix_ms >= ?1 AND end_time_unix_ms < ?2
-             GROUP BY imsi, day ORDER BY imsi, day"
-                .into(),
-            &DAY_COLUMNS,
-        )
-    } else {
-        (
-                "SELECT node_id, seq, lower(hex(record_id)), imsi, app_id, model_id, prompt_tokens,
-                        cached_prompt_tokens, completion_tokens, billed_tokens, outcome, failure_reason,
-                        start_time_unix_ms, end_time_unix_ms, package_ids
-                 FROM records WHERE end_time_unix_ms >= ?1 AND end_time_unix_ms < ?2
-                 ORDER BY node_id, seq"
-                .into(),
-            &RECORD_COLUMNS,
-        )
+    let store = config.open_store()?;
+    let query = ExportQuery {
+        from_ms: from_ms.unwrap_or(i64::MIN),
+        to_ms: to_ms.unwrap_or(i64::MAX),
+        by_imsi_day,
     };
-    let mut stmt = conn.prepare(&sql)?;
-    let mut rows = stmt.query(rusqlite::params![from, to])?;
-    let mut table: Vec<Vec<rusqlite::types::Value>> = Vec::new();
-    while let Some(row) = rows.next()? {
-        table.push(
-            (0..columns.len())
-                .map(|i| row.get(i))
-                .collect::<Result<_, _>>()?,
-        );
-    }
-    let n = table.len() as u64;
-    match format {
+    let columns: &[&str] = if by_imsi_day {
+        &DAY_COLUMNS
+    } else {
+        &RECORD_COLUMNS
+    };
+    // Each row is written as it comes from the store: nothing holds the
+    // export in memory.
+    let n = match format {
         Format::Csv => {
             let mut w = csv::Writer::from_writer(out);
             w.write_record(columns)?;
-            for values in &table {
+            let n = store.export(&query, &mut |values| {
                 w.write_record(values.iter().map(|v| match v {
-                    rusqlite::types::Value::Integer(i) => i.to_string(),
-                    rusqlite::types::Value::Text(t) => t.clone(),
-                    rusqlite::types::Value::Real(f) => f.to_string(),
-                    _ => String::new(),
-                }))?;
-            }
+                    ExportValue::Int(i) => i.to_string(),
+                    ExportValue::Text(t) => t.clone(),
+                    ExportValue::Null => String::new(),
+                }))
+                .map_err(std::io::Error::other)
+            })?;
             w.flush()?;
+            n
         }
-        Format::Jsonl => {
-            for values in table {
-                let obj: serde_json::Map<String, serde_json::Value> = columns
-                    .iter()
-                    .zip(values)
-                    .map(|(c, v)| {
-                        let j = match v {
-                            rusqlite::types::Value::Integer(i) => serde_json::json!(i),
-                            rusqlite::types::Value::Text(t) if *c == "package_ids" => {
-                                serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t))
-                            }
-                            rusqlite::types::Value::Text(t) => serde_json::json!(t),
-                            rusqlite::types::Value::Real(f) => serde_json::json!(f),
-                            _ => serde_json::Value::Null,
-                        };
-                        (c.to_string(), j)
-                    })
-                    .collect();
-                writeln!(out, "{}", serde_json::Value::Object(obj))?;
-            }
-        }
-    }
+        Format::Jsonl => store.export(&query, &mut |values| {
+            let obj: serde_json::Map<String, serde_json::Value> = columns
+                .iter()
+                .zip(values)
+                .map(|(c, v)| {
+                    let j = match v {
+                        ExportValue::Int(i) => serde_json::json!(i),
+                        ExportValue::Text(t) if *c == "package_ids" => {
+                            serde_json::from_str(t).unwrap_or(serde_json::json!(t))
+                        }
+                        ExportValue::Text(t) => serde_json::json!(t),
+                        ExportValue::Null => serde_json::Value::Null,
+                    };
+                    (c.to_string(), j)
+                })
+                .collect();
+            writeln!(out, "{}", serde_json::Value::Object(obj))
+        })?,
+    };
     Ok(n)
 }

@@ -3,16 +3,16 @@
 //! and for each batch runs the checks of [`crate::ingest`] and commits the
 //! verdicts (one transaction) before it acknowledges.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::ingest::{check_records, walk, CheckedBatch};
+use crate::ingest::{check_records, CheckedBatch};
 use crate::ingest_store::IngestStore;
 use crate::wire::pb::{core_frame, edge_frame, Ack, CoreFrame, CoreHello, EdgeFrame};
 use crate::wire::{encode_frame, FrameDecoder};
 
 /// The store, shared by every connection.
-pub type SharedStore = Arc<Mutex<dyn IngestStore + Send>>;
+pub type SharedStore = Arc<dyn IngestStore>;
 
 /// Reads the next whole frame from `recv`; `Ok(None)` at a clean end.
 pub async fn read_frame<M: prost::Message + Default>(
@@ -104,27 +104,17 @@ async fn stream(
         }) => {}
         other => return Err(format!("expected Hello, got {other:?}")),
     }
-    let (cursor, known) = {
-        let node = node_id.to_string();
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-            let cursor = s.cursor(&node)?;
-            let known = s.known_hashes(&node, &[cursor.contiguous_seq])?;
-            Ok::<_, crate::ingest_store::IngestStoreError>((cursor, known))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?
-    };
     // The hash of the stored record at the position (not a fork's): the
     // edge releases its log to here only when its own record matches.
-    let contiguous_hash = known
-        .get(&cursor.contiguous_seq)
-        .and_then(|h| h.first())
-        .filter(|_| cursor.contiguous_seq > 0)
-        .map(|h| h.to_vec())
-        .unwrap_or_default();
+    let (cursor, at) = {
+        let node = node_id.to_string();
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.position(&node))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    let contiguous_hash = at.map(|h| h.to_vec()).unwrap_or_default();
     let hello = CoreFrame {
         kind: Some(core_frame::Kind::Hello(CoreHello {
             contiguous_seq: cursor.contiguous_seq,
@@ -177,18 +167,11 @@ async fn commit_in_order(
         let checked = check.await.map_err(|e| e.to_string())?;
         let (node, store) = (node.clone(), store.clone());
         let ack = tokio::task::spawn_blocking(move || -> Result<Ack, String> {
-            // Walk and commit under one lock: the cursor cannot move between them.
-            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-            let cursor = s.cursor(&node).map_err(|e| e.to_string())?;
-            // The hashes to compare resends with, and the forks the next
-            // record may chain to.
-            let mut seqs = checked.seqs_at_or_below(cursor.contiguous_seq);
-            seqs.push(cursor.contiguous_seq);
-            let known = s
-                .known_hashes(&node, &seqs)
+            // Placed against the cursor and committed in one transaction,
+            // the cursor locked: no other instance moves it in between.
+            let v = store
+                .ingest(&node, checked, now_ms())
                 .map_err(|e| e.to_string())?;
-            let v = walk(&cursor, checked, &known);
-            s.commit(&v, now_ms()).map_err(|e| e.to_string())?;
             for q in &v.quarantined {
                 if q.fork {
                     tracing::error!(node = %node, seq = ?q.seq, "ALARM: fork: the node sent another record at a seq the core holds (kept aside; see core-ingest audit)");
@@ -233,7 +216,7 @@ pub struct LoopbackCore {
     /// The operator CA (issue node certificates with it).
     pub ca: crate::pki::CertAndKey,
     /// The store.
-    pub store: Arc<Mutex<crate::ingest_store::SqliteStore>>,
+    pub store: Arc<crate::ingest_store::SqliteStore>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -244,9 +227,9 @@ impl LoopbackCore {
         let ca = crate::pki::generate_ca("loopback operator CA").map_err(|e| e.to_string())?;
         let server = crate::pki::issue_server_cert(&ca, &["localhost".into(), "127.0.0.1".into()])
             .map_err(|e| e.to_string())?;
-        let store = Arc::new(Mutex::new(
+        let store = Arc::new(
             crate::ingest_store::SqliteStore::open(store_path).map_err(|e| e.to_string())?,
-        ));
+        );
         let endpoint = crate::quic::server_endpoint(
             "127.0.0.1:0".parse().expect("an address"),
             &server.cert_pem,

@@ -304,7 +304,7 @@ fn pipeline(p: &Phases) -> anyhow::Result<()> {
         enough_space(&[&root(), &target_dir(), &crate::cache_dir()])
     })?;
     p.run("main", "Debian tools (apt-get, then checked)", || {
-        debian::ensure(&[&debian::IMAGE, &debian::BOOT])
+        debian::ensure(&[&debian::IMAGE, &debian::BOOT, &debian::POSTGRES])
     })?;
     p.run("main", "cargo fmt --check", || {
         run(cargo().args(["fmt", "--all", "--check"]))

@@ -70,6 +70,20 @@ pub const BOOT: [Tool; 5] = [
     cmd("debugfs", "e2fsprogs"),
 ];
 
+/// PostgreSQL for the core's store tests (a throw-away server each test
+/// binary starts, `mec_sync::pg_server`): Debian's server package, whose
+/// binaries live in `/usr/lib/postgresql/15/bin` (bookworm's version).
+pub const POSTGRES: [Tool; 2] = [
+    Tool {
+        probe: Probe::File("/usr/lib/postgresql/15/bin/initdb"),
+        package: "postgresql-15",
+    },
+    Tool {
+        probe: Probe::File("/usr/lib/postgresql/15/bin/psql"),
+        package: "postgresql-client-15",
+    },
+];
+
 fn present(tool: &Tool) -> bool {
     match tool.probe {
         Probe::Command(name) => mec_image::build::which(name),

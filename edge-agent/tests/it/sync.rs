@@ -83,7 +83,7 @@ async fn records_reach_the_core_once_the_node_certificate_appears() {
 
     drop(agent);
     core_ingest.stop().await;
-    let audit = store.lock().unwrap().audit().unwrap();
+    let audit = store.audit().unwrap();
     assert_eq!(audit.len(), 1);
     assert_eq!(
         (
@@ -94,8 +94,6 @@ async fn records_reach_the_core_once_the_node_certificate_appears() {
         ("edge-sync", 3, "ok")
     );
     let billed: i64 = store
-        .lock()
-        .unwrap()
         .connection()
         .query_row("SELECT SUM(billed_tokens) FROM records", [], |r| r.get(0))
         .unwrap();
@@ -155,10 +153,9 @@ async fn an_edge_killed_mid_upload_resumes_and_nothing_is_doubled() {
     let cursor = || {
         core_ingest
             .store
-            .lock()
+            .position("bench-node")
             .unwrap()
-            .cursor("bench-node")
-            .unwrap()
+            .0
             .contiguous_seq
     };
     let mut first = upload().spawn().unwrap();
@@ -178,7 +175,7 @@ async fn an_edge_killed_mid_upload_resumes_and_nothing_is_doubled() {
     assert!(second.status.success());
     let report: Value = serde_json::from_slice(&second.stdout).unwrap();
     assert_eq!(report["acked_seq"], N, "{report}");
-    let audit = core_ingest.store.lock().unwrap().audit().unwrap();
+    let audit = core_ingest.store.audit().unwrap();
     assert_eq!(
         (audit[0].records, audit[0].contiguous_seq),
         (N, N),

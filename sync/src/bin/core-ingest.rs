@@ -29,6 +29,11 @@ enum Command {
         /// More names for the server certificate (DNS names or IPs).
         #[arg(long)]
         san: Vec<String>,
+        /// The store: a path or sqlite:PATH (default: core.sqlite in DIR),
+        /// or postgres://USER@HOST[:PORT]/DB (the password from PGPASSWORD,
+        /// ~/.pgpass or [postgres] password_file, never on the command line).
+        #[arg(long)]
+        store: Option<String>,
     },
     /// Receive records until SIGTERM.
     Serve {
@@ -89,11 +94,14 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { dir, listen, san } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&core_ingest::init(&dir, &listen, &san)?)?
-            );
+        Command::Init {
+            dir,
+            listen,
+            san,
+            store,
+        } => {
+            let made = core_ingest::init(&dir, &listen, &san, store.as_deref())?;
+            println!("{}", serde_json::to_string_pretty(&made)?);
         }
         Command::Serve { config } => {
             let config = CoreConfig::load(&config)?;

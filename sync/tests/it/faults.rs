@@ -237,7 +237,7 @@ impl Edge {
 async fn assert_core_holds_exactly(core: LoopbackCore, n: u64) {
     let store = core.store.clone();
     core.stop().await;
-    let audit = store.lock().unwrap().audit().unwrap();
+    let audit = store.audit().unwrap();
     assert_eq!(audit.len(), 1);
     let a = &audit[0];
     assert_eq!((a.records, a.contiguous_seq, a.quarantined), (n, n, 0));
@@ -361,7 +361,7 @@ async fn records_signed_by_another_nodes_key_are_quarantined_not_stored() {
     uploader.await.unwrap();
     let store = core.store.clone();
     core.stop().await;
-    let audit = store.lock().unwrap().audit().unwrap();
+    let audit = store.audit().unwrap();
     assert_eq!(
         (
             audit[0].records,
@@ -371,8 +371,6 @@ async fn records_signed_by_another_nodes_key_are_quarantined_not_stored() {
         (0, 20, 20)
     );
     let billed: Option<i64> = store
-        .lock()
-        .unwrap()
         .connection()
         .query_row("SELECT SUM(billed_tokens) FROM records", [], |r| r.get(0))
         .unwrap();

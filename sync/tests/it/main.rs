@@ -15,5 +15,6 @@ mod log_crash_states;
 mod log_faults;
 mod log_full;
 mod log_properties;
+mod store_suite;
 mod upload_e2e;
 mod upload_positions;

@@ -152,7 +152,7 @@ async fn records_reach_the_core_once_and_the_log_is_acknowledged() {
     up.await.unwrap();
     rogue_task.await.unwrap();
     core_ingest.stop().await;
-    let audit = store.lock().unwrap().audit().unwrap();
+    let audit = store.audit().unwrap();
     assert_eq!(audit.len(), 1, "{audit:?}");
     let a = &audit[0];
     assert_eq!(
@@ -274,16 +274,15 @@ async fn an_old_batch_again_changes_nothing_and_a_flipped_byte_is_quarantined() 
 
     let store = core.store.clone();
     core.stop().await;
-    let audit = store.lock().unwrap().audit().unwrap();
+    let audit = store.audit().unwrap();
     let a = &audit[0];
     assert_eq!(
         (a.records, a.contiguous_seq, a.quarantined, a.duplicates),
         (19, 20, 1, 14)
     );
     assert_eq!(a.chain, "ok");
-    let conn = store.lock().unwrap();
+    let conn = store.connection();
     let (seq, reason): (i64, String) = conn
-        .connection()
         .query_row("SELECT seq, reason FROM quarantine", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
@@ -291,7 +290,6 @@ async fn an_old_batch_again_changes_nothing_and_a_flipped_byte_is_quarantined() 
     assert_eq!(seq, 15);
     assert!(reason.contains("signature"), "{reason}");
     let stored_15: i64 = conn
-        .connection()
         .query_row("SELECT COUNT(*) FROM records WHERE seq = 15", [], |r| {
             r.get(0)
         })

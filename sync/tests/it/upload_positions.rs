@@ -93,7 +93,7 @@ async fn upload_until(log: &Arc<UsageLog>, core: &LoopbackCore, seq: u64) -> boo
 }
 
 fn audit(core: &LoopbackCore) -> NodeAudit {
-    core.store.lock().unwrap().audit().unwrap().remove(0)
+    core.store.audit().unwrap().remove(0)
 }
 
 fn copy_dir(from: &Path, to: &Path) {

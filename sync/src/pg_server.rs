@@ -1,0 +1,326 @@
+//! A throw-away PostgreSQL server for tests and benchmarks: `initdb` in a
+//! temporary directory, `postgres` listening on a Unix socket there only (no
+//! TCP port, no password: `trust` for the socket), stopped when dropped and
+//! killed with the process that started it (so a test binary that ends
+//! never leaves one behind).
+//!
+//! PostgreSQL refuses to run as root: as root, the server runs as the
+//! `postgres` user (the Debian package makes it), which owns the directory.
+//! The binaries are found in `$MEC_PG_BIN`, the newest
+//! `/usr/lib/postgresql/*/bin` (Debian's `postgresql` package; `cargo
+//! xtask test` installs it when missing), or on `PATH`.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running throw-away server.
+pub struct PgServer {
+    dir: PathBuf,
+    bin: PathBuf,
+    child: Child,
+    owner: Option<(u32, u32)>,
+}
+
+/// The superuser `initdb` makes.
+pub const SUPERUSER: &str = "mec";
+
+/// Where `initdb` and `postgres` are.
+pub fn bin_dir() -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os("MEC_PG_BIN") {
+        return Ok(PathBuf::from(d));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .find(|d| d.join("initdb").exists() && d.join("postgres").exists())
+        .ok_or_else(|| {
+            "PostgreSQL's initdb and postgres are not installed (apt-get install postgresql; \
+             `cargo xtask test` does), or set MEC_PG_BIN"
+                .to_string()
+        })
+}
+
+/// The uid and gid of `user`.
+fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(user).ok()?;
+    // SAFETY: getpwnam returns a pointer to static storage or null; it is
+    // read at once, on this thread.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, as checked.
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+impl PgServer {
+    /// Makes a cluster in a new temporary directory and starts it.
+    pub fn start() -> Result<PgServer, String> {
+        let bin = bin_dir()?;
+        // SAFETY: geteuid has no preconditions.
+        let owner = if unsafe { libc::geteuid() } == 0 {
+            Some(user_ids("postgres").ok_or(
+                "running as root, PostgreSQL needs the `postgres` user to run as \
+                 (apt-get install postgresql makes it)",
+            )?)
+        } else {
+            None
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("mec-pg-")
+            .tempdir()
+            .map_err(|e| format!("a directory for PostgreSQL: {e}"))?
+            .keep();
+        let as_owner = |cmd: &mut Command| {
+            if let Some((uid, gid)) = owner {
+                cmd.uid(uid).gid(gid);
+            }
+        };
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        }
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", SUPERUSER, "--auth=trust", "--no-sync", "-E", "UTF8"])
+            .args(["--locale=C"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_owner(&mut initdb);
+        let out = initdb
+            .output()
+            .map_err(|e| format!("{}: {e}", bin.join("initdb").display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        std::fs::File::create(dir.join("postgres.log"))
+            .map_err(|e| format!("the server log: {e}"))?;
+        if let Some((uid, gid)) = owner {
+            let _ = std::os::unix::fs::chown(dir.join("postgres.log"), Some(uid), Some(gid));
+        }
+        let child = Self::spawn(&bin, &dir, owner)?;
+        let mut server = PgServer {
+            dir,
+            bin,
+            child,
+            owner,
+        };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        loop {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .arg("-h")
+                .arg(&self.dir)
+                .args(["-U", SUPERUSER, "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "postgres exited ({status}): {}",
+                    std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+                ));
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err("postgres did not accept connections within 60 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The directory of its Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A store URL for database `db` as the superuser.
+    pub fn url(&self, db: &str) -> String {
+        let host: String = self
+            .dir
+            .to_string_lossy()
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                b => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("postgresql://{SUPERUSER}@{host}/{db}")
+    }
+
+    /// Creates database `db` (a fresh one for each test) and returns its URL.
+    pub fn create_database(&self, db: &str) -> Result<String, String> {
+        self.sql("postgres", &format!("CREATE DATABASE \"{db}\""))?;
+        Ok(self.url(db))
+    }
+
+    /// Runs `sql` in database `db` as the superuser (psql, so it works
+    /// outside any async runtime).
+    pub fn sql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let psql = Some(self.bin.join("psql"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("psql"));
+        let out = Command::new(psql)
+            .arg("-h")
+            .arg(&self.dir)
+            .args([
+                "-U",
+                SUPERUSER,
+                "-d",
+                db,
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .map_err(|e| format!("psql: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "psql: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Restarts the server at once, as a crash would (`pg_ctl restart -m
+    /// immediate`): connections break, nothing uncommitted survives.
+    pub fn restart_immediate(&mut self) -> Result<(), String> {
+        // SIGQUIT is PostgreSQL's immediate shutdown.
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let _ = self.child.wait();
+        let fresh = Self::spawn(&self.bin, &self.dir, self.owner)?;
+        self.child = fresh;
+        self.wait_ready()
+    }
+
+    /// Starts `postgres` on the cluster in `dir`, its output appended to
+    /// the log there, listening on a socket in `dir` only.
+    fn spawn(bin: &Path, dir: &Path, owner: Option<(u32, u32)>) -> Result<Child, String> {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("postgres.log"))
+            .map_err(|e| e.to_string())?;
+        let mut postgres = Command::new(bin.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(dir.join("data"))
+            .arg("-k")
+            .arg(dir)
+            .args(["-c", "listen_addresses=", "-c", "fsync=off"])
+            .args(["-c", "max_connections=200", "-c", "shared_buffers=64MB"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        if let Some((uid, gid)) = owner {
+            postgres.uid(uid).gid(gid);
+        }
+        // SAFETY: prctl is async-signal-safe; it runs in the child before
+        // exec (after the uid change, which would clear it).
+        unsafe {
+            postgres.pre_exec(|| {
+                // Dies with the thread that started it (see `shared`): no
+                // server outlives its test binary.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
+                Ok(())
+            });
+        }
+        postgres
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.join("postgres").display()))
+    }
+}
+
+/// One server for the whole process (a test binary's tests each make their
+/// own database on it). Started by a thread that lives as long as the
+/// process, since the server is killed when the thread that started it
+/// ends; directories left by servers of earlier processes are removed.
+pub fn shared() -> Result<&'static PgServer, String> {
+    static SERVER: std::sync::OnceLock<Result<PgServer, String>> = std::sync::OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            remove_stale_dirs();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("pg-keeper".into())
+                .spawn(move || {
+                    let _ = tx.send(PgServer::start());
+                    loop {
+                        std::thread::park();
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            rx.recv().map_err(|e| e.to_string())?
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A database of its own on the shared server, named after `name` and this
+/// process, and its URL.
+pub fn fresh_database(name: &str) -> Result<String, String> {
+    let db = format!("{name}_{}", std::process::id());
+    shared()?.create_database(&db)
+}
+
+/// Removes `mec-pg-*` directories whose server is no longer running.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with("mec-pg-") {
+            continue;
+        }
+        let pid: Option<i32> = std::fs::read_to_string(e.path().join("data/postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse().ok());
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

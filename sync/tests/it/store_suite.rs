@@ -1,0 +1,324 @@
+//! One suite, two stores: every test here runs on SQLite (the embedded
+//! default) and on PostgreSQL (a throw-away server of this test binary,
+//! `mec_sync::pg_server`, a database per test). A test `name` is
+//! `store_suite::name::sqlite` and `store_suite::name::postgres`.
+
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use mec_sync::ingest::check_records;
+use mec_sync::ingest_store::{
+    ExportQuery, ExportValue, IngestStore, IngestStoreError, PgOptions, PgStore, SqliteStore,
+};
+use mec_sync::record::{body_hash, encode_record, SignedRecord, UsageRecord, GENESIS_HASH};
+use mec_sync::wire::pb::Batch;
+use prost::Message;
+
+/// Where a test's store lives; `open` gives a new handle on it (a reopen,
+/// or a second core-ingest instance).
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Backend {
+    fn sqlite() -> Backend {
+        Backend::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres(test: &str) -> Backend {
+        Backend::Postgres(mec_sync::pg_server::fresh_database(test).unwrap())
+    }
+
+    fn open(&self) -> Arc<dyn IngestStore> {
+        match self {
+            Backend::Sqlite(dir) => {
+                Arc::new(SqliteStore::open(&dir.path().join("core.sqlite")).unwrap())
+            }
+            Backend::Postgres(url) => {
+                Arc::new(PgStore::connect(url, &PgOptions::default()).unwrap())
+            }
+        }
+    }
+}
+
+/// Each test once per store.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(super::Backend::sqlite());
+            }
+            #[test]
+            fn postgres() {
+                super::$name(super::Backend::postgres(stringify!($name)));
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    batches_commit_once_and_survive_reopening,
+    a_resend_of_a_record_kept_aside_is_kept_once,
+    a_fork_is_kept_aside_and_audited,
+    two_instances_racing_on_one_node_store_each_record_once,
+    exports_stream_records_and_daily_sums,
+);
+
+/// Records 1..=n of `node`, chained, signed with `k`; record `seq` ends at
+/// `end_ms(seq)`.
+fn chain(node: &str, k: &SigningKey, n: u64, end_ms: impl Fn(u64) -> i64) -> Vec<Vec<u8>> {
+    let mut prev = GENESIS_HASH;
+    (1..=n)
+        .map(|seq| {
+            let r = UsageRecord {
+                node_id: node.into(),
+                seq,
+                prev_hash: prev.to_vec(),
+                imsi: format!("00101000000000{}", seq % 3),
+                prompt_tokens: 7,
+                completion_tokens: seq,
+                billed_tokens: 7 + seq,
+                end_time_unix_ms: end_ms(seq),
+                start_time_unix_ms: end_ms(seq) - 100,
+                ..Default::default()
+            };
+            let body = encode_record(&r);
+            prev = body_hash(&body);
+            SignedRecord::sign(body, k).encode_to_vec()
+        })
+        .collect()
+}
+
+fn batch(records: &[Vec<u8>]) -> Batch {
+    Batch {
+        batch_id: 1,
+        records: records.to_vec(),
+        lost: vec![],
+    }
+}
+
+fn ingest(store: &dyn IngestStore, node: &str, k: &SigningKey, records: &[Vec<u8>]) {
+    let checked = check_records(node, &k.verifying_key(), batch(records));
+    store.ingest(node, checked, 0).unwrap();
+}
+
+/// 2026-11-30T12:00Z.
+const NOV_30: i64 = 1_796_040_000_000;
+const DAY: i64 = 86_400_000;
+
+fn batches_commit_once_and_survive_reopening(b: Backend) {
+    let k = SigningKey::from_bytes(&[3; 32]);
+    let recs = chain("edge-1", &k, 6, |_| NOV_30);
+    let s = b.open();
+    for part in [&recs[..4], &recs[2..6], &recs[..6]] {
+        ingest(&*s, "edge-1", &k, part);
+    }
+    drop(s);
+    let s = b.open();
+    let (cursor, at) = s.position("edge-1").unwrap();
+    assert_eq!(cursor.contiguous_seq, 6);
+    assert!(at.is_some(), "the hash of the record at the cursor");
+    let audit = s.audit().unwrap();
+    assert_eq!(audit.len(), 1);
+    let a = &audit[0];
+    assert_eq!((a.records, a.contiguous_seq, a.duplicates), (6, 6, 2 + 6));
+    assert_eq!(a.chain, "ok");
+    assert!(a.gaps.is_empty());
+    let (_, fresh) = s.position("never-seen").unwrap();
+    assert_eq!(fresh, None);
+}
+
+fn a_resend_of_a_record_kept_aside_is_kept_once(b: Backend) {
+    let k = SigningKey::from_bytes(&[4; 32]);
+    let s = b.open();
+    for _ in 0..5 {
+        ingest(&*s, "n1", &k, &[b"not a record".to_vec()]);
+    }
+    let audit = s.audit().unwrap();
+    assert_eq!(audit[0].quarantined, 1);
+    assert_eq!(audit[0].records, 0);
+}
+
+/// A box restored from a snapshot sends another record at a stored seq:
+/// both are kept (the other aside), the audit names the seq, and the
+/// records that chain to the fork are taken.
+fn a_fork_is_kept_aside_and_audited(b: Backend) {
+    let k = SigningKey::from_bytes(&[5; 32]);
+    let s = b.open();
+    let first = chain("edge-f", &k, 3, |_| NOV_30);
+    ingest(&*s, "edge-f", &k, &first);
+    // The same node, other bodies from seq 3 on (the snapshot's future).
+    let other = chain("edge-f", &k, 4, |_| NOV_30 + 1);
+    ingest(&*s, "edge-f", &k, &other[2..]);
+    let a = s.audit().unwrap().remove(0);
+    assert_eq!(a.forks, vec![3], "{a:?}");
+    assert_eq!(a.contiguous_seq, 4, "{a:?}");
+    assert_eq!(a.chain, "ok", "{a:?}");
+}
+
+/// Two handles on one store (two core-ingest instances) take the same
+/// node's batches at once, overlapping, from two threads: every record is
+/// stored once, the cursor is dense, the chain holds.
+fn two_instances_racing_on_one_node_store_each_record_once(b: Backend) {
+    let k = SigningKey::from_bytes(&[6; 32]);
+    let n = 120u64;
+    let recs = Arc::new(chain("edge-r", &k, n, |_| NOV_30));
+    let instances = [b.open(), b.open()];
+    std::thread::scope(|scope| {
+        for (i, store) in instances.iter().enumerate() {
+            let (recs, k) = (recs.clone(), k.clone());
+            scope.spawn(move || {
+                // Each sends every record, in batches of different sizes.
+                let size = if i == 0 { 7 } else { 11 };
+                let mut from = 0;
+                while from < recs.len() {
+                    let to = (from + size).min(recs.len());
+                    ingest(&**store, "edge-r", &k, &recs[from..to]);
+                    from = to;
+                }
+            });
+        }
+    });
+    let a = instances[0].audit().unwrap().remove(0);
+    assert_eq!(
+        (a.records, a.contiguous_seq, a.quarantined),
+        (n, n, 0),
+        "{a:?}"
+    );
+    assert_eq!(a.duplicates, n, "each record arrived twice");
+    assert_eq!(a.chain, "ok");
+}
+
+/// Export rows come in (node, seq) order with every column, and the daily
+/// sums per IMSI add up; a range selects by end time.
+fn exports_stream_records_and_daily_sums(b: Backend) {
+    let k = SigningKey::from_bytes(&[7; 32]);
+    let s = b.open();
+    // Two days: seqs 1..=4 on Nov 30, 5..=6 on Dec 1.
+    let recs = chain("edge-x", &k, 6, |seq| {
+        if seq <= 4 {
+            NOV_30
+        } else {
+            NOV_30 + DAY
+        }
+    });
+    ingest(&*s, "edge-x", &k, &recs);
+    let all = ExportQuery {
+        from_ms: i64::MIN,
+        to_ms: i64::MAX,
+        by_imsi_day: false,
+    };
+    let mut rows: Vec<Vec<ExportValue>> = Vec::new();
+    let n = s
+        .export(&all, &mut |v| {
+            rows.push(v.to_vec());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(n, 6);
+    let seqs: Vec<i64> = rows
+        .iter()
+        .map(|r| match r[1] {
+            ExportValue::Int(s) => s,
+            ref other => panic!("seq {other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(rows[0][0], ExportValue::Text("edge-x".into()));
+    assert_eq!(rows[0].len(), mec_sync::ingest_store::RECORD_COLUMNS.len());
+    let dec1 = ExportQuery {
+        from_ms: NOV_30 + DAY / 2,
+        to_ms: NOV_30 + 2 * DAY,
+        by_imsi_day: true,
+    };
+    let mut days: Vec<Vec<ExportValue>> = Vec::new();
+    s.export(&dec1, &mut |v| {
+        days.push(v.to_vec());
+        Ok(())
+    })
+    .unwrap();
+    // Seq 5 and 6 (IMSIs ...2 and ...0): one row each, billed 12 and 13.
+    assert_eq!(
+        days,
+        vec![
+            vec![
+                ExportValue::Text("001010000000000".into()),
+                ExportValue::Text("2026-12-01".into()),
+                ExportValue::Int(1),
+                ExportValue::Int(7),
+                ExportValue::Int(0),
+                ExportValue::Int(6),
+                ExportValue::Int(13),
+            ],
+            vec![
+                ExportValue::Text("001010000000002".into()),
+                ExportValue::Text("2026-12-01".into()),
+                ExportValue::Int(1),
+                ExportValue::Int(7),
+                ExportValue::Int(0),
+                ExportValue::Int(5),
+                ExportValue::Int(12),
+            ],
+        ]
+    );
+}
+
+/// A database whose schema is newer than this binary knows is refused at
+/// start, naming both versions; nothing is changed.
+#[test]
+fn postgres_refuses_a_newer_schema() {
+    let url = mec_sync::pg_server::fresh_database("newer_schema").unwrap();
+    drop(PgStore::connect(&url, &PgOptions::default()).unwrap());
+    let server = mec_sync::pg_server::shared().unwrap();
+    let db = format!("newer_schema_{}", std::process::id());
+    server
+        .sql(&db, "INSERT INTO schema_migrations (version) VALUES (99)")
+        .unwrap();
+    let e = PgStore::connect(&url, &PgOptions::default()).err().unwrap();
+    assert!(
+        matches!(e, IngestStoreError::NewerSchema { found: 99, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("version 99"), "{e}");
+}
+
+/// A database user without the right to create the tables gets an error
+/// that says which right is missing, not a bare SQL failure.
+#[test]
+fn postgres_names_a_missing_right() {
+    let server = mec_sync::pg_server::shared().unwrap();
+    let db = format!("no_rights_{}", std::process::id());
+    server.create_database(&db).unwrap();
+    server
+        .sql(
+            &db,
+            "CREATE ROLE reader LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+        )
+        .unwrap();
+    let url = server.url(&db).replacen("mec@", "reader@", 1);
+    let e = PgStore::connect(&url, &PgOptions::default()).err().unwrap();
+    assert!(matches!(e, IngestStoreError::Privilege { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("\"reader\"") && text.contains("permission denied"),
+        "{text}"
+    );
+}
+
+/// A database that cannot be reached is a clear error at start.
+#[test]
+fn postgres_unreachable_is_a_clear_error() {
+    let e = PgStore::connect(
+        "postgresql://mec@%2Fnonexistent%2Fsocket/none",
+        &PgOptions::default(),
+    )
+    .err()
+    .unwrap();
+    let text = e.to_string();
+    assert!(
+        text.contains("PostgreSQL") && text.contains("/nonexistent/socket"),
+        "{text}"
+    );
+}
