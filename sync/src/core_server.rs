@@ -208,41 +208,58 @@ pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// A core-ingest running in this process on a loopback port, with a fresh
-/// dev CA and its own store: for tests and demos of the upload.
-pub struct LoopbackCore {
+/// A core-ingest running in this process on a loopback port: for tests and
+/// demos of the upload. `start` makes a fresh dev CA and a SQLite store;
+/// `start_on` serves a store it is given (PostgreSQL, shared with other
+/// instances) under a CA it is given, as a second instance of one core.
+pub struct LoopbackCore<S: ?Sized = crate::ingest_store::SqliteStore> {
     /// Its UDP address.
     pub addr: std::net::SocketAddr,
     /// The operator CA (issue node certificates with it).
     pub ca: crate::pki::CertAndKey,
     /// The store.
-    pub store: Arc<crate::ingest_store::SqliteStore>,
+    pub store: Arc<S>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts serving `store` on a loopback port with a server certificate of `ca`.
+fn launch(
+    store: SharedStore,
+    ca: &crate::pki::CertAndKey,
+) -> Result<
+    (
+        std::net::SocketAddr,
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
+    let server = crate::pki::issue_server_cert(ca, &["localhost".into(), "127.0.0.1".into()])
+        .map_err(|e| e.to_string())?;
+    let endpoint = crate::quic::server_endpoint(
+        "127.0.0.1:0".parse().expect("an address"),
+        &server.cert_pem,
+        &server.key_pem,
+        &ca.cert_pem,
+        "",
+        &crate::quic::TransportOptions::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(serve(endpoint, store, rx));
+    Ok((addr, stop, task))
 }
 
 impl LoopbackCore {
     /// Starts one with its store at `store_path` (inside a tokio runtime).
     pub fn start(store_path: &std::path::Path) -> Result<LoopbackCore, String> {
         let ca = crate::pki::generate_ca("loopback operator CA").map_err(|e| e.to_string())?;
-        let server = crate::pki::issue_server_cert(&ca, &["localhost".into(), "127.0.0.1".into()])
-            .map_err(|e| e.to_string())?;
         let store = Arc::new(
             crate::ingest_store::SqliteStore::open(store_path).map_err(|e| e.to_string())?,
         );
-        let endpoint = crate::quic::server_endpoint(
-            "127.0.0.1:0".parse().expect("an address"),
-            &server.cert_pem,
-            &server.key_pem,
-            &ca.cert_pem,
-            "",
-            &crate::quic::TransportOptions::default(),
-        )
-        .map_err(|e| e.to_string())?;
-        let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let shared: SharedStore = store.clone();
-        let task = tokio::spawn(serve(endpoint, shared, rx));
+        let (addr, stop, task) = launch(store.clone(), &ca)?;
         Ok(LoopbackCore {
             addr,
             ca,
@@ -251,7 +268,26 @@ impl LoopbackCore {
             task,
         })
     }
+}
 
+impl LoopbackCore<dyn IngestStore> {
+    /// Starts one serving `store` under `ca` (inside a tokio runtime).
+    pub fn start_on(
+        store: SharedStore,
+        ca: crate::pki::CertAndKey,
+    ) -> Result<LoopbackCore<dyn IngestStore>, String> {
+        let (addr, stop, task) = launch(store.clone(), &ca)?;
+        Ok(LoopbackCore {
+            addr,
+            ca,
+            store,
+            stop,
+            task,
+        })
+    }
+}
+
+impl<S: ?Sized> LoopbackCore<S> {
     /// Stops it and waits until it has.
     pub async fn stop(self) {
         let _ = self.stop.send(true);

@@ -15,12 +15,68 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running throw-away server.
+/// A running throw-away server. Its `postgres` process belongs to a thread
+/// of its own (the keeper), which starts, restarts and stops it: the
+/// process is started with "die with the thread that started me"
+/// (`PR_SET_PDEATHSIG`), and the keeper lives as long as this handle.
 pub struct PgServer {
     dir: PathBuf,
     bin: PathBuf,
-    child: Child,
+    keeper: Option<std::thread::JoinHandle<()>>,
+    orders: std::sync::Mutex<std::sync::mpsc::Sender<Order>>,
+}
+
+/// What the keeper is told.
+enum Order {
+    /// Kill it as a crash would and start it again; reply when started.
+    RestartImmediate(std::sync::mpsc::Sender<Result<(), String>>),
+    /// Kill it and end.
+    Stop,
+}
+
+/// The keeper: owns the `postgres` process.
+fn keep(
+    bin: PathBuf,
+    dir: PathBuf,
     owner: Option<(u32, u32)>,
+    started: std::sync::mpsc::Sender<Result<(), String>>,
+    orders: std::sync::mpsc::Receiver<Order>,
+) {
+    let kill = |child: &mut Child| {
+        // SIGQUIT is PostgreSQL's immediate shutdown.
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
+        let _ = child.wait();
+    };
+    let mut child = match PgServer::spawn(&bin, &dir, owner) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    let _ = started.send(Ok(()));
+    loop {
+        match orders.recv() {
+            Ok(Order::RestartImmediate(reply)) => {
+                kill(&mut child);
+                match PgServer::spawn(&bin, &dir, owner) {
+                    Ok(c) => {
+                        child = c;
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            Ok(Order::Stop) | Err(_) => {
+                kill(&mut child);
+                return;
+            }
+        }
+    }
 }
 
 /// The superuser `initdb` makes.
@@ -117,18 +173,29 @@ impl PgServer {
         if let Some((uid, gid)) = owner {
             let _ = std::os::unix::fs::chown(dir.join("postgres.log"), Some(uid), Some(gid));
         }
-        let child = Self::spawn(&bin, &dir, owner)?;
-        let mut server = PgServer {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (orders, orders_rx) = std::sync::mpsc::channel();
+        let keeper = {
+            let (bin, dir) = (bin.clone(), dir.clone());
+            std::thread::Builder::new()
+                .name("pg-keeper".into())
+                .spawn(move || keep(bin, dir, owner, started_tx, orders_rx))
+                .map_err(|e| e.to_string())?
+        };
+        started_rx
+            .recv()
+            .map_err(|_| "the keeper thread ended".to_string())??;
+        let server = PgServer {
             dir,
             bin,
-            child,
-            owner,
+            keeper: Some(keeper),
+            orders: std::sync::Mutex::new(orders),
         };
         server.wait_ready()?;
         Ok(server)
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
+    fn wait_ready(&self) -> Result<(), String> {
         let started = Instant::now();
         loop {
             let ready = Command::new(self.bin.join("pg_isready"))
@@ -140,14 +207,11 @@ impl PgServer {
             if ready {
                 return Ok(());
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if started.elapsed() > Duration::from_secs(60) {
                 return Err(format!(
-                    "postgres exited ({status}): {}",
+                    "postgres did not accept connections within 60 s: {}",
                     std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
                 ));
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                return Err("postgres did not accept connections within 60 s".into());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -216,13 +280,16 @@ impl PgServer {
 
     /// Restarts the server at once, as a crash would (`pg_ctl restart -m
     /// immediate`): connections break, nothing uncommitted survives.
-    pub fn restart_immediate(&mut self) -> Result<(), String> {
-        // SIGQUIT is PostgreSQL's immediate shutdown.
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
-        let _ = self.child.wait();
-        let fresh = Self::spawn(&self.bin, &self.dir, self.owner)?;
-        self.child = fresh;
+    pub fn restart_immediate(&self) -> Result<(), String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.orders
+            .lock()
+            .map_err(|e| e.to_string())?
+            .send(Order::RestartImmediate(reply))
+            .map_err(|_| "the keeper thread ended".to_string())?;
+        answer
+            .recv()
+            .map_err(|_| "the keeper thread ended".to_string())??;
         self.wait_ready()
     }
 
@@ -264,25 +331,14 @@ impl PgServer {
 }
 
 /// One server for the whole process (a test binary's tests each make their
-/// own database on it). Started by a thread that lives as long as the
-/// process, since the server is killed when the thread that started it
-/// ends; directories left by servers of earlier processes are removed.
+/// own database on it), never dropped: it ends with the process. Directories
+/// left by servers of earlier processes are removed first.
 pub fn shared() -> Result<&'static PgServer, String> {
     static SERVER: std::sync::OnceLock<Result<PgServer, String>> = std::sync::OnceLock::new();
     SERVER
         .get_or_init(|| {
             remove_stale_dirs();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::Builder::new()
-                .name("pg-keeper".into())
-                .spawn(move || {
-                    let _ = tx.send(PgServer::start());
-                    loop {
-                        std::thread::park();
-                    }
-                })
-                .map_err(|e| e.to_string())?;
-            rx.recv().map_err(|e| e.to_string())?
+            PgServer::start()
         })
         .as_ref()
         .map_err(Clone::clone)
@@ -318,9 +374,12 @@ fn remove_stale_dirs() {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
-        let _ = self.child.wait();
+        if let Ok(orders) = self.orders.lock() {
+            let _ = orders.send(Order::Stop);
+        }
+        if let Some(k) = self.keeper.take() {
+            let _ = k.join();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
