@@ -476,6 +476,9 @@ pub struct BenchArgs {
     /// Also measure the disk's raw fdatasync rate and the signing rate, in the same run.
     #[arg(long)]
     pub baselines: bool,
+    /// The node id the records carry (a node certificate for it uploads them).
+    #[arg(long, default_value = "bench-node")]
+    pub node_id: String,
 }
 
 /// Arguments of `edge-agent log upload`.

@@ -133,7 +133,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let log = Arc::new(UsageLog::open(
         &log_dir(&args.dir),
         identity.clone(),
-        "bench-node",
+        &args.node_id,
         options,
     )?);
     let backend = log.backend();

@@ -52,6 +52,11 @@ pub struct CoreConfig {
     /// writes it; `serve` reads it again within seconds of a change.
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// TCP address of the HTTP endpoint for load balancers and monitoring
+    /// (`/healthz`, `/readyz`: the store answers and its schema is current,
+    /// `/metrics`); none when absent.
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 fn default_idle() -> u64 {
@@ -75,6 +80,10 @@ impl CoreConfig {
                 c.listen
             )
         })?;
+        if let Some(http) = &c.http {
+            http.parse::<SocketAddr>()
+                .with_context(|| format!("{}: http: {http:?} is not host:port", path.display()))?;
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         c.base = base.to_path_buf();
         c.location()?;
@@ -183,7 +192,8 @@ pub fn init(
          listen = {listen:?}\nstore = {store:?}\nca_cert = \"operator-ca.crt\"\nca_key = \"operator-ca.key\"\n\
          cert = \"core.crt\"\nkey = \"core.key\"\n\
          # Revoked node certificates (core-ingest revoke-node-cert).\ncrl = \"crl.pem\"\n\
-         # idle_timeout_s = 30\n# segmentation_offload = true\n"
+         # idle_timeout_s = 30\n# segmentation_offload = true\n\
+         # /healthz, /readyz and /metrics for load balancers and monitoring:\n# http = \"127.0.0.1:7444\"\n"
     );
     write_file(&config_path, &text, false)?;
     let config = CoreConfig::load(&config_path)?;
@@ -266,10 +276,43 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
     let bound = endpoint.local_addr()?;
     let (stop, rx) = tokio::sync::watch::channel(false);
     let described = store.describe();
-    let server = tokio::spawn(crate::core_server::serve(endpoint, store, rx));
+    let stats = Arc::new(crate::core_server::CoreStats::default());
+    let http = match &config.http {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("http: binding {addr}"))?;
+            let bound = listener.local_addr()?;
+            let app = http_routes(store.clone(), stats.clone());
+            let mut stop = rx.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        crate::core_server::stopped(&mut stop).await;
+                    })
+                    .await;
+            });
+            Some(bound.to_string())
+        }
+        None => None,
+    };
+    // New months' partitions are made ahead, daily (PostgreSQL; SQLite has none).
+    let partitions = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)).await;
+                let store = store.clone();
+                let _ = tokio::task::spawn_blocking(move || store.maintain()).await;
+            }
+        })
+    };
+    let server = tokio::spawn(crate::core_server::serve_counted(
+        endpoint, store, stats, rx,
+    ));
     println!(
         "{}",
-        serde_json::json!({ "event": "ready", "listen": bound.to_string(), "store": described })
+        serde_json::json!({ "event": "ready", "listen": bound.to_string(), "http": http, "store": described })
     );
     tracing::info!(%bound, "core-ingest serving");
     use tokio::signal::unix::{signal, SignalKind};
@@ -282,11 +325,116 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     let _ = stop.send(true);
+    partitions.abort();
     if let Some(w) = crl_watch {
         w.abort();
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
     Ok(())
+}
+
+/// `/healthz` (the process answers), `/readyz` (the store answers and its
+/// schema is current: 503 with the reason otherwise) and `/metrics`.
+fn http_routes(
+    store: crate::core_server::SharedStore,
+    stats: Arc<crate::core_server::CoreStats>,
+) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let ready = {
+        let store = store.clone();
+        move || {
+            let store = store.clone();
+            async move {
+                let described = store.describe();
+                let checked = tokio::task::spawn_blocking(move || store.check_ready()).await;
+                match checked {
+                    Ok(Ok(())) => (
+                        StatusCode::OK,
+                        axum::Json(serde_json::json!({ "ready": true, "store": described })),
+                    ),
+                    Ok(Err(e)) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(
+                            serde_json::json!({ "ready": false, "store": described, "reason": e.to_string() }),
+                        ),
+                    ),
+                    Err(e) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(
+                            serde_json::json!({ "ready": false, "store": described, "reason": e.to_string() }),
+                        ),
+                    ),
+                }
+            }
+        }
+    };
+    let metrics = move || {
+        let stats = stats.clone();
+        async move {
+            (
+                [(
+                    "content-type",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                render_metrics(&stats),
+            )
+        }
+    };
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+}
+
+/// The instance's counters in the OpenMetrics text format.
+fn render_metrics(stats: &crate::core_server::CoreStats) -> String {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("core_ingest");
+    let counter =
+        |registry: &mut prometheus_client::registry::Registry, name: &str, help: &str, v: u64| {
+            let c: Counter = Counter::default();
+            c.inc_by(v);
+            registry.register(name, help, c);
+        };
+    counter(
+        &mut registry,
+        "batches",
+        "Batches committed and acknowledged",
+        stats.batches.load(Relaxed),
+    );
+    counter(
+        &mut registry,
+        "records_stored",
+        "Records stored",
+        stats.records.load(Relaxed),
+    );
+    counter(
+        &mut registry,
+        "duplicates",
+        "Records received again (already stored)",
+        stats.duplicates.load(Relaxed),
+    );
+    counter(
+        &mut registry,
+        "quarantined",
+        "Records kept aside (faults and forks)",
+        stats.quarantined.load(Relaxed),
+    );
+    counter(
+        &mut registry,
+        "store_errors",
+        "Batches the store failed to commit (not acknowledged)",
+        stats.store_errors.load(Relaxed),
+    );
+    let open: Gauge = Gauge::default();
+    open.set(stats.connections.load(Relaxed));
+    registry.register("connections", "Node connections open", open);
+    let mut text = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+    text
 }
 
 /// `core-ingest revoke-node-cert`: adds the certificate's serial number to

@@ -14,6 +14,23 @@ use crate::wire::{encode_frame, FrameDecoder};
 /// The store, shared by every connection.
 pub type SharedStore = Arc<dyn IngestStore>;
 
+/// What an instance has done since it started (its `/metrics`).
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    /// Batches committed and acknowledged.
+    pub batches: std::sync::atomic::AtomicU64,
+    /// Records stored.
+    pub records: std::sync::atomic::AtomicU64,
+    /// Records received again (already stored).
+    pub duplicates: std::sync::atomic::AtomicU64,
+    /// Records kept aside (faults and forks).
+    pub quarantined: std::sync::atomic::AtomicU64,
+    /// Batches the store failed to commit (not acknowledged: resent).
+    pub store_errors: std::sync::atomic::AtomicU64,
+    /// Node connections open now.
+    pub connections: std::sync::atomic::AtomicI64,
+}
+
 /// Reads the next whole frame from `recv`; `Ok(None)` at a clean end.
 pub async fn read_frame<M: prost::Message + Default>(
     recv: &mut quinn::RecvStream,
@@ -43,17 +60,30 @@ fn now_ms() -> i64 {
 pub async fn serve(
     endpoint: quinn::Endpoint,
     store: SharedStore,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    serve_counted(endpoint, store, Arc::default(), shutdown).await
+}
+
+/// [`serve`], counting into `stats`.
+pub async fn serve_counted(
+    endpoint: quinn::Endpoint,
+    store: SharedStore,
+    stats: Arc<CoreStats>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    use std::sync::atomic::Ordering::Relaxed;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let store = store.clone();
+                let (store, stats) = (store.clone(), stats.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection(incoming, store).await {
+                    stats.connections.fetch_add(1, Relaxed);
+                    if let Err(e) = connection(incoming, store, stats.clone()).await {
                         tracing::warn!(error = %e, "connection ended");
                     }
+                    stats.connections.fetch_sub(1, Relaxed);
                 });
             }
             _ = stopped(&mut shutdown) => break,
@@ -63,7 +93,11 @@ pub async fn serve(
     endpoint.wait_idle().await;
 }
 
-async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<(), String> {
+async fn connection(
+    incoming: quinn::Incoming,
+    store: SharedStore,
+    stats: Arc<CoreStats>,
+) -> Result<(), String> {
     let remote = incoming.remote_address();
     // The handshake verifies the client certificate against the operator CA.
     let conn = incoming
@@ -80,9 +114,9 @@ async fn connection(incoming: quinn::Incoming, store: SharedStore) -> Result<(),
             | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
             Err(e) => return Err(format!("{node_id}: {e}")),
         };
-        let (store, node_id) = (store.clone(), node_id.clone());
+        let (store, node_id, stats) = (store.clone(), node_id.clone(), stats.clone());
         tokio::spawn(async move {
-            if let Err(e) = stream(&node_id, key, send, recv, store).await {
+            if let Err(e) = stream(&node_id, key, send, recv, store, stats).await {
                 tracing::warn!(node = %node_id, error = %e, "upload stream ended");
             }
         });
@@ -95,6 +129,7 @@ async fn stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     store: SharedStore,
+    stats: Arc<CoreStats>,
 ) -> Result<(), String> {
     let mut dec = FrameDecoder::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -129,7 +164,13 @@ async fn stream(
     // against the cursor, commits and acknowledges, in arrival order. So
     // batch n+1 is being verified while batch n commits.
     let (checks_tx, checks_rx) = tokio::sync::mpsc::channel(CHECKS_AHEAD);
-    let committer = tokio::spawn(commit_in_order(node_id.to_string(), send, checks_rx, store));
+    let committer = tokio::spawn(commit_in_order(
+        node_id.to_string(),
+        send,
+        checks_rx,
+        store,
+        stats,
+    ));
     let read_result = async {
         while let Some(frame) = read_frame::<EdgeFrame>(&mut recv, &mut dec, &mut buf).await? {
             let Some(edge_frame::Kind::Batch(batch)) = frame.kind else {
@@ -162,16 +203,24 @@ async fn commit_in_order(
     mut send: quinn::SendStream,
     mut checks: tokio::sync::mpsc::Receiver<PendingCheck>,
     store: SharedStore,
+    stats: Arc<CoreStats>,
 ) -> Result<(), String> {
+    use std::sync::atomic::Ordering::Relaxed;
     while let Some((batch_id, check)) = checks.recv().await {
         let checked = check.await.map_err(|e| e.to_string())?;
-        let (node, store) = (node.clone(), store.clone());
+        let (node, store, stats) = (node.clone(), store.clone(), stats.clone());
         let ack = tokio::task::spawn_blocking(move || -> Result<Ack, String> {
             // Placed against the cursor and committed in one transaction,
             // the cursor locked: no other instance moves it in between.
-            let v = store
-                .ingest(&node, checked, now_ms())
-                .map_err(|e| e.to_string())?;
+            let v = store.ingest(&node, checked, now_ms()).map_err(|e| {
+                stats.store_errors.fetch_add(1, Relaxed);
+                tracing::error!(node = %node, error = %e, "batch not committed (not acknowledged: the node sends it again)");
+                e.to_string()
+            })?;
+            stats.batches.fetch_add(1, Relaxed);
+            stats.records.fetch_add(v.accepted.len() as u64, Relaxed);
+            stats.duplicates.fetch_add(v.duplicates, Relaxed);
+            stats.quarantined.fetch_add(v.quarantined.len() as u64, Relaxed);
             for q in &v.quarantined {
                 if q.fork {
                     tracing::error!(node = %node, seq = ?q.seq, "ALARM: fork: the node sent another record at a seq the core holds (kept aside; see core-ingest audit)");

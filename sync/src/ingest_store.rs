@@ -188,6 +188,11 @@ pub trait IngestStore: Send + Sync {
     fn export(&self, query: &ExportQuery, sink: &mut RowSink<'_>) -> Result<u64, IngestStoreError>;
     /// Whether the store answers and its schema is current (`/readyz`).
     fn check_ready(&self) -> Result<(), IngestStoreError>;
+    /// Periodic upkeep (`serve` runs it daily): PostgreSQL makes the coming
+    /// months' partitions. Nothing by default.
+    fn maintain(&self) -> Result<(), IngestStoreError> {
+        Ok(())
+    }
 }
 
 /// Where the store is, as the configuration's `store` names it.

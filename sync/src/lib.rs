@@ -22,7 +22,6 @@ pub mod fuzz_targets;
 pub mod ingest;
 pub mod ingest_store;
 pub mod log;
-pub mod pg_server;
 pub mod quic;
 pub mod record;
 pub mod upload;

@@ -142,9 +142,18 @@ enum Task {
     /// Benchmark the upload: drain a backlog of N signed records from an edge
     /// log into core-ingest over loopback QUIC; writes bench/out/sync-bench.json.
     BenchSync {
-        /// Records in the backlog.
-        #[arg(long, default_value_t = 1_000_000)]
+        /// Records per scenario, spread over its nodes.
+        #[arg(long, default_value_t = 100_000)]
         records: u64,
+        /// Concurrent nodes: one scenario each.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+        nodes: Vec<usize>,
+        /// core-ingest instances on one store (more than 1: PostgreSQL only).
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        instances: Vec<usize>,
+        /// Stores: sqlite, postgres (a throw-away server).
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+        stores: Vec<String>,
     },
     /// Benchmark the whole MEC API path with max_tokens = 1 at C concurrent
     /// clients, metering on and off, in alternating rounds; writes
@@ -286,7 +295,17 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { quick } => bench_all(quick),
         Task::BenchReport => bench_report(),
         Task::BenchLog { records } => bench_log(records),
-        Task::BenchSync { records } => bench_sync::bench(records),
+        Task::BenchSync {
+            records,
+            nodes,
+            instances,
+            stores,
+        } => bench_sync::bench(&bench_sync::Options {
+            records,
+            nodes,
+            instances,
+            stores,
+        }),
         Task::BenchApi {
             rounds,
             clients,
@@ -307,12 +326,12 @@ fn bench_all(quick: bool) -> anyhow::Result<()> {
         bench_inference::bench(1, 2, 64)?;
         bench_log(50_000)?;
         bench_api::bench(1, 64, 5)?;
-        bench_sync::bench(200_000)?;
+        bench_sync::bench(&bench_sync::Options::all(50_000))?;
     } else {
         bench_inference::bench(3, 2, 128)?;
         bench_log(200_000)?;
         bench_api::bench(3, 64, 10)?;
-        bench_sync::bench(1_000_000)?;
+        bench_sync::bench(&bench_sync::Options::all(200_000))?;
     }
     bench_report()
 }

@@ -924,6 +924,10 @@ impl IngestStore for PgStore {
         })
     }
 
+    fn maintain(&self) -> Result<(), IngestStoreError> {
+        self.ensure_partitions(now_ms()).map(|_| ())
+    }
+
     fn check_ready(&self) -> Result<(), IngestStoreError> {
         match self.schema_version()? {
             v if v == SCHEMA_VERSION => Ok(()),

@@ -405,3 +405,103 @@ async fn a_revoked_node_certificate_is_refused_by_the_running_core() {
     unsafe { libc::kill(core.id() as i32, libc::SIGTERM) };
     assert!(core.wait().unwrap().success());
 }
+
+/// An operator puts the core on PostgreSQL: `init --store postgres://...`
+/// makes the schema at once, `serve` names the store and answers `/readyz`
+/// for the load balancer (200 while the database answers, 503 with the
+/// reason when it is gone), `audit` reads it; a password on the command
+/// line is refused (it would show in `ps`).
+#[test]
+fn an_operator_runs_the_core_on_postgresql_and_the_load_balancer_sees_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = mec_pg_throwaway::PgServer::start().unwrap();
+    let url = server.create_database("cli").unwrap();
+    let refused = core_ingest(&[
+        "init",
+        "--dir",
+        dir.path().join("x").to_str().unwrap(),
+        "--store",
+        "postgres://mec:s3cret@localhost/db",
+    ]);
+    assert!(!refused.status.success());
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        text.contains("password") && !text.contains("s3cret"),
+        "{text}"
+    );
+
+    let out = core_ingest(&[
+        "init",
+        "--dir",
+        dir.path().join("core").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        init["store"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgres://mec@"),
+        "{init}"
+    );
+    let tables = server
+        .sql("cli", "SELECT max(version) FROM schema_migrations")
+        .unwrap();
+    assert_eq!(tables, "1", "init made the schema");
+    let config = init["config"].as_str().unwrap();
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text.push_str("http = \"127.0.0.1:0\"\n");
+    std::fs::write(config, text).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_core-ingest"))
+        .args(["serve", "--config", config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let ready: Value = serde_json::from_str(&line).unwrap();
+    assert!(ready["store"].as_str().unwrap().contains("/cli"), "{ready}");
+    let http = ready["http"].as_str().unwrap().to_string();
+    let get = |path: &str| -> (u16, String) {
+        let url = format!("http://{http}{path}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let r = reqwest::get(&url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    let (status, body) = get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("core_ingest_records_stored_total 0"),
+        "{body}"
+    );
+    // The database goes away: not ready, and why.
+    drop(server);
+    let (status, body) = get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("\"ready\":false") && body.contains("PostgreSQL"),
+        "{body}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

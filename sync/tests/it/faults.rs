@@ -415,7 +415,7 @@ async fn audit_of(store: Arc<dyn IngestStore>) -> Vec<mec_sync::ingest_store::No
 async fn the_database_restarting_mid_upload_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Arc::new(
-        tokio::task::spawn_blocking(mec_sync::pg_server::PgServer::start)
+        tokio::task::spawn_blocking(mec_pg_throwaway::PgServer::start)
             .await
             .unwrap()
             .unwrap(),
@@ -469,7 +469,7 @@ async fn fifty_nodes_moving_between_two_instances_on_one_postgres_store_each_rec
     const NODES: usize = 50;
     const RECORDS: u64 = 100;
     let dir = tempfile::tempdir().unwrap();
-    let url = tokio::task::spawn_blocking(|| mec_sync::pg_server::fresh_database("instances"))
+    let url = tokio::task::spawn_blocking(|| mec_pg_throwaway::fresh_database("instances"))
         .await
         .unwrap()
         .unwrap();

@@ -27,7 +27,7 @@ impl Backend {
     }
 
     fn postgres(test: &str) -> Backend {
-        Backend::Postgres(mec_sync::pg_server::fresh_database(test).unwrap())
+        Backend::Postgres(mec_pg_throwaway::fresh_database(test).unwrap())
     }
 
     fn open(&self) -> Arc<dyn IngestStore> {
@@ -269,9 +269,9 @@ fn exports_stream_records_and_daily_sums(b: Backend) {
 /// start, naming both versions; nothing is changed.
 #[test]
 fn postgres_refuses_a_newer_schema() {
-    let url = mec_sync::pg_server::fresh_database("newer_schema").unwrap();
+    let url = mec_pg_throwaway::fresh_database("newer_schema").unwrap();
     drop(PgStore::connect(&url, &PgOptions::default()).unwrap());
-    let server = mec_sync::pg_server::shared().unwrap();
+    let server = mec_pg_throwaway::shared().unwrap();
     let db = format!("newer_schema_{}", std::process::id());
     server
         .sql(&db, "INSERT INTO schema_migrations (version) VALUES (99)")
@@ -288,7 +288,7 @@ fn postgres_refuses_a_newer_schema() {
 /// that says which right is missing, not a bare SQL failure.
 #[test]
 fn postgres_names_a_missing_right() {
-    let server = mec_sync::pg_server::shared().unwrap();
+    let server = mec_pg_throwaway::shared().unwrap();
     let db = format!("no_rights_{}", std::process::id());
     server.create_database(&db).unwrap();
     server

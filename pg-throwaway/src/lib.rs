@@ -1,4 +1,5 @@
-//! A throw-away PostgreSQL server for tests and benchmarks: `initdb` in a
+//! A throw-away PostgreSQL server for tests and benchmarks (the core's
+//! PostgreSQL store, `mec_sync::ingest_store::PgStore`): `initdb` in a
 //! temporary directory, `postgres` listening on a Unix socket there only (no
 //! TCP port, no password: `trust` for the socket), stopped when dropped and
 //! killed with the process that started it (so a test binary that ends
