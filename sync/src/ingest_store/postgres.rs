@@ -511,18 +511,24 @@ impl PgStore {
     ) -> Result<NodeCursor, IngestStoreError> {
         // The row first (a new node's cursor is the genesis), then the lock:
         // a second instance waits here until the first commits.
-        tx.execute(
-            "INSERT INTO nodes (node_id, contiguous_seq, last_hash, first_seen_ms, last_seen_ms)
-             VALUES ($1, 0, $2, $3, $3) ON CONFLICT (node_id) DO NOTHING",
-            &[&node_id, &GENESIS_HASH.as_slice(), &now_ms],
-        )
-        .await
-        .map_err(|e| self.err(e))?;
-        let row = tx
-            .query_one(
-                "SELECT contiguous_seq, last_hash FROM nodes WHERE node_id = $1 FOR UPDATE",
-                &[&node_id],
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO nodes (node_id, contiguous_seq, last_hash, first_seen_ms, last_seen_ms)
+                 VALUES ($1, 0, $2, $3, $3) ON CONFLICT (node_id) DO NOTHING",
             )
+            .await
+            .map_err(|e| self.err(e))?;
+        tx.execute(&insert, &[&node_id, &GENESIS_HASH.as_slice(), &now_ms])
+            .await
+            .map_err(|e| self.err(e))?;
+        let lock = tx
+            .prepare_cached(
+                "SELECT contiguous_seq, last_hash FROM nodes WHERE node_id = $1 FOR UPDATE",
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let row = tx
+            .query_one(&lock, &[&node_id])
             .await
             .map_err(|e| self.err(e))?;
         let hash: Option<Vec<u8>> = row.get(1);
@@ -546,17 +552,23 @@ impl PgStore {
                 .collect()
         };
         let stored = client
-            .query(
+            .prepare_cached(
                 "SELECT seq, hash FROM record_keys WHERE node_id = $1 AND seq = ANY($2)",
-                &[&node_id, &seqs],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let stored = client
+            .query(&stored, &[&node_id, &seqs])
+            .await
+            .map_err(|e| self.err(e))?;
+        let forks = client
+            .prepare_cached(
+                "SELECT seq, signed FROM quarantine WHERE node_id = $1 AND seq = ANY($2) AND kind = 'fork' ORDER BY id",
             )
             .await
             .map_err(|e| self.err(e))?;
         let forks = client
-            .query(
-                "SELECT seq, signed FROM quarantine WHERE node_id = $1 AND seq = ANY($2) AND kind = 'fork' ORDER BY id",
-                &[&node_id, &seqs],
-            )
+            .query(&forks, &[&node_id, &seqs])
             .await
             .map_err(|e| self.err(e))?;
         Ok(known_from(pairs(stored), pairs(forks)))
@@ -605,11 +617,17 @@ impl PgStore {
                 .await
                 .map_err(|e| self.err(e))? as i64;
         }
+        let update = tx
+            .prepare_cached(
+                "UPDATE nodes SET contiguous_seq = GREATEST(contiguous_seq, $2),
+                     last_hash = CASE WHEN $2 >= contiguous_seq THEN $3 ELSE last_hash END,
+                     duplicates = duplicates + $4, quarantined = quarantined + $5, last_seen_ms = $6
+                 WHERE node_id = $1",
+            )
+            .await
+            .map_err(|e| self.err(e))?;
         tx.execute(
-            "UPDATE nodes SET contiguous_seq = GREATEST(contiguous_seq, $2),
-                 last_hash = CASE WHEN $2 >= contiguous_seq THEN $3 ELSE last_hash END,
-                 duplicates = duplicates + $4, quarantined = quarantined + $5, last_seen_ms = $6
-             WHERE node_id = $1",
+            &update,
             &[
                 &node,
                 &seq_i64(v.cursor.contiguous_seq)?,
@@ -650,13 +668,16 @@ impl PgStore {
         let hashes = bytes(&|x| x.hash.to_vec());
         let prev = bytes(&|x| x.record.prev_hash.clone());
         let ends = col(&|x| x.record.end_time_unix_ms);
-        let inserted: Vec<i64> = tx
-            .query(
+        let keys = tx
+            .prepare_cached(
                 "INSERT INTO record_keys (node_id, seq, prev_hash, hash, end_time_unix_ms)
                  SELECT $1::text, * FROM unnest($2::bigint[], $3::bytea[], $4::bytea[], $5::bigint[])
                  ON CONFLICT DO NOTHING RETURNING seq",
-                &[&node, &seqs, &prev, &hashes, &ends],
             )
+            .await
+            .map_err(|e| self.err(e))?;
+        let inserted: Vec<i64> = tx
+            .query(&keys, &[&node, &seqs, &prev, &hashes, &ends])
             .await
             .map_err(|e| self.err(e))?
             .iter()
@@ -716,7 +737,8 @@ impl PgStore {
             &now_ms,
             &inserted,
         ];
-        tx.execute(
+        let insert = tx
+            .prepare_cached(
             "INSERT INTO records (node_id, seq, record_id, schema_version, key_id, imsi, app_id,
                  model_id, prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens,
                  billed_tokens, package_ids, debits, outcome, failure_reason, start_time_unix_ms,
@@ -733,10 +755,12 @@ impl PgStore {
                       start_time_unix_ms, end_time_unix_ms, clock_sync, duration_us, ttft_us,
                       offline, prev_hash, hash, signed)
              WHERE r.seq = ANY($28::bigint[])",
-            &params,
-        )
-        .await
-        .map_err(|e| self.err(e))?;
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        tx.execute(&insert, &params)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
