@@ -96,8 +96,8 @@ pub fn agent_unit() -> String {
          # (edge-agent.path starts it when the file appears).\n\
          [Unit]\n\
          Description=MEC edge agent (OpenAI-compatible MEC API, token metering, usage log)\n\
-         After=network-online.target local-fs.target\n\
-         Wants=network-online.target\n\
+         After=network-online.target local-fs.target efi.mount\n\
+         Wants=network-online.target efi.mount\n\
          ConditionPathExists={DATA_DIR}/site.toml\n\
          # Five failed starts in two minutes and it stays down (the boot's\n\
          # health check sees that at once).\n\
@@ -168,7 +168,10 @@ pub fn provision_unit() -> String {
     format!(
         "[Unit]\n\
          Description=MEC edge box: serial provisioning listener on {PROVISION_TTY}\n\
-         After=local-fs.target dev-{PROVISION_TTY}.device\n\
+         # The slots it reports live on the ESP, which fstab mounts `nofail`\n\
+         # (local-fs.target does not wait for it): wait here.\n\
+         After=local-fs.target efi.mount dev-{PROVISION_TTY}.device\n\
+         Wants=efi.mount\n\
          BindsTo=dev-{PROVISION_TTY}.device\n\
          \n\
          [Service]\n\
@@ -263,7 +266,8 @@ pub fn update_media_unit() -> String {
         "[Unit]\n\
          Description=MEC edge box: update from the USB disk /dev/%I\n\
          BindsTo=dev-%i.device\n\
-         After=dev-%i.device local-fs.target\n\
+         After=dev-%i.device local-fs.target efi.mount\n\
+         Wants=efi.mount\n\
          \n\
          [Service]\n\
          Type=oneshot\n\
@@ -303,6 +307,8 @@ pub fn update_service_unit() -> String {
     format!(
         "[Unit]\n\
          Description=MEC edge box: update service (one request)\n\
+         After=efi.mount\n\
+         Wants=efi.mount\n\
          \n\
          [Service]\n\
          ExecStart=/usr/bin/edge-agent update serve-stdio --config {AGENT_CONFIG}\n\
@@ -444,6 +450,27 @@ mod tests {
         assert!(u.contains("ConditionPathExists=/var/lib/edge/site.toml"));
         assert!(u.contains("Type=notify"));
         assert!(u.contains("User=edge-agent"));
+        // Whatever reads or writes the slots waits for the ESP, which
+        // fstab mounts `nofail` (local-fs.target does not wait for it).
+        for unit in [
+            &u,
+            &provision_unit(),
+            &update_service_unit(),
+            &update_media_unit(),
+        ] {
+            assert!(
+                unit.contains("After=") && unit.contains("efi.mount"),
+                "{unit}"
+            );
+            assert!(
+                unit.contains("Wants=efi.mount")
+                    || unit.contains("efi.mount\nWants=")
+                    || unit
+                        .lines()
+                        .any(|l| l.starts_with("Wants=") && l.contains("efi.mount")),
+                "{unit}"
+            );
+        }
         // Every line a key, a section, a comment or blank: nothing glued.
         for unit in [u, provision_unit()] {
             for line in unit.lines() {
