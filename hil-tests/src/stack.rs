@@ -32,12 +32,20 @@ pub struct Core {
 impl Core {
     /// `core-ingest init --dir DIR --listen ADDR [--san NAME]...`.
     pub fn init(dir: &Path, listen: SocketAddr, sans: &[String]) -> Core {
+        Core::init_on(dir, listen, sans, None)
+    }
+
+    /// [`Core::init`] with `--store STORE` (a PostgreSQL URL) when given.
+    pub fn init_on(dir: &Path, listen: SocketAddr, sans: &[String], store: Option<&str>) -> Core {
         let mut cmd = Command::new(bin("core-ingest"));
         cmd.args(["init", "--dir"])
             .arg(dir)
             .args(["--listen", &listen.to_string()]);
         for s in sans {
             cmd.args(["--san", s]);
+        }
+        if let Some(store) = store {
+            cmd.args(["--store", store]);
         }
         let v = run_json_ok(&mut cmd);
         Core {

@@ -104,8 +104,29 @@ const SCRIPT: [(f64, Fault); 5] = [
     (0.70, Fault::Cut(Duration::from_secs(35))),
 ];
 
+/// The two runs of the story (one per store) take turns: each is the
+/// machine's whole load.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn from_a_provisioned_box_to_the_bill_under_faults() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    box_to_bill(None).await;
+}
+
+/// The same story with the core on PostgreSQL (a throw-away server): the
+/// core's SIGKILL leaves the database running, and the bill must match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn from_a_provisioned_box_to_the_bill_under_faults_on_postgresql() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let url = tokio::task::spawn_blocking(|| mec_pg_throwaway::fresh_database("e2e"))
+        .await
+        .unwrap()
+        .unwrap();
+    box_to_bill(Some(url)).await;
+}
+
+async fn box_to_bill(store: Option<String>) {
     let mode = Mode::from_env().unwrap_or_else(|e| panic!("{e}"));
     println!("{}", mode.describe());
     let tmp = tempfile::tempdir().unwrap();
@@ -132,7 +153,7 @@ async fn from_a_provisioned_box_to_the_bill_under_faults() {
             )
         }
     };
-    let mut core = Core::init(&tmp.path().join("core"), core_addr, &sans);
+    let mut core = Core::init_on(&tmp.path().join("core"), core_addr, &sans, store.as_deref());
     core.start();
     let relay = UdpRelay::start(relay_listen, core_addr).await.unwrap();
 
