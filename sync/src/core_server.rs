@@ -268,14 +268,18 @@ pub struct LoopbackCore<S: ?Sized = crate::ingest_store::SqliteStore> {
     pub ca: crate::pki::CertAndKey,
     /// The store.
     pub store: Arc<S>,
+    /// What it has done (its `/metrics`).
+    pub stats: Arc<CoreStats>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts serving `store` on a loopback port with a server certificate of `ca`.
+/// Starts serving `store` on a loopback port with a server certificate of
+/// `ca`, counting into `stats`.
 fn launch(
     store: SharedStore,
     ca: &crate::pki::CertAndKey,
+    stats: Arc<CoreStats>,
 ) -> Result<
     (
         std::net::SocketAddr,
@@ -297,7 +301,7 @@ fn launch(
     .map_err(|e| e.to_string())?;
     let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(serve(endpoint, store, rx));
+    let task = tokio::spawn(serve_counted(endpoint, store, stats, rx));
     Ok((addr, stop, task))
 }
 
@@ -308,11 +312,13 @@ impl LoopbackCore {
         let store = Arc::new(
             crate::ingest_store::SqliteStore::open(store_path).map_err(|e| e.to_string())?,
         );
-        let (addr, stop, task) = launch(store.clone(), &ca)?;
+        let stats = Arc::new(CoreStats::default());
+        let (addr, stop, task) = launch(store.clone(), &ca, stats.clone())?;
         Ok(LoopbackCore {
             addr,
             ca,
             store,
+            stats,
             stop,
             task,
         })
@@ -325,11 +331,13 @@ impl LoopbackCore<dyn IngestStore> {
         store: SharedStore,
         ca: crate::pki::CertAndKey,
     ) -> Result<LoopbackCore<dyn IngestStore>, String> {
-        let (addr, stop, task) = launch(store.clone(), &ca)?;
+        let stats = Arc::new(CoreStats::default());
+        let (addr, stop, task) = launch(store.clone(), &ca, stats.clone())?;
         Ok(LoopbackCore {
             addr,
             ca,
             store,
+            stats,
             stop,
             task,
         })

@@ -545,3 +545,72 @@ async fn fifty_nodes_moving_between_two_instances_on_one_postgres_store_each_rec
     }
     eprintln!("{moves} moves, {reconnects} connections in all");
 }
+
+/// A pool of one connection that no batch waits for (`pool_wait_s = 0`)
+/// while 12 nodes upload at once: most batches find the pool busy, their
+/// streams end unacknowledged, the nodes back off and send them again, and
+/// in the end every record is stored once. The store's errors are counted,
+/// never silent.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exhausted_connection_pool_delays_batches_and_loses_none() {
+    const NODES: usize = 12;
+    const RECORDS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let url = tokio::task::spawn_blocking(|| mec_pg_throwaway::fresh_database("pool"))
+        .await
+        .unwrap()
+        .unwrap();
+    let store = tokio::task::spawn_blocking(move || {
+        PgStore::connect(
+            &url,
+            &PgOptions {
+                pool_size: 1,
+                pool_wait_s: 0,
+                password_file: None,
+            },
+        )
+    })
+    .await
+    .unwrap()
+    .map(|s| Arc::new(s) as Arc<dyn IngestStore>)
+    .unwrap();
+    let ca = generate_ca("pool test CA").unwrap();
+    let core = LoopbackCore::start_on(store, ca.clone()).unwrap();
+    let edges: Vec<Edge> = (0..NODES)
+        .map(|i| {
+            Edge::start_as(
+                &dir.path().join(format!("n{i}")),
+                &format!("edge-p{i:02}"),
+                &ca,
+                core.addr,
+            )
+        })
+        .collect();
+    for e in &edges {
+        e.append(RECORDS).await;
+    }
+    for e in &edges {
+        e.acked(RECORDS, 120).await;
+    }
+    let reconnects: u64 = edges.iter().map(|e| e.status().connections).sum();
+    for e in edges {
+        e.stop().await;
+    }
+    let refused = core
+        .stats
+        .store_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let store = core.store.clone();
+    core.stop().await;
+    let audit = audit_of(store).await;
+    assert_eq!(audit.len(), NODES);
+    for n in &audit {
+        assert_eq!(
+            (n.records, n.contiguous_seq, n.quarantined),
+            (RECORDS, RECORDS, 0),
+            "{n:?}"
+        );
+        assert_eq!(n.chain, "ok");
+    }
+    eprintln!("{refused} batches found the pool busy; {reconnects} connections in all");
+}
