@@ -11,7 +11,8 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::ingest_store::{
-    ExportQuery, ExportValue, IngestStore, PgOptions, StoreLocation, DAY_COLUMNS, RECORD_COLUMNS,
+    ExportQuery, ExportValue, IngestStore, KeptAside, PgOptions, StoreLocation, DAY_COLUMNS,
+    RECORD_COLUMNS,
 };
 use crate::pki::make_crl;
 use crate::pki::{generate_ca, issue_node_cert, issue_server_cert, CertAndKey};
@@ -476,6 +477,209 @@ pub fn revoke_node_cert(config: &CoreConfig, cert_pem: &str) -> anyhow::Result<s
 /// quarantine, chain status.
 pub fn audit(config: &CoreConfig) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::to_value(config.open_store()?.audit()?)?)
+}
+
+/// `core-ingest copy-store`: copies every node of `from` into `to` (an
+/// empty store: SQLite into PostgreSQL when an operator moves the core) and
+/// verifies the copy.
+///
+/// The copy does not trust the source: each node's records go into `to`
+/// through [`IngestStore::ingest`], in batches as they were received (their
+/// receive times kept), so every signature is checked again with the
+/// node's keys, every body hash recomputed and every link of the chain
+/// walked, as if the node were uploading them. Declared gaps travel as the
+/// lost ranges they were; records kept aside are copied as kept. Then the
+/// two audits must agree node by node (records, cursor, gaps, forks, kept
+/// aside) and every chain in `to` must be whole. The counts of duplicates
+/// received are history and start again at 0.
+pub fn copy_store(
+    from: &dyn IngestStore,
+    to: &dyn IngestStore,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::wire::pb::{Batch, LossReason, LostRange};
+    let t0 = std::time::Instant::now();
+    anyhow::ensure!(
+        to.is_empty()?,
+        "{} already holds nodes: copy into an empty store",
+        to.describe()
+    );
+    let source = from.audit()?;
+    let (mut records, mut kept) = (0u64, 0u64);
+    for node in &source {
+        let id = node.node_id.as_str();
+        let keys: Vec<ed25519_dalek::VerifyingKey> = from
+            .node_keys(id)?
+            .iter()
+            .filter_map(|k| ed25519_dalek::VerifyingKey::from_bytes(k).ok())
+            .collect();
+        anyhow::ensure!(
+            !keys.is_empty() || node.records == 0,
+            "node {id}: no public key is stored for it (its records reached a core older than \
+             this one), so their signatures cannot be checked again; nothing was copied of it"
+        );
+        let lost: Vec<LostRange> = node
+            .gaps
+            .iter()
+            .map(|&(first, last)| (first, last, LossReason::EdgeSalvaged))
+            .chain(
+                node.lost_by_core
+                    .iter()
+                    .map(|&(f, l)| (f, l, LossReason::CoreLost)),
+            )
+            .map(|(first, last, reason)| LostRange {
+                first,
+                last,
+                reason: reason as i32,
+            })
+            .collect();
+        // Records kept aside for a fault at a seq took their place in the
+        // walk (the cursor moved past them): they ride again with the
+        // records around them and are kept aside again. A fork is sent
+        // right after the record it forks from is stored (the records
+        // after it may chain to it). Records without a seq are copied as
+        // they are.
+        let aside = from.kept_aside(id)?;
+        let (with_seq, as_kept): (Vec<_>, Vec<_>) =
+            aside.into_iter().partition(|a| a.seq.is_some());
+        let (mut forks, mut faults): (Vec<_>, Vec<_>) = with_seq.into_iter().partition(|a| a.fork);
+        faults.sort_by_key(|a| a.seq);
+        forks.sort_by_key(|a| a.seq);
+        let mut faults = faults.into_iter().peekable();
+        let mut forks = forks.into_iter().peekable();
+        let mut after = 0u64;
+        loop {
+            let page = from.records_after(id, after, 1000)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            // A batch: records received together, signed with one key.
+            let mut start = 0;
+            while start < page.len() {
+                let key_of = |r: &crate::ingest_store::StoredRecord| {
+                    crate::record::SignedRecord::from_bytes(&r.signed)
+                        .ok()
+                        .and_then(|s| keys.iter().position(|k| s.verify(k).is_ok()))
+                };
+                let key = key_of(&page[start]).with_context(|| {
+                    format!(
+                        "node {id}, seq {}: the stored record's signature verifies with none of \
+                         the node's keys",
+                        page[start].seq
+                    )
+                })?;
+                let fork_at = forks.peek().and_then(|f| f.seq);
+                let mut end = start + 1;
+                while end < page.len()
+                    && page[end].received_ms == page[start].received_ms
+                    && key_of(&page[end]) == Some(key)
+                    && fork_at.is_none_or(|f| page[end - 1].seq < f)
+                {
+                    end += 1;
+                }
+                let mut signed: Vec<Vec<u8>> =
+                    page[start..end].iter().map(|r| r.signed.clone()).collect();
+                let mut riding = 0;
+                while let Some(f) = faults.next_if(|f| f.seq <= Some(page[end - 1].seq)) {
+                    signed.push(f.signed);
+                    riding += 1;
+                }
+                let batch = Batch {
+                    batch_id: 0,
+                    records: signed,
+                    lost: lost.clone(),
+                };
+                let checked = crate::ingest::check_records(id, &keys[key], batch);
+                let v = to.ingest(id, checked, page[start].received_ms)?;
+                anyhow::ensure!(
+                    v.accepted.len() == end - start
+                        && v.quarantined.len() == riding
+                        && v.deferred == 0
+                        && v.duplicates == 0,
+                    "node {id}: records {}..={} did not pass the checks again: {:?}",
+                    page[start].seq,
+                    page[end - 1].seq,
+                    v.quarantined
+                        .iter()
+                        .map(|q| (q.seq, &q.reason))
+                        .collect::<Vec<_>>()
+                );
+                records += v.accepted.len() as u64;
+                kept += riding as u64;
+                while let Some(f) = forks.next_if(|f| f.seq <= Some(page[end - 1].seq)) {
+                    let batch = Batch {
+                        batch_id: 0,
+                        records: vec![f.signed.clone()],
+                        lost: vec![],
+                    };
+                    let v = to.ingest(
+                        id,
+                        crate::ingest::check_records(id, &keys[key], batch),
+                        f.received_ms,
+                    )?;
+                    anyhow::ensure!(
+                        v.forks == 1 && v.quarantined.len() == 1,
+                        "node {id}: the fork at seq {:?} is not one again: {v:?}",
+                        f.seq
+                    );
+                    kept += 1;
+                }
+                start = end;
+            }
+        }
+        // Faults and lost ranges after the last stored record move the
+        // cursor too.
+        let (cursor, _) = to.position(id)?;
+        let trailing: Vec<KeptAside> = faults.collect();
+        if cursor.contiguous_seq < node.contiguous_seq || !trailing.is_empty() {
+            let key = keys.first().copied().unwrap_or_else(|| {
+                // A node that sent only faults: no key was kept; the
+                // faults fail their checks with any key.
+                ed25519_dalek::SigningKey::from_bytes(&[0; 32]).verifying_key()
+            });
+            let batch = Batch {
+                batch_id: 0,
+                records: trailing.iter().map(|f| f.signed.clone()).collect(),
+                lost: lost.clone(),
+            };
+            let received = trailing.first().map_or(0, |f| f.received_ms);
+            let v = to.ingest(id, crate::ingest::check_records(id, &key, batch), received)?;
+            kept += v.quarantined.len() as u64;
+        }
+        kept += as_kept.len() as u64;
+        to.restore_kept_aside(id, &as_kept)?;
+    }
+    // The verification: the copy's audit is the source's, and whole.
+    let copy = to.audit()?;
+    anyhow::ensure!(
+        copy.len() == source.len(),
+        "the copy holds {} nodes, the source {}",
+        copy.len(),
+        source.len()
+    );
+    for (s, c) in source.iter().zip(&copy) {
+        let same = s.node_id == c.node_id
+            && s.records == c.records
+            && s.contiguous_seq == c.contiguous_seq
+            && s.gaps == c.gaps
+            && s.lost_by_core == c.lost_by_core
+            && s.forks == c.forks
+            && s.quarantined == c.quarantined
+            && c.chain == s.chain;
+        anyhow::ensure!(
+            same,
+            "node {}: the copy differs:\n source {s:?}\n copy   {c:?}",
+            s.node_id
+        );
+    }
+    Ok(serde_json::json!({
+        "from": from.describe(),
+        "to": to.describe(),
+        "nodes": copy.len(),
+        "records": records,
+        "kept_aside": kept,
+        "signatures_checked": records,
+        "verified": true,
+        "seconds": t0.elapsed().as_secs_f64(),
+    }))
 }
 
 /// Output format of `export`.

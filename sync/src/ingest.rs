@@ -173,6 +173,9 @@ struct CheckedRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckedBatch {
     node_id: String,
+    /// The key the signatures were checked with (the store keeps a node's
+    /// keys, so that a copy of the store can check them again).
+    key: [u8; 32],
     /// Readable records, in seq order.
     records: Vec<CheckedRecord>,
     /// Records that could not be read at all.
@@ -181,6 +184,11 @@ pub struct CheckedBatch {
 }
 
 impl CheckedBatch {
+    /// The node's public key the signatures were checked with.
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
     /// Records in the batch, readable or not.
     pub fn len(&self) -> usize {
         self.records.len() + self.unreadable.len()
@@ -281,6 +289,7 @@ pub fn check_records(node_id: &str, key: &VerifyingKey, batch: Batch) -> Checked
     records.sort_by_key(|r| r.seq);
     CheckedBatch {
         node_id: node_id.to_string(),
+        key: key.to_bytes(),
         records,
         unreadable,
         lost: batch.lost,

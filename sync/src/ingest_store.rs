@@ -160,6 +160,32 @@ pub const DAY_COLUMNS: [&str; 7] = [
     "billed_tokens",
 ];
 
+/// A stored record as a copy of the store reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Its seq.
+    pub seq: u64,
+    /// The signed bytes as the node sent them.
+    pub signed: Vec<u8>,
+    /// When the core committed it (Unix ms).
+    pub received_ms: i64,
+}
+
+/// A record kept aside (a fault or a fork), as a copy reads and writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptAside {
+    /// Its seq when it could be read.
+    pub seq: Option<u64>,
+    /// Why it was kept aside.
+    pub reason: String,
+    /// The bytes as received.
+    pub signed: Vec<u8>,
+    /// When (Unix ms).
+    pub received_ms: i64,
+    /// A fork (the node's own record at a seq the core holds another for).
+    pub fork: bool,
+}
+
 /// Receives exported rows one at a time (exports stream: nothing holds a
 /// day of records in memory).
 pub type RowSink<'a> = dyn FnMut(&[ExportValue]) -> std::io::Result<()> + 'a;
@@ -192,6 +218,46 @@ pub trait IngestStore: Send + Sync {
     /// months' partitions. Nothing by default.
     fn maintain(&self) -> Result<(), IngestStoreError> {
         Ok(())
+    }
+
+    // What a copy of the store to another (`core-ingest copy-store`) reads
+    // and writes beyond `ingest`.
+
+    /// True when the store holds no node.
+    fn is_empty(&self) -> Result<bool, IngestStoreError>;
+    /// The public keys the node's signatures were checked with.
+    fn node_keys(&self, node_id: &str) -> Result<Vec<[u8; 32]>, IngestStoreError>;
+    /// Up to `limit` stored records of the node after `after_seq`, in seq order.
+    fn records_after(
+        &self,
+        node_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, IngestStoreError>;
+    /// The node's records kept aside.
+    fn kept_aside(&self, node_id: &str) -> Result<Vec<KeptAside>, IngestStoreError>;
+    /// Keeps `rows` aside for the node (a copy's; one already kept is kept once).
+    fn restore_kept_aside(&self, node_id: &str, rows: &[KeptAside])
+        -> Result<(), IngestStoreError>;
+}
+
+/// `row` as a verdict that only keeps it aside, at `cursor` (which it
+/// leaves where it is).
+pub(crate) fn aside_only(cursor: NodeCursor, row: &KeptAside) -> BatchVerdict {
+    BatchVerdict {
+        accepted: vec![],
+        duplicates: 0,
+        quarantined: vec![crate::ingest::Quarantined {
+            seq: row.seq,
+            reason: row.reason.clone(),
+            signed: row.signed.clone(),
+            fork: row.fork,
+        }],
+        gaps: vec![],
+        lost_by_core: vec![],
+        forks: 0,
+        deferred: 0,
+        cursor,
     }
 }
 

@@ -66,6 +66,17 @@ enum Command {
         #[arg(long)]
         cert: PathBuf,
     },
+    /// Copy the configured store into another, empty one (SQLite into
+    /// PostgreSQL), checking every signature and link again, and verify the
+    /// copy; then point `store` at the new one.
+    CopyStore {
+        /// Configuration file (its store is the source).
+        #[arg(long)]
+        config: PathBuf,
+        /// The destination: postgres://USER@HOST[:PORT]/DB or a path.
+        #[arg(long)]
+        to: String,
+    },
     /// Per node: records, highest contiguous seq, gaps, quarantine, chain (JSON).
     Audit {
         /// Configuration file.
@@ -129,6 +140,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", public_key.display()))?;
             std::fs::write(&out, core_ingest::issue(&config, &node_id, &pem)?)?;
             println!("{}", serde_json::json!({ "node_id": node_id, "cert": out }));
+        }
+        Command::CopyStore { config, to } => {
+            let config = CoreConfig::load(&config)?;
+            let from = config.open_store()?;
+            let base = std::env::current_dir()?;
+            let to =
+                mec_sync::ingest_store::StoreLocation::parse(&to, &base)?.open(&config.postgres)?;
+            let report = core_ingest::copy_store(&*from, &*to)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Audit { config } => {
             let config = CoreConfig::load(&config)?;

@@ -44,8 +44,9 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Config, NoTls};
 
 use super::{
-    debits_json, known_from, seq_i64, seqs_to_look_up, stored_at, to_i64, ChainAudit, ExportQuery,
-    ExportValue, IngestStore, IngestStoreError, NodeAudit, NodeFacts, RowSink,
+    aside_only, debits_json, known_from, seq_i64, seqs_to_look_up, stored_at, to_i64, ChainAudit,
+    ExportQuery, ExportValue, IngestStore, IngestStoreError, KeptAside, NodeAudit, NodeFacts,
+    RowSink, StoredRecord,
 };
 use crate::ingest::{walk, BatchVerdict, CheckedBatch, KnownHashes, NodeCursor};
 use crate::record::GENESIS_HASH;
@@ -111,6 +112,12 @@ CREATE TABLE records (
 ) PARTITION BY RANGE (end_time_unix_ms);
 CREATE TABLE records_default PARTITION OF records DEFAULT;
 CREATE INDEX records_by_end ON records (end_time_unix_ms);
+CREATE TABLE node_keys (
+    node_id       TEXT   NOT NULL,
+    public_key    BYTEA  NOT NULL,
+    first_seen_ms BIGINT NOT NULL,
+    PRIMARY KEY (node_id, public_key)
+);
 CREATE TABLE gaps (
     node_id   TEXT   NOT NULL,
     first_seq BIGINT NOT NULL,
@@ -877,6 +884,16 @@ impl IngestStore for PgStore {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(|e| self.err(e))?;
             let cursor = self.cursor_locked(&tx, node_id, now_ms).await?;
+            let keys = tx
+                .prepare_cached(
+                    "INSERT INTO node_keys (node_id, public_key, first_seen_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            tx.execute(&keys, &[&node_id, &checked.key().as_slice(), &now_ms])
+                .await
+                .map_err(|e| self.err(e))?;
             let known = self
                 .known_hashes(&tx, node_id, &seqs_to_look_up(&cursor, &checked))
                 .await?;
@@ -950,6 +967,102 @@ impl IngestStore for PgStore {
 
     fn maintain(&self) -> Result<(), IngestStoreError> {
         self.ensure_partitions(now_ms()).map(|_| ())
+    }
+
+    fn is_empty(&self) -> Result<bool, IngestStoreError> {
+        self.block_on(async {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT COUNT(*) FROM nodes", &[])
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(row.get::<_, i64>(0) == 0)
+        })
+    }
+
+    fn node_keys(&self, node_id: &str) -> Result<Vec<[u8; 32]>, IngestStoreError> {
+        self.block_on(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT public_key FROM node_keys WHERE node_id = $1 ORDER BY first_seen_ms",
+                    &[&node_id],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| r.get::<_, Vec<u8>>(0).try_into().ok())
+                .collect())
+        })
+    }
+
+    fn records_after(
+        &self,
+        node_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, IngestStoreError> {
+        let after = seq_i64(after_seq)?;
+        self.block_on(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT seq, signed, received_ms FROM records WHERE node_id = $1 AND seq > $2
+                     ORDER BY seq LIMIT $3",
+                    &[&node_id, &after, &to_i64(limit as u64)],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(rows
+                .iter()
+                .map(|r| StoredRecord {
+                    seq: r.get::<_, i64>(0) as u64,
+                    signed: r.get(1),
+                    received_ms: r.get(2),
+                })
+                .collect())
+        })
+    }
+
+    fn kept_aside(&self, node_id: &str) -> Result<Vec<KeptAside>, IngestStoreError> {
+        self.block_on(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT seq, reason, signed, received_ms, kind FROM quarantine WHERE node_id = $1 ORDER BY id",
+                    &[&node_id],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(rows
+                .iter()
+                .map(|r| KeptAside {
+                    seq: r.get::<_, Option<i64>>(0).map(|s| s as u64),
+                    reason: r.get(1),
+                    signed: r.get(2),
+                    received_ms: r.get(3),
+                    fork: r.get::<_, String>(4) == "fork",
+                })
+                .collect())
+        })
+    }
+
+    fn restore_kept_aside(
+        &self,
+        node_id: &str,
+        rows: &[KeptAside],
+    ) -> Result<(), IngestStoreError> {
+        self.block_on(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| self.err(e))?;
+            for row in rows {
+                let cursor = self.cursor_locked(&tx, node_id, row.received_ms).await?;
+                self.commit(&tx, &aside_only(cursor, row), row.received_ms)
+                    .await?;
+            }
+            tx.commit().await.map_err(|e| self.err(e))
+        })
     }
 
     fn check_ready(&self) -> Result<(), IngestStoreError> {

@@ -9,8 +9,9 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    debits_json, known_from, seq_i64, seqs_to_look_up, stored_at, to_i64, ChainAudit, ExportQuery,
-    ExportValue, IngestStore, IngestStoreError, NodeAudit, NodeFacts, RowSink,
+    aside_only, debits_json, known_from, seq_i64, seqs_to_look_up, stored_at, to_i64, ChainAudit,
+    ExportQuery, ExportValue, IngestStore, IngestStoreError, KeptAside, NodeAudit, NodeFacts,
+    RowSink, StoredRecord,
 };
 use crate::ingest::{walk, BatchVerdict, CheckedBatch, KnownHashes, NodeCursor};
 
@@ -61,6 +62,12 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (node_id, seq)
 );
 CREATE INDEX IF NOT EXISTS records_by_end ON records(end_time_unix_ms);
+CREATE TABLE IF NOT EXISTS node_keys (
+    node_id       TEXT    NOT NULL,
+    public_key    BLOB    NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (node_id, public_key)
+);
 CREATE TABLE IF NOT EXISTS gaps (
     node_id   TEXT    NOT NULL,
     first_seq INTEGER NOT NULL,
@@ -288,6 +295,10 @@ impl IngestStore for SqliteStore {
     ) -> Result<BatchVerdict, IngestStoreError> {
         let mut conn = self.connection();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO node_keys (node_id, public_key, first_seen_ms) VALUES (?1, ?2, ?3)",
+            params![node_id, checked.key().to_vec(), now_ms],
+        )?;
         let c = cursor(&tx, node_id)?;
         let known = known_hashes(&tx, node_id, &seqs_to_look_up(&c, &checked))?;
         let v = walk(&c, checked, &known);
@@ -382,6 +393,78 @@ impl IngestStore for SqliteStore {
 
     fn check_ready(&self) -> Result<(), IngestStoreError> {
         self.connection().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    fn is_empty(&self) -> Result<bool, IngestStoreError> {
+        let n: i64 = self
+            .connection()
+            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0))?;
+        Ok(n == 0)
+    }
+
+    fn node_keys(&self, node_id: &str) -> Result<Vec<[u8; 32]>, IngestStoreError> {
+        let conn = self.connection();
+        let keys: Vec<Vec<u8>> = conn
+            .prepare("SELECT public_key FROM node_keys WHERE node_id = ?1 ORDER BY first_seen_ms")?
+            .query_map([node_id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(keys.into_iter().filter_map(|k| k.try_into().ok()).collect())
+    }
+
+    fn records_after(
+        &self,
+        node_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, IngestStoreError> {
+        let conn = self.connection();
+        let mut stmt = conn.prepare(
+            "SELECT seq, signed, received_ms FROM records WHERE node_id = ?1 AND seq > ?2
+             ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![node_id, seq_i64(after_seq)?, to_i64(limit as u64)],
+            |r| {
+                Ok(StoredRecord {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    signed: r.get(1)?,
+                    received_ms: r.get(2)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn kept_aside(&self, node_id: &str) -> Result<Vec<KeptAside>, IngestStoreError> {
+        let conn = self.connection();
+        let mut stmt = conn.prepare(
+            "SELECT seq, reason, signed, received_ms, kind FROM quarantine WHERE node_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([node_id], |r| {
+            Ok(KeptAside {
+                seq: r.get::<_, Option<i64>>(0)?.map(|s| s as u64),
+                reason: r.get(1)?,
+                signed: r.get(2)?,
+                received_ms: r.get(3)?,
+                fork: r.get::<_, String>(4)? == "fork",
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn restore_kept_aside(
+        &self,
+        node_id: &str,
+        rows: &[KeptAside],
+    ) -> Result<(), IngestStoreError> {
+        let mut conn = self.connection();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for row in rows {
+            let c = cursor(&tx, node_id)?;
+            commit(&tx, &aside_only(c, row), row.received_ms)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 }
