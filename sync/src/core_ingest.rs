@@ -179,6 +179,11 @@ pub fn init(
     let dir = dir.canonicalize()?;
     let config_path = dir.join("core-ingest.toml");
     anyhow::ensure!(!config_path.exists(), "{} exists", config_path.display());
+    // The store first, so that a wrong URL, a refused login or a missing
+    // right shows now, before anything is written.
+    let opened = StoreLocation::parse(store, &dir)?
+        .open(&PgOptions::default())
+        .context("opening the store")?;
     let ca = generate_ca("MEC dev operator CA")?;
     let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     names.extend(sans.iter().cloned());
@@ -197,10 +202,7 @@ pub fn init(
          # /healthz, /readyz and /metrics for load balancers and monitoring:\n# http = \"127.0.0.1:7444\"\n"
     );
     write_file(&config_path, &text, false)?;
-    let config = CoreConfig::load(&config_path)?;
-    // The store is made now, so that a wrong URL or a missing right shows
-    // at init and not at the first upload.
-    let opened = config.open_store()?;
+    CoreConfig::load(&config_path)?;
     Ok(serde_json::json!({
         "config": config_path,
         "store": opened.describe(),

@@ -74,10 +74,18 @@ pub enum IngestStoreError {
     SeqOutOfRange(u64),
     /// Writing an export failed.
     #[error("writing the export: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// A store location that names no store.
     #[error("store {0:?}: {1}")]
     Location(String, String),
+}
+
+impl From<std::io::Error> for IngestStoreError {
+    fn from(e: std::io::Error) -> Self {
+        // Named in the message, not chained as a source too (it would
+        // print twice).
+        IngestStoreError::Io(e)
+    }
 }
 
 /// What `core-ingest audit` reports per node.

@@ -255,6 +255,10 @@ fn pg_config(url: &str, opts: &PgOptions) -> Result<Config, IngestStoreError> {
     if config.get_application_name().is_none() {
         config.application_name("core-ingest");
     }
+    if config.get_options().is_none() {
+        // Notices ("already exists, skipping") are not the operator's news.
+        config.options("-c client_min_messages=warning");
+    }
     config.connect_timeout(Duration::from_secs(10));
     if config.get_password().is_none() {
         if let Some(p) = password(&config, opts)? {
