@@ -5,7 +5,7 @@
 //! reset from the same key).
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -504,4 +504,149 @@ fn an_operator_runs_the_core_on_postgresql_and_the_load_balancer_sees_readiness(
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A free UDP port on loopback (bound, then released for a server to take).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `core-ingest serve` for `config`, listening on `port`.
+fn serve_on(config: &Path, port: u16) -> Child {
+    let text = std::fs::read_to_string(config).unwrap();
+    let own = config.with_file_name(format!("core-ingest-{port}.toml"));
+    let listen = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("listen = ") {
+                format!("listen = \"127.0.0.1:{port}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&own, listen).unwrap();
+    serve(&own).0
+}
+
+/// Two core-ingest processes on one PostgreSQL database, 50 nodes uploading
+/// to them (node i to instance i mod 2); both are SIGKILLed while the nodes
+/// are connected (every node has half its records acknowledged by then, and
+/// gets the other half while the core is down), and started again on their
+/// ports. Afterwards every node's records are stored once, dense and
+/// chained.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_killed_mid_upload_lose_and_double_nothing() {
+    const NODES: usize = 50;
+    const RECORDS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let url = tokio::task::spawn_blocking(|| mec_pg_throwaway::fresh_database("sigkill"))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = core_ingest(&[
+        "init",
+        "--dir",
+        dir.path().join("core").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = PathBuf::from(init["config"].as_str().unwrap());
+    let ca_pem = std::fs::read_to_string(init["ca_cert"].as_str().unwrap()).unwrap();
+    let ports = [free_udp_port(), free_udp_port()];
+    let mut servers: Vec<Child> = ports.iter().map(|&p| serve_on(&config, p)).collect();
+    let mut edges = Vec::new();
+    for i in 0..NODES {
+        edges.push(
+            enrolled_edge(
+                &dir.path().join(format!("n{i}")),
+                config.to_str().unwrap(),
+                &format!("edge-k{i:02}"),
+                RECORDS / 2,
+            )
+            .await,
+        );
+    }
+    let mut uploads = Vec::new();
+    for (i, (log, cert, key)) in edges.iter().enumerate() {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[i % 2]).parse().unwrap();
+        let (log, cert, key, ca) = (log.clone(), cert.clone(), key.clone(), ca_pem.clone());
+        uploads.push(tokio::spawn(async move {
+            upload_for(
+                &log,
+                addr,
+                &ca,
+                &cert,
+                &key,
+                RECORDS,
+                Duration::from_secs(150),
+            )
+            .await
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while edges
+        .iter()
+        .any(|(log, _, _)| log.stats().acked_seq < RECORDS / 2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first halves were not acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both killed while the nodes are connected; the second halves are
+    // written while the core is down.
+    for s in &mut servers {
+        s.kill().unwrap(); // SIGKILL
+        s.wait().unwrap();
+    }
+    for (log, _, _) in &edges {
+        for _ in 0..RECORDS / 2 {
+            log.append(UsageRecord {
+                imsi: "001010000000001".into(),
+                billed_tokens: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut servers: Vec<Child> = ports.iter().map(|&p| serve_on(&config, p)).collect();
+    for u in uploads {
+        let (acked, error) = u.await.unwrap();
+        assert_eq!(acked, RECORDS, "{error:?}");
+    }
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    let out = core_ingest(&["audit", "--config", config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(audit.len(), NODES);
+    for n in &audit {
+        assert_eq!(n["records"], RECORDS, "{n}");
+        assert_eq!(n["contiguous_seq"], RECORDS, "{n}");
+        assert_eq!(n["quarantined"], 0, "{n}");
+        assert_eq!(n["chain"], "ok", "{n}");
+    }
 }
