@@ -367,7 +367,15 @@ fn remove_stale_dirs() {
             .and_then(|t| t.lines().next()?.trim().parse().ok());
         // SAFETY: signal 0 only checks that the process exists.
         let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
-        if !alive {
+        // Without a pid file it may be another process's server still in
+        // initdb or starting: only an old one is left over.
+        let young = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < Duration::from_secs(3600));
+        if !alive && (pid.is_some() || !young) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

@@ -165,12 +165,8 @@ pub fn init(
         .with_context(|| format!("--listen {listen:?} is not host:port"))?;
     let store = store.unwrap_or("core.sqlite");
     if let StoreLocation::Postgres(url) = StoreLocation::parse(store, dir)? {
-        let has_password = url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split_once('@'))
-            .is_some_and(|(auth, _)| auth.contains(':'));
         anyhow::ensure!(
-            !has_password,
+            !crate::ingest_store::postgres::url_has_password(&url),
             "--store: leave the password out of the URL (it would show in `ps` and in the \
              configuration); give it in PGPASSWORD, ~/.pgpass or [postgres] password_file"
         );
@@ -306,7 +302,13 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)).await;
                 let store = store.clone();
-                let _ = tokio::task::spawn_blocking(move || store.maintain()).await;
+                match tokio::task::spawn_blocking(move || store.maintain()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "store upkeep (next months' partitions) failed; retried tomorrow")
+                    }
+                    Err(e) => tracing::error!(error = %e, "store upkeep panicked"),
+                }
             }
         })
     };
@@ -429,7 +431,7 @@ fn render_metrics(stats: &crate::core_server::CoreStats) -> String {
     counter(
         &mut registry,
         "store_errors",
-        "Batches the store failed to commit (not acknowledged)",
+        "Store calls that failed: batches not committed (not acknowledged), hellos not answered",
         stats.store_errors.load(Relaxed),
     );
     let open: Gauge = Gauge::default();
@@ -498,14 +500,27 @@ pub fn copy_store(
     from: &dyn IngestStore,
     to: &dyn IngestStore,
 ) -> anyhow::Result<serde_json::Value> {
-    use crate::wire::pb::{Batch, LossReason, LostRange};
-    let t0 = std::time::Instant::now();
     anyhow::ensure!(
         to.is_empty()?,
         "{} already holds nodes: copy into an empty store",
         to.describe()
     );
-    let source = from.audit()?;
+    copy_nodes(from, to).with_context(|| {
+        format!(
+            "copying {} into {} (what was copied is not usable: empty {} before trying again)",
+            from.describe(),
+            to.describe(),
+            to.describe()
+        )
+    })
+}
+
+fn copy_nodes(from: &dyn IngestStore, to: &dyn IngestStore) -> anyhow::Result<serde_json::Value> {
+    use crate::wire::pb::{Batch, LossReason, LostRange};
+    let t0 = std::time::Instant::now();
+    // In node id order as Rust compares them (the engines' collations differ).
+    let mut source = from.audit()?;
+    source.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     let (mut records, mut kept) = (0u64, 0u64);
     for node in &source {
         let id = node.node_id.as_str();
@@ -549,6 +564,7 @@ pub fn copy_store(
         let mut faults = faults.into_iter().peekable();
         let mut forks = forks.into_iter().peekable();
         let mut after = 0u64;
+        let mut records_of_node = 0u64;
         loop {
             let page = from.records_after(id, after, 1000)?;
             let Some(last) = page.last() else { break };
@@ -591,8 +607,10 @@ pub fn copy_store(
                 };
                 let checked = crate::ingest::check_records(id, &keys[key], batch);
                 let v = to.ingest(id, checked, page[start].received_ms)?;
+                let stored: Vec<u64> = v.accepted.iter().map(|a| a.seq).collect();
+                let wanted: Vec<u64> = page[start..end].iter().map(|r| r.seq).collect();
                 anyhow::ensure!(
-                    v.accepted.len() == end - start
+                    stored == wanted
                         && v.quarantined.len() == riding
                         && v.deferred == 0
                         && v.duplicates == 0,
@@ -605,8 +623,14 @@ pub fn copy_store(
                         .collect::<Vec<_>>()
                 );
                 records += v.accepted.len() as u64;
+                records_of_node += v.accepted.len() as u64;
                 kept += riding as u64;
                 while let Some(f) = forks.next_if(|f| f.seq <= Some(page[end - 1].seq)) {
+                    // A fork is the node's own record: one of its keys signed it.
+                    let fork_key = crate::record::SignedRecord::from_bytes(&f.signed)
+                        .ok()
+                        .and_then(|s| keys.iter().find(|k| s.verify(k).is_ok()))
+                        .unwrap_or(&keys[key]);
                     let batch = Batch {
                         batch_id: 0,
                         records: vec![f.signed.clone()],
@@ -614,7 +638,7 @@ pub fn copy_store(
                     };
                     let v = to.ingest(
                         id,
-                        crate::ingest::check_records(id, &keys[key], batch),
+                        crate::ingest::check_records(id, fork_key, batch),
                         f.received_ms,
                     )?;
                     anyhow::ensure!(
@@ -628,10 +652,13 @@ pub fn copy_store(
             }
         }
         // Faults and lost ranges after the last stored record move the
-        // cursor too.
+        // cursor too; a node with nothing stored still gets its row.
         let (cursor, _) = to.position(id)?;
         let trailing: Vec<KeptAside> = faults.collect();
-        if cursor.contiguous_seq < node.contiguous_seq || !trailing.is_empty() {
+        if cursor.contiguous_seq < node.contiguous_seq
+            || !trailing.is_empty()
+            || records_of_node == 0
+        {
             let key = keys.first().copied().unwrap_or_else(|| {
                 // A node that sent only faults: no key was kept; the
                 // faults fail their checks with any key.
@@ -650,7 +677,8 @@ pub fn copy_store(
         to.restore_kept_aside(id, &as_kept)?;
     }
     // The verification: the copy's audit is the source's, and whole.
-    let copy = to.audit()?;
+    let mut copy = to.audit()?;
+    copy.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     anyhow::ensure!(
         copy.len() == source.len(),
         "the copy holds {} nodes, the source {}",

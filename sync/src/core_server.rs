@@ -25,7 +25,8 @@ pub struct CoreStats {
     pub duplicates: std::sync::atomic::AtomicU64,
     /// Records kept aside (faults and forks).
     pub quarantined: std::sync::atomic::AtomicU64,
-    /// Batches the store failed to commit (not acknowledged: resent).
+    /// Store calls that failed: batches not committed (not acknowledged:
+    /// resent) and hellos not answered.
     pub store_errors: std::sync::atomic::AtomicU64,
     /// Node connections open now.
     pub connections: std::sync::atomic::AtomicI64,
@@ -144,10 +145,17 @@ async fn stream(
     let (cursor, at) = {
         let node = node_id.to_string();
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.position(&node))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+        let stats = stats.clone();
+        tokio::task::spawn_blocking(move || {
+            store.position(&node).inspect_err(|_| {
+                stats
+                    .store_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
     };
     let contiguous_hash = at.map(|h| h.to_vec()).unwrap_or_default();
     let hello = CoreFrame {

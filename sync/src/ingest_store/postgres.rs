@@ -257,9 +257,19 @@ fn pg_config(url: &str, opts: &PgOptions) -> Result<Config, IngestStoreError> {
     }
     if config.get_options().is_none() {
         // Notices ("already exists, skipping") are not the operator's news.
-        config.options("-c client_min_messages=warning");
+        // The timeouts bound what one stuck instance can hold: a node's
+        // cursor lock held by an instance cut off mid-transaction is
+        // released within a minute, and a batch waiting on it gives up
+        // (unacknowledged: the node sends it again) instead of holding a
+        // pool connection for as long as the cut lasts.
+        config.options(
+            "-c client_min_messages=warning -c lock_timeout=30s -c statement_timeout=120s \
+             -c idle_in_transaction_session_timeout=60s",
+        );
     }
     config.connect_timeout(Duration::from_secs(10));
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(30));
     if config.get_password().is_none() {
         if let Some(p) = password(&config, opts)? {
             config.password(p);
@@ -268,8 +278,24 @@ fn pg_config(url: &str, opts: &PgOptions) -> Result<Config, IngestStoreError> {
     Ok(config)
 }
 
+/// Whether `url` carries a password (in its user part or as `password=`).
+pub fn url_has_password(url: &str) -> bool {
+    Config::from_str(url).is_ok_and(|c| c.get_password().is_some())
+        || url.contains("password=")
+        || redact(url) != url
+}
+
 /// The URL without its password, for messages.
 fn redact(url: &str) -> String {
+    let url = match url.find("password=") {
+        Some(q) => {
+            let value = q + "password=".len();
+            let end = url[value..].find('&').map_or(url.len(), |e| value + e);
+            format!("{}***{}", &url[..value], &url[end..])
+        }
+        None => url.to_string(),
+    };
+    let url = url.as_str();
     match (url.find("://"), url.find('@')) {
         (Some(s), Some(at)) if at > s => {
             let auth = &url[s + 3..at];
@@ -694,8 +720,16 @@ impl PgStore {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        if inserted.is_empty() {
-            return Ok(());
+        // The cursor's lock makes every accepted record new; a key already
+        // there would be a record acknowledged and not stored: refuse the
+        // batch (rolled back, unacknowledged) instead.
+        if inserted.len() != a.len() {
+            return Err(IngestStoreError::Postgres(format!(
+                "node {node}: {} of {} records of the batch were already stored; the batch is \
+                 not committed",
+                a.len() - inserted.len(),
+                a.len()
+            )));
         }
         let record_ids = bytes(&|x| x.record.record_id.clone());
         let schema_versions = col(&|x| i64::from(x.record.schema_version));
@@ -886,7 +920,15 @@ impl IngestStore for PgStore {
     ) -> Result<BatchVerdict, IngestStoreError> {
         self.block_on(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(|e| self.err(e))?;
+            // READ COMMITTED whatever the database's default: a second
+            // instance waiting on the cursor's row lock then reads what the
+            // first committed (under REPEATABLE READ it would fail instead).
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+                .start()
+                .await
+                .map_err(|e| self.err(e))?;
             let cursor = self.cursor_locked(&tx, node_id, now_ms).await?;
             let keys = tx
                 .prepare_cached(
@@ -1059,7 +1101,12 @@ impl IngestStore for PgStore {
     ) -> Result<(), IngestStoreError> {
         self.block_on(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(|e| self.err(e))?;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+                .start()
+                .await
+                .map_err(|e| self.err(e))?;
             for row in rows {
                 let cursor = self.cursor_locked(&tx, node_id, row.received_ms).await?;
                 self.commit(&tx, &aside_only(cursor, row), row.received_ms)
@@ -1109,6 +1156,13 @@ mod tests {
             redact("postgres://core:s3cret@db.example/usage"),
             "postgres://core:***@db.example/usage"
         );
+        assert_eq!(
+            redact("postgres://core@db.example/usage?sslmode=disable&password=s3cret"),
+            "postgres://core@db.example/usage?sslmode=disable&password=***"
+        );
+        assert!(url_has_password("postgres://core@db/usage?password=x"));
+        assert!(url_has_password("postgres://core:x@db/usage"));
+        assert!(!url_has_password("postgres://core@db/usage"));
         let e = pg_config(
             "postgres://core:s3cret@db.example:notaport/x",
             &PgOptions::default(),

@@ -535,11 +535,11 @@ fn serve_on(config: &Path, port: u16) -> Child {
 }
 
 /// Two core-ingest processes on one PostgreSQL database, 50 nodes uploading
-/// to them (node i to instance i mod 2); both are SIGKILLed while the nodes
-/// are connected (every node has half its records acknowledged by then, and
-/// gets the other half while the core is down), and started again on their
-/// ports. Afterwards every node's records are stored once, dense and
-/// chained.
+/// to them (node i to instance i mod 2); both are SIGKILLed mid-upload (a
+/// quarter of the first halves acknowledged, the rest on the way), the
+/// second halves are written while the core is down, and both start again
+/// on their ports. Afterwards every node's records are stored once, dense
+/// and chained.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_killed_mid_upload_lose_and_double_nothing() {
     const NODES: usize = 50;
@@ -597,23 +597,30 @@ async fn two_instances_killed_mid_upload_lose_and_double_nothing() {
             .await
         }));
     }
+    // Killed once an eighth of the records are acknowledged, while the
+    // rest of the first halves are still on their way.
+    let total = NODES as u64 * RECORDS / 2;
+    let acked = || -> u64 { edges.iter().map(|(log, _, _)| log.stats().acked_seq).sum() };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while edges
-        .iter()
-        .any(|(log, _, _)| log.stats().acked_seq < RECORDS / 2)
-    {
+    while acked() < total / 4 {
         assert!(
             Instant::now() < deadline,
-            "the first halves were not acknowledged"
+            "acknowledged {} of {total}",
+            acked()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // Both killed while the nodes are connected; the second halves are
-    // written while the core is down.
     for s in &mut servers {
         s.kill().unwrap(); // SIGKILL
+    }
+    let at_kill = acked();
+    for s in &mut servers {
         s.wait().unwrap();
     }
+    assert!(
+        at_kill < total,
+        "the upload had not finished when the core was killed"
+    );
     for (log, _, _) in &edges {
         for _ in 0..RECORDS / 2 {
             log.append(UsageRecord {

@@ -385,7 +385,10 @@ fn a_sqlite_core_is_copied_to_postgresql_and_verified() {
     assert_eq!(copy, want);
     // Into a store that is not empty: refused.
     let again = mec_sync::core_ingest::copy_store(&*from, &*to).unwrap_err();
-    assert!(again.to_string().contains("empty"), "{again}");
+    assert!(
+        format!("{again:#}").contains("already holds nodes"),
+        "{again:#}"
+    );
 }
 
 /// A record altered in the source store (its signed bytes) stops the copy
