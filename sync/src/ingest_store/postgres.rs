@@ -451,6 +451,21 @@ impl PgStore {
         })
     }
 
+    /// A transaction at READ COMMITTED whatever the database's default: a
+    /// second instance waiting on a cursor's row lock then reads what the
+    /// first committed (under REPEATABLE READ it would fail instead).
+    async fn begin<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'c>, IngestStoreError> {
+        client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(|e| self.err(e))
+    }
+
     /// The schema version the database is at (0: none).
     pub fn schema_version(&self) -> Result<i32, IngestStoreError> {
         self.block_on(async {
@@ -920,15 +935,7 @@ impl IngestStore for PgStore {
     ) -> Result<BatchVerdict, IngestStoreError> {
         self.block_on(async {
             let mut client = self.client().await?;
-            // READ COMMITTED whatever the database's default: a second
-            // instance waiting on the cursor's row lock then reads what the
-            // first committed (under REPEATABLE READ it would fail instead).
-            let tx = client
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-                .start()
-                .await
-                .map_err(|e| self.err(e))?;
+            let tx = self.begin(&mut client).await?;
             let cursor = self.cursor_locked(&tx, node_id, now_ms).await?;
             let keys = tx
                 .prepare_cached(
@@ -1101,12 +1108,7 @@ impl IngestStore for PgStore {
     ) -> Result<(), IngestStoreError> {
         self.block_on(async {
             let mut client = self.client().await?;
-            let tx = client
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-                .start()
-                .await
-                .map_err(|e| self.err(e))?;
+            let tx = self.begin(&mut client).await?;
             for row in rows {
                 let cursor = self.cursor_locked(&tx, node_id, row.received_ms).await?;
                 self.commit(&tx, &aside_only(cursor, row), row.received_ms)
