@@ -352,22 +352,19 @@ fn http_routes(
             let store = store.clone();
             async move {
                 let described = store.describe();
-                let checked = tokio::task::spawn_blocking(move || store.check_ready()).await;
+                let checked = tokio::task::spawn_blocking(move || store.check_ready())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
                 match checked {
-                    Ok(Ok(())) => (
+                    Ok(()) => (
                         StatusCode::OK,
                         axum::Json(serde_json::json!({ "ready": true, "store": described })),
                     ),
-                    Ok(Err(e)) => (
+                    Err(reason) => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         axum::Json(
-                            serde_json::json!({ "ready": false, "store": described, "reason": e.to_string() }),
-                        ),
-                    ),
-                    Err(e) => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        axum::Json(
-                            serde_json::json!({ "ready": false, "store": described, "reason": e.to_string() }),
+                            serde_json::json!({ "ready": false, "store": described, "reason": reason }),
                         ),
                     ),
                 }

@@ -466,19 +466,25 @@ impl PgStore {
             .map_err(|e| self.err(e))
     }
 
-    /// The schema version the database is at (0: none).
-    pub fn schema_version(&self) -> Result<i32, IngestStoreError> {
+    /// One query on a pooled connection, outside any transaction.
+    fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, IngestStoreError> {
         self.block_on(async {
             let client = self.client().await?;
-            let row = client
-                .query_one(
-                    "SELECT COALESCE(max(version), 0) FROM schema_migrations",
-                    &[],
-                )
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(row.get(0))
+            client.query(sql, params).await.map_err(|e| self.err(e))
         })
+    }
+
+    /// The schema version the database is at (0: none).
+    pub fn schema_version(&self) -> Result<i32, IngestStoreError> {
+        let rows = self.rows(
+            "SELECT COALESCE(max(version), 0) FROM schema_migrations",
+            &[],
+        )?;
+        Ok(rows.first().map_or(0, |r| r.get(0)))
     }
 
     async fn migrate(&self) -> Result<(), IngestStoreError> {
@@ -1023,31 +1029,19 @@ impl IngestStore for PgStore {
     }
 
     fn is_empty(&self) -> Result<bool, IngestStoreError> {
-        self.block_on(async {
-            let client = self.client().await?;
-            let row = client
-                .query_one("SELECT COUNT(*) FROM nodes", &[])
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(row.get::<_, i64>(0) == 0)
-        })
+        let rows = self.rows("SELECT COUNT(*) FROM nodes", &[])?;
+        Ok(rows.first().is_none_or(|r| r.get::<_, i64>(0) == 0))
     }
 
     fn node_keys(&self, node_id: &str) -> Result<Vec<[u8; 32]>, IngestStoreError> {
-        self.block_on(async {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT public_key FROM node_keys WHERE node_id = $1 ORDER BY first_seen_ms",
-                    &[&node_id],
-                )
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(rows
-                .iter()
-                .filter_map(|r| r.get::<_, Vec<u8>>(0).try_into().ok())
-                .collect())
-        })
+        let rows = self.rows(
+            "SELECT public_key FROM node_keys WHERE node_id = $1 ORDER BY first_seen_ms",
+            &[&node_id],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.get::<_, Vec<u8>>(0).try_into().ok())
+            .collect())
     }
 
     fn records_after(
@@ -1056,49 +1050,36 @@ impl IngestStore for PgStore {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, IngestStoreError> {
-        let after = seq_i64(after_seq)?;
-        self.block_on(async {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT seq, signed, received_ms FROM records WHERE node_id = $1 AND seq > $2
-                     ORDER BY seq LIMIT $3",
-                    &[&node_id, &after, &to_i64(limit as u64)],
-                )
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(rows
-                .iter()
-                .map(|r| StoredRecord {
-                    seq: r.get::<_, i64>(0) as u64,
-                    signed: r.get(1),
-                    received_ms: r.get(2),
-                })
-                .collect())
-        })
+        let rows = self.rows(
+            "SELECT seq, signed, received_ms FROM records WHERE node_id = $1 AND seq > $2
+             ORDER BY seq LIMIT $3",
+            &[&node_id, &seq_i64(after_seq)?, &to_i64(limit as u64)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| StoredRecord {
+                seq: r.get::<_, i64>(0) as u64,
+                signed: r.get(1),
+                received_ms: r.get(2),
+            })
+            .collect())
     }
 
     fn kept_aside(&self, node_id: &str) -> Result<Vec<KeptAside>, IngestStoreError> {
-        self.block_on(async {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT seq, reason, signed, received_ms, kind FROM quarantine WHERE node_id = $1 ORDER BY id",
-                    &[&node_id],
-                )
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(rows
-                .iter()
-                .map(|r| KeptAside {
-                    seq: r.get::<_, Option<i64>>(0).map(|s| s as u64),
-                    reason: r.get(1),
-                    signed: r.get(2),
-                    received_ms: r.get(3),
-                    fork: r.get::<_, String>(4) == "fork",
-                })
-                .collect())
-        })
+        let rows = self.rows(
+            "SELECT seq, reason, signed, received_ms, kind FROM quarantine WHERE node_id = $1 ORDER BY id",
+            &[&node_id],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| KeptAside {
+                seq: r.get::<_, Option<i64>>(0).map(|s| s as u64),
+                reason: r.get(1),
+                signed: r.get(2),
+                received_ms: r.get(3),
+                fork: r.get::<_, String>(4) == "fork",
+            })
+            .collect())
     }
 
     fn restore_kept_aside(
