@@ -3,7 +3,8 @@
 //! temporary directory, `postgres` listening on a Unix socket there only (no
 //! TCP port, no password: `trust` for the socket), stopped when dropped and
 //! killed with the process that started it (so a test binary that ends
-//! never leaves one behind).
+//! never leaves one behind). [`PgServer::start_tls`] also listens on a
+//! loopback TCP port with TLS on, for the tests of TLS to the database.
 //!
 //! PostgreSQL refuses to run as root: as root, the server runs as the
 //! `postgres` user (the Debian package makes it), which owns the directory.
@@ -11,6 +12,7 @@
 //! `/usr/lib/postgresql/*/bin` (Debian's `postgresql` package; `cargo
 //! xtask test` installs it when missing), or on `PATH`.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +25,8 @@ use std::time::{Duration, Instant};
 pub struct PgServer {
     dir: PathBuf,
     bin: PathBuf,
+    /// The port: of the socket's name, and of the TCP listener if any.
+    port: u16,
     keeper: Option<std::thread::JoinHandle<()>>,
     orders: std::sync::Mutex<std::sync::mpsc::Sender<Order>>,
 }
@@ -124,9 +128,29 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
     Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
+/// A certificate and its key, PEM, for the server's TLS.
+pub struct ServerTls {
+    /// The server's certificate (and its chain), PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+}
+
 impl PgServer {
-    /// Makes a cluster in a new temporary directory and starts it.
+    /// Makes a cluster in a new temporary directory and starts it, on its
+    /// Unix socket only.
     pub fn start() -> Result<PgServer, String> {
+        PgServer::start_with(None)
+    }
+
+    /// [`PgServer::start`], also listening on 127.0.0.1 at [`PgServer::port`]
+    /// with TLS on (`ssl = on`, `tls`'s certificate); connections there are
+    /// trusted like the socket's, with or without TLS.
+    pub fn start_tls(tls: &ServerTls) -> Result<PgServer, String> {
+        PgServer::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ServerTls>) -> Result<PgServer, String> {
         let bin = bin_dir()?;
         // SAFETY: geteuid has no preconditions.
         let owner = if unsafe { libc::geteuid() } == 0 {
@@ -169,6 +193,42 @@ impl PgServer {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        let data = dir.join("data");
+        let mut conf = String::from("\n# mec-pg-throwaway\nfsync = off\n");
+        let port = match tls {
+            None => {
+                conf.push_str("listen_addresses = ''\n");
+                5432
+            }
+            Some(tls) => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map_err(|e| format!("a free loopback port: {e}"))?
+                    .port();
+                for (name, pem) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+                    std::fs::write(data.join(name), pem).map_err(|e| format!("{name}: {e}"))?;
+                    // PostgreSQL refuses a key others can read.
+                    std::fs::set_permissions(
+                        data.join(name),
+                        std::fs::Permissions::from_mode(0o600),
+                    )
+                    .map_err(|e| format!("{name}: {e}"))?;
+                    if let Some((uid, gid)) = owner {
+                        std::os::unix::fs::chown(data.join(name), Some(uid), Some(gid))
+                            .map_err(|e| format!("chown {name}: {e}"))?;
+                    }
+                }
+                conf.push_str(&format!(
+                    "listen_addresses = '127.0.0.1'\nport = {port}\nssl = on\n"
+                ));
+                port
+            }
+        };
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
+            .map_err(|e| format!("postgresql.conf: {e}"))?;
         std::fs::File::create(dir.join("postgres.log"))
             .map_err(|e| format!("the server log: {e}"))?;
         if let Some((uid, gid)) = owner {
@@ -189,6 +249,7 @@ impl PgServer {
         let server = PgServer {
             dir,
             bin,
+            port,
             keeper: Some(keeper),
             orders: std::sync::Mutex::new(orders),
         };
@@ -202,6 +263,7 @@ impl PgServer {
             let ready = Command::new(self.bin.join("pg_isready"))
                 .arg("-h")
                 .arg(&self.dir)
+                .args(["-p", &self.port.to_string()])
                 .args(["-U", SUPERUSER, "-q"])
                 .status()
                 .is_ok_and(|s| s.success());
@@ -223,6 +285,24 @@ impl PgServer {
         &self.dir
     }
 
+    /// The port: of the socket's name, and of the loopback TCP listener
+    /// of [`PgServer::start_tls`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A store URL for database `db` as the superuser, over TCP to `host`
+    /// (`localhost`, `127.0.0.1`) at [`PgServer::port`]; `params` follow
+    /// the `?` (`sslmode=verify-full&sslrootcert=...`), empty for none.
+    pub fn tcp_url(&self, host: &str, db: &str, params: &str) -> String {
+        let query = if params.is_empty() {
+            String::new()
+        } else {
+            format!("?{params}")
+        };
+        format!("postgresql://{SUPERUSER}@{host}:{}/{db}{query}", self.port)
+    }
+
     /// A store URL for database `db` as the superuser.
     pub fn url(&self, db: &str) -> String {
         let host: String = self
@@ -236,7 +316,10 @@ impl PgServer {
                 b => format!("%{b:02X}"),
             })
             .collect();
-        format!("postgresql://{SUPERUSER}@{host}/{db}")
+        match self.port {
+            5432 => format!("postgresql://{SUPERUSER}@{host}/{db}"),
+            port => format!("postgresql://{SUPERUSER}@{host}:{port}/{db}"),
+        }
     }
 
     /// Creates database `db` (a fresh one for each test) and returns its URL.
@@ -254,6 +337,7 @@ impl PgServer {
         let out = Command::new(psql)
             .arg("-h")
             .arg(&self.dir)
+            .args(["-p", &self.port.to_string()])
             .args([
                 "-U",
                 SUPERUSER,
@@ -295,7 +379,8 @@ impl PgServer {
     }
 
     /// Starts `postgres` on the cluster in `dir`, its output appended to
-    /// the log there, listening on a socket in `dir` only.
+    /// the log there, its socket in `dir` (where it listens is in its
+    /// `postgresql.conf`, written by `start_with`).
     fn spawn(bin: &Path, dir: &Path, owner: Option<(u32, u32)>) -> Result<Child, String> {
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -307,7 +392,6 @@ impl PgServer {
             .arg(dir.join("data"))
             .arg("-k")
             .arg(dir)
-            .args(["-c", "listen_addresses=", "-c", "fsync=off"])
             .args(["-c", "max_connections=200", "-c", "shared_buffers=64MB"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
