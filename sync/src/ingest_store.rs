@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use crate::ingest::{BatchVerdict, CheckedBatch, KnownHashes, NodeCursor};
 
+pub mod pg_tls;
 pub mod postgres;
 mod sqlite;
 

@@ -43,6 +43,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Config, NoTls};
 
+use super::pg_tls::{self, SslMode, TlsRequest};
+
 use super::{
     aside_only, debits_json, known_from, seq_i64, seqs_to_look_up, stored_at, to_i64, ChainAudit,
     ExportQuery, ExportValue, IngestStore, IngestStoreError, KeptAside, NodeAudit, NodeFacts,
@@ -221,14 +223,19 @@ fn describe(config: &Config) -> String {
 
 /// The connection settings: the URL, then the standard `PG*` variables for
 /// what it leaves out, then the password from a file.
-fn pg_config(url: &str, opts: &PgOptions) -> Result<Config, IngestStoreError> {
+fn pg_config(url: &str, opts: &PgOptions) -> Result<(Config, TlsRequest), IngestStoreError> {
     let bad = |why: String| IngestStoreError::Location(redact(url), why);
-    let mut config = if url == "postgres:" || url == "postgresql:" {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (rest, tls) = pg_tls::split(url, &env).map_err(bad)?;
+    let mut config = if rest == "postgres:" || rest == "postgresql:" {
         Config::new()
     } else {
-        Config::from_str(url).map_err(|e| bad(e.to_string()))?
+        Config::from_str(&rest).map_err(|e| bad(e.to_string()))?
     };
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    config.ssl_mode(match tls.mode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+    });
     if config.get_hosts().is_empty() {
         // A path is a directory of Unix sockets, as libpq reads it.
         config.host(env("PGHOST").unwrap_or_else(|| "/var/run/postgresql".into()));
@@ -275,7 +282,7 @@ fn pg_config(url: &str, opts: &PgOptions) -> Result<Config, IngestStoreError> {
             config.password(p);
         }
     }
-    Ok(config)
+    Ok((config, tls))
 }
 
 /// Whether `url` carries a password (in its user part or as `password=`).
@@ -388,8 +395,15 @@ impl PgStore {
     /// binary's version (or refuses a newer one), and creates the record
     /// partitions around now.
     pub fn connect(url: &str, opts: &PgOptions) -> Result<PgStore, IngestStoreError> {
-        let config = pg_config(url, opts)?;
-        let described = describe(&config);
+        let (config, tls) = pg_config(url, opts)?;
+        let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+        let tls_config = pg_tls::client_config(&tls, home.as_deref())
+            .map_err(|why| IngestStoreError::Location(redact(url), why))?;
+        let described = match tls.mode {
+            SslMode::Disable => describe(&config),
+            SslMode::VerifyCa => format!("{} (TLS, verify-ca)", describe(&config)),
+            SslMode::VerifyFull => format!("{} (TLS, verify-full)", describe(&config)),
+        };
         let user = config.get_user().unwrap_or("").to_string();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -397,13 +411,17 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| IngestStoreError::Postgres(format!("starting the client runtime: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls_config {
+            None => Manager::from_config(config, NoTls, manager_config()),
+            Some(tls) => Manager::from_config(
+                config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                manager_config(),
+            ),
+        };
         let pool = Pool::builder(manager)
             .max_size(opts.pool_size.max(1))
             .wait_timeout(Some(Duration::from_secs(opts.pool_wait_s)))
@@ -437,6 +455,13 @@ impl PgStore {
         self.pool.get().await.map_err(|e| match e {
             // Where it tried to connect (never the password).
             PoolError::Backend(e) => match self.err(e) {
+                IngestStoreError::Postgres(m) if m.contains("invalid peer certificate") => {
+                    IngestStoreError::Postgres(format!(
+                        "{}: {m} (is sslrootcert the CA that signed the database server's \
+                         certificate, and does that certificate name the host connected to?)",
+                        self.described
+                    ))
+                }
                 IngestStoreError::Postgres(m) => {
                     IngestStoreError::Postgres(format!("{}: {m}", self.described))
                 }

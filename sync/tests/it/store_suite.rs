@@ -420,3 +420,120 @@ fn a_record_altered_in_the_source_stops_the_copy() {
     let text = format!("{e:#}");
     assert!(text.contains("edge-c") && text.contains("seq 5"), "{text}");
 }
+
+/// A CA and a server certificate it signed for `localhost` (by name only),
+/// as an operator's database would present; the CA's PEM is written to
+/// `dir/ca.pem`.
+fn database_certificates(dir: &std::path::Path) -> mec_pg_throwaway::ServerTls {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "operator database CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    mec_pg_throwaway::ServerTls {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// Whether the store's own connections to `db` use TLS, as the server
+/// sees them (`pg_stat_ssl`).
+fn server_sees_tls(server: &mec_pg_throwaway::PgServer, db: &str) -> String {
+    server
+        .sql(
+            db,
+            "SELECT string_agg(DISTINCT s.ssl::text, ',') FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'core-ingest'",
+        )
+        .unwrap()
+}
+
+/// TLS to the database, libpq's way: `sslmode=verify-full` with the CA of
+/// the server's certificate stores over TLS (the server says so); a name
+/// the certificate does not hold fails `verify-full` and passes
+/// `verify-ca`; a server signed by another CA is refused before anything
+/// is written; `require` is refused with the way out.
+#[test]
+fn postgres_over_tls_checks_the_server_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = mec_pg_throwaway::PgServer::start_tls(&database_certificates(dir.path())).unwrap();
+    let ca = dir.path().join("ca.pem");
+    let k = SigningKey::from_bytes(&[21; 32]);
+
+    server.create_database("verified").unwrap();
+    let params = format!("sslmode=verify-full&sslrootcert={}", ca.display());
+    let url = server.tcp_url("localhost", "verified", &params);
+    let store = PgStore::connect(&url, &PgOptions::default()).unwrap();
+    assert!(
+        store.describe().contains("TLS, verify-full"),
+        "{}",
+        store.describe()
+    );
+    ingest(
+        &store,
+        "tls-node",
+        &k,
+        &chain("tls-node", &k, 5, |_| 1_700_000_000_000),
+    );
+    assert_eq!(store.audit().unwrap()[0].records, 5);
+    assert_eq!(server_sees_tls(&server, "verified"), "true");
+    drop(store);
+
+    // The certificate names localhost, not 127.0.0.1.
+    server.create_database("by_address").unwrap();
+    let url = server.tcp_url("127.0.0.1", "by_address", &params);
+    let e = PgStore::connect(&url, &PgOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("certificate") && e.contains("127.0.0.1"), "{e}");
+    let params_ca = format!("sslmode=verify-ca&sslrootcert={}", ca.display());
+    let url = server.tcp_url("127.0.0.1", "by_address", &params_ca);
+    let store = PgStore::connect(&url, &PgOptions::default()).unwrap();
+    store.check_ready().unwrap();
+    assert_eq!(server_sees_tls(&server, "by_address"), "true");
+    drop(store);
+
+    // Another CA: refused, and nothing was created in the database.
+    let other = tempfile::tempdir().unwrap();
+    database_certificates(other.path());
+    server.create_database("other_ca").unwrap();
+    let url = server.tcp_url(
+        "localhost",
+        "other_ca",
+        &format!(
+            "sslmode=verify-full&sslrootcert={}",
+            other.path().join("ca.pem").display()
+        ),
+    );
+    let e = PgStore::connect(&url, &PgOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("certificate"), "{e}");
+    assert_eq!(
+        server
+            .sql(
+                "other_ca",
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+            )
+            .unwrap(),
+        "0"
+    );
+
+    let url = server.tcp_url("localhost", "verified", "sslmode=require");
+    let e = PgStore::connect(&url, &PgOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("sslmode=verify-full"), "{e}");
+}
