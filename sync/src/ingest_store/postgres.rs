@@ -555,8 +555,8 @@ impl PgStore {
 
     /// Creates the monthly partitions of `records` from the month before
     /// `now_ms` to three months after it (those that exist are kept). A
-    /// month whose records already sit in the default partition is left
-    /// there, with a warning.
+    /// month's records that arrived before its partition, in the default
+    /// partition, move into it as it is made.
     pub fn ensure_partitions(&self, now_ms: i64) -> Result<Vec<String>, IngestStoreError> {
         self.block_on(async {
             let mut client = self.client().await?;
@@ -571,16 +571,34 @@ impl PgStore {
                 let sql = format!(
                     "CREATE TABLE IF NOT EXISTS {name} PARTITION OF records FOR VALUES FROM ({from}) TO ({to})"
                 );
-                match tx.batch_execute(&sql).await {
-                    Ok(()) => {
-                        tx.commit().await.map_err(|e| self.err(e))?;
-                        made.push(name);
-                    }
-                    Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
-                        tracing::warn!(partition = %name, "records of this month are in the default partition; the month keeps none of its own");
-                    }
-                    Err(e) => return Err(self.err(e)),
+                // Records of this month that arrived before its partition
+                // (a box's clock months ahead, say) wait in the default
+                // partition, and PostgreSQL refuses a partition whose rows
+                // the default holds: they move into the new partition in
+                // the transaction that makes it, so the month is whole and
+                // no reader sees it half moved.
+                let stray = "moving_from_default";
+                tx.batch_execute(&format!(
+                    "CREATE TEMP TABLE {stray} (LIKE records) ON COMMIT DROP;
+                     WITH moved AS (DELETE FROM records_default
+                                    WHERE end_time_unix_ms >= {from} AND end_time_unix_ms < {to}
+                                    RETURNING *)
+                     INSERT INTO {stray} SELECT * FROM moved;
+                     {sql};
+                     INSERT INTO records SELECT * FROM {stray};"
+                ))
+                .await
+                .map_err(|e| self.err(e))?;
+                let moved: i64 = tx
+                    .query_one(&format!("SELECT count(*) FROM {stray}"), &[])
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .get(0);
+                tx.commit().await.map_err(|e| self.err(e))?;
+                if moved > 0 {
+                    tracing::info!(partition = %name, moved, "records of the month moved out of the default partition");
                 }
+                made.push(name);
             }
             Ok(made)
         })

@@ -537,3 +537,53 @@ fn postgres_over_tls_checks_the_server_as_asked() {
         .to_string();
     assert!(e.contains("sslmode=verify-full"), "{e}");
 }
+
+/// A record dated months ahead (a box's clock) waits in the default
+/// partition; when its month's partition is made, the month's records move
+/// into it in that transaction, and the audit and the export still see
+/// every record once.
+#[test]
+fn postgres_moves_a_months_records_out_of_the_default_partition_as_it_is_made() {
+    let url = mec_pg_throwaway::fresh_database("default_partition").unwrap();
+    let db = format!("default_partition_{}", std::process::id());
+    let server = mec_pg_throwaway::shared().unwrap();
+    let store = PgStore::connect(&url, &PgOptions::default()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ahead = now + 200 * DAY;
+    let k = SigningKey::from_bytes(&[23; 32]);
+    let recs = chain(
+        "clock-ahead",
+        &k,
+        3,
+        |seq| if seq == 1 { now } else { ahead },
+    );
+    ingest(&store, "clock-ahead", &k, &recs);
+    let count = |table: &str| {
+        server
+            .sql(&db, &format!("SELECT count(*) FROM {table}"))
+            .unwrap()
+    };
+    assert_eq!(count("records_default"), "2");
+
+    let made = store.ensure_partitions(ahead).unwrap();
+    assert_eq!(count("records_default"), "0");
+    let home = server
+        .sql(
+            &db,
+            "SELECT DISTINCT tableoid::regclass FROM records WHERE seq >= 2",
+        )
+        .unwrap();
+    assert!(made.contains(&home), "{home} not in {made:?}");
+    assert_eq!(count("records"), "3");
+    let audit = store.audit().unwrap();
+    assert_eq!((audit[0].records, audit[0].chain.as_str()), (3, "ok"));
+    let all = ExportQuery {
+        from_ms: i64::MIN,
+        to_ms: i64::MAX,
+        by_imsi_day: false,
+    };
+    assert_eq!(store.export(&all, &mut |_| Ok(())).unwrap(), 3);
+}
