@@ -518,13 +518,23 @@ impl PgStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .await
             .map_err(|e| self.err(e))?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                 version    INTEGER PRIMARY KEY,
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-        )
-        .await
-        .map_err(|e| self.err(e))?;
+        // Made only where missing: `CREATE ... IF NOT EXISTS` still asks
+        // for CREATE on the schema, which a user that only writes rows to a
+        // current schema need not hold.
+        let versioned: bool = tx
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(|e| self.err(e))?
+            .get(0);
+        if !versioned {
+            tx.batch_execute(
+                "CREATE TABLE schema_migrations (
+                     version    INTEGER PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        }
         let found: i32 = tx
             .query_one(
                 "SELECT COALESCE(max(version), 0) FROM schema_migrations",
@@ -568,8 +578,21 @@ impl PgStore {
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
                     .await
                     .map_err(|e| self.err(e))?;
+                // Made already (by this instance or another): nothing to
+                // do, and nothing asked of a user that does not own
+                // `records`.
+                let exists: bool = tx
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .get(0);
+                if exists {
+                    tx.commit().await.map_err(|e| self.err(e))?;
+                    made.push(name);
+                    continue;
+                }
                 let sql = format!(
-                    "CREATE TABLE IF NOT EXISTS {name} PARTITION OF records FOR VALUES FROM ({from}) TO ({to})"
+                    "CREATE TABLE {name} PARTITION OF records FOR VALUES FROM ({from}) TO ({to})"
                 );
                 // Records of this month that arrived before its partition
                 // (a box's clock months ahead, say) wait in the default

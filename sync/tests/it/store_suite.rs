@@ -587,3 +587,56 @@ fn postgres_moves_a_months_records_out_of_the_default_partition_as_it_is_made() 
     };
     assert_eq!(store.export(&all, &mut |_| Ok(())).unwrap(), 3);
 }
+
+/// A right taken away while the core runs: the batch fails with an error
+/// naming the user and the right, the node's cursor does not move (nothing
+/// is acknowledged), and once the right is back the same batch lands once.
+/// The user owns nothing: it was granted what "What the user needs" in
+/// docs/core-postgres.md lists for after the first start.
+#[test]
+fn postgres_a_right_lost_while_serving_fails_the_batch_and_loses_nothing() {
+    let url = mec_pg_throwaway::fresh_database("rights_lost").unwrap();
+    let db = format!("rights_lost_{}", std::process::id());
+    let server = mec_pg_throwaway::shared().unwrap();
+    drop(PgStore::connect(&url, &PgOptions::default()).unwrap());
+    server
+        .sql(
+            &db,
+            "CREATE ROLE ingester LOGIN; \
+             GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO ingester; \
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ingester",
+        )
+        .unwrap();
+    let store =
+        PgStore::connect(&url.replacen("mec@", "ingester@", 1), &PgOptions::default()).unwrap();
+    let k = SigningKey::from_bytes(&[29; 32]);
+    let recs = chain("rights", &k, 6, |_| NOV_30);
+    ingest(&store, "rights", &k, &recs[..3]);
+
+    server
+        .sql(&db, "REVOKE INSERT ON records FROM ingester")
+        .unwrap();
+    let second = || check_records("rights", &k.verifying_key(), batch(&recs[3..]));
+    let e = store.ingest("rights", second(), 0).err().unwrap();
+    assert!(matches!(e, IngestStoreError::Privilege { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("\"ingester\"") && text.contains("permission denied for table records"),
+        "{text}"
+    );
+    assert_eq!(store.position("rights").unwrap().0.contiguous_seq, 3);
+
+    server
+        .sql(&db, "GRANT INSERT ON records TO ingester")
+        .unwrap();
+    store.ingest("rights", second(), 0).unwrap();
+    let audit = store.audit().unwrap();
+    assert_eq!(
+        (
+            audit[0].records,
+            audit[0].contiguous_seq,
+            audit[0].chain.as_str()
+        ),
+        (6, 6, "ok")
+    );
+}
