@@ -176,7 +176,9 @@ pub fn figures(out: &Path) -> Vec<Figure> {
                 bench: "sync",
                 name: format!(
                     "upload of {} records, verified and committed",
-                    num(&v["records"]).map_or("?".into(), fmt)
+                    num(&v["upload"]["records"])
+                        .or(num(&v["records"]))
+                        .map_or("?".into(), fmt)
                 ),
                 value: rps,
                 unit: "records/s",
@@ -185,9 +187,61 @@ pub fn figures(out: &Path) -> Vec<Figure> {
                 command: format!(
                     "{} --records {}",
                     v["command"].as_str().unwrap_or("cargo xtask bench-sync"),
-                    v["records"]
+                    num(&v["upload"]["records"])
+                        .or(num(&v["records"]))
+                        .map_or("?".into(), |n| format!("{n:.0}"))
                 ),
             });
+        }
+        // Since issue 22: each store × instances × nodes, against the core's
+        // own signature-check ceiling, and PostgreSQL against SQLite.
+        let command = v["command"]
+            .as_str()
+            .unwrap_or("cargo xtask bench-sync")
+            .to_string();
+        let ceiling = num(&v["verify_ceiling_per_s"]);
+        let matrix = v["matrix"].as_array().cloned().unwrap_or_default();
+        let rate = |store: &str, instances: u64, nodes: u64| {
+            matrix
+                .iter()
+                .find(|m| m["store"] == store && m["instances"] == instances && m["nodes"] == nodes)
+                .and_then(|m| num(&m["records_per_s"]))
+        };
+        for m in &matrix {
+            let (Some(store), Some(instances), Some(nodes), Some(rps)) = (
+                m["store"].as_str(),
+                m["instances"].as_u64(),
+                m["nodes"].as_u64(),
+                num(&m["records_per_s"]),
+            ) else {
+                continue;
+            };
+            let what = format!(
+                "{store}, {instances} instance{}, {nodes} nodes",
+                if instances == 1 { "" } else { "s" }
+            );
+            f.push(Figure {
+                bench: "sync",
+                name: format!("{what}: records drained"),
+                value: rps,
+                unit: "records/s",
+                peer: ceiling.map(|c| ("the core's signature-check ceiling".to_string(), c)),
+                higher_is_better: true,
+                command: command.clone(),
+            });
+            if store == "postgres" && instances == 1 {
+                if let Some(sqlite) = rate("sqlite", 1, nodes) {
+                    f.push(Figure {
+                        bench: "sync",
+                        name: format!("{what}: against SQLite"),
+                        value: rps,
+                        unit: "records/s",
+                        peer: Some((format!("sqlite, 1 instance, {nodes} nodes"), sqlite)),
+                        higher_is_better: true,
+                        command: command.clone(),
+                    });
+                }
+            }
         }
     }
     f
@@ -469,7 +523,7 @@ fn charts(figures: &[Figure]) -> Vec<(String, Chart)> {
     add(
         "sync-upload.png",
         "sync",
-        "Upload into core-ingest vs the goal of issue 5",
+        "Upload into core-ingest vs its peers",
         "records/s",
         pair_rows("sync", "records/s"),
     );
@@ -663,7 +717,13 @@ mod tests {
         std::fs::write(
             out.join("sync-bench.json"),
             json!({ "command": "cargo xtask bench-sync", "records": 1000000,
-                    "upload": { "records_per_s": 60826.0 } })
+                    "upload": { "records_per_s": 60826.0 },
+                    "verify_ceiling_per_s": 160000.0,
+                    "matrix": [
+                        { "store": "sqlite", "instances": 1, "nodes": 10, "records_per_s": 50000.0 },
+                        { "store": "postgres", "instances": 1, "nodes": 10, "records_per_s": 45000.0 },
+                        { "store": "postgres", "instances": 2, "nodes": 10, "records_per_s": 47000.0 },
+                    ] })
             .to_string(),
         )
         .unwrap();
@@ -680,6 +740,13 @@ mod tests {
         assert!((cached.ratio().unwrap() - 9.6 / 16.7).abs() < 1e-9);
         let log = f.iter().filter(|f| f.bench == "log").count();
         assert_eq!(log, 2);
+        // The upload goal, 3 scenarios against the ceiling, 1 against SQLite.
+        assert_eq!(f.iter().filter(|f| f.bench == "sync").count(), 5);
+        let pg = f
+            .iter()
+            .find(|f| f.name == "postgres, 1 instance, 10 nodes: against SQLite")
+            .unwrap();
+        assert!((pg.ratio().unwrap() - 0.9).abs() < 1e-9);
         // No API benchmark output: no API figure, none invented.
         assert!(f.iter().all(|f| f.bench != "api"));
     }
