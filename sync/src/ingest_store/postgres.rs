@@ -839,7 +839,8 @@ impl PgStore {
         let ttfts = col(&|x| to_i64(x.record.ttft_us));
         let offline: Vec<bool> = a.iter().map(|x| x.record.offline).collect();
         let signed = bytes(&|x| x.signed.clone());
-        let params: [&(dyn ToSql + Sync); 28] = [
+        // Every row: the check above makes each of them new.
+        let params: [&(dyn ToSql + Sync); 27] = [
             &node,
             &seqs,
             &record_ids,
@@ -867,7 +868,6 @@ impl PgStore {
             &hashes,
             &signed,
             &now_ms,
-            &inserted,
         ];
         let insert = tx
             .prepare_cached(
@@ -885,8 +885,7 @@ impl PgStore {
                       prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens,
                       billed_tokens, package_ids, debits, outcome, failure_reason,
                       start_time_unix_ms, end_time_unix_ms, clock_sync, duration_us, ttft_us,
-                      offline, prev_hash, hash, signed)
-             WHERE r.seq = ANY($28::bigint[])",
+                      offline, prev_hash, hash, signed)",
             )
             .await
             .map_err(|e| self.err(e))?;
