@@ -285,9 +285,14 @@ impl Ledger {
         self.held.get(&bucket).copied().unwrap_or(0)
     }
 
-    /// The subscriber's active buckets with what each can give now,
-    /// nearest expiry first (ties: older grant first).
-    fn available(&self, imsi: &Imsi, now: Timestamp) -> Vec<(u64, u64, u32)> {
+    /// The subscriber's active buckets (those `usable` takes) with what
+    /// each can give now, nearest expiry first (ties: older grant first).
+    fn available(
+        &self,
+        imsi: &Imsi,
+        now: Timestamp,
+        usable: &dyn Fn(&Bucket) -> bool,
+    ) -> Vec<(u64, u64, u32)> {
         let mut v: Vec<(Timestamp, u64, u64, u32)> = self
             .by_imsi
             .get(imsi)
@@ -295,6 +300,9 @@ impl Ledger {
             .flatten()
             .filter_map(|id| {
                 let b = &self.buckets[id];
+                if !usable(b) {
+                    return None;
+                }
                 let p = b.period(now)?;
                 let free = b.remaining(now).saturating_sub(self.held_on(*id));
                 Some((b.expiry_at(now), *id, free, p))
@@ -360,8 +368,21 @@ impl Ledger {
         wanted: u64,
         now: Timestamp,
     ) -> Result<Reservation, LedgerError> {
+        self.reserve_from(imsi, needed, wanted, now, &|_| true)
+    }
+
+    /// [`Ledger::reserve`] from the buckets `usable` takes only (the core's
+    /// packages that may be spent on a model, say).
+    pub fn reserve_from(
+        &mut self,
+        imsi: &Imsi,
+        needed: u64,
+        wanted: u64,
+        now: Timestamp,
+        usable: &dyn Fn(&Bucket) -> bool,
+    ) -> Result<Reservation, LedgerError> {
         let wanted = wanted.max(needed);
-        let avail = self.available(imsi, now);
+        let avail = self.available(imsi, now, usable);
         let total: u64 = avail.iter().map(|a| a.1).sum();
         if total < needed {
             return Err(LedgerError::InsufficientQuota {
@@ -399,12 +420,7 @@ impl Ledger {
 
     fn drop_holds(&mut self, r: &Reservation) {
         for h in &r.holds {
-            if let Some(v) = self.held.get_mut(&h.bucket_id) {
-                *v = v.saturating_sub(h.tokens);
-                if *v == 0 {
-                    self.held.remove(&h.bucket_id);
-                }
-            }
+            unhold(&mut self.held, h.bucket_id, h.tokens);
         }
     }
 
@@ -466,6 +482,46 @@ impl Ledger {
         Ok(())
     }
 
+    /// Debits `used` tokens of an open reservation from its holds in order
+    /// and keeps it open with the rest held: the core's grant to a box is a
+    /// reservation settled record by record. Returns the debits (applied)
+    /// and the tokens beyond what it still held, which it does not debit:
+    /// the caller decides where they go.
+    pub fn consume(
+        &mut self,
+        reservation: u64,
+        used: u64,
+    ) -> Result<(Vec<Debit>, u64), LedgerError> {
+        let r = self
+            .reservations
+            .get_mut(&reservation)
+            .ok_or(LedgerError::UnknownReservation(reservation))?;
+        let mut debits = Vec::new();
+        let mut left = used;
+        for h in r.holds.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            let take = h.tokens.min(left);
+            if take == 0 {
+                continue;
+            }
+            debits.push(Debit { tokens: take, ..*h });
+            h.tokens -= take;
+            left -= take;
+            unhold(&mut self.held, h.bucket_id, take);
+        }
+        r.holds.retain(|h| h.tokens > 0);
+        r.granted -= used - left;
+        self.apply(&debits);
+        Ok((debits, left))
+    }
+
+    /// What an open reservation still holds.
+    pub fn reservation(&self, id: u64) -> Option<&Reservation> {
+        self.reservations.get(&id)
+    }
+
     /// Releases a reservation without debiting anything (no token was made).
     pub fn release(&mut self, reservation: u64) -> Result<(), LedgerError> {
         let r = self
@@ -487,6 +543,16 @@ impl Ledger {
             }
         }
         unknown
+    }
+}
+
+/// Takes `tokens` off what open reservations hold on `bucket`.
+fn unhold(held: &mut HashMap<u64, u64>, bucket: u64, tokens: u64) {
+    if let Some(v) = held.get_mut(&bucket) {
+        *v = v.saturating_sub(tokens);
+        if *v == 0 {
+            held.remove(&bucket);
+        }
     }
 }
 
@@ -626,6 +692,43 @@ mod tests {
         assert_eq!(l.balance(&imsi(), T0).remaining_tokens, 0);
         assert!(l.reserve(&imsi(), 1, 1, T0).is_err());
         assert_eq!(l.revoke(9), Err(LedgerError::UnknownBucket(9)));
+    }
+
+    #[test]
+    fn a_reservation_consumed_in_parts_keeps_the_rest_held() {
+        let mut l = Ledger::new();
+        l.insert(bucket(1, BucketKind::Topup, 100, 30)).unwrap();
+        l.insert(bucket(2, BucketKind::Topup, 100, 60)).unwrap();
+        let r = l.reserve(&imsi(), 1, 150, T0).unwrap();
+        let (debits, beyond) = l.consume(r.id, 120).unwrap();
+        assert_eq!(beyond, 0);
+        assert_eq!(
+            debits,
+            vec![
+                Debit {
+                    bucket_id: 1,
+                    tokens: 100,
+                    period: 0
+                },
+                Debit {
+                    bucket_id: 2,
+                    tokens: 20,
+                    period: 0
+                },
+            ]
+        );
+        let b = l.balance(&imsi(), T0);
+        assert_eq!((b.remaining_tokens, b.reserved_tokens), (50, 30));
+        assert_eq!(l.reservation(r.id).unwrap().granted, 30);
+        // Beyond what it holds: the rest is not debited, and said.
+        assert_eq!(l.consume(r.id, 50).unwrap().1, 20);
+        let b = l.balance(&imsi(), T0);
+        assert_eq!((b.remaining_tokens, b.reserved_tokens), (50, 0));
+        l.release(r.id).unwrap();
+        assert_eq!(
+            l.consume(r.id, 1),
+            Err(LedgerError::UnknownReservation(r.id))
+        );
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Token packages per subscriber, as a phone plan sells them.
 //!
+//! * [`charging`]: the core's charging function, sans-IO: packages sold
+//!   centrally, slices of their balance granted to boxes, usage records
+//!   settled once, overage counted.
 //! * [`imsi`]: the subscriber identity, validated.
 //! * [`ledger`]: the quota ledger, sans-IO (time is an argument): buckets of
 //!   tokens with validity windows, reservations before generation, settlement
@@ -13,6 +16,7 @@
 //! missed (see `store`).
 #![warn(missing_docs)]
 
+pub mod charging;
 pub mod imsi;
 pub mod ledger;
 pub mod ratelimit;

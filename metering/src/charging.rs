@@ -1,0 +1,496 @@
+//! The charging function, sans-IO: the core's side of token packages, as
+//! 3GPP's CHF (TS 32.290) holds a subscriber's balance and grants it to the
+//! network nodes that serve the subscriber, one slice at a time.
+//!
+//! * The operator **sells** packages (monthly, top-up, trial: the box's
+//!   [`Bucket`] kinds, with the same validity and renewal rules), each under
+//!   an id the operator's system chooses: selling the same id again is the
+//!   same sale (a BSS that retries never sells twice), and an id reused for
+//!   another package is refused.
+//! * A box asks for a **grant** for a subscriber it serves: a slice of the
+//!   balance, held for that box, with a validity time (never past the end of
+//!   the tokens it holds: a month's end for a monthly package), a threshold
+//!   at which the box asks for more, an offline allowance and a final-unit
+//!   action. A grant is a [`Ledger`] reservation: what boxes hold is never
+//!   more than the balance, whatever the order of their requests.
+//! * The box's signed usage records come back and **settle**: each (node,
+//!   seq) once. Usage is taken from the grant the record names, then from
+//!   the subscriber's free balance, and what neither covers (served offline
+//!   beyond the grant) is **overage**, counted per subscriber, never hidden.
+//! * A grant ends when its box **returns** it (its final usage is in the
+//!   records it uploaded before) or, for a box that never does, a grace
+//!   time after it expired: then what it still held goes back to the
+//!   balance.
+//! * **Revoking** a package stops new grants from it and names the open
+//!   grants holding its tokens, for the downlink to revoke at their boxes;
+//!   their running requests still settle against them.
+//!
+//! Time is an argument (the core's clock: a box's clock never decides a
+//! grant's validity). The core's store keeps this state and makes each
+//! operation one transaction; this type is the rules, tested on their own.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::ledger::{Bucket, BucketKind, Ledger, LedgerError, Timestamp};
+use crate::Imsi;
+
+/// What a package is, as sold.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PackageSpec {
+    /// Monthly, top-up or trial.
+    pub kind: BucketKind,
+    /// Tokens per month (monthly) or in all.
+    pub allowance: u64,
+    /// First second of validity.
+    pub valid_from: Timestamp,
+    /// First second no longer valid.
+    pub expires_at: Timestamp,
+    /// The operator's tier name ("basic", "pro"), for the bill.
+    pub tier: String,
+    /// The models it may be spent on; empty: any.
+    pub models: Vec<String>,
+}
+
+/// A package sold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Package {
+    /// The operator's id for it (the idempotency key of the sale).
+    pub id: String,
+    /// Whose.
+    pub imsi: Imsi,
+    /// What.
+    pub spec: PackageSpec,
+    /// Its bucket in the ledger.
+    pub bucket_id: u64,
+    /// Revoked: it gives nothing from then on.
+    pub revoked: bool,
+}
+
+/// What a box does when a grant is used up and no other comes (the 3GPP
+/// final-unit action).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalUnitAction {
+    /// Refuse the subscriber's requests.
+    Refuse,
+    /// Serve only these models (a free tier, say), unbilled by this grant.
+    RestrictTo(Vec<String>),
+}
+
+/// How grants are cut (the core's configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GrantPolicy {
+    /// Tokens a grant asks for when the box names no amount.
+    pub slice: u64,
+    /// How long a grant is valid, at most (seconds).
+    pub validity_s: i64,
+    /// The box asks for more when the grant's unused part falls to this
+    /// percentage of it.
+    pub threshold_percent: u8,
+    /// Tokens a box may serve beyond its grant while the core cannot be
+    /// reached (0: none).
+    pub offline_allowance: u64,
+    /// What the box does when the grant is spent.
+    pub final_unit_action: FinalUnitAction,
+    /// How long after its expiry an unreturned grant keeps its tokens held
+    /// (its box may be offline with records still to upload), seconds.
+    pub return_grace_s: i64,
+}
+
+impl Default for GrantPolicy {
+    fn default() -> GrantPolicy {
+        GrantPolicy {
+            slice: 100_000,
+            validity_s: 3_600,
+            threshold_percent: 20,
+            offline_allowance: 0,
+            final_unit_action: FinalUnitAction::Refuse,
+            return_grace_s: 86_400,
+        }
+    }
+}
+
+/// A slice of a subscriber's balance held for one box.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Grant {
+    /// The core's id for it (records name it).
+    pub id: u64,
+    /// The box.
+    pub node_id: String,
+    /// The subscriber.
+    pub imsi: Imsi,
+    /// The model it was asked for (None: any model, from packages that
+    /// name none).
+    pub model: Option<String>,
+    /// Tokens granted.
+    pub tokens: u64,
+    /// Of them, settled by the box's records so far.
+    pub used: u64,
+    /// When (core time).
+    pub granted_at: Timestamp,
+    /// Valid until (core time).
+    pub expires_at: Timestamp,
+    /// The box asks for more when `tokens - used` falls to this.
+    pub threshold: u64,
+    /// See [`GrantPolicy::offline_allowance`].
+    pub offline_allowance: u64,
+    /// See [`FinalUnitAction`].
+    pub final_unit_action: FinalUnitAction,
+    /// A package it holds tokens of was revoked: the box must stop
+    /// admitting on it.
+    pub revoked: bool,
+    /// The ledger reservation holding its tokens.
+    reservation: u64,
+}
+
+/// A usage record as it settles: who served whom, how many tokens, and the
+/// grant the box spent them from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// The box.
+    pub node_id: String,
+    /// The record's seq on that box (the settlement's idempotency key).
+    pub seq: u64,
+    /// The subscriber.
+    pub imsi: Imsi,
+    /// The grant the box spent it from, if any.
+    pub grant_id: Option<u64>,
+    /// Tokens billed.
+    pub tokens: u64,
+}
+
+/// Where a settlement's tokens went.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Settlement {
+    /// From the grant the record names.
+    pub from_grant: u64,
+    /// From the subscriber's free balance (beyond the grant, or no grant).
+    pub from_balance: u64,
+    /// Covered by neither: served beyond the balance.
+    pub overage: u64,
+}
+
+/// A subscriber's account at the core.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Account {
+    /// The subscriber.
+    pub imsi: Imsi,
+    /// Tokens neither used nor held by a box.
+    pub remaining: u64,
+    /// Held by open grants, not yet used.
+    pub granted: u64,
+    /// Settled from records.
+    pub used: u64,
+    /// Served beyond the balance.
+    pub overage: u64,
+}
+
+/// What the charging function refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChargingError {
+    /// The subscriber holds no package at all.
+    #[error("subscriber {0} has no package at this core")]
+    UnknownSubscriber(String),
+    /// Nothing left to grant.
+    #[error("subscriber {imsi} has no tokens left to grant{}", model.as_ref().map(|m| format!(" for model {m}")).unwrap_or_default())]
+    InsufficientQuota {
+        /// The subscriber.
+        imsi: String,
+        /// The model asked for.
+        model: Option<String>,
+    },
+    /// A package id sold before for another package.
+    #[error("package id {0:?} was sold before for another package")]
+    IdConflict(String),
+    /// No package of that id.
+    #[error("no package {0:?}")]
+    UnknownPackage(String),
+    /// No open grant of that id for that box.
+    #[error("no open grant {grant} of box {node}")]
+    UnknownGrant {
+        /// The grant.
+        grant: u64,
+        /// The box.
+        node: String,
+    },
+    /// A package's allowance or window makes no sense.
+    #[error("bad package: {0}")]
+    BadPackage(String),
+}
+
+/// Every subscriber's packages, grants and settled usage.
+#[derive(Debug, Default)]
+pub struct Charging {
+    ledger: Ledger,
+    packages: HashMap<String, Package>,
+    models_by_bucket: HashMap<u64, Vec<String>>,
+    grants: BTreeMap<u64, Grant>,
+    settled: HashSet<(String, u64)>,
+    used: HashMap<Imsi, u64>,
+    overage: HashMap<Imsi, u64>,
+    next_bucket: u64,
+    next_grant: u64,
+}
+
+impl Charging {
+    /// Nothing sold yet.
+    pub fn new() -> Charging {
+        Charging::default()
+    }
+
+    /// Sells `spec` to `imsi` under the operator's `id`. The same id with
+    /// the same package is the same sale (`Ok(false)`: nothing new).
+    pub fn sell(
+        &mut self,
+        id: &str,
+        imsi: &Imsi,
+        spec: PackageSpec,
+    ) -> Result<bool, ChargingError> {
+        if let Some(p) = self.packages.get(id) {
+            return if &p.imsi == imsi && p.spec == spec {
+                Ok(false)
+            } else {
+                Err(ChargingError::IdConflict(id.to_string()))
+            };
+        }
+        if spec.allowance == 0 {
+            return Err(ChargingError::BadPackage("an allowance of 0 tokens".into()));
+        }
+        if spec.expires_at <= spec.valid_from {
+            return Err(ChargingError::BadPackage(
+                "it expires before it starts".into(),
+            ));
+        }
+        self.next_bucket += 1;
+        let bucket_id = self.next_bucket;
+        self.ledger
+            .insert(Bucket {
+                id: bucket_id,
+                imsi: imsi.clone(),
+                kind: spec.kind,
+                allowance: spec.allowance,
+                valid_from: spec.valid_from,
+                expires_at: spec.expires_at,
+                used: 0,
+                used_period: 0,
+                revoked: false,
+            })
+            .map_err(|e| ChargingError::BadPackage(e.to_string()))?;
+        self.models_by_bucket.insert(bucket_id, spec.models.clone());
+        self.packages.insert(
+            id.to_string(),
+            Package {
+                id: id.to_string(),
+                imsi: imsi.clone(),
+                spec,
+                bucket_id,
+                revoked: false,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Revokes a package: no grant takes from it from now on. Returns the
+    /// open grants holding its tokens, for their boxes to stop admitting on
+    /// them (they stay open, so that running requests settle).
+    pub fn revoke(&mut self, id: &str) -> Result<Vec<Grant>, ChargingError> {
+        let p = self
+            .packages
+            .get_mut(id)
+            .ok_or_else(|| ChargingError::UnknownPackage(id.to_string()))?;
+        p.revoked = true;
+        let bucket = p.bucket_id;
+        self.ledger
+            .revoke(bucket)
+            .map_err(|e| ChargingError::BadPackage(e.to_string()))?;
+        let mut hit = Vec::new();
+        for g in self.grants.values_mut() {
+            let holds = self
+                .ledger
+                .reservation(g.reservation)
+                .is_some_and(|r| r.holds.iter().any(|h| h.bucket_id == bucket));
+            if holds {
+                g.revoked = true;
+                hit.push(g.clone());
+            }
+        }
+        Ok(hit)
+    }
+
+    /// A package sold.
+    pub fn package(&self, id: &str) -> Option<&Package> {
+        self.packages.get(id)
+    }
+
+    /// Grants `node_id` a slice of `imsi`'s balance: `wanted` tokens (0:
+    /// the policy's slice) or what is left if less, from the packages that
+    /// may be spent on `model` (None: packages that name no model).
+    pub fn grant(
+        &mut self,
+        node_id: &str,
+        imsi: &Imsi,
+        model: Option<&str>,
+        wanted: u64,
+        policy: &GrantPolicy,
+        now: Timestamp,
+    ) -> Result<Grant, ChargingError> {
+        if !self.packages.values().any(|p| &p.imsi == imsi) {
+            return Err(ChargingError::UnknownSubscriber(imsi.to_string()));
+        }
+        let wanted = if wanted == 0 { policy.slice } else { wanted };
+        let models = &self.models_by_bucket;
+        let usable = |b: &Bucket| {
+            let named = models.get(&b.id).map(Vec::as_slice).unwrap_or_default();
+            match model {
+                None => named.is_empty(),
+                Some(m) => named.is_empty() || named.iter().any(|n| n == m),
+            }
+        };
+        let r = match self.ledger.reserve_from(imsi, 1, wanted, now, &usable) {
+            Ok(r) => r,
+            Err(LedgerError::InsufficientQuota { .. }) => {
+                return Err(ChargingError::InsufficientQuota {
+                    imsi: imsi.to_string(),
+                    model: model.map(str::to_string),
+                })
+            }
+            Err(e) => return Err(ChargingError::BadPackage(e.to_string())),
+        };
+        // Never valid past the end of the tokens it holds (a monthly
+        // package's month), so a grant never spans two months' allowances.
+        let tokens_end = r
+            .holds
+            .iter()
+            .filter_map(|h| self.ledger.bucket(h.bucket_id))
+            .map(|b| b.expiry_at(now))
+            .min()
+            .unwrap_or(now);
+        self.next_grant += 1;
+        let grant = Grant {
+            id: self.next_grant,
+            node_id: node_id.to_string(),
+            imsi: imsi.clone(),
+            model: model.map(str::to_string),
+            tokens: r.granted,
+            used: 0,
+            granted_at: now,
+            expires_at: now.saturating_add(policy.validity_s).min(tokens_end),
+            threshold: r.granted * u64::from(policy.threshold_percent.min(100)) / 100,
+            offline_allowance: policy.offline_allowance,
+            final_unit_action: policy.final_unit_action.clone(),
+            revoked: false,
+            reservation: r.id,
+        };
+        self.grants.insert(grant.id, grant.clone());
+        Ok(grant)
+    }
+
+    /// An open grant.
+    pub fn open_grant(&self, id: u64) -> Option<&Grant> {
+        self.grants.get(&id)
+    }
+
+    /// Open grants, oldest first.
+    pub fn open_grants(&self) -> impl Iterator<Item = &Grant> {
+        self.grants.values()
+    }
+
+    /// Settles one usage record, once per (node, seq): `None` when it was
+    /// settled before. Tokens come from the grant it names (when open and
+    /// that box's and subscriber's), then from the free balance at `now`;
+    /// the rest is overage.
+    pub fn settle(&mut self, usage: &Usage, now: Timestamp) -> Option<Settlement> {
+        if !self.settled.insert((usage.node_id.clone(), usage.seq)) {
+            return None;
+        }
+        let mut from_grant = 0;
+        if let Some(g) = usage.grant_id.and_then(|id| self.grants.get_mut(&id)) {
+            if g.node_id == usage.node_id && g.imsi == usage.imsi {
+                let (_, beyond) = self
+                    .ledger
+                    .consume(g.reservation, usage.tokens)
+                    .unwrap_or((Vec::new(), usage.tokens));
+                from_grant = usage.tokens - beyond;
+                g.used += from_grant;
+            }
+        }
+        let mut from_balance = 0;
+        let beyond = usage.tokens - from_grant;
+        if beyond > 0 {
+            if let Ok(r) = self.ledger.reserve(&usage.imsi, 0, beyond, now) {
+                if let Ok((_, left)) = self.ledger.consume(r.id, r.granted) {
+                    from_balance = r.granted - left;
+                }
+                let _ = self.ledger.release(r.id);
+            }
+        }
+        let overage = beyond - from_balance;
+        *self.used.entry(usage.imsi.clone()).or_default() += from_grant + from_balance;
+        if overage > 0 {
+            *self.overage.entry(usage.imsi.clone()).or_default() += overage;
+        }
+        Some(Settlement {
+            from_grant,
+            from_balance,
+            overage,
+        })
+    }
+
+    /// The box gives a grant back (its usage is in the records it uploaded
+    /// before): what it still held returns to the balance. Returns that.
+    pub fn return_grant(&mut self, node_id: &str, grant_id: u64) -> Result<u64, ChargingError> {
+        let unknown = || ChargingError::UnknownGrant {
+            grant: grant_id,
+            node: node_id.to_string(),
+        };
+        let g = self.grants.get(&grant_id).ok_or_else(unknown)?;
+        if g.node_id != node_id {
+            return Err(unknown());
+        }
+        let g = self.grants.remove(&grant_id).ok_or_else(unknown)?;
+        Ok(self.close(&g))
+    }
+
+    /// Ends the grants that expired more than the policy's grace ago and
+    /// were never returned; returns them.
+    pub fn expire(&mut self, policy: &GrantPolicy, now: Timestamp) -> Vec<Grant> {
+        let gone: Vec<u64> = self
+            .grants
+            .values()
+            .filter(|g| g.expires_at.saturating_add(policy.return_grace_s) <= now)
+            .map(|g| g.id)
+            .collect();
+        let mut ended = Vec::new();
+        for id in gone {
+            if let Some(g) = self.grants.remove(&id) {
+                self.close(&g);
+                ended.push(g);
+            }
+        }
+        ended
+    }
+
+    fn close(&mut self, g: &Grant) -> u64 {
+        let held = self
+            .ledger
+            .reservation(g.reservation)
+            .map_or(0, |r| r.granted);
+        let _ = self.ledger.release(g.reservation);
+        held
+    }
+
+    /// `imsi`'s account at `now`.
+    pub fn account(&self, imsi: &Imsi, now: Timestamp) -> Account {
+        let balance = self.ledger.balance(imsi, now);
+        Account {
+            imsi: imsi.clone(),
+            remaining: balance.remaining_tokens,
+            granted: balance.reserved_tokens,
+            used: self.used.get(imsi).copied().unwrap_or(0),
+            overage: self.overage.get(imsi).copied().unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
