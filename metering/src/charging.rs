@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::ledger::{Bucket, BucketKind, Ledger, LedgerError, Timestamp};
+use crate::ledger::{Bucket, BucketKind, Debit, Ledger, LedgerError, Reservation, Timestamp};
 use crate::Imsi;
 
 /// What a package is, as sold.
@@ -139,8 +139,20 @@ pub struct Grant {
     /// A package it holds tokens of was revoked: the box must stop
     /// admitting on it.
     pub revoked: bool,
-    /// The ledger reservation holding its tokens.
-    reservation: u64,
+}
+
+/// A subscriber's state as the core's store keeps it between operations:
+/// everything [`Charging`] needs to judge the next one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriberState {
+    /// Its packages, with what each has used (`Bucket::used`, `used_period`).
+    pub packages: Vec<(Package, Bucket)>,
+    /// Its open grants, with what each still holds.
+    pub grants: Vec<(Grant, Vec<Debit>)>,
+    /// Tokens settled from records.
+    pub used: u64,
+    /// Tokens served beyond the balance.
+    pub overage: u64,
 }
 
 /// A usage record as it settles: who served whom, how many tokens, and the
@@ -307,7 +319,7 @@ impl Charging {
         for g in self.grants.values_mut() {
             let holds = self
                 .ledger
-                .reservation(g.reservation)
+                .reservation(g.id)
                 .is_some_and(|r| r.holds.iter().any(|h| h.bucket_id == bucket));
             if holds {
                 g.revoked = true;
@@ -346,7 +358,9 @@ impl Charging {
                 Some(m) => named.is_empty() || named.iter().any(|n| n == m),
             }
         };
-        let r = match self.ledger.reserve_from(imsi, 1, wanted, now, &usable) {
+        // The grant's tokens are the ledger reservation of the same id.
+        let id = self.next_grant + 1;
+        let r = match self.ledger.reserve_as(id, imsi, 1, wanted, now, &usable) {
             Ok(r) => r,
             Err(LedgerError::InsufficientQuota { .. }) => {
                 return Err(ChargingError::InsufficientQuota {
@@ -365,9 +379,9 @@ impl Charging {
             .map(|b| b.expiry_at(now))
             .min()
             .unwrap_or(now);
-        self.next_grant += 1;
+        self.next_grant = id;
         let grant = Grant {
-            id: self.next_grant,
+            id,
             node_id: node_id.to_string(),
             imsi: imsi.clone(),
             model: model.map(str::to_string),
@@ -379,10 +393,76 @@ impl Charging {
             offline_allowance: policy.offline_allowance,
             final_unit_action: policy.final_unit_action.clone(),
             revoked: false,
-            reservation: r.id,
         };
         self.grants.insert(grant.id, grant.clone());
         Ok(grant)
+    }
+
+    /// Loads subscribers' states (from the core's store): their packages,
+    /// open grants and totals. Settlements already made are the store's to
+    /// remember (a unique key on node and seq); this type remembers only
+    /// those it made itself.
+    pub fn restore(&mut self, imsi: &Imsi, state: SubscriberState) -> Result<(), ChargingError> {
+        let bad = |e: LedgerError| ChargingError::BadPackage(e.to_string());
+        for (package, bucket) in state.packages {
+            self.next_bucket = self.next_bucket.max(bucket.id);
+            self.models_by_bucket
+                .insert(bucket.id, package.spec.models.clone());
+            self.ledger.insert(bucket).map_err(bad)?;
+            self.packages.insert(package.id.clone(), package);
+        }
+        for (grant, holds) in state.grants {
+            self.next_grant = self.next_grant.max(grant.id);
+            self.ledger
+                .restore(Reservation {
+                    id: grant.id,
+                    imsi: grant.imsi.clone(),
+                    granted: holds.iter().map(|h| h.tokens).sum(),
+                    holds,
+                })
+                .map_err(bad)?;
+            self.grants.insert(grant.id, grant);
+        }
+        self.used.insert(imsi.clone(), state.used);
+        self.overage.insert(imsi.clone(), state.overage);
+        Ok(())
+    }
+
+    /// `imsi`'s state, for the core's store to keep.
+    pub fn state(&self, imsi: &Imsi) -> SubscriberState {
+        let mut packages: Vec<(Package, Bucket)> = self
+            .packages
+            .values()
+            .filter(|p| &p.imsi == imsi)
+            .filter_map(|p| Some((p.clone(), self.ledger.bucket(p.bucket_id)?.clone())))
+            .collect();
+        packages.sort_by_key(|(_, b)| b.id);
+        let grants = self
+            .grants
+            .values()
+            .filter(|g| &g.imsi == imsi)
+            .map(|g| {
+                let holds = self
+                    .ledger
+                    .reservation(g.id)
+                    .map(|r| r.holds.clone())
+                    .unwrap_or_default();
+                (g.clone(), holds)
+            })
+            .collect();
+        SubscriberState {
+            packages,
+            grants,
+            used: self.used.get(imsi).copied().unwrap_or(0),
+            overage: self.overage.get(imsi).copied().unwrap_or(0),
+        }
+    }
+
+    /// Ids below these are taken (the store keeps the counters across
+    /// instances: each operation starts from them).
+    pub fn reserve_ids(&mut self, next_bucket: u64, next_grant: u64) {
+        self.next_bucket = self.next_bucket.max(next_bucket.saturating_sub(1));
+        self.next_grant = self.next_grant.max(next_grant.saturating_sub(1));
     }
 
     /// An open grant.
@@ -408,7 +488,7 @@ impl Charging {
             if g.node_id == usage.node_id && g.imsi == usage.imsi {
                 let (_, beyond) = self
                     .ledger
-                    .consume(g.reservation, usage.tokens)
+                    .consume(g.id, usage.tokens)
                     .unwrap_or((Vec::new(), usage.tokens));
                 from_grant = usage.tokens - beyond;
                 g.used += from_grant;
@@ -471,11 +551,8 @@ impl Charging {
     }
 
     fn close(&mut self, g: &Grant) -> u64 {
-        let held = self
-            .ledger
-            .reservation(g.reservation)
-            .map_or(0, |r| r.granted);
-        let _ = self.ledger.release(g.reservation);
+        let held = self.ledger.reservation(g.id).map_or(0, |r| r.granted);
+        let _ = self.ledger.release(g.id);
         held
     }
 

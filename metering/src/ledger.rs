@@ -228,6 +228,9 @@ pub enum LedgerError {
     /// A bucket with this id exists.
     #[error("bucket {0} exists")]
     DuplicateBucket(u64),
+    /// An open reservation has this id.
+    #[error("reservation {0} is open already")]
+    DuplicateReservation(u64),
 }
 
 /// Buckets, holds and reservations of every subscriber.
@@ -381,6 +384,24 @@ impl Ledger {
         now: Timestamp,
         usable: &dyn Fn(&Bucket) -> bool,
     ) -> Result<Reservation, LedgerError> {
+        let id = self.next_reservation + 1;
+        self.reserve_as(id, imsi, needed, wanted, now, usable)
+    }
+
+    /// [`Ledger::reserve_from`] under the caller's id (the core's grant
+    /// ids, which outlive this ledger), refused when that id is open.
+    pub fn reserve_as(
+        &mut self,
+        id: u64,
+        imsi: &Imsi,
+        needed: u64,
+        wanted: u64,
+        now: Timestamp,
+        usable: &dyn Fn(&Bucket) -> bool,
+    ) -> Result<Reservation, LedgerError> {
+        if self.reservations.contains_key(&id) {
+            return Err(LedgerError::DuplicateReservation(id));
+        }
         let wanted = wanted.max(needed);
         let avail = self.available(imsi, now, usable);
         let total: u64 = avail.iter().map(|a| a.1).sum();
@@ -407,9 +428,9 @@ impl Ledger {
                 left -= take;
             }
         }
-        self.next_reservation += 1;
+        self.next_reservation = self.next_reservation.max(id);
         let r = Reservation {
-            id: self.next_reservation,
+            id,
             imsi: imsi.clone(),
             granted: wanted - left,
             holds,
@@ -515,6 +536,28 @@ impl Ledger {
         r.granted -= used - left;
         self.apply(&debits);
         Ok((debits, left))
+    }
+
+    /// Puts back an open reservation kept elsewhere (the core's grants,
+    /// stored between transactions): its holds count again. Refused when
+    /// its id is open already or a hold names an unknown bucket.
+    pub fn restore(&mut self, r: Reservation) -> Result<(), LedgerError> {
+        if self.reservations.contains_key(&r.id) {
+            return Err(LedgerError::DuplicateReservation(r.id));
+        }
+        if let Some(h) = r
+            .holds
+            .iter()
+            .find(|h| !self.buckets.contains_key(&h.bucket_id))
+        {
+            return Err(LedgerError::UnknownBucket(h.bucket_id));
+        }
+        for h in &r.holds {
+            *self.held.entry(h.bucket_id).or_default() += h.tokens;
+        }
+        self.next_reservation = self.next_reservation.max(r.id);
+        self.reservations.insert(r.id, r);
+        Ok(())
     }
 
     /// What an open reservation still holds.

@@ -319,6 +319,9 @@ mod model {
             grant: u8,
         },
         Expire,
+        /// The store's round trip: each subscriber's state saved and
+        /// loaded into a new `Charging`, as every operation of the core does.
+        Reload,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -340,6 +343,7 @@ mod model {
             }),
             (0u8..12).prop_map(|grant| Op::Return { grant }),
             Just(Op::Expire),
+            Just(Op::Reload),
         ]
     }
 
@@ -428,6 +432,19 @@ mod model {
                         } else {
                             prop_assert!(r.is_err());
                         }
+                    }
+                    Op::Reload => {
+                        let mut fresh = Charging::new();
+                        fresh.reserve_ids(c.next_bucket + 1, c.next_grant + 1);
+                        for sub in 0u8..3 {
+                            let who = imsi(sub.into());
+                            let state = c.state(&who);
+                            fresh.restore(&who, state.clone()).unwrap();
+                            prop_assert_eq!(fresh.state(&who), state);
+                        }
+                        // What was settled is the store's unique key.
+                        fresh.settled = c.settled.clone();
+                        c = fresh;
                     }
                     Op::Expire => {
                         now += 1_200;
