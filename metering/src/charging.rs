@@ -238,6 +238,8 @@ pub struct Charging {
     models_by_bucket: HashMap<u64, Vec<String>>,
     grants: BTreeMap<u64, Grant>,
     settled: HashSet<(String, u64)>,
+    /// Settlements made since the last `take_settlements`, for the store.
+    made: Vec<(Usage, Settlement)>,
     used: HashMap<Imsi, u64>,
     overage: HashMap<Imsi, u64>,
     next_bucket: u64,
@@ -509,11 +511,24 @@ impl Charging {
         if overage > 0 {
             *self.overage.entry(usage.imsi.clone()).or_default() += overage;
         }
-        Some(Settlement {
+        let settlement = Settlement {
             from_grant,
             from_balance,
             overage,
-        })
+        };
+        self.made.push((usage.clone(), settlement.clone()));
+        Some(settlement)
+    }
+
+    /// Marks (node, seq) as settled before (the store's memory of it), so
+    /// that [`Charging::settle`] gives `None` for it.
+    pub fn settled_before(&mut self, node_id: &str, seq: u64) {
+        self.settled.insert((node_id.to_string(), seq));
+    }
+
+    /// The settlements made since the last call, for the store to keep.
+    pub fn take_settlements(&mut self) -> Vec<(Usage, Settlement)> {
+        std::mem::take(&mut self.made)
     }
 
     /// The box gives a grant back (its usage is in the records it uploaded

@@ -15,6 +15,7 @@
 // without this crate); re-exported under their old paths.
 pub use mec_node::{identity, pki};
 
+pub mod charging_store;
 pub mod core_ingest;
 pub mod core_server;
 #[doc(hidden)]

@@ -45,6 +45,8 @@ use tokio_postgres::{Config, NoTls};
 
 use super::pg_tls::{self, SslMode, TlsRequest};
 
+mod charging;
+
 use super::{
     aside_only, debits_json, known_from, seq_i64, seqs_to_look_up, stored_at, to_i64, ChainAudit,
     ExportQuery, ExportValue, IngestStore, IngestStoreError, KeptAside, NodeAudit, NodeFacts,
@@ -55,7 +57,7 @@ use crate::record::GENESIS_HASH;
 
 /// The migrations, in order: `MIGRATIONS[i]` brings the schema to version
 /// `i + 1`. Append only; never edit one that has shipped.
-pub const MIGRATIONS: [&str; 1] = [SCHEMA_V1];
+pub const MIGRATIONS: [&str; 2] = [SCHEMA_V1, charging::SCHEMA_V2];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;

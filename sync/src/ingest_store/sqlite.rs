@@ -15,6 +15,8 @@ use super::{
 };
 use crate::ingest::{walk, BatchVerdict, CheckedBatch, KnownHashes, NodeCursor};
 
+mod charging;
+
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -123,6 +125,7 @@ impl SqliteStore {
             }
         }
         conn.execute_batch(INDEXES)?;
+        conn.execute_batch(charging::SCHEMA)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),

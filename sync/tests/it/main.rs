@@ -7,6 +7,7 @@
 
 mod common;
 
+mod charging_suite;
 mod core_ingest_cli;
 mod faults;
 mod fuzz_smoke;

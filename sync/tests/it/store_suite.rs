@@ -14,51 +14,10 @@ use mec_sync::record::{body_hash, encode_record, SignedRecord, UsageRecord, GENE
 use mec_sync::wire::pb::Batch;
 use prost::Message;
 
-/// Where a test's store lives; `open` gives a new handle on it (a reopen,
-/// or a second core-ingest instance).
-enum Backend {
-    Sqlite(tempfile::TempDir),
-    Postgres(String),
-}
-
-impl Backend {
-    fn sqlite() -> Backend {
-        Backend::Sqlite(tempfile::tempdir().unwrap())
-    }
-
-    fn postgres(test: &str) -> Backend {
-        Backend::Postgres(mec_pg_throwaway::fresh_database(test).unwrap())
-    }
-
-    fn open(&self) -> Arc<dyn IngestStore> {
-        match self {
-            Backend::Sqlite(dir) => {
-                Arc::new(SqliteStore::open(&dir.path().join("core.sqlite")).unwrap())
-            }
-            Backend::Postgres(url) => {
-                Arc::new(PgStore::connect(url, &PgOptions::default()).unwrap())
-            }
-        }
-    }
-}
-
-/// Each test once per store.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn sqlite() {
-                super::$name(super::Backend::sqlite());
-            }
-            #[test]
-            fn postgres() {
-                super::$name(super::Backend::postgres(stringify!($name)));
-            }
-        }
-    )*};
-}
+use crate::common::stores::{on_both_stores, Backend};
 
 on_both_stores!(
+    "":
     batches_commit_once_and_survive_reopening,
     a_resend_of_a_record_kept_aside_is_kept_once,
     a_fork_is_kept_aside_and_audited,

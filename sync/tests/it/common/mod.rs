@@ -1,6 +1,8 @@
 //! Helpers shared by the usage log's integration tests.
 #![allow(dead_code)]
 
+pub mod stores;
+
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;

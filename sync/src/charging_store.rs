@@ -1,0 +1,210 @@
+//! The core's packages and grants in its store (issue 23). The rules are
+//! `mec_metering::charging`'s; this is how the core keeps their state in
+//! the database it already has, so that any core-ingest instance can serve
+//! any operation: each operation loads one subscriber's state with the
+//! subscriber locked (`BEGIN IMMEDIATE` on SQLite, `SELECT ... FOR UPDATE`
+//! of its row on PostgreSQL), applies the rule, and saves what changed in
+//! the same transaction. Two boxes asking at once for one subscriber are
+//! judged one after the other; a settlement is kept once by its (node, seq)
+//! key whatever instance sees the record.
+//!
+//! A store implements three methods ([`ChargingStore::with_subscriber`],
+//! [`ChargingStore::package_owner`], [`ChargingStore::subscribers_with_grants_ending_by`]);
+//! the operations are written once, here.
+
+use mec_metering::charging::{
+    Account, Charging, ChargingError, Grant, GrantPolicy, PackageSpec, Settlement, Usage,
+};
+use mec_metering::{BucketKind, Imsi, Timestamp};
+
+use crate::ingest_store::IngestStoreError;
+
+/// One operation on one subscriber's state.
+pub type ChargingOp<'a> = &'a mut dyn FnMut(&mut Charging) -> Result<(), ChargingError>;
+
+/// What an operation on the core's packages fails with.
+#[derive(Debug, thiserror::Error)]
+pub enum ChargingStoreError {
+    /// The rules refused it (no quota, an id sold before...).
+    #[error(transparent)]
+    Refused(#[from] ChargingError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] IngestStoreError),
+}
+
+/// The core's packages, grants and settlements, kept in its store.
+pub trait ChargingStore: Send + Sync {
+    /// Runs `op` on `imsi`'s state (a [`Charging`] holding only that
+    /// subscriber, its ids counters set from the store's) in one
+    /// transaction, the subscriber locked from load to save, and saves what
+    /// it changed: packages, grants (those gone are closed), settlements
+    /// made (`Charging::take_settlements`), totals. `settle_keys` are the
+    /// (node, seq) the op may settle: those the store settled before are
+    /// marked so first. Nothing is saved when `op` fails.
+    fn with_subscriber(
+        &self,
+        imsi: &Imsi,
+        settle_keys: &[(String, u64)],
+        now: Timestamp,
+        op: ChargingOp<'_>,
+    ) -> Result<(), ChargingStoreError>;
+
+    /// Whose package `id` is, if it was sold.
+    fn package_owner(&self, id: &str) -> Result<Option<Imsi>, IngestStoreError>;
+
+    /// Subscribers with an open grant expiring at or before `t`.
+    fn subscribers_with_grants_ending_by(
+        &self,
+        t: Timestamp,
+    ) -> Result<Vec<Imsi>, IngestStoreError>;
+
+    /// Sells `spec` to `imsi` under the operator's `id`; `Ok(false)` when
+    /// that sale was made before (the same id, the same package).
+    fn sell(
+        &self,
+        id: &str,
+        imsi: &Imsi,
+        spec: &PackageSpec,
+        now: Timestamp,
+    ) -> Result<bool, ChargingStoreError> {
+        if let Some(owner) = self.package_owner(id)? {
+            if &owner != imsi {
+                return Err(ChargingError::IdConflict(id.to_string()).into());
+            }
+        }
+        let mut new = false;
+        self.with_subscriber(imsi, &[], now, &mut |c| {
+            new = c.sell(id, imsi, spec.clone())?;
+            Ok(())
+        })?;
+        Ok(new)
+    }
+
+    /// Revokes package `id`; returns the open grants holding its tokens.
+    fn revoke(&self, id: &str, now: Timestamp) -> Result<Vec<Grant>, ChargingStoreError> {
+        let imsi = self
+            .package_owner(id)?
+            .ok_or_else(|| ChargingError::UnknownPackage(id.to_string()))?;
+        let mut hit = Vec::new();
+        self.with_subscriber(&imsi, &[], now, &mut |c| {
+            hit = c.revoke(id)?;
+            Ok(())
+        })?;
+        Ok(hit)
+    }
+
+    /// Grants `node_id` a slice of `imsi`'s balance (see
+    /// `Charging::grant`).
+    fn grant(
+        &self,
+        node_id: &str,
+        imsi: &Imsi,
+        model: Option<&str>,
+        wanted: u64,
+        policy: &GrantPolicy,
+        now: Timestamp,
+    ) -> Result<Grant, ChargingStoreError> {
+        let mut made = None;
+        self.with_subscriber(imsi, &[], now, &mut |c| {
+            made = Some(c.grant(node_id, imsi, model, wanted, policy, now)?);
+            Ok(())
+        })?;
+        Ok(made.expect("a grant when the operation succeeded"))
+    }
+
+    /// `node_id` gives grant `grant_id` of `imsi` back; returns what it
+    /// still held.
+    fn return_grant(
+        &self,
+        node_id: &str,
+        imsi: &Imsi,
+        grant_id: u64,
+        now: Timestamp,
+    ) -> Result<u64, ChargingStoreError> {
+        let mut back = 0;
+        self.with_subscriber(imsi, &[], now, &mut |c| {
+            back = c.return_grant(node_id, grant_id)?;
+            Ok(())
+        })?;
+        Ok(back)
+    }
+
+    /// Ends the grants expired more than the policy's grace ago.
+    fn expire(
+        &self,
+        policy: &GrantPolicy,
+        now: Timestamp,
+    ) -> Result<Vec<Grant>, ChargingStoreError> {
+        let mut ended = Vec::new();
+        let by = now.saturating_sub(policy.return_grace_s);
+        for imsi in self.subscribers_with_grants_ending_by(by)? {
+            self.with_subscriber(&imsi, &[], now, &mut |c| {
+                ended.extend(c.expire(policy, now));
+                Ok(())
+            })?;
+        }
+        Ok(ended)
+    }
+
+    /// Settles usage records, each (node, seq) once: the answers in order
+    /// (`None`: settled before).
+    fn settle(
+        &self,
+        usage: &[Usage],
+        now: Timestamp,
+    ) -> Result<Vec<Option<Settlement>>, ChargingStoreError> {
+        let mut answers = vec![None; usage.len()];
+        let mut imsis: Vec<&Imsi> = usage.iter().map(|u| &u.imsi).collect();
+        imsis.sort();
+        imsis.dedup();
+        for imsi in imsis {
+            let mine: Vec<usize> = (0..usage.len())
+                .filter(|&i| &usage[i].imsi == imsi)
+                .collect();
+            let keys: Vec<(String, u64)> = mine
+                .iter()
+                .map(|&i| (usage[i].node_id.clone(), usage[i].seq))
+                .collect();
+            self.with_subscriber(imsi, &keys, now, &mut |c| {
+                for &i in &mine {
+                    answers[i] = c.settle(&usage[i], now);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(answers)
+    }
+
+    /// `imsi`'s account.
+    fn account(&self, imsi: &Imsi, now: Timestamp) -> Result<Account, ChargingStoreError> {
+        let mut account = None;
+        self.with_subscriber(imsi, &[], now, &mut |c| {
+            account = Some(c.account(imsi, now));
+            Ok(())
+        })?;
+        Ok(account.expect("an account when the operation succeeded"))
+    }
+}
+
+/// A bucket kind from its stored name.
+pub(crate) fn kind_from(s: &str) -> Result<BucketKind, IngestStoreError> {
+    BucketKind::parse(s).ok_or_else(|| {
+        IngestStoreError::Location("charging".into(), format!("unknown package kind {s:?}"))
+    })
+}
+
+/// A stored JSON column read back.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    what: &str,
+    text: &str,
+) -> Result<T, IngestStoreError> {
+    serde_json::from_str(text).map_err(|e| {
+        IngestStoreError::Location("charging".into(), format!("{what} does not read: {e}"))
+    })
+}
+
+/// A value as a JSON column.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}

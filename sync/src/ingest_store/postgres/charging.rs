@@ -1,0 +1,384 @@
+//! The core's packages and grants in the PostgreSQL store
+//! ([`crate::charging_store`]): the subscriber's row locked (`SELECT ...
+//! FOR UPDATE`) from load to save, so that instances judge one
+//! subscriber's operations one after the other; ids from sequences.
+
+use std::collections::HashSet;
+
+use mec_metering::charging::{
+    Charging, Grant, Package, PackageSpec, Settlement, SubscriberState, Usage,
+};
+use mec_metering::{Bucket, Imsi, Timestamp};
+
+use super::PgStore;
+use crate::charging_store::{
+    from_json, kind_from, to_json, ChargingOp, ChargingStore, ChargingStoreError,
+};
+use crate::ingest_store::IngestStoreError;
+
+/// Schema version 2: the charging tables.
+pub(super) const SCHEMA_V2: &str = "
+CREATE TABLE charging_subscribers (
+    imsi    TEXT   PRIMARY KEY,
+    used    BIGINT NOT NULL,
+    overage BIGINT NOT NULL
+);
+CREATE SEQUENCE charging_bucket_ids;
+CREATE SEQUENCE charging_grant_ids;
+CREATE TABLE charging_packages (
+    id          TEXT    PRIMARY KEY,
+    imsi        TEXT    NOT NULL,
+    bucket_id   BIGINT  NOT NULL UNIQUE,
+    kind        TEXT    NOT NULL,
+    allowance   BIGINT  NOT NULL,
+    valid_from  BIGINT  NOT NULL,
+    expires_at  BIGINT  NOT NULL,
+    tier        TEXT    NOT NULL,
+    models      TEXT    NOT NULL,
+    used        BIGINT  NOT NULL,
+    used_period INTEGER NOT NULL,
+    revoked     BOOLEAN NOT NULL,
+    sold_at     BIGINT  NOT NULL
+);
+CREATE INDEX charging_packages_by_imsi ON charging_packages (imsi);
+CREATE TABLE charging_grants (
+    id                BIGINT  PRIMARY KEY,
+    node_id           TEXT    NOT NULL,
+    imsi              TEXT    NOT NULL,
+    model             TEXT,
+    tokens            BIGINT  NOT NULL,
+    used              BIGINT  NOT NULL,
+    granted_at        BIGINT  NOT NULL,
+    expires_at        BIGINT  NOT NULL,
+    threshold         BIGINT  NOT NULL,
+    offline_allowance BIGINT  NOT NULL,
+    final_unit_action TEXT    NOT NULL,
+    revoked           BOOLEAN NOT NULL,
+    holds             TEXT    NOT NULL,
+    open              BOOLEAN NOT NULL,
+    closed_at         BIGINT
+);
+CREATE INDEX charging_grants_open ON charging_grants (imsi) WHERE open;
+CREATE INDEX charging_grants_expiring ON charging_grants (expires_at) WHERE open;
+CREATE TABLE charging_settlements (
+    node_id      TEXT   NOT NULL,
+    seq          BIGINT NOT NULL,
+    imsi         TEXT   NOT NULL,
+    grant_id     BIGINT,
+    tokens       BIGINT NOT NULL,
+    from_grant   BIGINT NOT NULL,
+    from_balance BIGINT NOT NULL,
+    overage      BIGINT NOT NULL,
+    settled_at   BIGINT NOT NULL,
+    PRIMARY KEY (node_id, seq)
+);
+";
+
+fn imsi_of(text: &str) -> Result<Imsi, IngestStoreError> {
+    Imsi::parse(text).map_err(|e| {
+        IngestStoreError::Location("charging".into(), format!("stored IMSI {text:?}: {e}"))
+    })
+}
+
+impl PgStore {
+    async fn load_subscriber(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        imsi: &Imsi,
+    ) -> Result<SubscriberState, IngestStoreError> {
+        let mut state = SubscriberState::default();
+        let rows = tx
+            .query(
+                "SELECT id, bucket_id, kind, allowance, valid_from, expires_at, tier, models, used,
+                        used_period, revoked
+                 FROM charging_packages WHERE imsi = $1 ORDER BY bucket_id",
+                &[&imsi.as_str()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        for r in rows {
+            let kind = kind_from(r.get(2))?;
+            let (bucket_id, allowance): (i64, i64) = (r.get(1), r.get(3));
+            let revoked: bool = r.get(10);
+            let spec = PackageSpec {
+                kind,
+                allowance: allowance as u64,
+                valid_from: r.get(4),
+                expires_at: r.get(5),
+                tier: r.get(6),
+                models: from_json("a package's models", r.get(7))?,
+            };
+            let bucket = Bucket {
+                id: bucket_id as u64,
+                imsi: imsi.clone(),
+                kind,
+                allowance: allowance as u64,
+                valid_from: spec.valid_from,
+                expires_at: spec.expires_at,
+                used: r.get::<_, i64>(8) as u64,
+                used_period: r.get::<_, i32>(9) as u32,
+                revoked,
+            };
+            let package = Package {
+                id: r.get(0),
+                imsi: imsi.clone(),
+                spec,
+                bucket_id: bucket_id as u64,
+                revoked,
+            };
+            state.packages.push((package, bucket));
+        }
+        let rows = tx
+            .query(
+                "SELECT id, node_id, model, tokens, used, granted_at, expires_at, threshold,
+                        offline_allowance, final_unit_action, revoked, holds
+                 FROM charging_grants WHERE imsi = $1 AND open ORDER BY id",
+                &[&imsi.as_str()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        for r in rows {
+            let n = |i: usize| r.get::<_, i64>(i);
+            let grant = Grant {
+                id: n(0) as u64,
+                node_id: r.get(1),
+                imsi: imsi.clone(),
+                model: r.get(2),
+                tokens: n(3) as u64,
+                used: n(4) as u64,
+                granted_at: n(5),
+                expires_at: n(6),
+                threshold: n(7) as u64,
+                offline_allowance: n(8) as u64,
+                final_unit_action: from_json("a grant's final-unit action", r.get(9))?,
+                revoked: r.get(10),
+            };
+            state
+                .grants
+                .push((grant, from_json("a grant's holds", r.get(11))?));
+        }
+        let totals = tx
+            .query_one(
+                "SELECT used, overage FROM charging_subscribers WHERE imsi = $1",
+                &[&imsi.as_str()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        state.used = totals.get::<_, i64>(0) as u64;
+        state.overage = totals.get::<_, i64>(1) as u64;
+        Ok(state)
+    }
+
+    async fn save_subscriber(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        imsi: &Imsi,
+        state: &SubscriberState,
+        open_before: &HashSet<u64>,
+        settlements: &[(Usage, Settlement)],
+        now: Timestamp,
+    ) -> Result<(), IngestStoreError> {
+        let err = |e| self.err(e);
+        let package = tx
+            .prepare_cached(
+                "INSERT INTO charging_packages (id, imsi, bucket_id, kind, allowance, valid_from,
+                     expires_at, tier, models, used, used_period, revoked, sold_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                 ON CONFLICT (id) DO UPDATE SET used = excluded.used,
+                     used_period = excluded.used_period, revoked = excluded.revoked",
+            )
+            .await
+            .map_err(err)?;
+        for (p, b) in &state.packages {
+            tx.execute(
+                &package,
+                &[
+                    &p.id,
+                    &imsi.as_str(),
+                    &(b.id as i64),
+                    &b.kind.as_str(),
+                    &(b.allowance as i64),
+                    &b.valid_from,
+                    &b.expires_at,
+                    &p.spec.tier,
+                    &to_json(&p.spec.models),
+                    &(b.used as i64),
+                    &(b.used_period as i32),
+                    &p.revoked,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(err)?;
+        }
+        let grant = tx
+            .prepare_cached(
+                "INSERT INTO charging_grants (id, node_id, imsi, model, tokens, used, granted_at,
+                     expires_at, threshold, offline_allowance, final_unit_action, revoked, holds,
+                     open)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, true)
+                 ON CONFLICT (id) DO UPDATE SET used = excluded.used,
+                     revoked = excluded.revoked, holds = excluded.holds",
+            )
+            .await
+            .map_err(err)?;
+        let mut open_after = HashSet::new();
+        for (g, holds) in &state.grants {
+            open_after.insert(g.id);
+            tx.execute(
+                &grant,
+                &[
+                    &(g.id as i64),
+                    &g.node_id,
+                    &imsi.as_str(),
+                    &g.model,
+                    &(g.tokens as i64),
+                    &(g.used as i64),
+                    &g.granted_at,
+                    &g.expires_at,
+                    &(g.threshold as i64),
+                    &(g.offline_allowance as i64),
+                    &to_json(&g.final_unit_action),
+                    &g.revoked,
+                    &to_json(holds),
+                ],
+            )
+            .await
+            .map_err(err)?;
+        }
+        let closed: Vec<i64> = open_before
+            .difference(&open_after)
+            .map(|&id| id as i64)
+            .collect();
+        if !closed.is_empty() {
+            tx.execute(
+                "UPDATE charging_grants SET open = false, closed_at = $2, holds = '[]'
+                 WHERE id = ANY($1)",
+                &[&closed, &now],
+            )
+            .await
+            .map_err(err)?;
+        }
+        let settled = tx
+            .prepare_cached(
+                "INSERT INTO charging_settlements (node_id, seq, imsi, grant_id, tokens,
+                     from_grant, from_balance, overage, settled_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .await
+            .map_err(err)?;
+        for (u, s) in settlements {
+            tx.execute(
+                &settled,
+                &[
+                    &u.node_id,
+                    &(u.seq as i64),
+                    &imsi.as_str(),
+                    &u.grant_id.map(|g| g as i64),
+                    &(u.tokens as i64),
+                    &(s.from_grant as i64),
+                    &(s.from_balance as i64),
+                    &(s.overage as i64),
+                    &now,
+                ],
+            )
+            .await
+            .map_err(err)?;
+        }
+        tx.execute(
+            "UPDATE charging_subscribers SET used = $2, overage = $3 WHERE imsi = $1",
+            &[
+                &imsi.as_str(),
+                &(state.used as i64),
+                &(state.overage as i64),
+            ],
+        )
+        .await
+        .map_err(err)?;
+        Ok(())
+    }
+}
+
+impl ChargingStore for PgStore {
+    fn with_subscriber(
+        &self,
+        imsi: &Imsi,
+        settle_keys: &[(String, u64)],
+        now: Timestamp,
+        op: ChargingOp<'_>,
+    ) -> Result<(), ChargingStoreError> {
+        self.block_on(async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            // The row first (a new subscriber's totals are zero), then the
+            // lock: a second instance waits here until the first commits.
+            tx.execute(
+                "INSERT INTO charging_subscribers (imsi, used, overage) VALUES ($1, 0, 0)
+                 ON CONFLICT (imsi) DO NOTHING",
+                &[&imsi.as_str()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+            tx.execute(
+                "SELECT 1 FROM charging_subscribers WHERE imsi = $1 FOR UPDATE",
+                &[&imsi.as_str()],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+            let state = self.load_subscriber(&tx, imsi).await?;
+            let open_before: HashSet<u64> = state.grants.iter().map(|(g, _)| g.id).collect();
+            let ids = tx
+                .query_one(
+                    "SELECT nextval('charging_bucket_ids'), nextval('charging_grant_ids')",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut c = Charging::new();
+            c.reserve_ids(ids.get::<_, i64>(0) as u64, ids.get::<_, i64>(1) as u64);
+            c.restore(imsi, state)?;
+            if !settle_keys.is_empty() {
+                let nodes: Vec<&str> = settle_keys.iter().map(|(n, _)| n.as_str()).collect();
+                let seqs: Vec<i64> = settle_keys.iter().map(|(_, s)| *s as i64).collect();
+                let seen = tx
+                    .query(
+                        "SELECT s.node_id, s.seq FROM charging_settlements s
+                         JOIN unnest($1::text[], $2::bigint[]) AS k(node_id, seq)
+                           ON s.node_id = k.node_id AND s.seq = k.seq",
+                        &[&nodes, &seqs],
+                    )
+                    .await
+                    .map_err(|e| self.err(e))?;
+                for r in seen {
+                    c.settled_before(r.get(0), r.get::<_, i64>(1) as u64);
+                }
+            }
+            op(&mut c)?;
+            let settlements = c.take_settlements();
+            self.save_subscriber(&tx, imsi, &c.state(imsi), &open_before, &settlements, now)
+                .await?;
+            tx.commit().await.map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
+    fn package_owner(&self, id: &str) -> Result<Option<Imsi>, IngestStoreError> {
+        let rows = self.rows("SELECT imsi FROM charging_packages WHERE id = $1", &[&id])?;
+        rows.first()
+            .map(|r| imsi_of(r.get::<_, &str>(0)))
+            .transpose()
+    }
+
+    fn subscribers_with_grants_ending_by(
+        &self,
+        t: Timestamp,
+    ) -> Result<Vec<Imsi>, IngestStoreError> {
+        self.rows(
+            "SELECT DISTINCT imsi FROM charging_grants WHERE open AND expires_at <= $1 ORDER BY imsi",
+            &[&t],
+        )?
+        .iter()
+        .map(|r| imsi_of(r.get::<_, &str>(0)))
+        .collect()
+    }
+}

@@ -1,0 +1,373 @@
+//! The core's packages and grants in the SQLite store
+//! ([`crate::charging_store`]): the subscriber's state loaded and saved
+//! inside one `BEGIN IMMEDIATE` transaction, which holds the file's write
+//! lock from load to save.
+
+use std::collections::HashSet;
+
+use mec_metering::charging::{
+    Charging, Grant, Package, PackageSpec, Settlement, SubscriberState, Usage,
+};
+use mec_metering::{Bucket, Imsi, Timestamp};
+use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::SqliteStore;
+use crate::charging_store::{
+    from_json, kind_from, to_json, ChargingOp, ChargingStore, ChargingStoreError,
+};
+use crate::ingest_store::IngestStoreError;
+
+/// The charging tables (made with the others at open).
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS charging_subscribers (
+    imsi    TEXT    PRIMARY KEY,
+    used    INTEGER NOT NULL,
+    overage INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS charging_packages (
+    id          TEXT    PRIMARY KEY,
+    imsi        TEXT    NOT NULL,
+    bucket_id   INTEGER NOT NULL UNIQUE,
+    kind        TEXT    NOT NULL,
+    allowance   INTEGER NOT NULL,
+    valid_from  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    tier        TEXT    NOT NULL,
+    models      TEXT    NOT NULL,
+    used        INTEGER NOT NULL,
+    used_period INTEGER NOT NULL,
+    revoked     INTEGER NOT NULL,
+    sold_at     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS charging_packages_by_imsi ON charging_packages(imsi);
+CREATE TABLE IF NOT EXISTS charging_grants (
+    id                INTEGER PRIMARY KEY,
+    node_id           TEXT    NOT NULL,
+    imsi              TEXT    NOT NULL,
+    model             TEXT,
+    tokens            INTEGER NOT NULL,
+    used              INTEGER NOT NULL,
+    granted_at        INTEGER NOT NULL,
+    expires_at        INTEGER NOT NULL,
+    threshold         INTEGER NOT NULL,
+    offline_allowance INTEGER NOT NULL,
+    final_unit_action TEXT    NOT NULL,
+    revoked           INTEGER NOT NULL,
+    holds             TEXT    NOT NULL,
+    open              INTEGER NOT NULL,
+    closed_at         INTEGER
+);
+CREATE INDEX IF NOT EXISTS charging_grants_open ON charging_grants(imsi, open);
+CREATE TABLE IF NOT EXISTS charging_settlements (
+    node_id      TEXT    NOT NULL,
+    seq          INTEGER NOT NULL,
+    imsi         TEXT    NOT NULL,
+    grant_id     INTEGER,
+    tokens       INTEGER NOT NULL,
+    from_grant   INTEGER NOT NULL,
+    from_balance INTEGER NOT NULL,
+    overage      INTEGER NOT NULL,
+    settled_at   INTEGER NOT NULL,
+    PRIMARY KEY (node_id, seq)
+);
+";
+
+fn imsi_of(text: String) -> Result<Imsi, IngestStoreError> {
+    Imsi::parse(&text).map_err(|e| {
+        IngestStoreError::Location("charging".into(), format!("stored IMSI {text:?}: {e}"))
+    })
+}
+
+fn load(tx: &Transaction<'_>, imsi: &Imsi) -> Result<SubscriberState, IngestStoreError> {
+    let mut state = SubscriberState::default();
+    let mut packages = tx.prepare_cached(
+        "SELECT id, bucket_id, kind, allowance, valid_from, expires_at, tier, models, used,
+                used_period, revoked
+         FROM charging_packages WHERE imsi = ?1 ORDER BY bucket_id",
+    )?;
+    let rows = packages.query_map([imsi.as_str()], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, String>(6)?,
+            r.get::<_, String>(7)?,
+            r.get::<_, i64>(8)?,
+            r.get::<_, i64>(9)?,
+            r.get::<_, bool>(10)?,
+        ))
+    })?;
+    for row in rows {
+        let (
+            id,
+            bucket_id,
+            kind,
+            allowance,
+            valid_from,
+            expires_at,
+            tier,
+            models,
+            used,
+            period,
+            revoked,
+        ) = row?;
+        let kind = kind_from(&kind)?;
+        let spec = PackageSpec {
+            kind,
+            allowance: allowance as u64,
+            valid_from,
+            expires_at,
+            tier,
+            models: from_json("a package's models", &models)?,
+        };
+        let bucket = Bucket {
+            id: bucket_id as u64,
+            imsi: imsi.clone(),
+            kind,
+            allowance: allowance as u64,
+            valid_from,
+            expires_at,
+            used: used as u64,
+            used_period: period as u32,
+            revoked,
+        };
+        let package = Package {
+            id,
+            imsi: imsi.clone(),
+            spec,
+            bucket_id: bucket_id as u64,
+            revoked,
+        };
+        state.packages.push((package, bucket));
+    }
+    let mut grants = tx.prepare_cached(
+        "SELECT id, node_id, model, tokens, used, granted_at, expires_at, threshold,
+                offline_allowance, final_unit_action, revoked, holds
+         FROM charging_grants WHERE imsi = ?1 AND open = 1 ORDER BY id",
+    )?;
+    let rows = grants.query_map([imsi.as_str()], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            [
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?,
+            ],
+            r.get::<_, String>(9)?,
+            r.get::<_, bool>(10)?,
+            r.get::<_, String>(11)?,
+        ))
+    })?;
+    for row in rows {
+        let (
+            id,
+            node_id,
+            model,
+            [tokens, used, granted_at, expires_at, threshold, offline],
+            action,
+            revoked,
+            holds,
+        ) = row?;
+        let grant = Grant {
+            id: id as u64,
+            node_id,
+            imsi: imsi.clone(),
+            model,
+            tokens: tokens as u64,
+            used: used as u64,
+            granted_at,
+            expires_at,
+            threshold: threshold as u64,
+            offline_allowance: offline as u64,
+            final_unit_action: from_json("a grant's final-unit action", &action)?,
+            revoked,
+        };
+        state
+            .grants
+            .push((grant, from_json("a grant's holds", &holds)?));
+    }
+    if let Some((used, overage)) = tx
+        .query_row(
+            "SELECT used, overage FROM charging_subscribers WHERE imsi = ?1",
+            [imsi.as_str()],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .optional()?
+    {
+        state.used = used as u64;
+        state.overage = overage as u64;
+    }
+    Ok(state)
+}
+
+fn save(
+    tx: &Transaction<'_>,
+    imsi: &Imsi,
+    state: &SubscriberState,
+    open_before: &HashSet<u64>,
+    settlements: &[(Usage, Settlement)],
+    now: Timestamp,
+) -> Result<(), IngestStoreError> {
+    let mut package = tx.prepare_cached(
+        "INSERT INTO charging_packages (id, imsi, bucket_id, kind, allowance, valid_from,
+             expires_at, tier, models, used, used_period, revoked, sold_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+         ON CONFLICT (id) DO UPDATE SET used = excluded.used,
+             used_period = excluded.used_period, revoked = excluded.revoked",
+    )?;
+    for (p, b) in &state.packages {
+        package.execute(params![
+            p.id,
+            imsi.as_str(),
+            b.id as i64,
+            b.kind.as_str(),
+            b.allowance as i64,
+            b.valid_from,
+            b.expires_at,
+            p.spec.tier,
+            to_json(&p.spec.models),
+            b.used as i64,
+            i64::from(b.used_period),
+            p.revoked,
+            now,
+        ])?;
+    }
+    let mut grant = tx.prepare_cached(
+        "INSERT INTO charging_grants (id, node_id, imsi, model, tokens, used, granted_at,
+             expires_at, threshold, offline_allowance, final_unit_action, revoked, holds, open)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 1)
+         ON CONFLICT (id) DO UPDATE SET used = excluded.used, revoked = excluded.revoked,
+             holds = excluded.holds",
+    )?;
+    let mut open_after = HashSet::new();
+    for (g, holds) in &state.grants {
+        open_after.insert(g.id);
+        grant.execute(params![
+            g.id as i64,
+            g.node_id,
+            imsi.as_str(),
+            g.model,
+            g.tokens as i64,
+            g.used as i64,
+            g.granted_at,
+            g.expires_at,
+            g.threshold as i64,
+            g.offline_allowance as i64,
+            to_json(&g.final_unit_action),
+            g.revoked,
+            to_json(holds),
+        ])?;
+    }
+    let mut close = tx.prepare_cached(
+        "UPDATE charging_grants SET open = 0, closed_at = ?2, holds = '[]' WHERE id = ?1",
+    )?;
+    for id in open_before.difference(&open_after) {
+        close.execute(params![*id as i64, now])?;
+    }
+    let mut settled = tx.prepare_cached(
+        "INSERT INTO charging_settlements (node_id, seq, imsi, grant_id, tokens, from_grant,
+             from_balance, overage, settled_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for (u, s) in settlements {
+        settled.execute(params![
+            u.node_id,
+            u.seq as i64,
+            imsi.as_str(),
+            u.grant_id.map(|g| g as i64),
+            u.tokens as i64,
+            s.from_grant as i64,
+            s.from_balance as i64,
+            s.overage as i64,
+            now,
+        ])?;
+    }
+    tx.execute(
+        "INSERT INTO charging_subscribers (imsi, used, overage) VALUES (?1, ?2, ?3)
+         ON CONFLICT (imsi) DO UPDATE SET used = excluded.used, overage = excluded.overage",
+        params![imsi.as_str(), state.used as i64, state.overage as i64],
+    )?;
+    Ok(())
+}
+
+impl ChargingStore for SqliteStore {
+    fn with_subscriber(
+        &self,
+        imsi: &Imsi,
+        settle_keys: &[(String, u64)],
+        now: Timestamp,
+        op: ChargingOp<'_>,
+    ) -> Result<(), ChargingStoreError> {
+        let mut conn = self.connection();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(IngestStoreError::from)?;
+        let state = load(&tx, imsi)?;
+        let open_before: HashSet<u64> = state.grants.iter().map(|(g, _)| g.id).collect();
+        let next = |sql: &str| -> Result<u64, IngestStoreError> {
+            Ok(tx.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+        };
+        let mut c = Charging::new();
+        c.reserve_ids(
+            next("SELECT COALESCE(MAX(bucket_id), 0) + 1 FROM charging_packages")?,
+            next("SELECT COALESCE(MAX(id), 0) + 1 FROM charging_grants")?,
+        );
+        c.restore(imsi, state)?;
+        {
+            let mut seen = tx
+                .prepare_cached(
+                    "SELECT 1 FROM charging_settlements WHERE node_id = ?1 AND seq = ?2",
+                )
+                .map_err(IngestStoreError::from)?;
+            for (node, seq) in settle_keys {
+                if seen
+                    .exists(params![node, *seq as i64])
+                    .map_err(IngestStoreError::from)?
+                {
+                    c.settled_before(node, *seq);
+                }
+            }
+        }
+        op(&mut c)?;
+        let settlements = c.take_settlements();
+        save(&tx, imsi, &c.state(imsi), &open_before, &settlements, now)?;
+        tx.commit().map_err(IngestStoreError::from)?;
+        Ok(())
+    }
+
+    fn package_owner(&self, id: &str) -> Result<Option<Imsi>, IngestStoreError> {
+        let owner: Option<String> = self
+            .connection()
+            .query_row(
+                "SELECT imsi FROM charging_packages WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        owner.map(imsi_of).transpose()
+    }
+
+    fn subscribers_with_grants_ending_by(
+        &self,
+        t: Timestamp,
+    ) -> Result<Vec<Imsi>, IngestStoreError> {
+        let conn = self.connection();
+        let mut q = conn.prepare(
+            "SELECT DISTINCT imsi FROM charging_grants WHERE open = 1 AND expires_at <= ?1 ORDER BY imsi",
+        )?;
+        let rows = q.query_map([t], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(imsi_of(r?)?);
+        }
+        Ok(out)
+    }
+}
