@@ -20,6 +20,7 @@
 //! `sslcert` and `sslkey` (PEM, both or neither) authenticate the client
 //! with a certificate.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -65,7 +66,7 @@ pub fn split(
         Some((base, query)) => (base, query),
         None => (url, ""),
     };
-    let mut found = std::collections::HashMap::new();
+    let mut found = std::collections::HashMap::<String, String>::new();
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -82,6 +83,7 @@ pub fn split(
             kept.push(pair);
         }
     }
+    let in_url: HashSet<String> = found.keys().cloned().collect();
     let mut param = |name: &str, var: &str| found.remove(name).or_else(|| env(var));
     let mode = match param("sslmode", "PGSSLMODE").as_deref() {
         None | Some("disable") => SslMode::Disable,
@@ -107,24 +109,53 @@ pub fn split(
         (Some(_), None) => return Err("sslcert without sslkey: give both or neither".into()),
         (None, Some(_)) => return Err("sslkey without sslcert: give both or neither".into()),
     };
-    if mode == SslMode::Disable && (root_cert.is_some() || client_cert.is_some()) {
+    if mode == SslMode::Disable {
+        // Files named in the URL with TLS off are a mistake to point out;
+        // the same variables exported for psql are not (libpq ignores them).
+        if ["sslrootcert", "sslcert", "sslkey"]
+            .iter()
+            .any(|k| in_url.contains(*k))
+        {
+            return Err(
+                "sslrootcert, sslcert or sslkey given with TLS off: add sslmode=verify-full".into(),
+            );
+        }
+        return Ok((
+            rebuilt(base, &kept),
+            TlsRequest {
+                mode,
+                root_cert: None,
+                client_cert: None,
+            },
+        ));
+    }
+    if mode == SslMode::VerifyCa && root_cert.as_deref() == Some("system") {
+        // Any publicly trusted certificate chains to the system's store:
+        // without the name check, anyone holding one for any domain could
+        // answer for the database.
         return Err(
-            "sslrootcert, sslcert or sslkey given with TLS off: add sslmode=verify-full".into(),
+            "sslmode=verify-ca with sslrootcert=system would accept any publicly trusted \
+             certificate: use sslmode=verify-full (the name checked), or a CA file of your own"
+                .into(),
         );
     }
-    let url = if kept.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
     Ok((
-        url,
+        rebuilt(base, &kept),
         TlsRequest {
             mode,
             root_cert,
             client_cert,
         },
     ))
+}
+
+/// The URL again with the query parameters kept.
+fn rebuilt(base: &str, kept: &[&str]) -> String {
+    if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    }
 }
 
 /// The rustls client configuration for `request` (None: TLS off). `home`
@@ -318,6 +349,28 @@ mod tests {
         assert!(e.contains("without sslkey"), "{e}");
         let e = split("postgres://db/core?sslrootcert=/ca.pem", &no_env).unwrap_err();
         assert!(e.contains("TLS off"), "{e}");
+    }
+
+    #[test]
+    fn certificate_variables_for_psql_do_not_stop_a_core_without_tls() {
+        let env = |k: &str| (k == "PGSSLROOTCERT").then(|| "/etc/psql/root.crt".to_string());
+        let (_, tls) = split("postgres://db/core", &env).unwrap();
+        assert_eq!((tls.mode, tls.root_cert), (SslMode::Disable, None));
+    }
+
+    #[test]
+    fn verify_ca_against_the_system_store_is_refused() {
+        let e = split(
+            "postgres://db/core?sslmode=verify-ca&sslrootcert=system",
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(e.contains("verify-full"), "{e}");
+        assert!(split(
+            "postgres://db/core?sslmode=verify-full&sslrootcert=system",
+            &no_env
+        )
+        .is_ok());
     }
 
     #[test]

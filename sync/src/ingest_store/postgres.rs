@@ -401,6 +401,23 @@ impl PgStore {
         let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
         let tls_config = pg_tls::client_config(&tls, home.as_deref())
             .map_err(|why| IngestStoreError::Location(redact(url), why))?;
+        if tls.mode == SslMode::Disable {
+            let remote = config.get_hosts().iter().find_map(|h| match h {
+                tokio_postgres::config::Host::Tcp(h)
+                    if !["localhost", "127.0.0.1", "::1"].contains(&h.as_str()) =>
+                {
+                    Some(h.clone())
+                }
+                _ => None,
+            });
+            if let Some(host) = remote {
+                tracing::warn!(
+                    %host,
+                    "the connection to the database is not encrypted: add \
+                     sslmode=verify-full&sslrootcert=PATH to the store URL"
+                );
+            }
+        }
         let described = match tls.mode {
             SslMode::Disable => describe(&config),
             SslMode::VerifyCa => format!("{} (TLS, verify-ca)", describe(&config)),
@@ -524,7 +541,10 @@ impl PgStore {
         // for CREATE on the schema, which a user that only writes rows to a
         // current schema need not hold.
         let versioned: bool = tx
-            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .query_one(
+                "SELECT to_regclass(quote_ident(current_schema()) || '.schema_migrations') IS NOT NULL",
+                &[],
+            )
             .await
             .map_err(|e| self.err(e))?
             .get(0);
@@ -568,7 +588,9 @@ impl PgStore {
     /// Creates the monthly partitions of `records` from the month before
     /// `now_ms` to three months after it (those that exist are kept). A
     /// month's records that arrived before its partition, in the default
-    /// partition, move into it as it is made.
+    /// partition, move into it as it is made. A month that cannot be made
+    /// is logged and left to the next upkeep; the others are still made.
+    /// Returns the months that exist.
     pub fn ensure_partitions(&self, now_ms: i64) -> Result<Vec<String>, IngestStoreError> {
         self.block_on(async {
             let mut client = self.client().await?;
@@ -576,57 +598,76 @@ impl PgStore {
             for months in -1..=3 {
                 let (from, name) = month_start(now_ms, months);
                 let (to, _) = month_start(now_ms, months + 1);
-                let tx = client.transaction().await.map_err(|e| self.err(e))?;
-                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
-                    .await
-                    .map_err(|e| self.err(e))?;
-                // Made already (by this instance or another): nothing to
-                // do, and nothing asked of a user that does not own
-                // `records`.
-                let exists: bool = tx
-                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-                    .await
-                    .map_err(|e| self.err(e))?
-                    .get(0);
-                if exists {
-                    tx.commit().await.map_err(|e| self.err(e))?;
-                    made.push(name);
-                    continue;
+                // One month's failure (a right missing, a lock not had in
+                // time) leaves its records in the default partition, where
+                // nothing is lost: logged, and tried again at the next
+                // upkeep; the other months are still made.
+                match self.make_month(&mut client, &name, from, to).await {
+                    Ok(()) => made.push(name),
+                    Err(e) => tracing::warn!(partition = %name, error = %e, "partition not made; its records wait in records_default"),
                 }
-                let sql = format!(
-                    "CREATE TABLE {name} PARTITION OF records FOR VALUES FROM ({from}) TO ({to})"
-                );
-                // Records of this month that arrived before its partition
-                // (a box's clock months ahead, say) wait in the default
-                // partition, and PostgreSQL refuses a partition whose rows
-                // the default holds: they move into the new partition in
-                // the transaction that makes it, so the month is whole and
-                // no reader sees it half moved.
-                let stray = "moving_from_default";
-                tx.batch_execute(&format!(
-                    "CREATE TEMP TABLE {stray} (LIKE records) ON COMMIT DROP;
-                     WITH moved AS (DELETE FROM records_default
-                                    WHERE end_time_unix_ms >= {from} AND end_time_unix_ms < {to}
-                                    RETURNING *)
-                     INSERT INTO {stray} SELECT * FROM moved;
-                     {sql};
-                     INSERT INTO records SELECT * FROM {stray};"
-                ))
-                .await
-                .map_err(|e| self.err(e))?;
-                let moved: i64 = tx
-                    .query_one(&format!("SELECT count(*) FROM {stray}"), &[])
-                    .await
-                    .map_err(|e| self.err(e))?
-                    .get(0);
-                tx.commit().await.map_err(|e| self.err(e))?;
-                if moved > 0 {
-                    tracing::info!(partition = %name, moved, "records of the month moved out of the default partition");
-                }
-                made.push(name);
             }
             Ok(made)
         })
+    }
+
+    /// Makes `records`' partition `name` for `[from, to)` unless it exists,
+    /// moving the month's records out of the default partition into it.
+    async fn make_month(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        name: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<(), IngestStoreError> {
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .await
+            .map_err(|e| self.err(e))?;
+        // Made already (by this instance or another): nothing to do, and
+        // nothing asked of a user that does not own `records`.
+        let exists: bool = tx
+            .query_one(
+                "SELECT to_regclass(quote_ident(current_schema()) || '.' || $1) IS NOT NULL",
+                &[&name],
+            )
+            .await
+            .map_err(|e| self.err(e))?
+            .get(0);
+        if exists {
+            return tx.commit().await.map_err(|e| self.err(e));
+        }
+        // Records of this month that arrived before its partition (a box's
+        // clock months ahead, say) wait in the default partition, and
+        // PostgreSQL refuses a partition whose rows the default holds: they
+        // move into the new partition in the transaction that makes it, so
+        // the month is whole and no reader sees it half moved. `records` is
+        // locked first, so that no batch adds a row of the month to the
+        // default partition between the move and the making (a batch
+        // already running is waited for; the next ones wait for the commit).
+        let stray = "moving_from_default";
+        tx.batch_execute(&format!(
+            "LOCK TABLE records IN ACCESS EXCLUSIVE MODE;
+             CREATE TEMP TABLE {stray} (LIKE records) ON COMMIT DROP;
+             WITH moved AS (DELETE FROM records_default
+                            WHERE end_time_unix_ms >= {from} AND end_time_unix_ms < {to}
+                            RETURNING *)
+             INSERT INTO {stray} SELECT * FROM moved;
+             CREATE TABLE {name} PARTITION OF records FOR VALUES FROM ({from}) TO ({to});
+             INSERT INTO records SELECT * FROM {stray};"
+        ))
+        .await
+        .map_err(|e| self.err(e))?;
+        let moved: i64 = tx
+            .query_one(&format!("SELECT count(*) FROM {stray}"), &[])
+            .await
+            .map_err(|e| self.err(e))?
+            .get(0);
+        tx.commit().await.map_err(|e| self.err(e))?;
+        if moved > 0 {
+            tracing::info!(partition = %name, moved, "records of the month moved out of the default partition");
+        }
+        Ok(())
     }
 
     async fn cursor_locked(

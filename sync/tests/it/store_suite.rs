@@ -479,6 +479,20 @@ fn postgres_over_tls_checks_the_server_as_asked() {
         .unwrap()
         .to_string();
     assert!(e.contains("certificate"), "{e}");
+    // verify-ca forgives a name, never a chain.
+    let url = server.tcp_url(
+        "127.0.0.1",
+        "other_ca",
+        &format!(
+            "sslmode=verify-ca&sslrootcert={}",
+            other.path().join("ca.pem").display()
+        ),
+    );
+    let e = PgStore::connect(&url, &PgOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("invalid peer certificate"), "{e}");
     assert_eq!(
         server
             .sql(
