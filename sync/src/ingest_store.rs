@@ -318,6 +318,17 @@ impl StoreLocation {
             StoreLocation::Postgres(url) => Arc::new(PgStore::connect(url, pg)?),
         })
     }
+
+    /// The same store, for its packages and grants.
+    pub fn open_charging(
+        &self,
+        pg: &PgOptions,
+    ) -> Result<Arc<dyn crate::charging_store::ChargingStore>, IngestStoreError> {
+        Ok(match self {
+            StoreLocation::Sqlite(p) => Arc::new(SqliteStore::open(p)?),
+            StoreLocation::Postgres(url) => Arc::new(PgStore::connect(url, pg)?),
+        })
+    }
 }
 
 /// A count for the store (counts beyond 2^63 - 1 do not happen; saturate).

@@ -17,6 +17,7 @@ pub use mec_node::{identity, pki};
 
 pub mod charging_store;
 pub mod core_ingest;
+pub mod core_packages;
 pub mod core_server;
 #[doc(hidden)]
 pub mod fuzz_targets;

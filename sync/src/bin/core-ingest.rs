@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mec_sync::core_ingest::{self, CoreConfig, Format};
+use mec_sync::core_packages;
 
 /// Receives signed usage records from edge nodes over QUIC (mutual TLS),
 /// stores each exactly once, and exports them for billing.
@@ -83,6 +84,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The operator's token packages at the core: sell, revoke, balance.
+    Package {
+        #[command(subcommand)]
+        action: PackageAction,
+    },
     /// Records for billing, one row each or summed per IMSI per day.
     Export {
         /// Configuration file.
@@ -101,6 +107,93 @@ enum Command {
         #[arg(long, value_parser = ["imsi-day"])]
         group_by: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PackageAction {
+    /// Sell a package to a subscriber (JSON out). The same --id sent again
+    /// is the same sale; an --id used for another package is refused.
+    Sell {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Your id for this sale (from the BSS): the idempotency key.
+        #[arg(long)]
+        id: String,
+        /// The subscriber.
+        #[arg(long)]
+        imsi: String,
+        /// monthly (renews each month), topup or trial.
+        #[arg(long, default_value = "topup")]
+        kind: String,
+        /// Tokens (a month's, for monthly).
+        #[arg(long)]
+        tokens: u64,
+        /// Valid from (RFC 3339, YYYY-MM-DD or Unix seconds; default: now).
+        #[arg(long)]
+        from: Option<String>,
+        /// Valid for this many days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// The tier's name, for the bill.
+        #[arg(long, default_value = "")]
+        tier: String,
+        /// A model it may be spent on (repeat; none: any model).
+        #[arg(long = "model")]
+        models: Vec<String>,
+    },
+    /// Revoke a package: no more grants from it (JSON names the open grants it touched).
+    Revoke {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The sale's id.
+        #[arg(long)]
+        id: String,
+    },
+    /// A subscriber's balance at the core (JSON).
+    Balance {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The subscriber.
+        #[arg(long)]
+        imsi: String,
+    },
+}
+
+fn package(action: PackageAction) -> anyhow::Result<serde_json::Value> {
+    let open = |config: &PathBuf| -> anyhow::Result<_> {
+        let config = CoreConfig::load(config)?;
+        Ok(config.location()?.open_charging(&config.postgres)?)
+    };
+    match action {
+        PackageAction::Sell {
+            config,
+            id,
+            imsi,
+            kind,
+            tokens,
+            from,
+            days,
+            tier,
+            models,
+        } => core_packages::sell(
+            &*open(&config)?,
+            &core_packages::Sale {
+                id,
+                imsi,
+                kind,
+                tokens,
+                from,
+                days,
+                tier,
+                models,
+            },
+        ),
+        PackageAction::Revoke { config, id } => core_packages::revoke(&*open(&config)?, &id),
+        PackageAction::Balance { config, imsi } => core_packages::balance(&*open(&config)?, &imsi),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -149,6 +242,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mec_sync::ingest_store::StoreLocation::parse(&to, &base)?.open(&config.postgres)?;
             let report = core_ingest::copy_store(&*from, &*to)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Package { action } => {
+            println!("{}", serde_json::to_string_pretty(&package(action)?)?);
         }
         Command::Audit { config } => {
             let config = CoreConfig::load(&config)?;

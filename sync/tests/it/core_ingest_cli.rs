@@ -657,3 +657,92 @@ async fn two_instances_killed_mid_upload_lose_and_double_nothing() {
         assert_eq!(n["chain"], "ok", "{n}");
     }
 }
+
+/// The operator's packages at the core, as the BSS would drive them: a
+/// sale sent twice is one sale; an id reused for another package, a bad
+/// IMSI and an unknown package are refused with exit status 2 and a
+/// message that names what is wrong; a revoked package leaves no balance.
+#[test]
+fn packages_are_sold_once_per_id_and_revoked_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core");
+    let init = core_ingest(&[
+        "init",
+        "--dir",
+        core.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(init.status.success());
+    let config = core.join("core-ingest.toml");
+    let config = config.to_str().unwrap();
+    let json = |out: std::process::Output| -> Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let sell = |id: &str, imsi: &str, tokens: &str| {
+        core_ingest(&[
+            "package",
+            "sell",
+            "--config",
+            config,
+            "--id",
+            id,
+            "--imsi",
+            imsi,
+            "--kind",
+            "monthly",
+            "--tokens",
+            tokens,
+            "--tier",
+            "9.9 a month",
+        ])
+    };
+    let first = json(sell("bss-1", "001010123456789", "10000000"));
+    assert_eq!(
+        (
+            first["new"].as_bool(),
+            first["balance"]["remaining"].as_u64()
+        ),
+        (Some(true), Some(10_000_000))
+    );
+    let again = json(sell("bss-1", "001010123456789", "10000000"));
+    assert_eq!(again["new"].as_bool(), Some(false));
+    assert_eq!(
+        again["balance"]["remaining"].as_u64(),
+        Some(10_000_000),
+        "sold once"
+    );
+    for (out, says) in [
+        (
+            sell("bss-1", "001010123456789", "5"),
+            "sold before for another package",
+        ),
+        (sell("bss-2", "12ab", "5"), "IMSI \"12ab\""),
+        (
+            core_ingest(&["package", "revoke", "--config", config, "--id", "bss-9"]),
+            "no package \"bss-9\"",
+        ),
+    ] {
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
+    let revoked = json(core_ingest(&[
+        "package", "revoke", "--config", config, "--id", "bss-1",
+    ]));
+    assert_eq!(revoked["revoked"].as_bool(), Some(true));
+    let balance = json(core_ingest(&[
+        "package",
+        "balance",
+        "--config",
+        config,
+        "--imsi",
+        "001010123456789",
+    ]));
+    assert_eq!(balance["remaining"].as_u64(), Some(0));
+}
