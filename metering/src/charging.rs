@@ -64,6 +64,10 @@ pub struct Package {
     pub bucket_id: u64,
     /// Revoked: it gives nothing from then on.
     pub revoked: bool,
+    /// The sale as the operator asked for it (its parameters, canonical):
+    /// a retry is the same sale when this is the same, even where the
+    /// package's times were set from the moment of the first sale.
+    pub request: String,
 }
 
 /// What a box does when a grant is used up and no other comes (the 3GPP
@@ -167,6 +171,9 @@ pub struct Usage {
     pub imsi: Imsi,
     /// The grant the box spent it from, if any.
     pub grant_id: Option<u64>,
+    /// The model that served it (what it is taken from beyond its grant
+    /// must allow that model).
+    pub model: Option<String>,
     /// Tokens billed.
     pub tokens: u64,
 }
@@ -252,16 +259,18 @@ impl Charging {
         Charging::default()
     }
 
-    /// Sells `spec` to `imsi` under the operator's `id`. The same id with
-    /// the same package is the same sale (`Ok(false)`: nothing new).
+    /// Sells `spec` to `imsi` under the operator's `id`; `request` is the
+    /// sale as asked (see [`Package::request`]). The same id with the same
+    /// request is the same sale (`Ok(false)`: nothing new).
     pub fn sell(
         &mut self,
         id: &str,
         imsi: &Imsi,
         spec: PackageSpec,
+        request: &str,
     ) -> Result<bool, ChargingError> {
         if let Some(p) = self.packages.get(id) {
-            return if &p.imsi == imsi && p.spec == spec {
+            return if &p.imsi == imsi && p.request == request {
                 Ok(false)
             } else {
                 Err(ChargingError::IdConflict(id.to_string()))
@@ -269,6 +278,13 @@ impl Charging {
         }
         if spec.allowance == 0 {
             return Err(ChargingError::BadPackage("an allowance of 0 tokens".into()));
+        }
+        if spec.allowance > i64::MAX as u64 {
+            return Err(ChargingError::BadPackage(format!(
+                "an allowance of {} tokens is more than a store holds ({})",
+                spec.allowance,
+                i64::MAX
+            )));
         }
         if spec.expires_at <= spec.valid_from {
             return Err(ChargingError::BadPackage(
@@ -299,6 +315,7 @@ impl Charging {
                 spec,
                 bucket_id,
                 revoked: false,
+                request: request.to_string(),
             },
         );
         Ok(true)
@@ -353,13 +370,7 @@ impl Charging {
         }
         let wanted = if wanted == 0 { policy.slice } else { wanted };
         let models = &self.models_by_bucket;
-        let usable = |b: &Bucket| {
-            let named = models.get(&b.id).map(Vec::as_slice).unwrap_or_default();
-            match model {
-                None => named.is_empty(),
-                Some(m) => named.is_empty() || named.iter().any(|n| n == m),
-            }
-        };
+        let usable = |b: &Bucket| allows(models, b, model);
         // The grant's tokens are the ledger reservation of the same id.
         let id = self.next_grant + 1;
         let r = match self.ledger.reserve_as(id, imsi, 1, wanted, now, &usable) {
@@ -391,7 +402,8 @@ impl Charging {
             used: 0,
             granted_at: now,
             expires_at: now.saturating_add(policy.validity_s).min(tokens_end),
-            threshold: r.granted * u64::from(policy.threshold_percent.min(100)) / 100,
+            threshold: (u128::from(r.granted) * u128::from(policy.threshold_percent.min(100)) / 100)
+                as u64,
             offline_allowance: policy.offline_allowance,
             final_unit_action: policy.final_unit_action.clone(),
             revoked: false,
@@ -499,7 +511,13 @@ impl Charging {
         let mut from_balance = 0;
         let beyond = usage.tokens - from_grant;
         if beyond > 0 {
-            if let Ok(r) = self.ledger.reserve(&usage.imsi, 0, beyond, now) {
+            let models = &self.models_by_bucket;
+            let model = usage.model.as_deref();
+            let usable = |b: &Bucket| allows(models, b, model);
+            if let Ok(r) = self
+                .ledger
+                .reserve_from(&usage.imsi, 0, beyond, now, &usable)
+            {
                 if let Ok((_, left)) = self.ledger.consume(r.id, r.granted) {
                     from_balance = r.granted - left;
                 }
@@ -507,9 +525,11 @@ impl Charging {
             }
         }
         let overage = beyond - from_balance;
-        *self.used.entry(usage.imsi.clone()).or_default() += from_grant + from_balance;
+        let used = self.used.entry(usage.imsi.clone()).or_default();
+        *used = used.saturating_add(from_grant + from_balance);
         if overage > 0 {
-            *self.overage.entry(usage.imsi.clone()).or_default() += overage;
+            let over = self.overage.entry(usage.imsi.clone()).or_default();
+            *over = over.saturating_add(overage);
         }
         let settlement = Settlement {
             from_grant,
@@ -581,6 +601,19 @@ impl Charging {
             used: self.used.get(imsi).copied().unwrap_or(0),
             overage: self.overage.get(imsi).copied().unwrap_or(0),
         }
+    }
+}
+
+/// Whether `bucket` may be spent on `model` (None: a use that names no
+/// model, which only packages naming none may pay for).
+fn allows(models: &HashMap<u64, Vec<String>>, bucket: &Bucket, model: Option<&str>) -> bool {
+    let named = models
+        .get(&bucket.id)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    match model {
+        None => named.is_empty(),
+        Some(m) => named.is_empty() || named.iter().any(|n| n == m),
     }
 }
 

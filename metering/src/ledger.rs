@@ -238,8 +238,9 @@ pub enum LedgerError {
 pub struct Ledger {
     buckets: BTreeMap<u64, Bucket>,
     by_imsi: HashMap<Imsi, Vec<u64>>,
-    /// Tokens held per bucket by open reservations.
-    held: HashMap<u64, u64>,
+    /// Tokens held by open reservations per bucket and month (a hold of a
+    /// month that is over takes nothing from the next one's allowance).
+    held: HashMap<(u64, u32), u64>,
     reservations: HashMap<u64, Reservation>,
     next_reservation: u64,
 }
@@ -284,8 +285,18 @@ impl Ledger {
         self.reservations.len()
     }
 
+    /// Held on `bucket` in every month.
     fn held_on(&self, bucket: u64) -> u64 {
-        self.held.get(&bucket).copied().unwrap_or(0)
+        self.held
+            .iter()
+            .filter(|((b, _), _)| *b == bucket)
+            .map(|(_, t)| *t)
+            .fold(0u64, |a, t| a.saturating_add(t))
+    }
+
+    /// Held on `bucket` in month `period`.
+    fn held_in(&self, bucket: u64, period: u32) -> u64 {
+        self.held.get(&(bucket, period)).copied().unwrap_or(0)
     }
 
     /// The subscriber's active buckets (those `usable` takes) with what
@@ -307,7 +318,7 @@ impl Ledger {
                     return None;
                 }
                 let p = b.period(now)?;
-                let free = b.remaining(now).saturating_sub(self.held_on(*id));
+                let free = b.remaining(now).saturating_sub(self.held_in(*id, p));
                 Some((b.expiry_at(now), *id, free, p))
             })
             .collect();
@@ -341,15 +352,27 @@ impl Ledger {
             })
             .collect();
         buckets.sort_by_key(|b| (b.tokens_expire_at, b.id));
-        let remaining: u64 = buckets
+        // What each active bucket can still give this month: holds on a
+        // revoked or expired bucket, or of a month that is over, take
+        // nothing from the others.
+        let free: u64 = self
+            .by_imsi
+            .get(imsi)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| {
+                let b = &self.buckets[id];
+                let p = b.period(now)?;
+                Some(b.remaining(now).saturating_sub(self.held_in(*id, p)))
+            })
+            .fold(0u64, |a, t| a.saturating_add(t));
+        let reserved: u64 = buckets
             .iter()
-            .filter(|b| b.active)
-            .map(|b| b.remaining)
-            .sum();
-        let reserved: u64 = buckets.iter().map(|b| b.reserved).sum();
+            .map(|b| b.reserved)
+            .fold(0u64, |a, t| a.saturating_add(t));
         Balance {
             imsi: imsi.clone(),
-            remaining_tokens: remaining.saturating_sub(reserved),
+            remaining_tokens: free,
             reserved_tokens: reserved,
             buckets,
         }
@@ -404,7 +427,7 @@ impl Ledger {
         }
         let wanted = wanted.max(needed);
         let avail = self.available(imsi, now, usable);
-        let total: u64 = avail.iter().map(|a| a.1).sum();
+        let total: u64 = avail.iter().fold(0u64, |a, x| a.saturating_add(x.1));
         if total < needed {
             return Err(LedgerError::InsufficientQuota {
                 available: total,
@@ -424,7 +447,7 @@ impl Ledger {
                     tokens: take,
                     period,
                 });
-                *self.held.entry(id).or_default() += take;
+                *self.held.entry((id, period)).or_default() += take;
                 left -= take;
             }
         }
@@ -441,7 +464,7 @@ impl Ledger {
 
     fn drop_holds(&mut self, r: &Reservation) {
         for h in &r.holds {
-            unhold(&mut self.held, h.bucket_id, h.tokens);
+            unhold(&mut self.held, h);
         }
     }
 
@@ -530,7 +553,7 @@ impl Ledger {
             debits.push(Debit { tokens: take, ..*h });
             h.tokens -= take;
             left -= take;
-            unhold(&mut self.held, h.bucket_id, take);
+            unhold(&mut self.held, &Debit { tokens: take, ..*h });
         }
         r.holds.retain(|h| h.tokens > 0);
         r.granted -= used - left;
@@ -553,7 +576,7 @@ impl Ledger {
             return Err(LedgerError::UnknownBucket(h.bucket_id));
         }
         for h in &r.holds {
-            *self.held.entry(h.bucket_id).or_default() += h.tokens;
+            *self.held.entry((h.bucket_id, h.period)).or_default() += h.tokens;
         }
         self.next_reservation = self.next_reservation.max(r.id);
         self.reservations.insert(r.id, r);
@@ -589,12 +612,13 @@ impl Ledger {
     }
 }
 
-/// Takes `tokens` off what open reservations hold on `bucket`.
-fn unhold(held: &mut HashMap<u64, u64>, bucket: u64, tokens: u64) {
-    if let Some(v) = held.get_mut(&bucket) {
-        *v = v.saturating_sub(tokens);
+/// Takes `hold` off what open reservations hold.
+fn unhold(held: &mut HashMap<(u64, u32), u64>, hold: &Debit) {
+    let key = (hold.bucket_id, hold.period);
+    if let Some(v) = held.get_mut(&key) {
+        *v = v.saturating_sub(hold.tokens);
         if *v == 0 {
-            held.remove(&bucket);
+            held.remove(&key);
         }
     }
 }

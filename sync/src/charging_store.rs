@@ -33,6 +33,12 @@ pub enum ChargingStoreError {
     Store(#[from] IngestStoreError),
 }
 
+impl From<rusqlite::Error> for ChargingStoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        ChargingStoreError::Store(IngestStoreError::Sqlite(e))
+    }
+}
+
 /// The core's packages, grants and settlements, kept in its store.
 pub trait ChargingStore: Send + Sync {
     /// Runs `op` on `imsi`'s state (a [`Charging`] holding only that
@@ -59,13 +65,15 @@ pub trait ChargingStore: Send + Sync {
         t: Timestamp,
     ) -> Result<Vec<Imsi>, IngestStoreError>;
 
-    /// Sells `spec` to `imsi` under the operator's `id`; `Ok(false)` when
-    /// that sale was made before (the same id, the same package).
+    /// Sells `spec` to `imsi` under the operator's `id`; `request` is the
+    /// sale as the operator asked for it (`Package::request`). `Ok(false)`
+    /// when that sale was made before (the same id, the same request).
     fn sell(
         &self,
         id: &str,
         imsi: &Imsi,
         spec: &PackageSpec,
+        request: &str,
         now: Timestamp,
     ) -> Result<bool, ChargingStoreError> {
         if let Some(owner) = self.package_owner(id)? {
@@ -75,7 +83,7 @@ pub trait ChargingStore: Send + Sync {
         }
         let mut new = false;
         self.with_subscriber(imsi, &[], now, &mut |c| {
-            new = c.sell(id, imsi, spec.clone())?;
+            new = c.sell(id, imsi, spec.clone(), request)?;
             Ok(())
         })?;
         Ok(new)
@@ -139,10 +147,20 @@ pub trait ChargingStore: Send + Sync {
         let mut ended = Vec::new();
         let by = now.saturating_sub(policy.return_grace_s);
         for imsi in self.subscribers_with_grants_ending_by(by)? {
-            self.with_subscriber(&imsi, &[], now, &mut |c| {
-                ended.extend(c.expire(policy, now));
+            // One subscriber's failure (a lock not had in time) does not
+            // keep the others' grants open, nor hide those already ended:
+            // logged, and tried again at the next upkeep.
+            let mut these = Vec::new();
+            let done = self.with_subscriber(&imsi, &[], now, &mut |c| {
+                these = c.expire(policy, now);
                 Ok(())
-            })?;
+            });
+            match done {
+                Ok(()) => ended.append(&mut these),
+                Err(e) => {
+                    tracing::warn!(%imsi, error = %e, "expiring grants failed; tried again next time")
+                }
+            }
         }
         Ok(ended)
     }
@@ -180,6 +198,11 @@ pub trait ChargingStore: Send + Sync {
     fn account(&self, imsi: &Imsi, now: Timestamp) -> Result<Account, ChargingStoreError> {
         let mut account = None;
         self.with_subscriber(imsi, &[], now, &mut |c| {
+            if c.state(imsi).packages.is_empty() {
+                // A mistyped IMSI is not a subscriber with nothing left
+                // (and, refused, the operation saves nothing).
+                return Err(ChargingError::UnknownSubscriber(imsi.to_string()));
+            }
             account = Some(c.account(imsi, now));
             Ok(())
         })?;

@@ -68,19 +68,36 @@ pub fn sell(store: &dyn ChargingStore, sale: &Sale) -> anyhow::Result<Value> {
         tier: sale.tier.clone(),
         models: sale.models.clone(),
     };
-    let new = store.sell(&sale.id, &who, &spec, now)?;
-    Ok(json!({
+    // The sale as asked, not as made: a retry that leaves out --from (the
+    // package starts at the sale) is the same sale a second later.
+    let request = json!({
+        "imsi": who,
+        "kind": kind.as_str(),
+        "tokens": sale.tokens,
+        "from": sale.from,
+        "days": sale.days,
+        "tier": sale.tier,
+        "models": sale.models,
+    })
+    .to_string();
+    let new = store.sell(&sale.id, &who, &spec, &request, now)?;
+    let mut out = json!({
         "package": sale.id,
         "imsi": who,
         "new": new,
         "kind": kind.as_str(),
         "tokens": spec.allowance,
-        "valid_from": spec.valid_from,
-        "expires_at": spec.expires_at,
         "tier": spec.tier,
         "models": spec.models,
         "balance": store.account(&who, now)?,
-    }))
+    });
+    if new {
+        // A retry's times would be the retry's, not the sale's: only the
+        // sale that made the package says them.
+        out["valid_from"] = json!(spec.valid_from);
+        out["expires_at"] = json!(spec.expires_at);
+    }
+    Ok(out)
 }
 
 /// Revokes package `id`: the JSON names the open grants it touched (their

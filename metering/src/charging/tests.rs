@@ -25,27 +25,34 @@ fn usage(node: &str, seq: u64, who: &Imsi, grant: Option<u64>, tokens: u64) -> U
         seq,
         imsi: who.clone(),
         grant_id: grant,
+        model: None,
         tokens,
     }
+}
+
+/// A sale whose request is its spec (as a BSS sending explicit times).
+fn sold(c: &mut Charging, id: &str, who: &Imsi, spec: PackageSpec) -> Result<bool, ChargingError> {
+    let request = format!("{spec:?}");
+    c.sell(id, who, spec, &request)
 }
 
 #[test]
 fn a_sale_is_idempotent_by_its_id_and_an_id_reused_for_another_package_is_refused() {
     let mut c = Charging::new();
     let a = imsi(1);
-    assert_eq!(c.sell("bss-1", &a, topup(1_000)), Ok(true));
-    assert_eq!(c.sell("bss-1", &a, topup(1_000)), Ok(false));
+    assert_eq!(sold(&mut c, "bss-1", &a, topup(1_000)), Ok(true));
+    assert_eq!(sold(&mut c, "bss-1", &a, topup(1_000)), Ok(false));
     assert_eq!(c.account(&a, T0).remaining, 1_000, "sold once");
     assert_eq!(
-        c.sell("bss-1", &a, topup(2_000)),
+        sold(&mut c, "bss-1", &a, topup(2_000)),
         Err(ChargingError::IdConflict("bss-1".into()))
     );
     assert_eq!(
-        c.sell("bss-1", &imsi(2), topup(1_000)),
+        sold(&mut c, "bss-1", &imsi(2), topup(1_000)),
         Err(ChargingError::IdConflict("bss-1".into()))
     );
     assert!(matches!(
-        c.sell("bss-2", &a, topup(0)),
+        sold(&mut c, "bss-2", &a, topup(0)),
         Err(ChargingError::BadPackage(_))
     ));
 }
@@ -54,7 +61,7 @@ fn a_sale_is_idempotent_by_its_id_and_an_id_reused_for_another_package_is_refuse
 fn two_boxes_asking_at_once_never_hold_more_than_the_balance() {
     let mut c = Charging::new();
     let a = imsi(1);
-    c.sell("p", &a, topup(1_000)).unwrap();
+    sold(&mut c, "p", &a, topup(1_000)).unwrap();
     let policy = GrantPolicy {
         slice: 700,
         ..GrantPolicy::default()
@@ -83,7 +90,7 @@ fn two_boxes_asking_at_once_never_hold_more_than_the_balance() {
 fn usage_settles_once_from_its_grant_then_the_balance_then_as_overage() {
     let mut c = Charging::new();
     let a = imsi(1);
-    c.sell("p", &a, topup(1_000)).unwrap();
+    sold(&mut c, "p", &a, topup(1_000)).unwrap();
     let policy = GrantPolicy {
         slice: 400,
         offline_allowance: 500,
@@ -130,7 +137,7 @@ fn usage_settles_once_from_its_grant_then_the_balance_then_as_overage() {
 fn a_record_naming_another_boxs_grant_is_settled_from_the_balance() {
     let mut c = Charging::new();
     let a = imsi(1);
-    c.sell("p", &a, topup(1_000)).unwrap();
+    sold(&mut c, "p", &a, topup(1_000)).unwrap();
     let g = c
         .grant("box-1", &a, None, 100, &GrantPolicy::default(), T0)
         .unwrap();
@@ -149,7 +156,7 @@ fn a_record_naming_another_boxs_grant_is_settled_from_the_balance() {
 fn a_returned_or_long_expired_grant_gives_back_what_it_held() {
     let mut c = Charging::new();
     let a = imsi(1);
-    c.sell("p", &a, topup(1_000)).unwrap();
+    sold(&mut c, "p", &a, topup(1_000)).unwrap();
     let policy = GrantPolicy {
         slice: 300,
         validity_s: 600,
@@ -194,7 +201,7 @@ fn a_monthly_packages_grant_ends_with_the_month() {
         tier: "pro".into(),
         models: vec![],
     };
-    c.sell("m", &a, monthly).unwrap();
+    sold(&mut c, "m", &a, monthly).unwrap();
     let feb_1 = 1_769_904_000;
     let policy = GrantPolicy {
         validity_s: 7 * DAY,
@@ -212,8 +219,8 @@ fn a_monthly_packages_grant_ends_with_the_month() {
 fn revoking_a_package_names_the_grants_holding_it_and_stops_new_ones() {
     let mut c = Charging::new();
     let a = imsi(1);
-    c.sell("p1", &a, topup(500)).unwrap();
-    c.sell("p2", &a, topup(500)).unwrap();
+    sold(&mut c, "p1", &a, topup(500)).unwrap();
+    sold(&mut c, "p2", &a, topup(500)).unwrap();
     let policy = GrantPolicy::default();
     let g1 = c.grant("box-1", &a, None, 400, &policy, T0).unwrap();
     let g2 = c.grant("box-2", &a, None, 100, &policy, T0).unwrap();
@@ -249,7 +256,8 @@ fn revoking_a_package_names_the_grants_holding_it_and_stops_new_ones() {
 fn a_grant_for_a_model_takes_only_the_packages_that_allow_it() {
     let mut c = Charging::new();
     let a = imsi(1);
-    c.sell(
+    sold(
+        &mut c,
         "flagship-only",
         &a,
         PackageSpec {
@@ -258,7 +266,7 @@ fn a_grant_for_a_model_takes_only_the_packages_that_allow_it() {
         },
     )
     .unwrap();
-    c.sell("any", &a, topup(200)).unwrap();
+    sold(&mut c, "any", &a, topup(200)).unwrap();
     let policy = GrantPolicy::default();
     assert_eq!(
         c.grant("b", &a, Some("big"), 1_000, &policy, T0)
@@ -266,8 +274,9 @@ fn a_grant_for_a_model_takes_only_the_packages_that_allow_it() {
             .tokens,
         500
     );
-    c.sell("any-2", &a, topup(100)).unwrap();
-    c.sell(
+    sold(&mut c, "any-2", &a, topup(100)).unwrap();
+    sold(
+        &mut c,
         "big-2",
         &a,
         PackageSpec {
@@ -288,6 +297,133 @@ fn a_grant_for_a_model_takes_only_the_packages_that_allow_it() {
             model: Some("small".into())
         })
     );
+}
+
+#[test]
+fn last_months_open_grant_takes_nothing_from_the_new_month() {
+    let mut c = Charging::new();
+    let a = imsi(1);
+    let jan_1 = 1_767_225_600;
+    let feb_1 = 1_769_904_000;
+    let monthly = PackageSpec {
+        kind: BucketKind::Monthly,
+        allowance: 10_000,
+        valid_from: jan_1,
+        expires_at: jan_1 + 365 * DAY,
+        tier: "pro".into(),
+        models: vec![],
+    };
+    sold(&mut c, "m", &a, monthly).unwrap();
+    let policy = GrantPolicy::default();
+    // All of January's tokens, granted a minute before the month ends and
+    // not yet returned (the box may upload its records later).
+    let jan = c
+        .grant("box-1", &a, None, 10_000, &policy, feb_1 - 60)
+        .unwrap();
+    assert_eq!((jan.tokens, jan.expires_at), (10_000, feb_1));
+    let acct = c.account(&a, feb_1);
+    assert_eq!(acct.remaining, 10_000, "February's allowance is whole");
+    let feb = c.grant("box-1", &a, None, 10_000, &policy, feb_1).unwrap();
+    assert_eq!(feb.tokens, 10_000);
+    // January's record settles against January's grant, in January's month.
+    let s = c
+        .settle(&usage("box-1", 1, &a, Some(jan.id), 4_000), feb_1 + 60)
+        .unwrap();
+    assert_eq!((s.from_grant, s.overage), (4_000, 0));
+    assert_eq!(
+        c.account(&a, feb_1 + 60).remaining,
+        0,
+        "February is all granted"
+    );
+}
+
+#[test]
+fn usage_beyond_a_grant_is_taken_only_from_packages_for_its_model() {
+    let mut c = Charging::new();
+    let a = imsi(1);
+    sold(
+        &mut c,
+        "big-only",
+        &a,
+        PackageSpec {
+            models: vec!["big".into()],
+            ..topup(500)
+        },
+    )
+    .unwrap();
+    let small = Usage {
+        model: Some("small".into()),
+        ..usage("box-1", 1, &a, None, 100)
+    };
+    assert_eq!(
+        c.settle(&small, T0),
+        Some(Settlement {
+            from_grant: 0,
+            from_balance: 0,
+            overage: 100
+        })
+    );
+    let big = Usage {
+        model: Some("big".into()),
+        ..usage("box-1", 2, &a, None, 100)
+    };
+    assert_eq!(
+        c.settle(&big, T0),
+        Some(Settlement {
+            from_grant: 0,
+            from_balance: 100,
+            overage: 0
+        })
+    );
+    assert_eq!(c.account(&a, T0).remaining, 400);
+}
+
+#[test]
+fn a_revoked_packages_holds_take_nothing_from_the_balance_shown() {
+    let mut c = Charging::new();
+    let a = imsi(1);
+    sold(&mut c, "p1", &a, topup(300)).unwrap();
+    sold(&mut c, "p2", &a, topup(300)).unwrap();
+    let policy = GrantPolicy::default();
+    c.grant("box-1", &a, None, 300, &policy, T0).unwrap();
+    c.revoke("p1").unwrap();
+    let acct = c.account(&a, T0);
+    assert_eq!((acct.remaining, acct.granted), (300, 300));
+    assert_eq!(
+        c.grant("box-2", &a, None, 1_000, &policy, T0)
+            .unwrap()
+            .tokens,
+        300
+    );
+}
+
+#[test]
+fn a_retried_sale_is_judged_by_its_request_not_the_times_it_was_given() {
+    let mut c = Charging::new();
+    let a = imsi(1);
+    let request = r#"{"kind":"topup","tokens":1000,"days":30,"from":null}"#;
+    let first = PackageSpec {
+        valid_from: T0,
+        expires_at: T0 + 30 * DAY,
+        ..topup(1_000)
+    };
+    // The retry a second later: "from now" is another second.
+    let retry = PackageSpec {
+        valid_from: T0 + 1,
+        expires_at: T0 + 1 + 30 * DAY,
+        ..topup(1_000)
+    };
+    assert_eq!(c.sell("bss-1", &a, first, request), Ok(true));
+    assert_eq!(c.sell("bss-1", &a, retry.clone(), request), Ok(false));
+    assert_eq!(c.account(&a, T0 + 1).remaining, 1_000);
+    assert_eq!(
+        c.sell("bss-1", &a, retry, r#"{"kind":"topup","tokens":2000}"#),
+        Err(ChargingError::IdConflict("bss-1".into()))
+    );
+    assert!(matches!(
+        sold(&mut c, "bss-2", &a, topup(u64::MAX)),
+        Err(ChargingError::BadPackage(_))
+    ));
 }
 
 mod model {
@@ -363,17 +499,17 @@ mod model {
             let mut subs: HashMap<u8, Sub> = HashMap::new();
             // Model of each grant: (node, sub, tokens left, open).
             let mut grants: Vec<(u64, String, u8, u64, bool)> = Vec::new();
-            let mut sold: HashMap<u8, (u8, u64)> = HashMap::new();
+            let mut sales: HashMap<u8, (u8, u64)> = HashMap::new();
             let mut last_seq: HashMap<String, u64> = HashMap::new();
             let mut now = T0;
             for op in ops {
                 match op {
                     Op::Sell { sub, id, allowance } => {
-                        let r = c.sell(&format!("p{id}"), &imsi(sub.into()), topup(allowance));
-                        match sold.get(&id) {
+                        let r = sold(&mut c, &format!("p{id}"), &imsi(sub.into()), topup(allowance));
+                        match sales.get(&id) {
                             None => {
                                 prop_assert_eq!(r, Ok(true));
-                                sold.insert(id, (sub, allowance));
+                                sales.insert(id, (sub, allowance));
                                 subs.entry(sub).or_default().sold += allowance;
                             }
                             Some(&(s, a)) if s == sub && a == allowance => prop_assert_eq!(r, Ok(false)),

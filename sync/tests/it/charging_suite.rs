@@ -43,6 +43,7 @@ fn usage(node: &str, seq: u64, who: &Imsi, grant: Option<u64>, tokens: u64) -> U
         seq,
         imsi: who.clone(),
         grant_id: grant,
+        model: Some("smollm2".into()),
         tokens,
     }
 }
@@ -55,7 +56,9 @@ fn a_package_sold_at_the_core_is_granted_settled_and_returned(b: Backend) {
     };
     let g = {
         let s = b.open_charging();
-        assert!(s.sell("bss-1", &a, &topup(1_000), T0).unwrap());
+        assert!(s
+            .sell("bss-1", &a, &topup(1_000), "topup 1_000", T0)
+            .unwrap());
         s.grant("box-1", &a, Some("smollm2"), 0, &policy, T0)
             .unwrap()
     };
@@ -106,16 +109,16 @@ fn a_package_sold_at_the_core_is_granted_settled_and_returned(b: Backend) {
 fn a_sale_retried_is_one_sale_and_a_refused_operation_saves_nothing(b: Backend) {
     let s = b.open_charging();
     let (a, other) = (imsi(1), imsi(2));
-    assert!(s.sell("bss-7", &a, &topup(500), T0).unwrap());
+    assert!(s.sell("bss-7", &a, &topup(500), "topup 500", T0).unwrap());
     assert!(
         !b.open_charging()
-            .sell("bss-7", &a, &topup(500), T0)
+            .sell("bss-7", &a, &topup(500), "topup 500", T0)
             .unwrap(),
         "the retry"
     );
     for refused in [
-        s.sell("bss-7", &a, &topup(900), T0),
-        s.sell("bss-7", &other, &topup(500), T0),
+        s.sell("bss-7", &a, &topup(900), "topup 900", T0),
+        s.sell("bss-7", &other, &topup(500), "topup 500", T0),
     ] {
         assert!(
             matches!(
@@ -125,7 +128,33 @@ fn a_sale_retried_is_one_sale_and_a_refused_operation_saves_nothing(b: Backend) 
             "{refused:?}"
         );
     }
+    // Two sales of one id for two subscribers racing past the owner check:
+    // the second's save finds the id taken and is refused, the first's
+    // package untouched.
+    let mut sold_again = None;
+    let raced = s.with_subscriber(&other, &[], T0, &mut |c| {
+        sold_again = Some(c.sell("bss-7", &other, topup(500), "topup 500")?);
+        Ok(())
+    });
+    assert_eq!(
+        sold_again,
+        Some(true),
+        "the other subscriber's state knew no bss-7"
+    );
+    assert!(
+        matches!(
+            raced,
+            Err(ChargingStoreError::Refused(ChargingError::IdConflict(_)))
+        ),
+        "{raced:?}"
+    );
     assert_eq!(s.account(&a, T0).unwrap().remaining, 500);
+    assert!(matches!(
+        s.account(&other, T0),
+        Err(ChargingStoreError::Refused(
+            ChargingError::UnknownSubscriber(_)
+        ))
+    ));
     assert!(matches!(
         s.grant(
             "box-1",
@@ -158,7 +187,7 @@ fn a_sale_retried_is_one_sale_and_a_refused_operation_saves_nothing(b: Backend) 
 fn two_instances_granting_at_once_never_hold_more_than_the_balance(b: Backend) {
     let a = imsi(3);
     b.open_charging()
-        .sell("bss-9", &a, &topup(10_000), T0)
+        .sell("bss-9", &a, &topup(10_000), "topup 10_000", T0)
         .unwrap();
     let policy = GrantPolicy {
         slice: 700,
@@ -198,8 +227,8 @@ fn two_instances_granting_at_once_never_hold_more_than_the_balance(b: Backend) {
 fn revocation_and_expiry_are_kept(b: Backend) {
     let s = b.open_charging();
     let a = imsi(4);
-    s.sell("p1", &a, &topup(300), T0).unwrap();
-    s.sell("p2", &a, &topup(300), T0).unwrap();
+    s.sell("p1", &a, &topup(300), "topup 300", T0).unwrap();
+    s.sell("p2", &a, &topup(300), "topup 300", T0).unwrap();
     let policy = GrantPolicy {
         slice: 200,
         validity_s: 600,

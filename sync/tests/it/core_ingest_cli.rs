@@ -710,6 +710,9 @@ fn packages_are_sold_once_per_id_and_revoked_from_the_command_line() {
         ),
         (Some(true), Some(10_000_000))
     );
+    // The BSS retries later: the package starts at the first sale, and the
+    // retry (no --from either) is the same sale.
+    std::thread::sleep(Duration::from_millis(1_100));
     let again = json(sell("bss-1", "001010123456789", "10000000"));
     assert_eq!(again["new"].as_bool(), Some(false));
     assert_eq!(

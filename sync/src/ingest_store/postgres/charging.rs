@@ -15,6 +15,7 @@ use crate::charging_store::{
     from_json, kind_from, to_json, ChargingOp, ChargingStore, ChargingStoreError,
 };
 use crate::ingest_store::IngestStoreError;
+use mec_metering::charging::ChargingError;
 
 /// Schema version 2: the charging tables.
 pub(super) const SCHEMA_V2: &str = "
@@ -38,7 +39,8 @@ CREATE TABLE charging_packages (
     used        BIGINT  NOT NULL,
     used_period INTEGER NOT NULL,
     revoked     BOOLEAN NOT NULL,
-    sold_at     BIGINT  NOT NULL
+    sold_at     BIGINT  NOT NULL,
+    request     TEXT    NOT NULL
 );
 CREATE INDEX charging_packages_by_imsi ON charging_packages (imsi);
 CREATE TABLE charging_grants (
@@ -90,7 +92,7 @@ impl PgStore {
         let rows = tx
             .query(
                 "SELECT id, bucket_id, kind, allowance, valid_from, expires_at, tier, models, used,
-                        used_period, revoked
+                        used_period, revoked, request
                  FROM charging_packages WHERE imsi = $1 ORDER BY bucket_id",
                 &[&imsi.as_str()],
             )
@@ -125,6 +127,7 @@ impl PgStore {
                 spec,
                 bucket_id: bucket_id as u64,
                 revoked,
+                request: r.get(11),
             };
             state.packages.push((package, bucket));
         }
@@ -177,39 +180,48 @@ impl PgStore {
         open_before: &HashSet<u64>,
         settlements: &[(Usage, Settlement)],
         now: Timestamp,
-    ) -> Result<(), IngestStoreError> {
+    ) -> Result<(), ChargingStoreError> {
         let err = |e| self.err(e);
+        // A package is only ever updated by its own subscriber's operation:
+        // an id that another subscriber's sale took meanwhile changes no
+        // row, and is this sale's id conflict.
         let package = tx
             .prepare_cached(
                 "INSERT INTO charging_packages (id, imsi, bucket_id, kind, allowance, valid_from,
-                     expires_at, tier, models, used, used_period, revoked, sold_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                     expires_at, tier, models, used, used_period, revoked, sold_at, request)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                  ON CONFLICT (id) DO UPDATE SET used = excluded.used,
-                     used_period = excluded.used_period, revoked = excluded.revoked",
+                     used_period = excluded.used_period, revoked = excluded.revoked
+                 WHERE charging_packages.imsi = excluded.imsi",
             )
             .await
             .map_err(err)?;
         for (p, b) in &state.packages {
-            tx.execute(
-                &package,
-                &[
-                    &p.id,
-                    &imsi.as_str(),
-                    &(b.id as i64),
-                    &b.kind.as_str(),
-                    &(b.allowance as i64),
-                    &b.valid_from,
-                    &b.expires_at,
-                    &p.spec.tier,
-                    &to_json(&p.spec.models),
-                    &(b.used as i64),
-                    &(b.used_period as i32),
-                    &p.revoked,
-                    &now,
-                ],
-            )
-            .await
-            .map_err(err)?;
+            let changed = tx
+                .execute(
+                    &package,
+                    &[
+                        &p.id,
+                        &imsi.as_str(),
+                        &(b.id as i64),
+                        &b.kind.as_str(),
+                        &(b.allowance as i64),
+                        &b.valid_from,
+                        &b.expires_at,
+                        &p.spec.tier,
+                        &to_json(&p.spec.models),
+                        &(b.used as i64),
+                        &(b.used_period as i32),
+                        &p.revoked,
+                        &now,
+                        &p.request,
+                    ],
+                )
+                .await
+                .map_err(err)?;
+            if changed == 0 {
+                return Err(ChargingError::IdConflict(p.id.clone()).into());
+            }
         }
         let grant = tx
             .prepare_cached(

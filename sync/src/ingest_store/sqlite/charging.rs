@@ -16,6 +16,7 @@ use crate::charging_store::{
     from_json, kind_from, to_json, ChargingOp, ChargingStore, ChargingStoreError,
 };
 use crate::ingest_store::IngestStoreError;
+use mec_metering::charging::ChargingError;
 
 /// The charging tables (made with the others at open).
 pub(super) const SCHEMA: &str = "
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS charging_packages (
     used        INTEGER NOT NULL,
     used_period INTEGER NOT NULL,
     revoked     INTEGER NOT NULL,
-    sold_at     INTEGER NOT NULL
+    sold_at     INTEGER NOT NULL,
+    request     TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS charging_packages_by_imsi ON charging_packages(imsi);
 CREATE TABLE IF NOT EXISTS charging_grants (
@@ -58,6 +60,7 @@ CREATE TABLE IF NOT EXISTS charging_grants (
     closed_at         INTEGER
 );
 CREATE INDEX IF NOT EXISTS charging_grants_open ON charging_grants(imsi, open);
+CREATE INDEX IF NOT EXISTS charging_grants_expiring ON charging_grants(open, expires_at);
 CREATE TABLE IF NOT EXISTS charging_settlements (
     node_id      TEXT    NOT NULL,
     seq          INTEGER NOT NULL,
@@ -82,7 +85,7 @@ fn load(tx: &Transaction<'_>, imsi: &Imsi) -> Result<SubscriberState, IngestStor
     let mut state = SubscriberState::default();
     let mut packages = tx.prepare_cached(
         "SELECT id, bucket_id, kind, allowance, valid_from, expires_at, tier, models, used,
-                used_period, revoked
+                used_period, revoked, request
          FROM charging_packages WHERE imsi = ?1 ORDER BY bucket_id",
     )?;
     let rows = packages.query_map([imsi.as_str()], |r| {
@@ -98,6 +101,7 @@ fn load(tx: &Transaction<'_>, imsi: &Imsi) -> Result<SubscriberState, IngestStor
             r.get::<_, i64>(8)?,
             r.get::<_, i64>(9)?,
             r.get::<_, bool>(10)?,
+            r.get::<_, String>(11)?,
         ))
     })?;
     for row in rows {
@@ -113,6 +117,7 @@ fn load(tx: &Transaction<'_>, imsi: &Imsi) -> Result<SubscriberState, IngestStor
             used,
             period,
             revoked,
+            request,
         ) = row?;
         let kind = kind_from(&kind)?;
         let spec = PackageSpec {
@@ -140,6 +145,7 @@ fn load(tx: &Transaction<'_>, imsi: &Imsi) -> Result<SubscriberState, IngestStor
             spec,
             bucket_id: bucket_id as u64,
             revoked,
+            request,
         };
         state.packages.push((package, bucket));
     }
@@ -215,16 +221,20 @@ fn save(
     open_before: &HashSet<u64>,
     settlements: &[(Usage, Settlement)],
     now: Timestamp,
-) -> Result<(), IngestStoreError> {
+) -> Result<(), ChargingStoreError> {
+    // A package is only ever updated by its own subscriber's operation: an
+    // id that another subscriber's sale took meanwhile changes no row, and
+    // is this sale's id conflict.
     let mut package = tx.prepare_cached(
         "INSERT INTO charging_packages (id, imsi, bucket_id, kind, allowance, valid_from,
-             expires_at, tier, models, used, used_period, revoked, sold_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             expires_at, tier, models, used, used_period, revoked, sold_at, request)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          ON CONFLICT (id) DO UPDATE SET used = excluded.used,
-             used_period = excluded.used_period, revoked = excluded.revoked",
+             used_period = excluded.used_period, revoked = excluded.revoked
+         WHERE charging_packages.imsi = excluded.imsi",
     )?;
     for (p, b) in &state.packages {
-        package.execute(params![
+        let changed = package.execute(params![
             p.id,
             imsi.as_str(),
             b.id as i64,
@@ -238,7 +248,11 @@ fn save(
             i64::from(b.used_period),
             p.revoked,
             now,
+            p.request,
         ])?;
+        if changed == 0 {
+            return Err(ChargingError::IdConflict(p.id.clone()).into());
+        }
     }
     let mut grant = tx.prepare_cached(
         "INSERT INTO charging_grants (id, node_id, imsi, model, tokens, used, granted_at,
