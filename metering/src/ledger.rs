@@ -356,16 +356,9 @@ impl Ledger {
         // revoked or expired bucket, or of a month that is over, take
         // nothing from the others.
         let free: u64 = self
-            .by_imsi
-            .get(imsi)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| {
-                let b = &self.buckets[id];
-                let p = b.period(now)?;
-                Some(b.remaining(now).saturating_sub(self.held_in(*id, p)))
-            })
-            .fold(0u64, |a, t| a.saturating_add(t));
+            .available(imsi, now, &|_| true)
+            .iter()
+            .fold(0u64, |a, &(_, free, _)| a.saturating_add(free));
         let reserved: u64 = buckets
             .iter()
             .map(|b| b.reserved)
