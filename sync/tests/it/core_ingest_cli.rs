@@ -455,7 +455,11 @@ fn an_operator_runs_the_core_on_postgresql_and_the_load_balancer_sees_readiness(
     let tables = server
         .sql("cli", "SELECT max(version) FROM schema_migrations")
         .unwrap();
-    assert_eq!(tables, "1", "init made the schema");
+    assert_eq!(
+        tables,
+        mec_sync::ingest_store::postgres::SCHEMA_VERSION.to_string(),
+        "init made the schema"
+    );
     let config = init["config"].as_str().unwrap();
     let mut text = std::fs::read_to_string(config).unwrap();
     text.push_str("http = \"127.0.0.1:0\"\n");
