@@ -58,6 +58,11 @@ pub struct CoreConfig {
     /// `/metrics`); none when absent.
     #[serde(default)]
     pub http: Option<String>,
+    /// The operator API's bearer token, the first line of this file (mode
+    /// 0600): with `http`, `/operator/v1/...` is served there for the BSS
+    /// (`core_packages::operator_routes`); none when absent.
+    #[serde(default)]
+    pub operator_token_file: Option<PathBuf>,
 }
 
 fn default_idle() -> u64 {
@@ -99,6 +104,7 @@ impl CoreConfig {
         for p in [&mut c.ca_cert, &mut c.ca_key, &mut c.cert, &mut c.key]
             .into_iter()
             .chain(c.crl.as_mut())
+            .chain(c.operator_token_file.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -189,11 +195,20 @@ pub fn init(
     write_file(&dir.join("core.crt"), &server.cert_pem, false)?;
     write_file(&dir.join("core.key"), &server.key_pem, true)?;
     write_file(&dir.join("crl.pem"), &make_crl(&ca, &[], 1)?, false)?;
+    let mut token = [0u8; 32];
+    getrandom::fill(&mut token).map_err(|e| anyhow::anyhow!("the operator token: {e}"))?;
+    write_file(
+        &dir.join("operator.token"),
+        &format!("{}\n", hex::encode(token)),
+        true,
+    )?;
     let text = format!(
         "# Written by `core-ingest init` (a dev operator CA: keep operator-ca.key secret).\n\
          listen = {listen:?}\nstore = {store:?}\nca_cert = \"operator-ca.crt\"\nca_key = \"operator-ca.key\"\n\
          cert = \"core.crt\"\nkey = \"core.key\"\n\
          # Revoked node certificates (core-ingest revoke-node-cert).\ncrl = \"crl.pem\"\n\
+         # The operator API's bearer token (/operator/v1/..., served on `http`):\n\
+         operator_token_file = \"operator.token\"\n\
          # idle_timeout_s = 30\n# segmentation_offload = true\n\
          # /healthz, /readyz and /metrics for load balancers and monitoring:\n# http = \"127.0.0.1:7444\"\n"
     );
@@ -204,6 +219,7 @@ pub fn init(
         "store": opened.describe(),
         "listen": listen,
         "ca_cert": dir.join("operator-ca.crt"),
+        "operator_token_file": dir.join("operator.token"),
         "server_names": names,
     }))
 }
@@ -282,7 +298,22 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("http: binding {addr}"))?;
             let bound = listener.local_addr()?;
-            let app = http_routes(store.clone(), stats.clone());
+            let mut app = http_routes(store.clone(), stats.clone());
+            if let Some(path) = &config.operator_token_file {
+                let token = read(path)?;
+                let token = token.lines().next().unwrap_or("").trim().to_string();
+                anyhow::ensure!(
+                    token.len() >= 16,
+                    "{}: the operator token is empty or shorter than 16 characters",
+                    path.display()
+                );
+                // Off the async threads: the PostgreSQL store blocks on its
+                // own small runtime.
+                let (location, pg) = (config.location()?, config.postgres.clone());
+                let charging =
+                    tokio::task::spawn_blocking(move || location.open_charging(&pg)).await??;
+                app = app.merge(crate::core_packages::operator_routes(charging, token));
+            }
             let mut stop = rx.clone();
             tokio::spawn(async move {
                 let _ = axum::serve(listener, app)

@@ -1,63 +1,106 @@
-//! `core-ingest package ...`: the operator's packages at the core (issue
-//! 23), over the core's store: sell (a monthly plan, a top-up, a trial),
-//! revoke, and a subscriber's balance. Every sale carries the operator's
-//! id: the same sale sent again is one sale.
+//! The operator's packages at the core (issue 23), over the core's store:
+//! sell (a monthly plan, a top-up, a trial), revoke, and a subscriber's
+//! balance; for `core-ingest package ...` and the operator API
+//! (`/operator/v1/...`, [`operator_routes`]). Every sale carries the
+//! operator's id: the same sale sent again is one sale.
 //!
 //! Boxes do not spend these yet: grants reach them with the downlink,
 //! which is still to come (see ARCHITECTURE.md).
 
-use mec_metering::charging::PackageSpec;
+use std::sync::Arc;
+
+use mec_metering::charging::{ChargingError, PackageSpec};
 use mec_metering::{BucketKind, Imsi};
 use serde_json::{json, Value};
 
-use crate::charging_store::ChargingStore;
+use crate::charging_store::{ChargingStore, ChargingStoreError};
 use crate::core_ingest::parse_time;
 
-/// What `package sell` sells.
-#[derive(Debug, Clone)]
+/// What a sale asks for (the CLI's flags, the API's body).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Sale {
     /// The operator's id for the sale (its idempotency key).
     pub id: String,
     /// The subscriber.
     pub imsi: String,
     /// monthly, topup or trial.
+    #[serde(default = "topup")]
     pub kind: String,
     /// Tokens (a month's, for monthly).
     pub tokens: u64,
     /// Valid from (RFC 3339, YYYY-MM-DD or Unix seconds; None: now).
+    #[serde(default)]
     pub from: Option<String>,
     /// Valid for this many days.
+    #[serde(default = "thirty")]
     pub days: u32,
     /// The tier's name, for the bill.
+    #[serde(default)]
     pub tier: String,
     /// The models it may be spent on (none: any).
+    #[serde(default)]
     pub models: Vec<String>,
+}
+
+fn topup() -> String {
+    "topup".into()
+}
+
+fn thirty() -> u32 {
+    30
+}
+
+/// Why an operation on packages failed, by whose fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    /// The request is malformed (a bad IMSI, kind, count or time).
+    #[error("{0}")]
+    Invalid(String),
+    /// The rules refused it.
+    #[error(transparent)]
+    Refused(ChargingError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(crate::ingest_store::IngestStoreError),
+}
+
+impl From<ChargingStoreError> for PackageError {
+    fn from(e: ChargingStoreError) -> Self {
+        match e {
+            ChargingStoreError::Refused(e) => PackageError::Refused(e),
+            ChargingStoreError::Store(e) => PackageError::Store(e),
+        }
+    }
 }
 
 fn now_s() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-fn imsi(text: &str) -> anyhow::Result<Imsi> {
-    Imsi::parse(text).map_err(|e| anyhow::anyhow!("IMSI {text:?}: {e}"))
+fn imsi(text: &str) -> Result<Imsi, PackageError> {
+    Imsi::parse(text).map_err(|e| PackageError::Invalid(format!("IMSI {text:?}: {e}")))
 }
 
 /// Sells `sale`; the JSON says whether it is new.
-pub fn sell(store: &dyn ChargingStore, sale: &Sale) -> anyhow::Result<Value> {
+pub fn sell(store: &dyn ChargingStore, sale: &Sale) -> Result<Value, PackageError> {
     let who = imsi(&sale.imsi)?;
-    let kind = BucketKind::parse(&sale.kind)
-        .ok_or_else(|| anyhow::anyhow!("kind {:?}: monthly, topup or trial", sale.kind))?;
-    anyhow::ensure!(
-        sale.tokens > 0,
-        "--tokens: a package of 0 tokens sells nothing"
-    );
-    anyhow::ensure!(
-        sale.days > 0,
-        "--days: a package valid for 0 days is never valid"
-    );
+    let invalid = |m: String| Err(PackageError::Invalid(m));
+    if sale.id.is_empty() || sale.id.len() > 200 {
+        return invalid("id: 1 to 200 characters, your system's id for the sale".into());
+    }
+    let Some(kind) = BucketKind::parse(&sale.kind) else {
+        return invalid(format!("kind {:?}: monthly, topup or trial", sale.kind));
+    };
+    if sale.tokens == 0 {
+        return invalid("tokens: a package of 0 tokens sells nothing".into());
+    }
+    if sale.days == 0 {
+        return invalid("days: a package valid for 0 days is never valid".into());
+    }
     let now = now_s();
     let valid_from = match &sale.from {
-        Some(t) => parse_time(t)? / 1000,
+        Some(t) => parse_time(t).map_err(|e| PackageError::Invalid(format!("from: {e}")))? / 1000,
         None => now,
     };
     let spec = PackageSpec {
@@ -68,7 +111,7 @@ pub fn sell(store: &dyn ChargingStore, sale: &Sale) -> anyhow::Result<Value> {
         tier: sale.tier.clone(),
         models: sale.models.clone(),
     };
-    // The sale as asked, not as made: a retry that leaves out --from (the
+    // The sale as asked, not as made: a retry that leaves out `from` (the
     // package starts at the sale) is the same sale a second later.
     let request = json!({
         "imsi": who,
@@ -102,7 +145,7 @@ pub fn sell(store: &dyn ChargingStore, sale: &Sale) -> anyhow::Result<Value> {
 
 /// Revokes package `id`: the JSON names the open grants it touched (their
 /// boxes stop admitting on them when the downlink tells them).
-pub fn revoke(store: &dyn ChargingStore, id: &str) -> anyhow::Result<Value> {
+pub fn revoke(store: &dyn ChargingStore, id: &str) -> Result<Value, PackageError> {
     let grants = store.revoke(id, now_s())?;
     Ok(json!({
         "package": id,
@@ -112,6 +155,182 @@ pub fn revoke(store: &dyn ChargingStore, id: &str) -> anyhow::Result<Value> {
 }
 
 /// `imsi`'s balance at the core.
-pub fn balance(store: &dyn ChargingStore, text: &str) -> anyhow::Result<Value> {
-    Ok(serde_json::to_value(store.account(&imsi(text)?, now_s())?)?)
+pub fn balance(store: &dyn ChargingStore, text: &str) -> Result<Value, PackageError> {
+    let account = store.account(&imsi(text)?, now_s())?;
+    Ok(serde_json::to_value(account).unwrap_or_default())
+}
+
+/// The operator API, for the BSS, on the core's `http` listener, each
+/// request with `Authorization: Bearer TOKEN` (the configured token file's
+/// first line): `POST /operator/v1/packages` (a [`Sale`]: 201 when new, 200
+/// when the same sale was made before, 409 for an id sold for another
+/// package), `POST /operator/v1/packages/{id}/revoke` and `GET
+/// /operator/v1/subscribers/{imsi}/balance`. Errors are JSON, `{"error":
+/// {"message", "type", "code"}}`, as everywhere in the product. The
+/// contract is `docs/operator-api.json` (OpenAPI 3.1).
+pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Router {
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+
+    #[derive(Clone)]
+    struct Api {
+        store: Arc<dyn ChargingStore>,
+        token_hash: [u8; 32],
+    }
+
+    fn error(status: StatusCode, kind: &str, code: &str, message: String) -> Response {
+        let body = json!({ "error": { "message": message, "type": kind, "code": code } });
+        (status, axum::Json(body)).into_response()
+    }
+
+    fn failure(e: PackageError) -> Response {
+        use ChargingError::*;
+        match e {
+            PackageError::Invalid(m) => error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+                m,
+            ),
+            PackageError::Refused(e @ IdConflict(_)) => error(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "id_conflict",
+                e.to_string(),
+            ),
+            PackageError::Refused(e @ (UnknownPackage(_) | UnknownSubscriber(_))) => error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                e.to_string(),
+            ),
+            PackageError::Refused(e) => error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "refused",
+                e.to_string(),
+            ),
+            PackageError::Store(e) => {
+                tracing::error!(error = %e, "operator API: the store failed");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "store_unavailable",
+                    e.to_string(),
+                )
+            }
+        }
+    }
+
+    /// The bearer token, compared in constant time (as digests: equal
+    /// lengths whatever was sent).
+    fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
+        let sent = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let sent: [u8; 32] = Sha256::digest(sent.as_bytes()).into();
+        if bool::from(sent.ct_eq(&api.token_hash)) {
+            Ok(())
+        } else {
+            Err(Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_token",
+                "Authorization: Bearer TOKEN, the operator token of this core, is missing or wrong"
+                    .into(),
+            )))
+        }
+    }
+
+    async fn blocking(
+        work: impl FnOnce() -> Result<Value, PackageError> + Send + 'static,
+    ) -> Result<Value, Response> {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| {
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "internal",
+                    e.to_string(),
+                )
+            })?
+            .map_err(failure)
+    }
+
+    async fn sell_route(
+        State(api): State<Api>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> Response {
+        if let Err(r) = authorized(&api, &headers) {
+            return *r;
+        }
+        let sale: Sale = match serde_json::from_slice(&body) {
+            Ok(s) => s,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "invalid_json",
+                    format!("the body is not a sale: {e}"),
+                )
+            }
+        };
+        match blocking(move || sell(&*api.store, &sale)).await {
+            Ok(v) if v["new"] == json!(true) => {
+                (StatusCode::CREATED, axum::Json(v)).into_response()
+            }
+            Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
+            Err(r) => r,
+        }
+    }
+
+    async fn revoke_route(
+        State(api): State<Api>,
+        headers: HeaderMap,
+        Path(id): Path<String>,
+    ) -> Response {
+        if let Err(r) = authorized(&api, &headers) {
+            return *r;
+        }
+        match blocking(move || revoke(&*api.store, &id)).await {
+            Ok(v) => axum::Json(v).into_response(),
+            Err(r) => r,
+        }
+    }
+
+    async fn balance_route(
+        State(api): State<Api>,
+        headers: HeaderMap,
+        Path(imsi): Path<String>,
+    ) -> Response {
+        if let Err(r) = authorized(&api, &headers) {
+            return *r;
+        }
+        match blocking(move || balance(&*api.store, &imsi)).await {
+            Ok(v) => axum::Json(v).into_response(),
+            Err(r) => r,
+        }
+    }
+
+    let api = Api {
+        store,
+        token_hash: Sha256::digest(token.as_bytes()).into(),
+    };
+    axum::Router::new()
+        .route("/operator/v1/packages", post(sell_route))
+        .route("/operator/v1/packages/{id}/revoke", post(revoke_route))
+        .route(
+            "/operator/v1/subscribers/{imsi}/balance",
+            get(balance_route),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(api)
 }

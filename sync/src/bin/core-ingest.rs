@@ -167,7 +167,7 @@ fn package(action: PackageAction) -> anyhow::Result<serde_json::Value> {
         let config = CoreConfig::load(config)?;
         Ok(config.location()?.open_charging(&config.postgres)?)
     };
-    match action {
+    Ok(match action {
         PackageAction::Sell {
             config,
             id,
@@ -190,10 +190,10 @@ fn package(action: PackageAction) -> anyhow::Result<serde_json::Value> {
                 tier,
                 models,
             },
-        ),
-        PackageAction::Revoke { config, id } => core_packages::revoke(&*open(&config)?, &id),
-        PackageAction::Balance { config, imsi } => core_packages::balance(&*open(&config)?, &imsi),
-    }
+        )?,
+        PackageAction::Revoke { config, id } => core_packages::revoke(&*open(&config)?, &id)?,
+        PackageAction::Balance { config, imsi } => core_packages::balance(&*open(&config)?, &imsi)?,
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

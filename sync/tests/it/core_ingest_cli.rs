@@ -753,3 +753,210 @@ fn packages_are_sold_once_per_id_and_revoked_from_the_command_line() {
     ]));
     assert_eq!(balance["remaining"].as_u64(), Some(0));
 }
+
+/// The operator API as a BSS calls it, on a running core: the bearer token
+/// `init` wrote; a sale (201), the same sale again (200, one sale), an id
+/// reused (409), malformed requests (400), a wrong or missing token (401),
+/// unknown packages and subscribers (404), a revocation; every answer an
+/// OpenAPI document `docs/operator-api.json` lists for its path.
+#[test]
+fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core");
+    let init = core_ingest(&[
+        "init",
+        "--dir",
+        core.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(init.status.success());
+    let init: Value = serde_json::from_slice(&init.stdout).unwrap();
+    let token = std::fs::read_to_string(init["operator_token_file"].as_str().unwrap()).unwrap();
+    let token = token.trim().to_string();
+    let config = core.join("core-ingest.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("http = \"127.0.0.1:0\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_core-ingest"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let ready: Value = serde_json::from_str(&line).unwrap();
+    let http = ready["http"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::new();
+    // (documented path, status) of every answer, checked against the document.
+    let mut seen: Vec<(&str, &str, u16)> = Vec::new();
+    let mut call = |method: &'static str,
+                    doc_path: &'static str,
+                    path: &str,
+                    bearer: Option<&str>,
+                    body: Option<&str>|
+     -> (u16, Value) {
+        let url = format!("http://{http}{path}");
+        let (status, value) = rt.block_on(async {
+            let mut req = match method {
+                "post" => client.post(&url),
+                _ => client.get(&url),
+            };
+            if let Some(t) = bearer {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            if let Some(b) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(b.to_string());
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        });
+        seen.push((doc_path, method, status));
+        (status, value)
+    };
+    const SELL: &str = "/operator/v1/packages";
+    const REVOKE: &str = "/operator/v1/packages/{id}/revoke";
+    const BALANCE: &str = "/operator/v1/subscribers/{imsi}/balance";
+    let sale = r#"{"id": "bss-42", "imsi": "001010123456789", "kind": "monthly", "tokens": 10000000, "tier": "9.9 a month"}"#;
+    let t = Some(token.as_str());
+
+    let (status, body) = call("post", SELL, SELL, None, Some(sale));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    assert_eq!(
+        call("post", SELL, SELL, Some("not-the-token"), Some(sale)).0,
+        401
+    );
+    let (status, body) = call("post", SELL, SELL, t, Some(sale));
+    assert_eq!((status, body["new"].as_bool()), (201, Some(true)), "{body}");
+    let (status, body) = call("post", SELL, SELL, t, Some(sale));
+    assert_eq!(
+        (status, body["new"].as_bool()),
+        (200, Some(false)),
+        "{body}"
+    );
+    assert_eq!(
+        body["balance"]["remaining"].as_u64(),
+        Some(10_000_000),
+        "sold once"
+    );
+    let other = r#"{"id": "bss-42", "imsi": "001010123456789", "tokens": 5}"#;
+    let (status, body) = call("post", SELL, SELL, t, Some(other));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("id_conflict")),
+        "{body}"
+    );
+    for bad in [
+        r#"{"id": "bss-43", "imsi": "12ab", "tokens": 5}"#,
+        r#"{"id": "bss-43", "imsi": "001010123456789", "tokens": 0}"#,
+        r#"{"id": "bss-43", "imsi": "001010123456789", "tokens": 5, "colour": "red"}"#,
+        "not json",
+    ] {
+        let (status, body) = call("post", SELL, SELL, t, Some(bad));
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    let (status, body) = call(
+        "get",
+        BALANCE,
+        "/operator/v1/subscribers/001010123456789/balance",
+        t,
+        None,
+    );
+    assert_eq!(
+        (status, body["remaining"].as_u64()),
+        (200, Some(10_000_000)),
+        "{body}"
+    );
+    assert_eq!(
+        call(
+            "get",
+            BALANCE,
+            "/operator/v1/subscribers/001019999999999/balance",
+            t,
+            None
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call(
+            "get",
+            BALANCE,
+            "/operator/v1/subscribers/12ab/balance",
+            t,
+            None
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        call(
+            "post",
+            REVOKE,
+            "/operator/v1/packages/bss-0/revoke",
+            t,
+            None
+        )
+        .0,
+        404
+    );
+    let (status, body) = call(
+        "post",
+        REVOKE,
+        "/operator/v1/packages/bss-42/revoke",
+        t,
+        None,
+    );
+    assert_eq!(
+        (status, body["revoked"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operator-api.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    paths.sort();
+    assert_eq!(paths, vec![SELL, REVOKE, BALANCE]);
+    for (path, method, status) in seen {
+        let documented = &doc["paths"][path][method]["responses"][status.to_string()];
+        assert!(
+            !documented.is_null(),
+            "{method} {path} answered {status}, which the document does not list"
+        );
+    }
+}
