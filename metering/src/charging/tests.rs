@@ -19,6 +19,22 @@ fn topup(allowance: u64) -> PackageSpec {
     }
 }
 
+/// 2026-01-01T00:00:00Z and 2026-02-01T00:00:00Z.
+const JAN_1: i64 = 1_767_225_600;
+const FEB_1: i64 = 1_769_904_000;
+
+/// A monthly package valid a year from Jan 1 (January's tokens end Feb 1).
+fn monthly_from_jan_1(allowance: u64) -> PackageSpec {
+    PackageSpec {
+        kind: BucketKind::Monthly,
+        allowance,
+        valid_from: JAN_1,
+        expires_at: JAN_1 + 365 * DAY,
+        tier: "pro".into(),
+        models: vec![],
+    }
+}
+
 fn usage(node: &str, seq: u64, who: &Imsi, grant: Option<u64>, tokens: u64) -> Usage {
     Usage {
         node_id: node.into(),
@@ -191,28 +207,17 @@ fn a_returned_or_long_expired_grant_gives_back_what_it_held() {
 fn a_monthly_packages_grant_ends_with_the_month() {
     let mut c = Charging::new();
     let a = imsi(1);
-    // Valid from Jan 1: January's tokens end Feb 1.
-    let jan_1 = 1_767_225_600;
-    let monthly = PackageSpec {
-        kind: BucketKind::Monthly,
-        allowance: 10_000,
-        valid_from: jan_1,
-        expires_at: jan_1 + 365 * DAY,
-        tier: "pro".into(),
-        models: vec![],
-    };
-    sold(&mut c, "m", &a, monthly).unwrap();
-    let feb_1 = 1_769_904_000;
+    sold(&mut c, "m", &a, monthly_from_jan_1(10_000)).unwrap();
     let policy = GrantPolicy {
         validity_s: 7 * DAY,
         ..GrantPolicy::default()
     };
     let g = c
-        .grant("box-1", &a, None, 4_000, &policy, feb_1 - 3_600)
+        .grant("box-1", &a, None, 4_000, &policy, FEB_1 - 3_600)
         .unwrap();
-    assert_eq!(g.expires_at, feb_1);
-    let g = c.grant("box-1", &a, None, 4_000, &policy, feb_1).unwrap();
-    assert_eq!(g.expires_at, feb_1 + 7 * DAY);
+    assert_eq!(g.expires_at, FEB_1);
+    let g = c.grant("box-1", &a, None, 4_000, &policy, FEB_1).unwrap();
+    assert_eq!(g.expires_at, FEB_1 + 7 * DAY);
 }
 
 #[test]
@@ -303,35 +308,25 @@ fn a_grant_for_a_model_takes_only_the_packages_that_allow_it() {
 fn last_months_open_grant_takes_nothing_from_the_new_month() {
     let mut c = Charging::new();
     let a = imsi(1);
-    let jan_1 = 1_767_225_600;
-    let feb_1 = 1_769_904_000;
-    let monthly = PackageSpec {
-        kind: BucketKind::Monthly,
-        allowance: 10_000,
-        valid_from: jan_1,
-        expires_at: jan_1 + 365 * DAY,
-        tier: "pro".into(),
-        models: vec![],
-    };
-    sold(&mut c, "m", &a, monthly).unwrap();
+    sold(&mut c, "m", &a, monthly_from_jan_1(10_000)).unwrap();
     let policy = GrantPolicy::default();
     // All of January's tokens, granted a minute before the month ends and
     // not yet returned (the box may upload its records later).
     let jan = c
-        .grant("box-1", &a, None, 10_000, &policy, feb_1 - 60)
+        .grant("box-1", &a, None, 10_000, &policy, FEB_1 - 60)
         .unwrap();
-    assert_eq!((jan.tokens, jan.expires_at), (10_000, feb_1));
-    let acct = c.account(&a, feb_1);
+    assert_eq!((jan.tokens, jan.expires_at), (10_000, FEB_1));
+    let acct = c.account(&a, FEB_1);
     assert_eq!(acct.remaining, 10_000, "February's allowance is whole");
-    let feb = c.grant("box-1", &a, None, 10_000, &policy, feb_1).unwrap();
+    let feb = c.grant("box-1", &a, None, 10_000, &policy, FEB_1).unwrap();
     assert_eq!(feb.tokens, 10_000);
     // January's record settles against January's grant, in January's month.
     let s = c
-        .settle(&usage("box-1", 1, &a, Some(jan.id), 4_000), feb_1 + 60)
+        .settle(&usage("box-1", 1, &a, Some(jan.id), 4_000), FEB_1 + 60)
         .unwrap();
     assert_eq!((s.from_grant, s.overage), (4_000, 0));
     assert_eq!(
-        c.account(&a, feb_1 + 60).remaining,
+        c.account(&a, FEB_1 + 60).remaining,
         0,
         "February is all granted"
     );

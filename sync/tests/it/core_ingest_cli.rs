@@ -26,6 +26,12 @@ fn core_ingest(args: &[&str]) -> std::process::Output {
 }
 
 fn serve(config: &Path) -> (Child, std::net::SocketAddr) {
+    let (child, ready) = serve_ready(config);
+    (child, ready["listen"].as_str().unwrap().parse().unwrap())
+}
+
+/// `core-ingest serve`, and its ready line.
+fn serve_ready(config: &Path) -> (Child, Value) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_core-ingest"))
         .args(["serve", "--config"])
         .arg(config)
@@ -38,8 +44,7 @@ fn serve(config: &Path) -> (Child, std::net::SocketAddr) {
         .next()
         .unwrap()
         .unwrap();
-    let v: Value = serde_json::from_str(&line).unwrap();
-    (child, v["listen"].as_str().unwrap().parse().unwrap())
+    (child, serde_json::from_str(&line).unwrap())
 }
 
 /// `core-ingest init` in `core_dir`: the configuration's path and the CA (PEM).
@@ -669,17 +674,8 @@ async fn two_instances_killed_mid_upload_lose_and_double_nothing() {
 #[test]
 fn packages_are_sold_once_per_id_and_revoked_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
-    let core = dir.path().join("core");
-    let init = core_ingest(&[
-        "init",
-        "--dir",
-        core.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert!(init.status.success());
-    let config = core.join("core-ingest.toml");
-    let config = config.to_str().unwrap();
+    let (config, _) = init_core(&dir.path().join("core"));
+    let config = config.as_str();
     let json = |out: std::process::Output| -> Value {
         assert!(
             out.status.success(),
@@ -763,34 +759,13 @@ fn packages_are_sold_once_per_id_and_revoked_from_the_command_line() {
 fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says() {
     let dir = tempfile::tempdir().unwrap();
     let core = dir.path().join("core");
-    let init = core_ingest(&[
-        "init",
-        "--dir",
-        core.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert!(init.status.success());
-    let init: Value = serde_json::from_slice(&init.stdout).unwrap();
-    let token = std::fs::read_to_string(init["operator_token_file"].as_str().unwrap()).unwrap();
+    let (config, _) = init_core(&core);
+    let token = std::fs::read_to_string(core.join("operator.token")).unwrap();
     let token = token.trim().to_string();
-    let config = core.join("core-ingest.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("http = \"127.0.0.1:0\"\n");
     std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_core-ingest"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
-    let ready: Value = serde_json::from_str(&line).unwrap();
+    let (mut child, ready) = serve_ready(Path::new(&config));
     let http = ready["http"].as_str().unwrap().to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
