@@ -57,7 +57,7 @@ use crate::record::GENESIS_HASH;
 
 /// The migrations, in order: `MIGRATIONS[i]` brings the schema to version
 /// `i + 1`. Append only; never edit one that has shipped.
-pub const MIGRATIONS: [&str; 2] = [SCHEMA_V1, charging::SCHEMA_V2];
+pub const MIGRATIONS: [&str; 3] = [SCHEMA_V1, charging::SCHEMA_V2, SCHEMA_V3];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -141,6 +141,13 @@ CREATE TABLE quarantine (
     UNIQUE (node_id, signed_hash)
 );
 CREATE INDEX quarantine_by_seq ON quarantine (node_id, seq);
+";
+
+/// Version 3: every unique key of the upload's tables holds `node_id`, so
+/// that a distributed PostgreSQL (Citus) can distribute them by it.
+const SCHEMA_V3: &str = "
+ALTER TABLE quarantine DROP CONSTRAINT quarantine_pkey;
+ALTER TABLE quarantine ADD PRIMARY KEY (node_id, id);
 ";
 
 /// How core-ingest connects to PostgreSQL (the configuration's

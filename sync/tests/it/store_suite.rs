@@ -613,3 +613,49 @@ fn postgres_a_right_lost_while_serving_fails_the_batch_and_loses_nothing() {
         (6, 6, "ok")
     );
 }
+
+/// A database an older core made (schema version 1, with a record kept
+/// aside) is brought to this binary's version at start, its rows kept.
+#[test]
+fn postgres_migrates_a_version_1_database_and_keeps_its_rows() {
+    let server = mec_pg_throwaway::shared().unwrap();
+    let db = format!("from_v1_{}", std::process::id());
+    let url = server.create_database(&db).unwrap();
+    server
+        .sql(
+            &db,
+            &format!(
+                "{}; CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, \
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()); \
+                 INSERT INTO schema_migrations (version) VALUES (1); \
+                 INSERT INTO quarantine (node_id, seq, reason, signed, received_ms, kind, signed_hash) \
+                 VALUES ('old-box', 3, 'signature does not verify', '\\x00', 1, 'fault', '\\x01')",
+                mec_sync::ingest_store::postgres::MIGRATIONS[0]
+            ),
+        )
+        .unwrap();
+    let store = PgStore::connect(&url, &PgOptions::default()).unwrap();
+    assert_eq!(
+        store.schema_version().unwrap(),
+        mec_sync::ingest_store::postgres::SCHEMA_VERSION
+    );
+    store.check_ready().unwrap();
+    assert_eq!(
+        server
+            .sql(&db, "SELECT node_id || ':' || seq FROM quarantine")
+            .unwrap(),
+        "old-box:3"
+    );
+    assert_eq!(
+        server
+            .sql(
+                &db,
+                "SELECT string_agg(a.attname, ',' ORDER BY k.ord) FROM pg_index i \
+                 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = 'quarantine'::regclass AND i.indisprimary"
+            )
+            .unwrap(),
+        "node_id,id"
+    );
+}
