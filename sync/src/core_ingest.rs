@@ -292,6 +292,14 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let described = store.describe();
     let stats = Arc::new(crate::core_server::CoreStats::default());
+    if config.http.is_none() {
+        if let Some(path) = &config.operator_token_file {
+            tracing::warn!(
+                token_file = %path.display(),
+                "operator_token_file is set but http is not: no operator API is served (set http = \"HOST:PORT\")"
+            );
+        }
+    }
     let http = match &config.http {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -752,7 +760,9 @@ pub enum Format {
 /// Parses `--from`/`--to`: RFC 3339, a date (UTC midnight), or Unix seconds.
 pub fn parse_time(s: &str) -> anyhow::Result<i64> {
     if let Ok(secs) = s.parse::<i64>() {
-        return Ok(secs * 1000);
+        return secs
+            .checked_mul(1000)
+            .with_context(|| format!("{s:?}: seconds beyond what a time holds"));
     }
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.timestamp_millis());

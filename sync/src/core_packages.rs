@@ -86,7 +86,7 @@ fn imsi(text: &str) -> Result<Imsi, PackageError> {
 pub fn sell(store: &dyn ChargingStore, sale: &Sale) -> Result<Value, PackageError> {
     let who = imsi(&sale.imsi)?;
     let invalid = |m: String| Err(PackageError::Invalid(m));
-    if sale.id.is_empty() || sale.id.len() > 200 {
+    if sale.id.is_empty() || sale.id.chars().count() > 200 {
         return invalid("id: 1 to 200 characters, your system's id for the sale".into());
     }
     let Some(kind) = BucketKind::parse(&sale.kind) else {
@@ -169,6 +169,7 @@ pub fn balance(store: &dyn ChargingStore, text: &str) -> Result<Value, PackageEr
 /// {"message", "type", "code"}}`, as everywhere in the product. The
 /// contract is `docs/operator-api.json` (OpenAPI 3.1).
 pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Router {
+    use axum::extract::rejection::PathRejection;
     use axum::extract::{Path, State};
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::{IntoResponse, Response};
@@ -185,6 +186,12 @@ pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Ro
     fn error(status: StatusCode, kind: &str, code: &str, message: String) -> Response {
         let body = json!({ "error": { "message": message, "type": kind, "code": code } });
         (status, axum::Json(body)).into_response()
+    }
+
+    /// What axum's extractors refuse (a body over the limit, a path that
+    /// does not read), in the same JSON shape as every other error.
+    fn rejected(status: StatusCode, message: String) -> Response {
+        error(status, "invalid_request_error", "invalid_request", message)
     }
 
     fn failure(e: PackageError) -> Response {
@@ -215,12 +222,14 @@ pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Ro
                 e.to_string(),
             ),
             PackageError::Store(e) => {
+                // The detail (addresses, users, the engine's words) is for
+                // the operator's log, not for the caller.
                 tracing::error!(error = %e, "operator API: the store failed");
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "server_error",
                     "store_unavailable",
-                    e.to_string(),
+                    "the core's store is unavailable; try again".into(),
                 )
             }
         }
@@ -232,8 +241,10 @@ pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Ro
         let sent = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            // The scheme's name is case-insensitive (RFC 9110).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         let sent: [u8; 32] = Sha256::digest(sent.as_bytes()).into();
         if bool::from(sent.ct_eq(&api.token_hash)) {
             Ok(())
@@ -254,11 +265,12 @@ pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Ro
         tokio::task::spawn_blocking(work)
             .await
             .map_err(|e| {
+                tracing::error!(error = %e, "operator API: the operation's thread failed");
                 error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error",
                     "internal",
-                    e.to_string(),
+                    "the operation failed inside the core; see its log".into(),
                 )
             })?
             .map_err(failure)
@@ -267,11 +279,15 @@ pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Ro
     async fn sell_route(
         State(api): State<Api>,
         headers: HeaderMap,
-        body: axum::body::Bytes,
+        body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
     ) -> Response {
         if let Err(r) = authorized(&api, &headers) {
             return *r;
         }
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => return rejected(e.status(), e.body_text()),
+        };
         let sale: Sale = match serde_json::from_slice(&body) {
             Ok(s) => s,
             Err(e) => {
@@ -295,11 +311,15 @@ pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Ro
     async fn revoke_route(
         State(api): State<Api>,
         headers: HeaderMap,
-        Path(id): Path<String>,
+        id: Result<Path<String>, PathRejection>,
     ) -> Response {
         if let Err(r) = authorized(&api, &headers) {
             return *r;
         }
+        let Path(id) = match id {
+            Ok(p) => p,
+            Err(e) => return rejected(e.status(), e.body_text()),
+        };
         match blocking(move || revoke(&*api.store, &id)).await {
             Ok(v) => axum::Json(v).into_response(),
             Err(r) => r,
@@ -309,11 +329,15 @@ pub fn operator_routes(store: Arc<dyn ChargingStore>, token: String) -> axum::Ro
     async fn balance_route(
         State(api): State<Api>,
         headers: HeaderMap,
-        Path(imsi): Path<String>,
+        imsi: Result<Path<String>, PathRejection>,
     ) -> Response {
         if let Err(r) = authorized(&api, &headers) {
             return *r;
         }
+        let Path(imsi) = match imsi {
+            Ok(p) => p,
+            Err(e) => return rejected(e.status(), e.body_text()),
+        };
         match blocking(move || balance(&*api.store, &imsi)).await {
             Ok(v) => axum::Json(v).into_response(),
             Err(r) => r,

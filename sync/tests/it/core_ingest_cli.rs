@@ -765,7 +765,16 @@ fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says()
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("http = \"127.0.0.1:0\"\n");
     std::fs::write(&config, text).unwrap();
-    let (mut child, ready) = serve_ready(Path::new(&config));
+    let (child, ready) = serve_ready(Path::new(&config));
+    // Killed however the test ends (an assertion failing included).
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Killed(child);
     let http = ready["http"].as_str().unwrap().to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -816,6 +825,13 @@ fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says()
         call("post", SELL, SELL, Some("not-the-token"), Some(sale)).0,
         401
     );
+    let big = format!(
+        r#"{{"id": "bss-1", "imsi": "001010123456789", "tokens": 5, "tier": "{}"}}"#,
+        "x".repeat(70_000)
+    );
+    let (status, body) = call("post", SELL, SELL, t, Some(&big));
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
     let (status, body) = call("post", SELL, SELL, t, Some(sale));
     assert_eq!((status, body["new"].as_bool()), (201, Some(true)), "{body}");
     let (status, body) = call("post", SELL, SELL, t, Some(sale));
@@ -841,6 +857,7 @@ fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says()
         r#"{"id": "bss-43", "imsi": "001010123456789", "tokens": 0}"#,
         r#"{"id": "bss-43", "imsi": "001010123456789", "tokens": 5, "colour": "red"}"#,
         "not json",
+        r#"{"id": "bss-43", "imsi": "001010123456789", "tokens": 5, "from": "99999999999999999"}"#,
     ] {
         let (status, body) = call("post", SELL, SELL, t, Some(bad));
         assert_eq!(status, 400, "{bad}: {body}");
@@ -908,8 +925,7 @@ fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says()
         (200, Some(true)),
         "{body}"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 
     let doc: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
