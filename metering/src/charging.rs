@@ -202,6 +202,37 @@ pub struct Account {
     pub used: u64,
     /// Served beyond the balance.
     pub overage: u64,
+    /// Its packages, nearest expiry first.
+    pub packages: Vec<PackageView>,
+}
+
+/// One package as the operator sees it in an account.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PackageView {
+    /// The operator's id for the sale.
+    pub id: String,
+    /// Monthly, top-up or trial.
+    pub kind: BucketKind,
+    /// The tier's name.
+    pub tier: String,
+    /// Tokens (a month's, for monthly).
+    pub allowance: u64,
+    /// Left now, held by boxes or not.
+    pub remaining: u64,
+    /// Held by boxes' open grants.
+    pub granted: u64,
+    /// Validity (Unix seconds).
+    pub valid_from: Timestamp,
+    /// End of validity (Unix seconds).
+    pub expires_at: Timestamp,
+    /// When the tokens left now expire (a month's end for monthly).
+    pub tokens_expire_at: Timestamp,
+    /// Valid now and not revoked.
+    pub active: bool,
+    /// Revoked.
+    pub revoked: bool,
+    /// The models it may be spent on (empty: any).
+    pub models: Vec<String>,
 }
 
 /// What the charging function refuses.
@@ -594,12 +625,40 @@ impl Charging {
     /// `imsi`'s account at `now`.
     pub fn account(&self, imsi: &Imsi, now: Timestamp) -> Account {
         let balance = self.ledger.balance(imsi, now);
+        let by_bucket: HashMap<u64, &Package> = self
+            .packages
+            .values()
+            .filter(|p| &p.imsi == imsi)
+            .map(|p| (p.bucket_id, p))
+            .collect();
+        let packages = balance
+            .buckets
+            .iter()
+            .filter_map(|b| {
+                let p = by_bucket.get(&b.id)?;
+                Some(PackageView {
+                    id: p.id.clone(),
+                    kind: b.kind,
+                    tier: p.spec.tier.clone(),
+                    allowance: b.allowance,
+                    remaining: b.remaining,
+                    granted: b.reserved,
+                    valid_from: b.valid_from,
+                    expires_at: b.expires_at,
+                    tokens_expire_at: b.tokens_expire_at,
+                    active: b.active,
+                    revoked: b.revoked,
+                    models: p.spec.models.clone(),
+                })
+            })
+            .collect();
         Account {
             imsi: imsi.clone(),
             remaining: balance.remaining_tokens,
             granted: balance.reserved_tokens,
             used: self.used.get(imsi).copied().unwrap_or(0),
             overage: self.overage.get(imsi).copied().unwrap_or(0),
+            packages,
         }
     }
 }

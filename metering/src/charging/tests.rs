@@ -384,6 +384,12 @@ fn a_revoked_packages_holds_take_nothing_from_the_balance_shown() {
     c.revoke("p1").unwrap();
     let acct = c.account(&a, T0);
     assert_eq!((acct.remaining, acct.granted), (300, 300));
+    let shown: Vec<(&str, bool, u64, u64)> = acct
+        .packages
+        .iter()
+        .map(|p| (p.id.as_str(), p.active, p.remaining, p.granted))
+        .collect();
+    assert_eq!(shown, vec![("p1", false, 0, 300), ("p2", true, 300, 0)]);
     assert_eq!(
         c.grant("box-2", &a, None, 1_000, &policy, T0)
             .unwrap()

@@ -810,6 +810,14 @@ fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says()
         seen.push((doc_path, method, status));
         (status, value)
     };
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operator-api.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
     const SELL: &str = "/operator/v1/packages";
     const REVOKE: &str = "/operator/v1/packages/{id}/revoke";
     const BALANCE: &str = "/operator/v1/subscribers/{imsi}/balance";
@@ -880,6 +888,21 @@ fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says()
         (200, Some(10_000_000)),
         "{body}"
     );
+    assert_eq!(body["packages"][0]["id"], "bss-42", "{body}");
+    assert_eq!(body["packages"][0]["tier"], "9.9 a month", "{body}");
+    // Every field the document requires of an account, and of a package in it.
+    for (schema, value) in [("Account", &body), ("PackageView", &body["packages"][0])] {
+        for field in doc["components"]["schemas"][schema]["required"]
+            .as_array()
+            .unwrap()
+        {
+            let field = field.as_str().unwrap();
+            assert!(
+                !value[field].is_null(),
+                "{schema}.{field} missing in {value}"
+            );
+        }
+    }
     assert_eq!(
         call(
             "get",
@@ -927,14 +950,6 @@ fn the_operator_api_sells_once_per_id_and_answers_as_its_openapi_document_says()
     );
     drop(child);
 
-    let doc: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../docs/operator-api.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
     let mut paths: Vec<&str> = doc["paths"]
         .as_object()
         .unwrap()
