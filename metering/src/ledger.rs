@@ -295,7 +295,7 @@ impl Ledger {
     }
 
     /// Held on `bucket` in month `period`.
-    fn held_in(&self, bucket: u64, period: u32) -> u64 {
+    pub(crate) fn held_in(&self, bucket: u64, period: u32) -> u64 {
         self.held.get(&(bucket, period)).copied().unwrap_or(0)
     }
 

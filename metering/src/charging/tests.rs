@@ -608,3 +608,82 @@ mod model {
         }
     }
 }
+
+mod months {
+    //! A monthly package across month ends: whatever boxes ask, use and
+    //! give back, and whenever the month turns, no month's tokens are
+    //! held or used beyond its allowance, and a month starts whole but for
+    //! what its own grants hold.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Grant { node: u8, wanted: u64 },
+        Use { grant: u8, percent: u8 },
+        Return { grant: u8 },
+        Later { hours: u16 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..3, 1u64..6_000).prop_map(|(node, wanted)| Op::Grant { node, wanted }),
+            (0u8..10, 0u8..=100).prop_map(|(grant, percent)| Op::Use { grant, percent }),
+            (0u8..10).prop_map(|grant| Op::Return { grant }),
+            (1u16..400).prop_map(|hours| Op::Later { hours }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn no_month_is_held_or_used_beyond_its_allowance(ops in proptest::collection::vec(op(), 1..60)) {
+            const ALLOWANCE: u64 = 10_000;
+            let mut c = Charging::new();
+            let a = imsi(1);
+            sold(&mut c, "m", &a, monthly_from_jan_1(ALLOWANCE)).unwrap();
+            let bucket = c.package("m").unwrap().bucket_id;
+            let policy = GrantPolicy { validity_s: 30 * DAY, return_grace_s: 10 * DAY, ..GrantPolicy::default() };
+            let mut now = JAN_1 + 20 * DAY;
+            let mut grants: Vec<Grant> = Vec::new();
+            let mut seq = 0;
+            for op in ops {
+                match op {
+                    Op::Grant { node, wanted } => {
+                        if let Ok(g) = c.grant(&format!("box-{node}"), &a, None, wanted, &policy, now) {
+                            grants.push(g);
+                        }
+                    }
+                    Op::Use { grant, percent } => {
+                        let Some(g) = grants.get(grant as usize) else { continue };
+                        let Some(open) = c.open_grant(g.id) else { continue };
+                        let tokens = (open.tokens - open.used) * u64::from(percent) / 100;
+                        seq += 1;
+                        let u = usage(&g.node_id, seq, &a, Some(g.id), tokens);
+                        let s = c.settle(&u, now).unwrap();
+                        prop_assert_eq!((s.from_grant, s.overage), (tokens, 0));
+                    }
+                    Op::Return { grant } => {
+                        if let Some(g) = grants.get(grant as usize) {
+                            let _ = c.return_grant(&g.node_id, g.id);
+                        }
+                    }
+                    Op::Later { hours } => {
+                        now += i64::from(hours) * 3_600;
+                        c.expire(&policy, now);
+                    }
+                }
+                let b = c.ledger.bucket(bucket).unwrap();
+                let Some(month) = b.period(now) else { continue };
+                let held = c.ledger.held_in(bucket, month);
+                prop_assert!(b.remaining(now) >= held, "month {month}: {held} held, {} left", b.remaining(now));
+                if b.used_period == month {
+                    prop_assert!(b.used <= ALLOWANCE, "month {month}: {} used", b.used);
+                }
+                for g in c.open_grants() {
+                    prop_assert!(g.expires_at <= b.expiry_at(g.granted_at), "grant {} outlives its month", g.id);
+                }
+            }
+        }
+    }
+}
