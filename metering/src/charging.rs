@@ -83,6 +83,7 @@ pub enum FinalUnitAction {
 
 /// How grants are cut (the core's configuration).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GrantPolicy {
     /// Tokens a grant asks for when the box names no amount.
     pub slice: u64,

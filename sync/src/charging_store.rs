@@ -13,14 +13,90 @@
 //! the operations are written once, here.
 
 use mec_metering::charging::{
-    Account, Charging, ChargingError, Grant, GrantPolicy, PackageSpec, Settlement, Usage,
+    Account, Charging, ChargingError, FinalUnitAction, Grant, GrantPolicy, PackageSpec, Settlement,
+    Usage,
 };
 use mec_metering::{BucketKind, Imsi, Timestamp};
 
 use crate::ingest_store::IngestStoreError;
+use crate::wire::pb::{self, downlink};
 
-/// One operation on one subscriber's state.
-pub type ChargingOp<'a> = &'a mut dyn FnMut(&mut Charging) -> Result<(), ChargingError>;
+/// One operation on one subscriber's state; what it puts in the outbox is
+/// written in the same transaction.
+pub type ChargingOp<'a> =
+    &'a mut dyn FnMut(&mut Charging, &mut Outbox) -> Result<(), ChargingError>;
+
+/// Downlink messages an operation sends, to each node's numbered outbox
+/// (`sync.proto`: grants and revocations reach the box on its downlink
+/// stream, sent again until it acknowledges them).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// (node, message), in the order made.
+    pub messages: Vec<(String, downlink::Kind)>,
+}
+
+impl Outbox {
+    /// The messages by node (sorted, so that transactions lock nodes' rows
+    /// in one order), each node's in the order made.
+    pub fn by_node(&self) -> Vec<(&str, Vec<&downlink::Kind>)> {
+        let mut nodes: Vec<&str> = self.messages.iter().map(|(n, _)| n.as_str()).collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+            .into_iter()
+            .map(|n| {
+                let mine = self
+                    .messages
+                    .iter()
+                    .filter(|(m, _)| m == n)
+                    .map(|(_, k)| k)
+                    .collect();
+                (n, mine)
+            })
+            .collect()
+    }
+}
+
+/// The stored form of downlink message `seq` (the core's time is set when
+/// it is sent).
+pub(crate) fn outbox_body(seq: i64, kind: &downlink::Kind) -> Vec<u8> {
+    use prost::Message;
+    pb::Downlink {
+        seq: seq as u64,
+        core_time_unix_s: 0,
+        kind: Some(kind.clone()),
+    }
+    .encode_to_vec()
+}
+
+/// A stored downlink message read back.
+pub(crate) fn from_outbox(body: &[u8]) -> Result<pb::Downlink, IngestStoreError> {
+    use prost::Message;
+    pb::Downlink::decode(body).map_err(|e| {
+        IngestStoreError::Location(
+            "downlink".into(),
+            format!("a stored message does not decode: {e}"),
+        )
+    })
+}
+
+/// The downlink message of a grant (answering `request_id`, 0: none).
+pub fn grant_message(g: &Grant, request_id: u64) -> downlink::Kind {
+    downlink::Kind::Grant(pb::Grant {
+        grant_id: g.id,
+        imsi: g.imsi.to_string(),
+        model: g.model.clone().unwrap_or_default(),
+        tokens: g.tokens,
+        expires_at_unix_s: g.expires_at,
+        threshold: g.threshold,
+        offline_allowance: g.offline_allowance,
+        final_unit_models: match &g.final_unit_action {
+            FinalUnitAction::Refuse => Vec::new(),
+            FinalUnitAction::RestrictTo(models) => models.clone(),
+        },
+        request_id,
+    })
+}
 
 /// What an operation on the core's packages fails with.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +135,18 @@ pub trait ChargingStore: Send + Sync {
     /// Whose package `id` is, if it was sold.
     fn package_owner(&self, id: &str) -> Result<Option<Imsi>, IngestStoreError>;
 
+    /// `node_id`'s downlink messages after seq `after`, in order, at most
+    /// `limit` (their `core_time_unix_s` is the sender's to set).
+    fn downlink_after(
+        &self,
+        node_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<pb::Downlink>, IngestStoreError>;
+
+    /// `node_id` applied every downlink message up to `seq` durably.
+    fn downlink_applied(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError>;
+
     /// Subscribers with an open grant expiring at or before `t`.
     fn subscribers_with_grants_ending_by(
         &self,
@@ -82,7 +170,7 @@ pub trait ChargingStore: Send + Sync {
             }
         }
         let mut new = false;
-        self.with_subscriber(imsi, &[], now, &mut |c| {
+        self.with_subscriber(imsi, &[], now, &mut |c, _| {
             new = c.sell(id, imsi, spec.clone(), request)?;
             Ok(())
         })?;
@@ -95,8 +183,17 @@ pub trait ChargingStore: Send + Sync {
             .package_owner(id)?
             .ok_or_else(|| ChargingError::UnknownPackage(id.to_string()))?;
         let mut hit = Vec::new();
-        self.with_subscriber(&imsi, &[], now, &mut |c| {
+        self.with_subscriber(&imsi, &[], now, &mut |c, outbox| {
             hit = c.revoke(id)?;
+            for g in &hit {
+                outbox.messages.push((
+                    g.node_id.clone(),
+                    downlink::Kind::Revoked(pb::GrantRevoked {
+                        grant_id: g.id,
+                        imsi: g.imsi.to_string(),
+                    }),
+                ));
+            }
             Ok(())
         })?;
         Ok(hit)
@@ -113,9 +210,31 @@ pub trait ChargingStore: Send + Sync {
         policy: &GrantPolicy,
         now: Timestamp,
     ) -> Result<Grant, ChargingStoreError> {
+        self.grant_answering(0, node_id, imsi, model, wanted, policy, now)
+    }
+
+    /// [`ChargingStore::grant`] answering the box's request `request_id`:
+    /// the grant goes into the node's outbox in the same transaction, so a
+    /// grant made is a grant delivered, whatever instance or connection
+    /// fails after.
+    #[allow(clippy::too_many_arguments)]
+    fn grant_answering(
+        &self,
+        request_id: u64,
+        node_id: &str,
+        imsi: &Imsi,
+        model: Option<&str>,
+        wanted: u64,
+        policy: &GrantPolicy,
+        now: Timestamp,
+    ) -> Result<Grant, ChargingStoreError> {
         let mut made = None;
-        self.with_subscriber(imsi, &[], now, &mut |c| {
-            made = Some(c.grant(node_id, imsi, model, wanted, policy, now)?);
+        self.with_subscriber(imsi, &[], now, &mut |c, outbox| {
+            let g = c.grant(node_id, imsi, model, wanted, policy, now)?;
+            outbox
+                .messages
+                .push((node_id.to_string(), grant_message(&g, request_id)));
+            made = Some(g);
             Ok(())
         })?;
         Ok(made.expect("a grant when the operation succeeded"))
@@ -131,7 +250,7 @@ pub trait ChargingStore: Send + Sync {
         now: Timestamp,
     ) -> Result<u64, ChargingStoreError> {
         let mut back = 0;
-        self.with_subscriber(imsi, &[], now, &mut |c| {
+        self.with_subscriber(imsi, &[], now, &mut |c, _| {
             back = c.return_grant(node_id, grant_id)?;
             Ok(())
         })?;
@@ -151,7 +270,7 @@ pub trait ChargingStore: Send + Sync {
             // keep the others' grants open, nor hide those already ended:
             // logged, and tried again at the next upkeep.
             let mut these = Vec::new();
-            let done = self.with_subscriber(&imsi, &[], now, &mut |c| {
+            let done = self.with_subscriber(&imsi, &[], now, &mut |c, _| {
                 these = c.expire(policy, now);
                 Ok(())
             });
@@ -184,7 +303,7 @@ pub trait ChargingStore: Send + Sync {
                 .iter()
                 .map(|&i| (usage[i].node_id.clone(), usage[i].seq))
                 .collect();
-            self.with_subscriber(imsi, &keys, now, &mut |c| {
+            self.with_subscriber(imsi, &keys, now, &mut |c, _| {
                 for &i in &mine {
                     answers[i] = c.settle(&usage[i], now);
                 }
@@ -197,7 +316,7 @@ pub trait ChargingStore: Send + Sync {
     /// `imsi`'s account.
     fn account(&self, imsi: &Imsi, now: Timestamp) -> Result<Account, ChargingStoreError> {
         let mut account = None;
-        self.with_subscriber(imsi, &[], now, &mut |c| {
+        self.with_subscriber(imsi, &[], now, &mut |c, _| {
             if c.state(imsi).packages.is_empty() {
                 // A mistyped IMSI is not a subscriber with nothing left
                 // (and, refused, the operation saves nothing).

@@ -63,6 +63,10 @@ pub struct CoreConfig {
     /// (`core_packages::operator_routes`); none when absent.
     #[serde(default)]
     pub operator_token_file: Option<PathBuf>,
+    /// How grants to boxes are cut (`[grants]`: `slice`, `validity_s`,
+    /// `threshold_percent`, `offline_allowance`, `return_grace_s`).
+    #[serde(default)]
+    pub grants: mec_metering::charging::GrantPolicy,
 }
 
 fn default_idle() -> u64 {
@@ -292,6 +296,17 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let described = store.describe();
     let stats = Arc::new(crate::core_server::CoreStats::default());
+    // Packages and grants live in the same store, through their own handle
+    // (opened off the async threads: the PostgreSQL store blocks on its own
+    // small runtime). The downlink and the operator API share it.
+    let charging = {
+        let (location, pg) = (config.location()?, config.postgres.clone());
+        tokio::task::spawn_blocking(move || location.open_charging(&pg)).await??
+    };
+    let downlink = Arc::new(crate::core_server::DownlinkService {
+        store: charging.clone(),
+        policy: config.grants.clone(),
+    });
     if config.http.is_none() {
         if let Some(path) = &config.operator_token_file {
             tracing::warn!(
@@ -315,12 +330,10 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
                     "{}: the operator token is empty or shorter than 16 characters",
                     path.display()
                 );
-                // Off the async threads: the PostgreSQL store blocks on its
-                // own small runtime.
-                let (location, pg) = (config.location()?, config.postgres.clone());
-                let charging =
-                    tokio::task::spawn_blocking(move || location.open_charging(&pg)).await??;
-                app = app.merge(crate::core_packages::operator_routes(charging, token));
+                app = app.merge(crate::core_packages::operator_routes(
+                    charging.clone(),
+                    token,
+                ));
             }
             let mut stop = rx.clone();
             tokio::spawn(async move {
@@ -352,7 +365,11 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
         })
     };
     let server = tokio::spawn(crate::core_server::serve_counted(
-        endpoint, store, stats, rx,
+        endpoint,
+        store,
+        Some(downlink),
+        stats,
+        rx,
     ));
     println!(
         "{}",

@@ -6,13 +6,35 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::charging_store::{ChargingStore, ChargingStoreError};
 use crate::ingest::{check_records, CheckedBatch};
 use crate::ingest_store::IngestStore;
-use crate::wire::pb::{core_frame, edge_frame, Ack, CoreFrame, CoreHello, EdgeFrame};
+use crate::wire::pb::{
+    core_frame, edge_frame, Ack, CoreFrame, CoreHello, DownlinkHello, EdgeFrame, GrantRefused,
+    GrantRequest,
+};
 use crate::wire::{encode_frame, FrameDecoder};
+use mec_metering::charging::{ChargingError, GrantPolicy};
 
 /// The store, shared by every connection.
 pub type SharedStore = Arc<dyn IngestStore>;
+
+/// Grants and the downlink (`sync.proto`, version 3), when the core serves
+/// them: the store of packages and grants, and how grants are cut.
+pub struct DownlinkService {
+    /// The packages, grants and each node's outbox.
+    pub store: Arc<dyn ChargingStore>,
+    /// How grants are cut.
+    pub policy: GrantPolicy,
+}
+
+/// How often a connected box's outbox is looked at for messages another
+/// instance or the operator made (a revocation reaches a connected box
+/// within about this long).
+const OUTBOX_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Downlink messages sent in one go.
+const OUTBOX_BATCH: usize = 256;
 
 /// What an instance has done since it started (its `/metrics`).
 #[derive(Debug, Default)]
@@ -63,13 +85,14 @@ pub async fn serve(
     store: SharedStore,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    serve_counted(endpoint, store, Arc::default(), shutdown).await
+    serve_counted(endpoint, store, None, Arc::default(), shutdown).await
 }
 
 /// [`serve`], counting into `stats`.
 pub async fn serve_counted(
     endpoint: quinn::Endpoint,
     store: SharedStore,
+    downlink: Option<Arc<DownlinkService>>,
     stats: Arc<CoreStats>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -78,10 +101,10 @@ pub async fn serve_counted(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let (store, stats) = (store.clone(), stats.clone());
+                let (store, stats, downlink) = (store.clone(), stats.clone(), downlink.clone());
                 tokio::spawn(async move {
                     stats.connections.fetch_add(1, Relaxed);
-                    if let Err(e) = connection(incoming, store, stats.clone()).await {
+                    if let Err(e) = connection(incoming, store, downlink, stats.clone()).await {
                         tracing::warn!(error = %e, "connection ended");
                     }
                     stats.connections.fetch_sub(1, Relaxed);
@@ -97,6 +120,7 @@ pub async fn serve_counted(
 async fn connection(
     incoming: quinn::Incoming,
     store: SharedStore,
+    downlink: Option<Arc<DownlinkService>>,
     stats: Arc<CoreStats>,
 ) -> Result<(), String> {
     let remote = incoming.remote_address();
@@ -116,9 +140,10 @@ async fn connection(
             Err(e) => return Err(format!("{node_id}: {e}")),
         };
         let (store, node_id, stats) = (store.clone(), node_id.clone(), stats.clone());
+        let downlink = downlink.clone();
         tokio::spawn(async move {
-            if let Err(e) = stream(&node_id, key, send, recv, store, stats).await {
-                tracing::warn!(node = %node_id, error = %e, "upload stream ended");
+            if let Err(e) = stream(&node_id, key, send, recv, store, downlink, stats).await {
+                tracing::warn!(node = %node_id, error = %e, "stream ended");
             }
         });
     }
@@ -130,6 +155,7 @@ async fn stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     store: SharedStore,
+    downlink: Option<Arc<DownlinkService>>,
     stats: Arc<CoreStats>,
 ) -> Result<(), String> {
     let mut dec = FrameDecoder::new();
@@ -138,6 +164,15 @@ async fn stream(
         Some(EdgeFrame {
             kind: Some(edge_frame::Kind::Hello(_)),
         }) => {}
+        Some(EdgeFrame {
+            kind: Some(edge_frame::Kind::DownlinkHello(hello)),
+        }) => {
+            let Some(service) = downlink else {
+                // As an older core does: the box learns it has no downlink here.
+                return Err("a downlink stream, and this core serves none".into());
+            };
+            return downlink_stream(node_id, hello, send, recv, dec, service).await;
+        }
         other => return Err(format!("expected Hello, got {other:?}")),
     }
     // The hash of the stored record at the position (not a fork's): the
@@ -197,6 +232,170 @@ async fn stream(
     drop(checks_tx);
     let commit_result = committer.await.map_err(|e| e.to_string())?;
     commit_result.and(read_result)
+}
+
+/// A box's downlink stream: what its outbox holds after `hello.applied`,
+/// then grant requests answered (the grant through the outbox, a refusal at
+/// once), acknowledgements recorded, and the outbox looked at again every
+/// [`OUTBOX_POLL`] for what others put there.
+async fn downlink_stream(
+    node_id: &str,
+    hello: DownlinkHello,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut dec: FrameDecoder,
+    service: Arc<DownlinkService>,
+) -> Result<(), String> {
+    tracing::info!(node = %node_id, applied = hello.applied, "downlink opened");
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<EdgeFrame>(16);
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match read_frame::<EdgeFrame>(&mut recv, &mut dec, &mut buf).await {
+                Ok(Some(f)) => {
+                    if frames_tx.send(f).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let mut sent = hello.applied;
+    let mut poll = tokio::time::interval(OUTBOX_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            frame = frames.recv() => {
+                let Some(frame) = frame else { break Ok(()) };
+                match frame.kind {
+                    Some(edge_frame::Kind::GrantRequest(request)) => {
+                        if let Some(refused) = answer(node_id, request, &service).await {
+                            let frame = CoreFrame { kind: Some(core_frame::Kind::GrantRefused(refused)) };
+                            if let Err(e) = send.write_all(&encode_frame(&frame)).await {
+                                break Err(e.to_string());
+                            }
+                        }
+                        if let Err(e) = flush(node_id, &mut sent, &mut send, &service).await {
+                            break Err(e);
+                        }
+                    }
+                    Some(edge_frame::Kind::DownlinkAck(ack)) => {
+                        let (node, store) = (node_id.to_string(), service.store.clone());
+                        let recorded = tokio::task::spawn_blocking(move || store.downlink_applied(&node, ack.seq)).await;
+                        if let Ok(Err(e)) = recorded {
+                            tracing::warn!(node = %node_id, error = %e, "downlink acknowledgement not recorded");
+                        }
+                    }
+                    other => break Err(format!("unexpected on the downlink: {other:?}")),
+                }
+            }
+            _ = poll.tick() => {
+                if let Err(e) = flush(node_id, &mut sent, &mut send, &service).await {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    reader.abort();
+    result
+}
+
+/// Makes the grant `request` asks for (it reaches the box through its
+/// outbox), or says why not.
+async fn answer(
+    node_id: &str,
+    request: GrantRequest,
+    service: &Arc<DownlinkService>,
+) -> Option<GrantRefused> {
+    let refused = |code: &str, message: String| GrantRefused {
+        request_id: request.request_id,
+        imsi: request.imsi.clone(),
+        code: code.into(),
+        message,
+    };
+    let imsi = match mec_metering::Imsi::parse(&request.imsi) {
+        Ok(i) => i,
+        Err(e) => {
+            return Some(refused(
+                "invalid_request",
+                format!("IMSI {:?}: {e}", request.imsi),
+            ))
+        }
+    };
+    let (node, service2) = (node_id.to_string(), service.clone());
+    let (request_id, tokens) = (request.request_id, request.tokens);
+    let model = Some(request.model.clone()).filter(|m| !m.is_empty());
+    let made = tokio::task::spawn_blocking(move || {
+        let now = now_ms() / 1000;
+        service2.store.grant_answering(
+            request_id,
+            &node,
+            &imsi,
+            model.as_deref(),
+            tokens,
+            &service2.policy,
+            now,
+        )
+    })
+    .await;
+    match made {
+        Ok(Ok(_)) => None,
+        Ok(Err(ChargingStoreError::Refused(e @ ChargingError::InsufficientQuota { .. }))) => {
+            Some(refused("insufficient_quota", e.to_string()))
+        }
+        Ok(Err(ChargingStoreError::Refused(e @ ChargingError::UnknownSubscriber(_)))) => {
+            Some(refused("unknown_subscriber", e.to_string()))
+        }
+        Ok(Err(ChargingStoreError::Refused(e))) => Some(refused("invalid_request", e.to_string())),
+        Ok(Err(ChargingStoreError::Store(e))) => {
+            tracing::error!(node = %node_id, error = %e, "grant not made: the store failed");
+            Some(refused(
+                "unavailable",
+                "the core's store is unavailable; ask again".into(),
+            ))
+        }
+        Err(e) => Some(refused("unavailable", e.to_string())),
+    }
+}
+
+/// Sends what the node's outbox holds after `sent`, the core's time on each.
+async fn flush(
+    node_id: &str,
+    sent: &mut u64,
+    send: &mut quinn::SendStream,
+    service: &Arc<DownlinkService>,
+) -> Result<(), String> {
+    loop {
+        let (node, store, after) = (node_id.to_string(), service.store.clone(), *sent);
+        let pending =
+            tokio::task::spawn_blocking(move || store.downlink_after(&node, after, OUTBOX_BATCH))
+                .await
+                .map_err(|e| e.to_string())?;
+        let pending = match pending {
+            Ok(p) => p,
+            Err(e) => {
+                // Tried again at the next poll; the box waits, nothing lost.
+                tracing::warn!(node = %node_id, error = %e, "outbox not read");
+                return Ok(());
+            }
+        };
+        let more = pending.len() == OUTBOX_BATCH;
+        for mut message in pending {
+            message.core_time_unix_s = now_ms() / 1000;
+            *sent = message.seq;
+            let frame = CoreFrame {
+                kind: Some(core_frame::Kind::Downlink(message)),
+            };
+            send.write_all(&encode_frame(&frame))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if !more {
+            return Ok(());
+        }
+    }
 }
 
 /// Batches whose checks may run ahead of the commit.
@@ -286,6 +485,7 @@ pub struct LoopbackCore<S: ?Sized = crate::ingest_store::SqliteStore> {
 /// `ca`, counting into `stats`.
 fn launch(
     store: SharedStore,
+    downlink: Option<Arc<DownlinkService>>,
     ca: &crate::pki::CertAndKey,
     stats: Arc<CoreStats>,
 ) -> Result<
@@ -309,7 +509,7 @@ fn launch(
     .map_err(|e| e.to_string())?;
     let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(serve_counted(endpoint, store, stats, rx));
+    let task = tokio::spawn(serve_counted(endpoint, store, downlink, stats, rx));
     Ok((addr, stop, task))
 }
 
@@ -321,7 +521,13 @@ impl LoopbackCore {
             crate::ingest_store::SqliteStore::open(store_path).map_err(|e| e.to_string())?,
         );
         let stats = Arc::new(CoreStats::default());
-        let (addr, stop, task) = launch(store.clone(), &ca, stats.clone())?;
+        // The SQLite store keeps packages and grants too: this core serves
+        // the downlink, with the default grant policy.
+        let downlink = Arc::new(DownlinkService {
+            store: store.clone(),
+            policy: GrantPolicy::default(),
+        });
+        let (addr, stop, task) = launch(store.clone(), Some(downlink), &ca, stats.clone())?;
         Ok(LoopbackCore {
             addr,
             ca,
@@ -340,7 +546,7 @@ impl LoopbackCore<dyn IngestStore> {
         ca: crate::pki::CertAndKey,
     ) -> Result<LoopbackCore<dyn IngestStore>, String> {
         let stats = Arc::new(CoreStats::default());
-        let (addr, stop, task) = launch(store.clone(), &ca, stats.clone())?;
+        let (addr, stop, task) = launch(store.clone(), None, &ca, stats.clone())?;
         Ok(LoopbackCore {
             addr,
             ca,

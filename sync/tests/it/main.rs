@@ -9,6 +9,7 @@ mod common;
 
 mod charging_suite;
 mod core_ingest_cli;
+mod downlink;
 mod faults;
 mod fuzz_smoke;
 mod log_backends;

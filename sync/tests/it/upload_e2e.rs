@@ -10,7 +10,7 @@ use mec_sync::identity::NodeIdentity;
 use mec_sync::ingest_store::IngestStore;
 use mec_sync::log::{BackendChoice, LogOptions, UsageLog};
 use mec_sync::pki::{generate_ca, issue_node_cert, CertAndKey};
-use mec_sync::quic::{client_endpoint, TransportOptions};
+use mec_sync::quic::TransportOptions;
 use mec_sync::record::UsageRecord;
 use mec_sync::upload::WindowLimits;
 use mec_sync::uploader::{UploaderConfig, UploaderStatus};
@@ -176,19 +176,7 @@ struct RawClient {
 
 impl RawClient {
     async fn connect(core: &LoopbackCore, cert: &str, key_pem: &str) -> (RawClient, u64) {
-        let endpoint = client_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            cert,
-            key_pem,
-            &core.ca.cert_pem,
-            &TransportOptions::default(),
-        )
-        .unwrap();
-        let conn = endpoint
-            .connect(core.addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
+        let (endpoint, conn) = crate::common::connect_node(core, cert, key_pem).await;
         let (send, recv) = conn.open_bi().await.unwrap();
         let mut client = RawClient {
             send,

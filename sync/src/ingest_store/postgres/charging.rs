@@ -12,9 +12,11 @@ use mec_metering::{Bucket, Imsi, Timestamp};
 
 use super::PgStore;
 use crate::charging_store::{
-    from_json, kind_from, to_json, ChargingOp, ChargingStore, ChargingStoreError,
+    from_json, from_outbox, kind_from, outbox_body, to_json, ChargingOp, ChargingStore,
+    ChargingStoreError, Outbox,
 };
-use crate::ingest_store::IngestStoreError;
+use crate::ingest_store::{seq_i64, IngestStoreError};
+use crate::wire::pb::Downlink;
 use mec_metering::charging::ChargingError;
 
 /// Schema version 2: the charging tables.
@@ -62,6 +64,18 @@ CREATE TABLE charging_grants (
 );
 CREATE INDEX charging_grants_open ON charging_grants (imsi) WHERE open;
 CREATE INDEX charging_grants_expiring ON charging_grants (expires_at) WHERE open;
+CREATE TABLE downlink_nodes (
+    node_id  TEXT   PRIMARY KEY,
+    last_seq BIGINT NOT NULL,
+    applied  BIGINT NOT NULL
+);
+CREATE TABLE downlink_outbox (
+    node_id TEXT   NOT NULL,
+    seq     BIGINT NOT NULL,
+    body    BYTEA  NOT NULL,
+    made_at BIGINT NOT NULL,
+    PRIMARY KEY (node_id, seq)
+);
 CREATE TABLE charging_settlements (
     node_id      TEXT   NOT NULL,
     seq          BIGINT NOT NULL,
@@ -311,6 +325,45 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Appends `outbox`'s messages to their nodes' downlinks, numbered on
+    /// (each node's row locked, nodes in one order, until the commit).
+    async fn write_outbox(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        outbox: &Outbox,
+        now: Timestamp,
+    ) -> Result<(), IngestStoreError> {
+        for (node, kinds) in outbox.by_node() {
+            tx.execute(
+                "INSERT INTO downlink_nodes (node_id, last_seq, applied) VALUES ($1, 0, 0)
+                 ON CONFLICT (node_id) DO NOTHING",
+                &[&node],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+            for kind in kinds {
+                let seq: i64 = tx
+                    .query_one(
+                        "UPDATE downlink_nodes SET last_seq = last_seq + 1 WHERE node_id = $1 RETURNING last_seq",
+                        &[&node],
+                    )
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .get(0);
+                let body = outbox_body(seq, kind);
+                tx.execute(
+                    "INSERT INTO downlink_outbox (node_id, seq, body, made_at) VALUES ($1, $2, $3, $4)",
+                    &[&node, &seq, &body, &now],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ChargingStore for PgStore {
     fn with_subscriber(
         &self,
@@ -365,13 +418,40 @@ impl ChargingStore for PgStore {
                     c.settled_before(r.get(0), r.get::<_, i64>(1) as u64);
                 }
             }
-            op(&mut c)?;
+            let mut outbox = Outbox::default();
+            op(&mut c, &mut outbox)?;
             let settlements = c.take_settlements();
             self.save_subscriber(&tx, imsi, &c.state(imsi), &open_before, &settlements, now)
                 .await?;
+            self.write_outbox(&tx, &outbox, now).await?;
             tx.commit().await.map_err(|e| self.err(e))?;
             Ok(())
         })
+    }
+
+    fn downlink_after(
+        &self,
+        node_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Downlink>, IngestStoreError> {
+        self.rows(
+            "SELECT body FROM downlink_outbox WHERE node_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[&node_id, &seq_i64(after)?, &(limit as i64)],
+        )?
+        .iter()
+        .map(|r| {
+            from_outbox(r.get::<_, &[u8]>(0))
+        })
+        .collect()
+    }
+
+    fn downlink_applied(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError> {
+        self.rows(
+            "UPDATE downlink_nodes SET applied = GREATEST(applied, $2) WHERE node_id = $1",
+            &[&node_id, &seq_i64(seq)?],
+        )?;
+        Ok(())
     }
 
     fn package_owner(&self, id: &str) -> Result<Option<Imsi>, IngestStoreError> {

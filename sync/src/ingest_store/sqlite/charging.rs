@@ -13,9 +13,11 @@ use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::SqliteStore;
 use crate::charging_store::{
-    from_json, kind_from, to_json, ChargingOp, ChargingStore, ChargingStoreError,
+    from_json, from_outbox, kind_from, outbox_body, to_json, ChargingOp, ChargingStore,
+    ChargingStoreError, Outbox,
 };
-use crate::ingest_store::IngestStoreError;
+use crate::ingest_store::{seq_i64, IngestStoreError};
+use crate::wire::pb::Downlink;
 use mec_metering::charging::ChargingError;
 
 /// The charging tables (made with the others at open).
@@ -61,6 +63,18 @@ CREATE TABLE IF NOT EXISTS charging_grants (
 );
 CREATE INDEX IF NOT EXISTS charging_grants_open ON charging_grants(imsi, open);
 CREATE INDEX IF NOT EXISTS charging_grants_expiring ON charging_grants(open, expires_at);
+CREATE TABLE IF NOT EXISTS downlink_nodes (
+    node_id  TEXT    PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    applied  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS downlink_outbox (
+    node_id TEXT    NOT NULL,
+    seq     INTEGER NOT NULL,
+    body    BLOB    NOT NULL,
+    made_at INTEGER NOT NULL,
+    PRIMARY KEY (node_id, seq)
+);
 CREATE TABLE IF NOT EXISTS charging_settlements (
     node_id      TEXT    NOT NULL,
     seq          INTEGER NOT NULL,
@@ -312,6 +326,34 @@ fn save(
     Ok(())
 }
 
+/// Appends `outbox`'s messages to their nodes' downlinks, numbered on.
+fn write_outbox(
+    tx: &Transaction<'_>,
+    outbox: &Outbox,
+    now: Timestamp,
+) -> Result<(), IngestStoreError> {
+    for (node, kinds) in outbox.by_node() {
+        tx.execute(
+            "INSERT INTO downlink_nodes (node_id, last_seq, applied) VALUES (?1, 0, 0)
+             ON CONFLICT (node_id) DO NOTHING",
+            [node],
+        )?;
+        for kind in kinds {
+            let seq: i64 = tx.query_row(
+                "UPDATE downlink_nodes SET last_seq = last_seq + 1 WHERE node_id = ?1 RETURNING last_seq",
+                [node],
+                |r| r.get(0),
+            )?;
+            let body = outbox_body(seq, kind);
+            tx.execute(
+                "INSERT INTO downlink_outbox (node_id, seq, body, made_at) VALUES (?1, ?2, ?3, ?4)",
+                params![node, seq, body, now],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 impl ChargingStore for SqliteStore {
     fn with_subscriber(
         &self,
@@ -350,10 +392,40 @@ impl ChargingStore for SqliteStore {
                 }
             }
         }
-        op(&mut c)?;
+        let mut outbox = Outbox::default();
+        op(&mut c, &mut outbox)?;
         let settlements = c.take_settlements();
         save(&tx, imsi, &c.state(imsi), &open_before, &settlements, now)?;
+        write_outbox(&tx, &outbox, now)?;
         tx.commit().map_err(IngestStoreError::from)?;
+        Ok(())
+    }
+
+    fn downlink_after(
+        &self,
+        node_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Downlink>, IngestStoreError> {
+        let conn = self.connection();
+        let mut q = conn.prepare_cached(
+            "SELECT body FROM downlink_outbox WHERE node_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = q.query_map(params![node_id, seq_i64(after)?, limit as i64], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(from_outbox(&body?)?);
+        }
+        Ok(out)
+    }
+
+    fn downlink_applied(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError> {
+        self.connection().execute(
+            "UPDATE downlink_nodes SET applied = MAX(applied, ?2) WHERE node_id = ?1",
+            params![node_id, seq_i64(seq)?],
+        )?;
         Ok(())
     }
 

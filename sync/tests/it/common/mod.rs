@@ -3,6 +3,29 @@
 
 pub mod stores;
 
+/// A node's QUIC connection to a loopback core (its certificate and key),
+/// with the endpoint it lives on.
+pub async fn connect_node(
+    core: &mec_sync::core_server::LoopbackCore,
+    cert: &str,
+    key_pem: &str,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let endpoint = mec_sync::quic::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        cert,
+        key_pem,
+        &core.ca.cert_pem,
+        &mec_sync::quic::TransportOptions::default(),
+    )
+    .unwrap();
+    let conn = endpoint
+        .connect(core.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    (endpoint, conn)
+}
+
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
