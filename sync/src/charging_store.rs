@@ -144,8 +144,12 @@ pub trait ChargingStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<pb::Downlink>, IngestStoreError>;
 
-    /// `node_id` applied every downlink message up to `seq` durably.
+    /// `node_id` applied every downlink message up to `seq` durably: they
+    /// are dropped from its outbox (at most up to the last one made).
     fn downlink_applied(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError>;
+
+    /// The seq of the last downlink message made for `node_id` (0: none).
+    fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError>;
 
     /// Subscribers with an open grant expiring at or before `t`.
     fn subscribers_with_grants_ending_by(

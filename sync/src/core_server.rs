@@ -246,7 +246,21 @@ async fn downlink_stream(
     mut dec: FrameDecoder,
     service: Arc<DownlinkService>,
 ) -> Result<(), String> {
-    tracing::info!(node = %node_id, applied = hello.applied, "downlink opened");
+    // What the box says it applied, within what was ever made for it (a
+    // core restored from a backup, a box's bug): beyond that, it is sent
+    // again from the last made, which the box applies idempotently.
+    let last = {
+        let (node, store) = (node_id.to_string(), service.store.clone());
+        tokio::task::spawn_blocking(move || store.downlink_last(&node))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    if hello.applied > last {
+        tracing::warn!(node = %node_id, applied = hello.applied, last, "the box reports more applied than was made for it");
+    }
+    let applied = hello.applied.min(last);
+    tracing::info!(node = %node_id, applied, "downlink opened");
     let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<EdgeFrame>(16);
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 16 << 10];
@@ -262,7 +276,7 @@ async fn downlink_stream(
             }
         }
     });
-    let mut sent = hello.applied;
+    let mut sent = applied;
     let mut poll = tokio::time::interval(OUTBOX_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
@@ -288,7 +302,9 @@ async fn downlink_stream(
                             tracing::warn!(node = %node_id, error = %e, "downlink acknowledgement not recorded");
                         }
                     }
-                    other => break Err(format!("unexpected on the downlink: {other:?}")),
+                    // A kind of a later protocol version: not this core's.
+                    None => tracing::debug!(node = %node_id, "an unknown frame on the downlink, ignored"),
+                    Some(other) => break Err(format!("unexpected on the downlink: {other:?}")),
                 }
             }
             _ = poll.tick() => {
@@ -299,6 +315,12 @@ async fn downlink_stream(
         }
     };
     reader.abort();
+    // How the box's side ended (a reset, a frame that does not decode),
+    // when it ended first.
+    if let Ok(Ok(Err(e))) = tokio::time::timeout(std::time::Duration::from_millis(10), reader).await
+    {
+        tracing::warn!(node = %node_id, error = %e, "the box's side of the downlink ended");
+    }
     result
 }
 

@@ -329,5 +329,11 @@ fn downlink_messages_are_numbered_per_node_without_gaps(b: Backend) {
         rest.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![36, 37, 38, 39, 40]
     );
+    // What was acknowledged is gone from the outbox; an acknowledgement
+    // beyond the last made counts only up to it.
+    assert_eq!(s.downlink_after("box-1", 0, 100).unwrap().len(), 5);
+    s.downlink_applied("box-1", 1_000).unwrap();
+    assert!(s.downlink_after("box-1", 0, 100).unwrap().is_empty());
+    assert_eq!(s.downlink_last("box-1").unwrap(), 40);
     assert!(s.downlink_after("box-2", 0, 100).unwrap().is_empty());
 }

@@ -448,10 +448,21 @@ impl ChargingStore for PgStore {
 
     fn downlink_applied(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError> {
         self.rows(
-            "UPDATE downlink_nodes SET applied = GREATEST(applied, $2) WHERE node_id = $1",
+            "WITH done AS (
+                 UPDATE downlink_nodes SET applied = GREATEST(applied, LEAST($2, last_seq))
+                 WHERE node_id = $1 RETURNING applied)
+             DELETE FROM downlink_outbox WHERE node_id = $1 AND seq <= (SELECT applied FROM done)",
             &[&node_id, &seq_i64(seq)?],
         )?;
         Ok(())
+    }
+
+    fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError> {
+        let rows = self.rows(
+            "SELECT last_seq FROM downlink_nodes WHERE node_id = $1",
+            &[&node_id],
+        )?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64))
     }
 
     fn package_owner(&self, id: &str) -> Result<Option<Imsi>, IngestStoreError> {

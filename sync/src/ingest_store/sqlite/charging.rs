@@ -422,11 +422,32 @@ impl ChargingStore for SqliteStore {
     }
 
     fn downlink_applied(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError> {
-        self.connection().execute(
-            "UPDATE downlink_nodes SET applied = MAX(applied, ?2) WHERE node_id = ?1",
-            params![node_id, seq_i64(seq)?],
+        let seq = seq_i64(seq)?;
+        let mut conn = self.connection();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE downlink_nodes SET applied = MAX(applied, MIN(?2, last_seq)) WHERE node_id = ?1",
+            params![node_id, seq],
         )?;
+        tx.execute(
+            "DELETE FROM downlink_outbox WHERE node_id = ?1
+             AND seq <= (SELECT applied FROM downlink_nodes WHERE node_id = ?1)",
+            [node_id],
+        )?;
+        tx.commit()?;
         Ok(())
+    }
+
+    fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError> {
+        let last: Option<i64> = self
+            .connection()
+            .query_row(
+                "SELECT last_seq FROM downlink_nodes WHERE node_id = ?1",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(last.unwrap_or(0) as u64)
     }
 
     fn package_owner(&self, id: &str) -> Result<Option<Imsi>, IngestStoreError> {
