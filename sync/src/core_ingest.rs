@@ -364,6 +364,33 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
             }
         })
     };
+    // Grants never given back (a box gone for good) end a grace after
+    // their expiry, hourly: what they held returns to the balance
+    // (`ChargingStore::expire`; instances doing it at once end each once).
+    let expiry = {
+        let (charging, policy) = (charging.clone(), config.grants.clone());
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                hourly.tick().await;
+                let (charging, policy) = (charging.clone(), policy.clone());
+                let now = chrono::Utc::now().timestamp();
+                match tokio::task::spawn_blocking(move || charging.expire(&policy, now)).await {
+                    Ok(Ok(ended)) if !ended.is_empty() => {
+                        tracing::info!(
+                            grants = ended.len(),
+                            "unreturned grants ended; their tokens are back in the balances"
+                        )
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "ending unreturned grants failed; tried again in an hour")
+                    }
+                    Err(e) => tracing::error!(error = %e, "ending unreturned grants panicked"),
+                }
+            }
+        })
+    };
     let server = tokio::spawn(crate::core_server::serve_counted(
         endpoint,
         store,
@@ -387,6 +414,7 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
     }
     let _ = stop.send(true);
     partitions.abort();
+    expiry.abort();
     if let Some(w) = crl_watch {
         w.abort();
     }
