@@ -236,9 +236,14 @@ pub fn issue(config: &CoreConfig, node_id: &str, public_key_pem: &str) -> anyhow
 
 /// `core-ingest serve`: until SIGTERM or SIGINT. Prints one ready line.
 pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
-    let store = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || config.open_store()).await??
+    // One handle for the upload and for packages and grants (the downlink,
+    // the operator API), opened off the async threads: the PostgreSQL
+    // store blocks on its own small runtime.
+    let (store, charging) = {
+        let (location, pg) = (config.location()?, config.postgres.clone());
+        tokio::task::spawn_blocking(move || location.open_core(&pg))
+            .await?
+            .context("opening the store")?
     };
     let transport = TransportOptions {
         idle_timeout: std::time::Duration::from_secs(config.idle_timeout_s),
@@ -296,13 +301,6 @@ pub async fn serve(config: CoreConfig) -> anyhow::Result<()> {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let described = store.describe();
     let stats = Arc::new(crate::core_server::CoreStats::default());
-    // Packages and grants live in the same store, through their own handle
-    // (opened off the async threads: the PostgreSQL store blocks on its own
-    // small runtime). The downlink and the operator API share it.
-    let charging = {
-        let (location, pg) = (config.location()?, config.postgres.clone());
-        tokio::task::spawn_blocking(move || location.open_charging(&pg)).await??
-    };
     let downlink = Arc::new(crate::core_server::DownlinkService {
         store: charging.clone(),
         policy: config.grants.clone(),

@@ -324,9 +324,31 @@ impl StoreLocation {
         &self,
         pg: &PgOptions,
     ) -> Result<Arc<dyn crate::charging_store::ChargingStore>, IngestStoreError> {
+        Ok(self.open_core(pg)?.1)
+    }
+
+    /// One handle (one connection, one PostgreSQL pool) seen as both the
+    /// upload's store and the packages' store: what `serve` uses.
+    #[allow(clippy::type_complexity)]
+    pub fn open_core(
+        &self,
+        pg: &PgOptions,
+    ) -> Result<
+        (
+            Arc<dyn IngestStore>,
+            Arc<dyn crate::charging_store::ChargingStore>,
+        ),
+        IngestStoreError,
+    > {
         Ok(match self {
-            StoreLocation::Sqlite(p) => Arc::new(SqliteStore::open(p)?),
-            StoreLocation::Postgres(url) => Arc::new(PgStore::connect(url, pg)?),
+            StoreLocation::Sqlite(p) => {
+                let s = Arc::new(SqliteStore::open(p)?);
+                (s.clone(), s)
+            }
+            StoreLocation::Postgres(url) => {
+                let s = Arc::new(PgStore::connect(url, pg)?);
+                (s.clone(), s)
+            }
         })
     }
 }

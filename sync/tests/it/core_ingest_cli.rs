@@ -470,18 +470,7 @@ fn an_operator_runs_the_core_on_postgresql_and_the_load_balancer_sees_readiness(
     text.push_str("http = \"127.0.0.1:0\"\n");
     std::fs::write(config, text).unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_core-ingest"))
-        .args(["serve", "--config", config])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
-    let ready: Value = serde_json::from_str(&line).unwrap();
+    let (mut child, ready) = serve_ready(Path::new(config));
     assert!(ready["store"].as_str().unwrap().contains("/cli"), "{ready}");
     let http = ready["http"].as_str().unwrap().to_string();
     let get = |path: &str| -> (u16, String) {
