@@ -25,6 +25,24 @@ pub enum BillingError {
         /// Tokens needed at least.
         needed: u64,
     },
+    /// The core refused a grant for the subscriber (no package there, or
+    /// nothing left of it): its words.
+    #[error("{message}")]
+    GrantRefused {
+        /// `sync.proto`'s code: insufficient_quota, unknown_subscriber,
+        /// invalid_request.
+        code: String,
+        /// Why, as the core says it.
+        message: String,
+    },
+    /// The box holds no grant that covers the request and cannot get one
+    /// now (the core cannot be reached, or did not answer in time).
+    #[error("no grant covers this request and {0}; retry shortly")]
+    NoGrant(String),
+    /// The operation is the core's on a box that takes its packages from
+    /// a core (`admin grant`, revoking a grant).
+    #[error("{0}")]
+    CoreManaged(String),
     /// The usage log cannot take a record now: nothing billable is served.
     #[error("not serving: {0}")]
     LogUnavailable(LogError),

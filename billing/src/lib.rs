@@ -52,12 +52,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use mec_metering::grants::{GrantCache, GrantChange, GrantCounters, GrantTerms, Received};
 use mec_metering::ledger::{Balance, Bucket, BucketKind, Ledger, LedgerError, Timestamp};
 use mec_metering::store::{Store, UsageRow};
 use mec_metering::Imsi;
+use mec_sync::downlink::{AskError, DownlinkSink, DownlinkStatus, GrantAnswer, GrantAsker};
 use mec_sync::log::{LogError, UsageLog};
 use mec_sync::record::pb::{Outcome, UsageRecord};
 use mec_sync::record::SignedRecord;
+use mec_sync::wire::pb;
 
 pub use error::BillingError;
 pub use limits::RateLimits;
@@ -65,12 +68,22 @@ use record::unix_ms;
 pub use record::{Bill, Settlement};
 use tally::{Counting, Entry, Slot, Tally};
 
-/// Unix seconds now.
+/// The agent's clock, Unix seconds: the wall clock when the process first
+/// read it, advanced by the monotonic clock since. Packages' and grants'
+/// validity are judged by it, so a wall clock stepped while the agent runs
+/// (NTP correcting a box that was hours off) neither ends a grant early
+/// nor keeps one alive (a grant lasts exactly as long as the core said,
+/// from its arrival); a restart reads the wall clock again.
 pub fn unix_now() -> Timestamp {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    static START: std::sync::OnceLock<(i64, Instant)> = std::sync::OnceLock::new();
+    let (wall, mono) = START.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        (wall, Instant::now())
+    });
+    wall.saturating_add(mono.elapsed().as_secs() as i64)
 }
 
 /// How billing is set up.
@@ -81,9 +94,17 @@ pub struct BillingConfig {
     /// The rate limits.
     pub limits: RateLimits,
     /// Packages a subscriber gets the first time the box sees them (the
-    /// site configuration's default packages).
+    /// site configuration's default packages). With a core, only for a
+    /// subscriber the core does not know, or while it cannot be reached.
     pub welcome: Vec<WelcomePackage>,
+    /// The core that sells the packages, when one is configured: requests
+    /// are served from its grants ([`mec_metering::grants`]), asked for on
+    /// the downlink; `admin grant` is refused.
+    pub core: Option<GrantAsker>,
 }
+
+/// How long a request waits for the core's answer when it finds no grant.
+pub const GRANT_WAIT: Duration = Duration::from_secs(5);
 
 /// A package granted to a subscriber new to this box.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +223,11 @@ pub struct Billing {
 
 struct Inner {
     enabled: bool,
+    /// The core's grants held here, and the questions out. Locked before
+    /// the ledger when both are (never the other way round).
+    grants: Mutex<GrantCache>,
+    /// The core, when packages are sold there.
+    core: Option<GrantAsker>,
     ledger: Mutex<Ledger>,
     limits: Mutex<limits::Limiters>,
     log: Arc<UsageLog>,
@@ -251,6 +277,7 @@ impl Billing {
             );
         }
         applied.set(store.applied_watermark()?);
+        let grants = GrantCache::new(store.downlink_applied()?, store.grants()?);
         let mut ledger = Ledger::new();
         let mut known = HashSet::new();
         for b in store.buckets()? {
@@ -265,6 +292,8 @@ impl Billing {
         Ok(Billing {
             inner: Arc::new(Inner {
                 enabled: config.enabled,
+                grants: Mutex::new(grants),
+                core: config.core,
                 ledger: Mutex::new(ledger),
                 limits: Mutex::new(limits::Limiters::new(&config.limits)),
                 log,
@@ -311,17 +340,22 @@ impl Billing {
             .check_accepting(TYPICAL_RECORD_BYTES)
             .map_err(BillingError::LogUnavailable)?;
         let now = unix_now();
-        self.welcome_if_new(&info.imsi, now)?;
+        if self.inner.core.is_none() {
+            self.welcome_if_new(&info.imsi, now)?;
+        }
+        let connected = self.core_connected();
+        let grants = self.inner.grants.lock().unwrap();
         let r = self
             .inner
             .ledger
             .lock()
             .unwrap()
-            .reserve(
+            .reserve_from(
                 &info.imsi,
                 a.prompt_tokens + 1,
                 a.prompt_tokens + a.max_completion,
                 now,
+                &|b| grants.admits(b, &info.model, connected),
             )
             .map_err(|e| match e {
                 LedgerError::InsufficientQuota { available, needed } => {
@@ -329,6 +363,7 @@ impl Billing {
                 }
                 e => BillingError::Internal(e.to_string()),
             })?;
+        drop(grants);
         admission.reservation = Some(r.id);
         admission.granted = r.granted;
         admission.cap = (r.granted - a.prompt_tokens).min(a.max_completion);
@@ -355,6 +390,140 @@ impl Billing {
             admission.counting = Some(counting);
         }
         Ok(admission)
+    }
+
+    /// A core is configured and its downlink is up (without a core: true,
+    /// nothing is offline).
+    fn core_connected(&self) -> bool {
+        self.inner.core.as_ref().is_none_or(GrantAsker::connected)
+    }
+
+    /// [`Billing::admit`], asking the core for a grant when the box holds
+    /// none that covers the request (a subscriber seen here for the first
+    /// time, or one whose grants are spent), waiting up to [`GRANT_WAIT`]
+    /// for it; and, once admitted, asking in the background for more when
+    /// what is left of the subscriber's grants falls to their threshold.
+    /// Without a core, the same as `admit`.
+    pub async fn admit_or_ask(&self, a: Admit<'_>) -> Result<Admission, BillingError> {
+        let Some(asker) = self.inner.core.clone().filter(|_| self.inner.enabled) else {
+            return self.admit(a);
+        };
+        let (imsi, model) = (&a.info.imsi, a.info.model.as_str());
+        let deadline = tokio::time::Instant::now() + GRANT_WAIT;
+        loop {
+            match self.admit(a) {
+                Err(BillingError::InsufficientQuota { .. }) => {}
+                Ok(admission) => {
+                    self.top_up_if_low(&asker, imsi, model);
+                    return Ok(admission);
+                }
+                Err(e) => return Err(e),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BillingError::NoGrant(
+                    "the core did not answer in time".into(),
+                ));
+            }
+            // One question per subscriber and model: a request that finds
+            // one out waits for its grant instead of asking again.
+            let mine = self.inner.grants.lock().unwrap().ask_now(imsi, model);
+            if !mine {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let answer = asker
+                .ask(
+                    imsi.as_str(),
+                    model,
+                    0,
+                    deadline - tokio::time::Instant::now(),
+                )
+                .await;
+            let refused = !matches!(answer, Ok(GrantAnswer::Granted(_)));
+            self.inner
+                .grants
+                .lock()
+                .unwrap()
+                .answered(imsi, model, refused, unix_now());
+            match answer {
+                // Applied before the answer came: admit again.
+                Ok(GrantAnswer::Granted(_)) => continue,
+                Ok(GrantAnswer::Refused { code, message }) => {
+                    if code == "unknown_subscriber" && self.welcome_unknown(imsi).await? {
+                        return self.admit(a);
+                    }
+                    return Err(if code == "unavailable" {
+                        BillingError::NoGrant(format!("the core could not grant one: {message}"))
+                    } else {
+                        BillingError::GrantRefused { code, message }
+                    });
+                }
+                Err(AskError::NotConnected) => {
+                    if self.welcome_unknown(imsi).await? {
+                        return self.admit(a);
+                    }
+                    return Err(BillingError::NoGrant("the core cannot be reached".into()));
+                }
+                Err(AskError::TimedOut(_)) => {
+                    return Err(BillingError::NoGrant(
+                        "the core did not answer in time".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The site's welcome packages for a subscriber the core does not know
+    /// (or while it cannot be reached), when the site has any and the
+    /// subscriber never held a package here; true when granted now.
+    async fn welcome_unknown(&self, imsi: &Imsi) -> Result<bool, BillingError> {
+        if self.inner.welcome.is_empty() || self.inner.known.lock().unwrap().contains(imsi.as_str())
+        {
+            return Ok(false);
+        }
+        let this = self.clone();
+        let imsi2 = imsi.clone();
+        // One SQLite transaction per package; the request waits for it.
+        tokio::task::spawn_blocking(move || this.welcome_if_new(&imsi2, unix_now()))
+            .await
+            .map_err(|e| BillingError::Internal(e.to_string()))??;
+        Ok(self.inner.known.lock().unwrap().contains(imsi.as_str()))
+    }
+
+    /// Asks the core for more in the background when what is left of
+    /// `imsi`'s grants for `model` is at or below their threshold.
+    fn top_up_if_low(&self, asker: &GrantAsker, imsi: &Imsi, model: &str) {
+        if !asker.connected() {
+            return;
+        }
+        let now = unix_now();
+        let mut grants = self.inner.grants.lock().unwrap();
+        let left = self
+            .inner
+            .ledger
+            .lock()
+            .unwrap()
+            .available_from(imsi, now, &|b| {
+                grants.is_granted(b.id) && grants.admits(b, model, true)
+            });
+        if !grants.should_ask(imsi, model, left, now) {
+            return;
+        }
+        drop(grants);
+        let (this, asker, imsi, model) =
+            (self.clone(), asker.clone(), imsi.clone(), model.to_string());
+        tokio::spawn(async move {
+            let answer = asker.ask(imsi.as_str(), &model, 0, GRANT_WAIT).await;
+            let refused = !matches!(answer, Ok(GrantAnswer::Granted(_)));
+            if let Ok(GrantAnswer::Refused { code, message }) = &answer {
+                tracing::info!(%imsi, %model, %code, %message, "the core refused more quota");
+            }
+            this.inner
+                .grants
+                .lock()
+                .unwrap()
+                .answered(&imsi, &model, refused, unix_now());
+        });
     }
 
     /// Grants the welcome packages to a subscriber who never held a package
@@ -385,6 +554,14 @@ impl Billing {
         valid_from: Timestamp,
         expires_at: Timestamp,
     ) -> Result<Bucket, BillingError> {
+        if self.inner.core.is_some() {
+            return Err(BillingError::CoreManaged(
+                "this box takes its packages from the core: sell the package there \
+                 (`core-ingest package sell`, or the core's operator API); \
+                 `admin grant` is for a box without a core"
+                    .into(),
+            ));
+        }
         let mut known = self.inner.known.lock().unwrap();
         self.grant_locked(
             &mut known,
@@ -428,11 +605,108 @@ impl Billing {
     /// Revokes a package: it gives nothing from now on (running requests
     /// holding tokens of it are still billed). Blocking (SQLite).
     pub fn revoke(&self, bucket_id: u64) -> Result<(), BillingError> {
+        if let Some(grant) = self.inner.grants.lock().unwrap().grant_of(bucket_id) {
+            return Err(BillingError::CoreManaged(format!(
+                "bucket {bucket_id} holds the core's grant {grant}: revoke its package at the core \
+                 (`core-ingest package revoke`)"
+            )));
+        }
         if !self.inner.store.lock().unwrap().revoke(bucket_id)? {
             return Err(BillingError::UnknownPackage(bucket_id));
         }
         let _ = self.inner.ledger.lock().unwrap().revoke(bucket_id);
         Ok(())
+    }
+
+    /// The box's end of the downlink: applies the core's grants and
+    /// revocations (the uploader serves it on each connection).
+    pub fn downlink_sink(&self) -> Arc<dyn DownlinkSink> {
+        Arc::new(GrantSink(self.clone()))
+    }
+
+    /// Applies one downlink message: planned by the grant cache, durable in
+    /// the store, then in the ledger and the cache. Blocking (SQLite).
+    fn apply_downlink(&self, m: &pb::Downlink) -> Result<(), BillingError> {
+        let received = match &m.kind {
+            Some(pb::downlink::Kind::Grant(g)) => match Imsi::parse(&g.imsi) {
+                Ok(imsi) => Received::Grant(GrantTerms {
+                    grant_id: g.grant_id,
+                    imsi,
+                    model: Some(g.model.clone()).filter(|m| !m.is_empty()),
+                    tokens: g.tokens.min(i64::MAX as u64),
+                    threshold: g.threshold,
+                    offline_allowance: g.offline_allowance.min(i64::MAX as u64),
+                    final_unit_models: g.final_unit_models.clone(),
+                    valid_for_s: g.expires_at_unix_s.saturating_sub(m.core_time_unix_s),
+                }),
+                Err(e) => {
+                    tracing::error!(seq = m.seq, imsi = %g.imsi, error = %e, "the core sent a grant for an IMSI that does not parse; ignored");
+                    Received::Unknown
+                }
+            },
+            Some(pb::downlink::Kind::Revoked(r)) => Received::Revoked {
+                grant_id: r.grant_id,
+            },
+            None => Received::Unknown,
+        };
+        let now = unix_now();
+        let mut grants = self.inner.grants.lock().unwrap();
+        let Some(change) = grants.plan(m.seq, received, now) else {
+            return Ok(()); // applied before
+        };
+        let held = self
+            .inner
+            .store
+            .lock()
+            .unwrap()
+            .apply_downlink(m.seq, &change, now)?;
+        match (&change, &held) {
+            (GrantChange::Grant { .. }, Some(h)) => {
+                let mut ledger = self.inner.ledger.lock().unwrap();
+                for b in h.buckets(now) {
+                    ledger
+                        .insert(b)
+                        .map_err(|e| BillingError::Internal(e.to_string()))?;
+                }
+                drop(ledger);
+                self.inner
+                    .known
+                    .lock()
+                    .unwrap()
+                    .insert(h.terms.imsi.as_str().to_string());
+                tracing::info!(seq = m.seq, grant = h.terms.grant_id, imsi = %h.terms.imsi, tokens = h.terms.tokens, valid_s = h.terms.valid_for_s, "grant from the core");
+            }
+            (GrantChange::Revoke { grant_id }, _) => {
+                let mut ledger = self.inner.ledger.lock().unwrap();
+                for b in grants.revoke(*grant_id) {
+                    let _ = ledger.revoke(b);
+                }
+                tracing::info!(seq = m.seq, grant = grant_id, "grant revoked by the core");
+            }
+            _ => {}
+        }
+        grants.applied_message(m.seq, held);
+        Ok(())
+    }
+
+    /// The core's grants as the admin API and the metrics show them.
+    pub fn grants_view(&self) -> GrantsView {
+        let now = unix_now();
+        let grants = self.inner.grants.lock().unwrap();
+        let ledger = self.inner.ledger.lock().unwrap();
+        let live: Vec<_> = grants.live(now).collect();
+        let tokens_left = live
+            .iter()
+            .filter_map(|g| ledger.bucket(g.bucket_id))
+            .map(|b| b.remaining(now))
+            .fold(0u64, u64::saturating_add);
+        GrantsView {
+            held: live.len(),
+            tokens_left,
+            asking: grants.asking(),
+            counters: grants.counters(),
+            downlink: self.inner.core.as_ref().map(GrantAsker::status),
+        }
     }
 
     /// A subscriber's balance now.
@@ -473,7 +747,11 @@ impl Billing {
                 tokens: billed,
             });
         };
-        let mut record = settlement.record(bill);
+        let mut record = {
+            let grants = self.inner.grants.lock().unwrap();
+            settlement.record(bill, &|bucket| grants.grant_of(bucket))
+        };
+        record.offline = !self.core_connected();
         record.seq = self.append_durably(&record).await?;
         self.inner
             .ledger
@@ -689,6 +967,34 @@ impl Billing {
 
     fn release(&self, reservation: u64) {
         let _ = self.inner.ledger.lock().unwrap().release(reservation);
+    }
+}
+
+/// The core's grants at this box.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GrantsView {
+    /// Grants held now (not revoked, not expired).
+    pub held: usize,
+    /// Tokens left in them (before running requests' holds).
+    pub tokens_left: u64,
+    /// Questions to the core out now.
+    pub asking: usize,
+    /// Asked, granted, refused, revoked since the agent started.
+    pub counters: GrantCounters,
+    /// The downlink (None: no core configured).
+    pub downlink: Option<DownlinkStatus>,
+}
+
+/// [`DownlinkSink`] over billing.
+struct GrantSink(Billing);
+
+impl DownlinkSink for GrantSink {
+    fn applied(&self) -> u64 {
+        self.0.inner.grants.lock().unwrap().applied()
+    }
+
+    fn apply(&self, message: &pb::Downlink) -> Result<(), String> {
+        self.0.apply_downlink(message).map_err(|e| e.to_string())
     }
 }
 

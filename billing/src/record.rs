@@ -38,8 +38,9 @@ impl Settlement {
         &self.debits
     }
 
-    /// The usage record of `bill` paid by these debits.
-    pub fn record(&self, bill: &Bill) -> UsageRecord {
+    /// The usage record of `bill` paid by these debits; `grant_of` names
+    /// the core's grant a bucket holds, if any.
+    pub fn record(&self, bill: &Bill, grant_of: &dyn Fn(u64) -> Option<u64>) -> UsageRecord {
         UsageRecord {
             record_id: bill.request_id.to_vec(),
             imsi: bill.imsi.clone(),
@@ -61,6 +62,7 @@ impl Settlement {
                     package_id: d.bucket_id.to_string(),
                     tokens: d.tokens,
                     period: d.period,
+                    grant_id: grant_of(d.bucket_id).unwrap_or(0),
                 })
                 .collect(),
             outcome: bill.outcome as i32,
@@ -195,7 +197,11 @@ mod tests {
             ttft_us: 4,
             failure_reason: String::new(),
         };
-        let r = s.record(&bill);
+        let r = s.record(&bill, &|b| (b == 2).then_some(9));
+        assert_eq!(
+            r.debits.iter().map(|d| d.grant_id).collect::<Vec<_>>(),
+            vec![0, 9]
+        );
         assert_eq!(r.billed_tokens, 10);
         assert_eq!(r.debits.iter().map(|d| d.tokens).sum::<u64>(), 10);
         let a = applied(5, &r);

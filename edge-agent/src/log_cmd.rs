@@ -252,6 +252,7 @@ pub fn upload(args: &crate::cli::UploadArgs) -> anyhow::Result<ExitCode> {
         transport: mec_sync::quic::TransportOptions::default(),
         poll: Duration::from_millis(20),
         ack_limit: None,
+        downlink: None,
     };
     let log = Arc::new(UsageLog::open(
         &log_dir(&args.dir),

@@ -170,8 +170,9 @@ pub struct Usage {
     pub seq: u64,
     /// The subscriber.
     pub imsi: Imsi,
-    /// The grant the box spent it from, if any.
-    pub grant_id: Option<u64>,
+    /// The grants the box spent it from, with the tokens it took from
+    /// each (its debits naming a grant); empty: none.
+    pub grants: Vec<(u64, u64)>,
     /// The model that served it (what it is taken from beyond its grant
     /// must allow that model).
     pub model: Option<String>,
@@ -522,23 +523,30 @@ impl Charging {
     }
 
     /// Settles one usage record, once per (node, seq): `None` when it was
-    /// settled before. Tokens come from the grant it names (when open and
-    /// that box's and subscriber's), then from the free balance at `now`;
-    /// the rest is overage.
+    /// settled before. Tokens come from the grants it names (when open and
+    /// that box's and subscriber's; what the box served from a grant beyond
+    /// what the grant still holds, offline, is not taken from it), then
+    /// from the free balance at `now`; the rest is overage.
     pub fn settle(&mut self, usage: &Usage, now: Timestamp) -> Option<Settlement> {
         if !self.settled.insert((usage.node_id.clone(), usage.seq)) {
             return None;
         }
-        let mut from_grant = 0;
-        if let Some(g) = usage.grant_id.and_then(|id| self.grants.get_mut(&id)) {
-            if g.node_id == usage.node_id && g.imsi == usage.imsi {
-                let (_, beyond) = self
-                    .ledger
-                    .consume(g.id, usage.tokens)
-                    .unwrap_or((Vec::new(), usage.tokens));
-                from_grant = usage.tokens - beyond;
-                g.used += from_grant;
+        let mut from_grant = 0u64;
+        for &(grant_id, tokens) in &usage.grants {
+            // Never more than the record bills, whatever its debits say.
+            let tokens = tokens.min(usage.tokens - from_grant);
+            let Some(g) = self.grants.get_mut(&grant_id) else {
+                continue;
+            };
+            if g.node_id != usage.node_id || g.imsi != usage.imsi || tokens == 0 {
+                continue;
             }
+            let (_, beyond) = self
+                .ledger
+                .consume(g.id, tokens)
+                .unwrap_or((Vec::new(), tokens));
+            g.used += tokens - beyond;
+            from_grant += tokens - beyond;
         }
         let mut from_balance = 0;
         let beyond = usage.tokens - from_grant;

@@ -37,6 +37,12 @@ pub enum BucketKind {
     Topup,
     /// A free trial.
     Trial,
+    /// A slice of a package sold at the core, granted to this box
+    /// ([`crate::grants`]): one-off, valid as long as the grant.
+    Grant,
+    /// What a grant lets the box serve beyond it while the core cannot be
+    /// reached (its offline allowance): spent only then.
+    Offline,
 }
 
 impl BucketKind {
@@ -46,16 +52,28 @@ impl BucketKind {
             BucketKind::Monthly => "monthly",
             BucketKind::Topup => "topup",
             BucketKind::Trial => "trial",
+            BucketKind::Grant => "grant",
+            BucketKind::Offline => "offline",
         }
     }
 
-    /// Parses `monthly`, `topup` or `trial`.
+    /// Parses a kind an operator sells: `monthly`, `topup` or `trial`
+    /// (grants come only from the core).
     pub fn parse(s: &str) -> Option<BucketKind> {
         match s {
             "monthly" => Some(BucketKind::Monthly),
             "topup" => Some(BucketKind::Topup),
             "trial" => Some(BucketKind::Trial),
             _ => None,
+        }
+    }
+
+    /// Parses any kind a store holds: those sold, `grant` and `offline`.
+    pub fn from_stored(s: &str) -> Option<BucketKind> {
+        match s {
+            "grant" => Some(BucketKind::Grant),
+            "offline" => Some(BucketKind::Offline),
+            _ => BucketKind::parse(s),
         }
     }
 }
@@ -326,6 +344,19 @@ impl Ledger {
         v.into_iter()
             .map(|(_, id, free, p)| (id, free, p))
             .collect()
+    }
+
+    /// Tokens of `imsi` the buckets `usable` takes can give at `now`, not
+    /// held by open reservations.
+    pub fn available_from(
+        &self,
+        imsi: &Imsi,
+        now: Timestamp,
+        usable: &dyn Fn(&Bucket) -> bool,
+    ) -> u64 {
+        self.available(imsi, now, usable)
+            .iter()
+            .fold(0u64, |a, &(_, free, _)| a.saturating_add(free))
     }
 
     /// The balance of `imsi` at `now`.

@@ -3,6 +3,9 @@
 //! * [`charging`]: the core's charging function, sans-IO: packages sold
 //!   centrally, slices of their balance granted to boxes, usage records
 //!   settled once, overage counted.
+//! * [`grants`]: the box's side of the core's grants, sans-IO: which
+//!   downlink messages are new, which buckets a request may take from,
+//!   when to ask the core for more.
 //! * [`imsi`]: the subscriber identity, validated.
 //! * [`ledger`]: the quota ledger, sans-IO (time is an argument): buckets of
 //!   tokens with validity windows, reservations before generation, settlement
@@ -17,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod charging;
+pub mod grants;
 pub mod imsi;
 pub mod ledger;
 pub mod ratelimit;

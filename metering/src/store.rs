@@ -18,6 +18,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::grants::{GrantChange, GrantTerms, HeldGrant};
 use crate::ledger::{Bucket, BucketKind, Debit, Timestamp};
 use crate::Imsi;
 
@@ -119,6 +120,20 @@ CREATE TABLE IF NOT EXISTS record_ids (
     seq       INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS record_ids_by_seq ON record_ids(seq);
+CREATE TABLE IF NOT EXISTS core_grants (
+    grant_id          INTEGER PRIMARY KEY,
+    imsi              TEXT    NOT NULL,
+    model             TEXT,
+    tokens            INTEGER NOT NULL,
+    threshold         INTEGER NOT NULL,
+    offline_allowance INTEGER NOT NULL,
+    final_unit_models TEXT    NOT NULL,
+    valid_for_s       INTEGER NOT NULL,
+    bucket_id         INTEGER NOT NULL,
+    offline_bucket_id INTEGER,
+    expires_at        INTEGER NOT NULL,
+    revoked           INTEGER NOT NULL DEFAULT 0
+);
 ";
 
 /// Recent-usage rows kept per subscriber.
@@ -145,7 +160,7 @@ fn to_bucket((id, imsi, kind, v): (u64, String, String, [i64; 6])) -> Result<Buc
     Ok(Bucket {
         id,
         imsi: Imsi::parse(&imsi).map_err(|e| corrupt(format!("imsi {imsi:?}: {e}")))?,
-        kind: BucketKind::parse(&kind).ok_or_else(|| corrupt(format!("kind {kind:?}")))?,
+        kind: BucketKind::from_stored(&kind).ok_or_else(|| corrupt(format!("kind {kind:?}")))?,
         allowance: u64::try_from(v[0]).map_err(|_| corrupt("negative allowance".into()))?,
         valid_from: v[1],
         expires_at: v[2],
@@ -204,6 +219,191 @@ impl Store {
             used_period: 0,
             revoked: false,
         })
+    }
+
+    /// Every downlink message at or below this is applied.
+    pub fn downlink_applied(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'downlink_applied'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    /// Applies downlink message `seq`'s change in one transaction, durable
+    /// when this returns (the box acknowledges the message only then): a
+    /// grant's buckets and row, or a revocation; and the message's seq.
+    /// `now` is the agent's clock when it arrived. Returns the grant made,
+    /// if any. A message applied before (its seq at or below the applied
+    /// one) changes nothing.
+    pub fn apply_downlink(
+        &mut self,
+        seq: u64,
+        change: &GrantChange,
+        now: Timestamp,
+    ) -> Result<Option<HeldGrant>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let applied: i64 = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'downlink_applied'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let seq_sql = i64::try_from(seq).unwrap_or(i64::MAX);
+        if seq_sql <= applied {
+            return Ok(None);
+        }
+        let mut made = None;
+        match change {
+            GrantChange::Grant { terms, expires_at } => {
+                let known: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM core_grants WHERE grant_id = ?1",
+                    [terms.grant_id as i64],
+                    |r| r.get(0),
+                )?;
+                if known == 0 {
+                    let bucket = |kind: BucketKind, allowance: u64| {
+                        tx.execute(
+                            "INSERT INTO buckets (imsi, kind, allowance, valid_from, expires_at, granted_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?4)",
+                            params![
+                                terms.imsi.as_str(),
+                                kind.as_str(),
+                                i64::try_from(allowance).unwrap_or(i64::MAX),
+                                now.min(*expires_at),
+                                expires_at
+                            ],
+                        )?;
+                        Ok::<_, rusqlite::Error>(tx.last_insert_rowid() as u64)
+                    };
+                    let bucket_id = bucket(BucketKind::Grant, terms.tokens)?;
+                    let offline_bucket_id = if terms.offline_allowance > 0 {
+                        Some(bucket(BucketKind::Offline, terms.offline_allowance)?)
+                    } else {
+                        None
+                    };
+                    tx.execute(
+                        "INSERT INTO core_grants (grant_id, imsi, model, tokens, threshold,
+                             offline_allowance, final_unit_models, valid_for_s, bucket_id,
+                             offline_bucket_id, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                        params![
+                            terms.grant_id as i64,
+                            terms.imsi.as_str(),
+                            terms.model,
+                            i64::try_from(terms.tokens).unwrap_or(i64::MAX),
+                            i64::try_from(terms.threshold).unwrap_or(i64::MAX),
+                            i64::try_from(terms.offline_allowance).unwrap_or(i64::MAX),
+                            serde_json::to_string(&terms.final_unit_models).unwrap_or_default(),
+                            terms.valid_for_s,
+                            bucket_id as i64,
+                            offline_bucket_id.map(|b| b as i64),
+                            expires_at
+                        ],
+                    )?;
+                    made = Some(HeldGrant {
+                        terms: terms.clone(),
+                        bucket_id,
+                        offline_bucket_id,
+                        expires_at: *expires_at,
+                        revoked: false,
+                    });
+                }
+            }
+            GrantChange::Revoke { grant_id } => {
+                tx.execute(
+                    "UPDATE buckets SET revoked = 1 WHERE id IN (
+                         SELECT bucket_id FROM core_grants WHERE grant_id = ?1
+                         UNION SELECT offline_bucket_id FROM core_grants WHERE grant_id = ?1)",
+                    [*grant_id as i64],
+                )?;
+                tx.execute(
+                    "UPDATE core_grants SET revoked = 1 WHERE grant_id = ?1",
+                    [*grant_id as i64],
+                )?;
+            }
+            GrantChange::Nothing => {}
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('downlink_applied', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [seq_sql],
+        )?;
+        tx.commit()?;
+        Ok(made)
+    }
+
+    /// The core's grants this box holds (revoked and expired ones too).
+    pub fn grants(&self) -> Result<Vec<HeldGrant>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT grant_id, imsi, model, tokens, threshold, offline_allowance,
+                    final_unit_models, valid_for_s, bucket_id, offline_bucket_id,
+                    expires_at, revoked
+             FROM core_grants ORDER BY grant_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                [
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ],
+                r.get::<_, String>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)? as u64,
+                r.get::<_, Option<i64>>(9)?.map(|b| b as u64),
+                r.get::<_, i64>(10)?,
+                r.get::<_, i64>(11)? != 0,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (
+                grant_id,
+                imsi,
+                model,
+                n,
+                fum,
+                valid_for_s,
+                bucket_id,
+                offline,
+                expires_at,
+                revoked,
+            ) = row?;
+            let corrupt = |reason: String| StoreError::Corrupt {
+                id: bucket_id,
+                reason: format!("grant {grant_id}: {reason}"),
+            };
+            let count =
+                |v: i64| u64::try_from(v).map_err(|_| corrupt(format!("negative count {v}")));
+            out.push(HeldGrant {
+                terms: GrantTerms {
+                    grant_id,
+                    imsi: Imsi::parse(&imsi).map_err(|e| corrupt(format!("imsi {imsi:?}: {e}")))?,
+                    model,
+                    tokens: count(n[0])?,
+                    threshold: count(n[1])?,
+                    offline_allowance: count(n[2])?,
+                    final_unit_models: serde_json::from_str(&fum)
+                        .map_err(|e| corrupt(format!("final-unit models: {e}")))?,
+                    valid_for_s,
+                },
+                bucket_id,
+                offline_bucket_id: offline,
+                expires_at,
+                revoked,
+            });
+        }
+        Ok(out)
     }
 
     /// Revokes a bucket; false when there is none with this id.
@@ -449,6 +649,52 @@ mod tests {
         assert_eq!(l.balance(&imsi(), 10).remaining_tokens, 84);
         let recent = s.recent_usage(&imsi(), 2).unwrap();
         assert_eq!(recent.iter().map(|u| u.seq).collect::<Vec<_>>(), vec![4, 2]);
+    }
+
+    #[test]
+    fn a_downlink_grant_and_its_revocation_are_applied_once_and_survive_reopening() {
+        use crate::grants::{GrantChange, GrantTerms};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let mut s = Store::open(&path).unwrap();
+        let terms = GrantTerms {
+            grant_id: 42,
+            imsi: imsi(),
+            model: Some("m".into()),
+            tokens: 1000,
+            threshold: 200,
+            offline_allowance: 50,
+            final_unit_models: vec!["free".into()],
+            valid_for_s: 3600,
+        };
+        let grant = GrantChange::Grant {
+            terms: terms.clone(),
+            expires_at: 5000,
+        };
+        let held = s.apply_downlink(1, &grant, 1400).unwrap().unwrap();
+        assert_eq!(held.expires_at, 5000);
+        assert!(held.offline_bucket_id.is_some());
+        // The same message again, or an older one: nothing.
+        assert_eq!(s.apply_downlink(1, &grant, 1400).unwrap(), None);
+        assert_eq!(s.buckets().unwrap().len(), 2);
+        let revoke = GrantChange::Revoke { grant_id: 42 };
+        assert_eq!(s.apply_downlink(2, &revoke, 1500).unwrap(), None);
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.downlink_applied().unwrap(), 2);
+        let grants = s.grants().unwrap();
+        assert_eq!(grants.len(), 1);
+        assert!(grants[0].revoked);
+        assert_eq!(grants[0].terms, terms);
+        let buckets = s.buckets().unwrap();
+        assert!(buckets.iter().all(|b| b.revoked && b.valid_from == 1400));
+        assert_eq!(
+            buckets
+                .iter()
+                .map(|b| (b.kind, b.allowance))
+                .collect::<Vec<_>>(),
+            vec![(BucketKind::Grant, 1000), (BucketKind::Offline, 50)]
+        );
     }
 
     #[test]

@@ -148,6 +148,13 @@ pub trait ChargingStore: Send + Sync {
     /// are dropped from its outbox (at most up to the last one made).
     fn downlink_applied(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError>;
 
+    /// Every record of `node_id` at or below this seq is settled.
+    fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError>;
+
+    /// Records that every record of `node_id` at or below `seq` is settled
+    /// (never moves back).
+    fn set_settled_through(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError>;
+
     /// The seq of the last downlink message made for `node_id` (0: none).
     fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError>;
 
@@ -353,4 +360,79 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
 /// A value as a JSON column.
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Records settled per round of [`settle_uploaded`].
+const SETTLE_CHUNK: usize = 512;
+
+/// The usage a stored record settles: its billed tokens, the grants its
+/// debits name (tokens summed per grant), its model. `None` for a record
+/// that bills nothing or does not decode (the core stored it checked, so
+/// that is a bug, logged).
+pub fn usage_of(node_id: &str, seq: u64, signed: &[u8]) -> Option<Usage> {
+    let record = match crate::record::SignedRecord::from_bytes(signed).and_then(|s| s.record()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(node = %node_id, seq, error = %e, "a stored record does not decode; not settled");
+            return None;
+        }
+    };
+    if record.billed_tokens == 0 {
+        return None;
+    }
+    let imsi = match Imsi::parse(&record.imsi) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(node = %node_id, seq, error = %e, "a stored record's IMSI does not parse; not settled");
+            return None;
+        }
+    };
+    let mut grants: Vec<(u64, u64)> = Vec::new();
+    for d in record.debits.iter().filter(|d| d.grant_id != 0) {
+        match grants.iter_mut().find(|(g, _)| *g == d.grant_id) {
+            Some((_, t)) => *t = t.saturating_add(d.tokens),
+            None => grants.push((d.grant_id, d.tokens)),
+        }
+    }
+    Some(Usage {
+        node_id: node_id.to_string(),
+        seq,
+        imsi,
+        grants,
+        model: Some(record.model_id).filter(|m| !m.is_empty()),
+        tokens: record.billed_tokens,
+    })
+}
+
+/// Settles `node_id`'s stored records after its settlement cursor against
+/// the subscribers' packages, in seq order, and moves the cursor. Each
+/// (node, seq) is settled once whatever runs this (any instance, again
+/// after a crash between a settlement and the cursor's move). Returns the
+/// records settled now.
+pub fn settle_uploaded(
+    records: &dyn crate::ingest_store::IngestStore,
+    charging: &dyn ChargingStore,
+    node_id: &str,
+    now: Timestamp,
+) -> Result<u64, ChargingStoreError> {
+    let mut settled = 0;
+    loop {
+        let from = charging.settled_through(node_id)?;
+        let stored = records.records_after(node_id, from, SETTLE_CHUNK)?;
+        let Some(last) = stored.last().map(|r| r.seq) else {
+            return Ok(settled);
+        };
+        let usage: Vec<Usage> = stored
+            .iter()
+            .filter_map(|r| usage_of(node_id, r.seq, &r.signed))
+            .collect();
+        let answers = charging.settle(&usage, now)?;
+        settled += answers.iter().filter(|a| a.is_some()).count() as u64;
+        for (u, a) in usage.iter().zip(&answers) {
+            if let Some(s) = a.as_ref().filter(|s| s.overage > 0) {
+                tracing::warn!(node = %node_id, seq = u.seq, imsi = %u.imsi, overage = s.overage, "served beyond the subscriber's balance (overage)");
+            }
+        }
+        charging.set_settled_through(node_id, last)?;
+    }
 }

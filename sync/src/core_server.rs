@@ -97,14 +97,19 @@ pub async fn serve_counted(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
+    // With packages sold here, uploaded records settle against them.
+    let settle = downlink
+        .as_ref()
+        .map(|d| SettleQueue::start(store.clone(), d.store.clone()));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let (store, stats, downlink) = (store.clone(), stats.clone(), downlink.clone());
+                let settle = settle.clone();
                 tokio::spawn(async move {
                     stats.connections.fetch_add(1, Relaxed);
-                    if let Err(e) = connection(incoming, store, downlink, stats.clone()).await {
+                    if let Err(e) = connection(incoming, store, downlink, settle, stats.clone()).await {
                         tracing::warn!(error = %e, "connection ended");
                     }
                     stats.connections.fetch_sub(1, Relaxed);
@@ -117,10 +122,50 @@ pub async fn serve_counted(
     endpoint.wait_idle().await;
 }
 
+/// Settles uploaded records against the packages
+/// ([`crate::charging_store::settle_uploaded`]) on a task of its own, off
+/// the acknowledgement's path: a node is queued when it says hello
+/// (records a crash left unsettled) and after each batch committed.
+#[derive(Clone)]
+struct SettleQueue(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl SettleQueue {
+    fn start(records: SharedStore, charging: Arc<dyn ChargingStore>) -> SettleQueue {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut nodes = std::collections::BTreeSet::from([first]);
+                while let Ok(n) = rx.try_recv() {
+                    nodes.insert(n);
+                }
+                for node in nodes {
+                    let (records, charging) = (records.clone(), charging.clone());
+                    let done = tokio::task::spawn_blocking(move || {
+                        let now = now_ms() / 1000;
+                        crate::charging_store::settle_uploaded(&*records, &*charging, &node, now)
+                            .map_err(|e| (node, e))
+                    })
+                    .await;
+                    if let Ok(Err((node, e))) = done {
+                        // Settled at the node's next batch or hello.
+                        tracing::error!(node = %node, error = %e, "uploaded records not settled yet");
+                    }
+                }
+            }
+        });
+        SettleQueue(tx)
+    }
+
+    fn queue(&self, node_id: &str) {
+        let _ = self.0.send(node_id.to_string());
+    }
+}
+
 async fn connection(
     incoming: quinn::Incoming,
     store: SharedStore,
     downlink: Option<Arc<DownlinkService>>,
+    settle: Option<SettleQueue>,
     stats: Arc<CoreStats>,
 ) -> Result<(), String> {
     let remote = incoming.remote_address();
@@ -140,15 +185,17 @@ async fn connection(
             Err(e) => return Err(format!("{node_id}: {e}")),
         };
         let (store, node_id, stats) = (store.clone(), node_id.clone(), stats.clone());
-        let downlink = downlink.clone();
+        let (downlink, settle) = (downlink.clone(), settle.clone());
         tokio::spawn(async move {
-            if let Err(e) = stream(&node_id, key, send, recv, store, downlink, stats).await {
+            if let Err(e) = stream(&node_id, key, send, recv, store, downlink, settle, stats).await
+            {
                 tracing::warn!(node = %node_id, error = %e, "stream ended");
             }
         });
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     node_id: &str,
     key: ed25519_dalek::VerifyingKey,
@@ -156,6 +203,7 @@ async fn stream(
     mut recv: quinn::RecvStream,
     store: SharedStore,
     downlink: Option<Arc<DownlinkService>>,
+    settle: Option<SettleQueue>,
     stats: Arc<CoreStats>,
 ) -> Result<(), String> {
     let mut dec = FrameDecoder::new();
@@ -174,6 +222,9 @@ async fn stream(
             return downlink_stream(node_id, hello, send, recv, dec, service).await;
         }
         other => return Err(format!("expected Hello, got {other:?}")),
+    }
+    if let Some(s) = &settle {
+        s.queue(node_id);
     }
     // The hash of the stored record at the position (not a fork's): the
     // edge releases its log to here only when its own record matches.
@@ -212,6 +263,7 @@ async fn stream(
         send,
         checks_rx,
         store,
+        settle,
         stats,
     ));
     let read_result = async {
@@ -432,13 +484,15 @@ async fn commit_in_order(
     mut send: quinn::SendStream,
     mut checks: tokio::sync::mpsc::Receiver<PendingCheck>,
     store: SharedStore,
+    settle: Option<SettleQueue>,
     stats: Arc<CoreStats>,
 ) -> Result<(), String> {
     use std::sync::atomic::Ordering::Relaxed;
     while let Some((batch_id, check)) = checks.recv().await {
         let checked = check.await.map_err(|e| e.to_string())?;
-        let (node, store, stats) = (node.clone(), store.clone(), stats.clone());
+        let (node_id, store, stats) = (node.clone(), store.clone(), stats.clone());
         let ack = tokio::task::spawn_blocking(move || -> Result<Ack, String> {
+            let node = node_id;
             // Placed against the cursor and committed in one transaction,
             // the cursor locked: no other instance moves it in between.
             let v = store.ingest(&node, checked, now_ms()).map_err(|e| {
@@ -476,6 +530,9 @@ async fn commit_in_order(
         send.write_all(&encode_frame(&frame))
             .await
             .map_err(|e| e.to_string())?;
+        if let Some(s) = &settle {
+            s.queue(&node);
+        }
     }
     let _ = send.finish();
     Ok(())
@@ -538,6 +595,14 @@ fn launch(
 impl LoopbackCore {
     /// Starts one with its store at `store_path` (inside a tokio runtime).
     pub fn start(store_path: &std::path::Path) -> Result<LoopbackCore, String> {
+        LoopbackCore::start_with_policy(store_path, GrantPolicy::default())
+    }
+
+    /// [`LoopbackCore::start`], cutting grants by `policy`.
+    pub fn start_with_policy(
+        store_path: &std::path::Path,
+        policy: GrantPolicy,
+    ) -> Result<LoopbackCore, String> {
         let ca = crate::pki::generate_ca("loopback operator CA").map_err(|e| e.to_string())?;
         let store = Arc::new(
             crate::ingest_store::SqliteStore::open(store_path).map_err(|e| e.to_string())?,
@@ -547,7 +612,7 @@ impl LoopbackCore {
         // the downlink, with the default grant policy.
         let downlink = Arc::new(DownlinkService {
             store: store.clone(),
-            policy: GrantPolicy::default(),
+            policy,
         });
         let (addr, stop, task) = launch(store.clone(), Some(downlink), &ca, stats.clone())?;
         Ok(LoopbackCore {

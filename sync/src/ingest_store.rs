@@ -404,7 +404,7 @@ pub(crate) fn debits_json(r: &crate::record::UsageRecord) -> String {
     let debits: Vec<serde_json::Value> = r
         .debits
         .iter()
-        .map(|d| serde_json::json!({"package_id": d.package_id, "tokens": d.tokens, "period": d.period}))
+        .map(|d| serde_json::json!({"package_id": d.package_id, "tokens": d.tokens, "period": d.period, "grant_id": d.grant_id}))
         .collect();
     serde_json::Value::Array(debits).to_string()
 }

@@ -19,6 +19,7 @@ pub mod charging_store;
 pub mod core_ingest;
 pub mod core_packages;
 pub mod core_server;
+pub mod downlink;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod ingest;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::core_server::{read_frame, stopped};
+use crate::downlink::{DownlinkSink, GrantAsker};
 use crate::log::UsageLog;
 use crate::quic::{client_endpoint, TransportOptions};
 use crate::upload::EdgePosition;
@@ -38,6 +39,24 @@ pub struct UploaderConfig {
     /// The log is never acknowledged past this (the agent's ledger store
     /// must have applied a record before the log may release it).
     pub ack_limit: Option<AckLimit>,
+    /// The downlink (grants from the core), served on each connection when
+    /// set: where its messages are applied, and who asks.
+    pub downlink: Option<Downlink>,
+}
+
+/// The box's end of the downlink, for the uploader to serve.
+#[derive(Clone)]
+pub struct Downlink {
+    /// Applies what the core sends, durably.
+    pub sink: Arc<dyn DownlinkSink>,
+    /// Questions to the core, and their answers.
+    pub asker: GrantAsker,
+}
+
+impl std::fmt::Debug for Downlink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Downlink").finish_non_exhaustive()
+    }
 }
 
 /// A bound on the log's acknowledged position, read at each acknowledgement.
@@ -174,13 +193,26 @@ async fn session(
         .await
         .map_err(|e| format!("connecting to {}: {e}", config.core))?;
     backoff.reset();
-    exchange(&conn, log, config, window, status, shutdown)
-        .await
-        .map_err(|e| match conn.close_reason() {
-            // Stream errors say only "connection lost": name why.
-            Some(reason) => format!("{e}: {reason}"),
-            None => e,
+    // The downlink runs beside the upload, on the same connection, and
+    // ends with it.
+    let downlink = config.downlink.clone().map(|d| {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            match crate::downlink::run(conn, d.sink, d.asker).await {
+                Ok(()) => tracing::info!("the core ended the downlink (an older core serves none)"),
+                Err(e) => tracing::warn!(error = %e, "downlink ended"),
+            }
         })
+    });
+    let result = exchange(&conn, log, config, window, status, shutdown).await;
+    if let Some(d) = downlink {
+        d.abort();
+    }
+    result.map_err(|e| match conn.close_reason() {
+        // Stream errors say only "connection lost": name why.
+        Some(reason) => format!("{e}: {reason}"),
+        None => e,
+    })
 }
 
 /// One connection's upload: hello, then batches and acks until an error or

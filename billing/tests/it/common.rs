@@ -77,6 +77,7 @@ pub fn open_box(dir: &Path, budget: u64, tokens: u64) -> Box_ {
             enabled: true,
             limits: RateLimits::default(),
             welcome: Vec::new(),
+            core: None,
         },
         log.clone(),
         store,

@@ -4,5 +4,6 @@
 
 mod common;
 
+mod core_grants;
 mod defects;
 mod model;

@@ -204,7 +204,7 @@ enum Event {
 
 /// Reserves, submits, and spawns the task that runs the generation to its
 /// settlement. Returns the event stream of the answer.
-fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event>, ApiError> {
+async fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event>, ApiError> {
     if state.draining.load(Ordering::Relaxed) {
         return Err(ApiError::unavailable(
             "shutting_down",
@@ -212,14 +212,18 @@ fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event
         ));
     }
     let metering_started = Instant::now();
-    // Rate limits, room in the log, the reservation, a stream's slot. The
+    // Rate limits, room in the log, the reservation (with a core: from its
+    // grants, asked for when none covers it), a stream's slot. The
     // admission holds the reservation until it settles or is dropped.
-    let admission = state.billing.admit(Admit {
-        info: &p.info,
-        prompt_tokens: p.prompt.len() as u64,
-        max_completion: p.max_completion,
-        stream: p.stream,
-    })?;
+    let admission = state
+        .billing
+        .admit_or_ask(Admit {
+            info: &p.info,
+            prompt_tokens: p.prompt.len() as u64,
+            max_completion: p.max_completion,
+            stream: p.stream,
+        })
+        .await?;
     let reserve_time = metering_started.elapsed();
     // The reservation caps what may be generated.
     let cap = admission.completion_cap();
@@ -543,7 +547,7 @@ pub async fn chat_completions(
             .apply_chat_template(&messages)
             .map_err(|e| ApiError::invalid("invalid_messages", e))?;
         let mut p = prepare(&state, &req.model, &req.sampling, text, imsi, app)?;
-        let rx = start(&state, &mut p)?;
+        let rx = start(&state, &mut p).await?;
         Ok::<_, ApiError>((p, rx))
     };
     match run.await {
@@ -570,7 +574,7 @@ pub async fn completions(
         check_model(&state, app, &req.model)?;
         let text = req.prompt_text()?.to_string();
         let mut p = prepare(&state, &req.model, &req.sampling, text, imsi, app)?;
-        let rx = start(&state, &mut p)?;
+        let rx = start(&state, &mut p).await?;
         Ok::<_, ApiError>((p, rx))
     };
     match run.await {

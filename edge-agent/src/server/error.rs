@@ -180,6 +180,15 @@ impl From<mec_billing::BillingError> for ApiError {
                 ApiError::rate_limited(message, retry_after_s.ceil() as u64)
             }
             B::InsufficientQuota { .. } => ApiError::insufficient_quota(message),
+            B::GrantRefused { code, .. } if code == "invalid_request" => {
+                ApiError::invalid("invalid_request", message)
+            }
+            B::GrantRefused { .. } => ApiError::insufficient_quota(message),
+            B::NoGrant(_) => ApiError::unavailable("quota_unavailable", message),
+            B::CoreManaged(_) => ApiError {
+                status: StatusCode::CONFLICT,
+                ..ApiError::invalid("packages_at_the_core", message)
+            },
             B::LogUnavailable(_) => ApiError::unavailable("usage_log_unavailable", message),
             B::TallyUnavailable(_) | B::NotRecorded(_) | B::Unfunded { .. } => {
                 ApiError::unavailable("usage_not_recorded", message)

@@ -36,6 +36,13 @@ pub struct GpuLabels {
     pub name: String,
 }
 
+/// What happened to the box's questions to the core and its grants.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrantEventLabels {
+    /// asked, granted, refused or revoked.
+    pub event: String,
+}
+
 /// Where the model runs: `cpu` or `cuda`, and the GPU index ("" on the CPU).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabels {
@@ -71,6 +78,11 @@ pub struct Metrics {
     sync_acked_seq: Gauge,
     sync_last_ack_age: Gauge,
     sync_lag: Gauge,
+    grants_held: Gauge,
+    grant_tokens_left: Gauge,
+    grant_events: Family<GrantEventLabels, Counter>,
+    downlink_connected: Gauge,
+    downlink_last_message_age: Gauge,
     device: Family<DeviceLabels, Gauge>,
     gpu_memory_used: Family<GpuLabels, Gauge>,
     gpu_memory_total: Family<GpuLabels, Gauge>,
@@ -197,6 +209,32 @@ impl Metrics {
             "sync_lag_seconds",
             "Seconds since the oldest record core-ingest does not hold ended (0: it holds all)",
         );
+        let grants_held = gauge(
+            &mut registry,
+            "grants_held",
+            "The core's grants held at this box (not revoked, not expired)",
+        );
+        let grant_tokens_left = gauge(
+            &mut registry,
+            "grant_tokens_left",
+            "Tokens left in the grants held",
+        );
+        let grant_events = Family::<GrantEventLabels, Counter>::default();
+        registry.register(
+            "grant_events",
+            "Questions to the core for quota (asked) and their outcomes (granted, refused), and revocations received",
+            grant_events.clone(),
+        );
+        let downlink_connected = gauge(
+            &mut registry,
+            "downlink_connected",
+            "1 while the downlink from the core (grants, revocations) is up",
+        );
+        let downlink_last_message_age = gauge(
+            &mut registry,
+            "downlink_last_message_age_seconds",
+            "Seconds since the last message on the downlink (-1: none yet)",
+        );
         let device = Family::<DeviceLabels, Gauge>::default();
         registry.register(
             "inference_device",
@@ -239,6 +277,11 @@ impl Metrics {
             sync_acked_seq,
             sync_last_ack_age,
             sync_lag,
+            grants_held,
+            grant_tokens_left,
+            grant_events,
+            downlink_connected,
+            downlink_last_message_age,
             device,
             gpu_memory_used,
             gpu_memory_total,
@@ -291,6 +334,28 @@ impl Metrics {
             self.sync_last_ack_age
                 .set(sync.last_ack_age_s.unwrap_or(-1));
             self.sync_lag.set(sync.lag_s);
+            let g = &sync.grants;
+            self.grants_held.set(g.held as i64);
+            self.grant_tokens_left
+                .set(i64::try_from(g.tokens_left).unwrap_or(i64::MAX));
+            let c = g.counters;
+            for (event, n) in [
+                ("asked", c.asked),
+                ("granted", c.granted),
+                ("refused", c.refused),
+                ("revoked", c.revoked),
+            ] {
+                // Billing counts; the counters catch up at each scrape.
+                let counter = self.grant_events.get_or_create(&GrantEventLabels {
+                    event: event.into(),
+                });
+                counter.inc_by(n.saturating_sub(counter.get()));
+            }
+            if let Some(d) = &g.downlink {
+                self.downlink_connected.set(i64::from(d.connected));
+                self.downlink_last_message_age
+                    .set(d.last_message_age_s.map_or(-1, |a| a as i64));
+            }
         }
         if let Some(device) = &snap.device {
             let (kind, gpu) = match device {

@@ -158,6 +158,8 @@ pub struct SyncView {
     /// Why the core's position and this box's log disagree (a fork, a core
     /// restored from a backup, a box restored from a snapshot), while they do.
     pub alarm: Option<String>,
+    /// The core's grants held here and the downlink that brings them.
+    pub grants: mec_billing::GrantsView,
 }
 
 impl AppState {
@@ -190,6 +192,7 @@ impl AppState {
             last_error: status.last_error,
             last_disconnect: status.last_disconnect,
             alarm: status.alarm,
+            grants: self.billing.grants_view(),
         })
     }
 }
@@ -299,6 +302,11 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     }
     let (tally, left_in_flight) = Tally::open(&config.tally_path())?;
     let applied = AppliedWatermark::default();
+    // With a core, packages are sold there and served from its grants.
+    let grant_asker = config
+        .core
+        .as_ref()
+        .map(|_| mec_sync::downlink::GrantAsker::new());
     let limits = &config.limits;
     let billing = Billing::start(
         BillingConfig {
@@ -310,6 +318,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
                 app_tokens_per_minute: limits.app_tokens_per_minute,
             },
             welcome: welcome_packages(&config),
+            core: grant_asker.clone(),
         },
         log.clone(),
         store,
@@ -431,7 +440,13 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     let uploader = state.config.core.clone().map(|core| {
         let (state, rx) = (state.clone(), stop_rx.clone());
         let applied = applied.clone();
-        tokio::spawn(async move { upload(state, core, applied, rx).await })
+        let downlink = grant_asker
+            .clone()
+            .map(|asker| mec_sync::uploader::Downlink {
+                sink: state.billing.downlink_sink(),
+                asker,
+            });
+        tokio::spawn(async move { upload(state, core, applied, downlink, rx).await })
     });
 
     // The handlers are in place before anyone hears the agent is ready: a
@@ -489,6 +504,7 @@ async fn upload(
     state: Arc<AppState>,
     core: crate::config::CoreConfig,
     applied: AppliedWatermark,
+    downlink: Option<mec_sync::uploader::Downlink>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let c = &state.config;
@@ -530,6 +546,7 @@ async fn upload(
         ack_limit: Some(mec_sync::uploader::AckLimit(Arc::new(move || {
             applied.get()
         }))),
+        downlink,
     };
     tracing::info!(core = %core.address, "uploading usage records");
     mec_sync::uploader::run(state.log.clone(), config, state.sync.clone(), stop).await;

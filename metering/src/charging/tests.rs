@@ -40,7 +40,7 @@ fn usage(node: &str, seq: u64, who: &Imsi, grant: Option<u64>, tokens: u64) -> U
         node_id: node.into(),
         seq,
         imsi: who.clone(),
-        grant_id: grant,
+        grants: grant.map(|g| vec![(g, tokens)]).unwrap_or_default(),
         model: None,
         tokens,
     }

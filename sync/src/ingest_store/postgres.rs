@@ -57,7 +57,12 @@ use crate::record::GENESIS_HASH;
 
 /// The migrations, in order: `MIGRATIONS[i]` brings the schema to version
 /// `i + 1`. Append only; never edit one that has shipped.
-pub const MIGRATIONS: [&str; 3] = [SCHEMA_V1, charging::SCHEMA_V2, SCHEMA_V3];
+pub const MIGRATIONS: [&str; 4] = [
+    SCHEMA_V1,
+    charging::SCHEMA_V2,
+    SCHEMA_V3,
+    charging::SCHEMA_V4,
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;

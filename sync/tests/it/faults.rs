@@ -198,6 +198,7 @@ impl Edge {
                 },
                 poll: Duration::from_millis(20),
                 ack_limit: None,
+                downlink: None,
             },
             status.clone(),
             rx,
@@ -362,6 +363,7 @@ async fn records_signed_by_another_nodes_key_are_quarantined_not_stored() {
         transport: TransportOptions::default(),
         poll: Duration::from_millis(20),
         ack_limit: None,
+        downlink: None,
     };
     let uploader = tokio::spawn(mec_sync::uploader::run(log.clone(), config, status, rx));
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -91,6 +91,7 @@ fn uploader_config(
         transport: TransportOptions::default(),
         poll: Duration::from_millis(20),
         ack_limit: None,
+        downlink: None,
     }
 }
 

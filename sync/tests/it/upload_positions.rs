@@ -79,6 +79,7 @@ async fn upload_until(log: &Arc<UsageLog>, core: &LoopbackCore, seq: u64) -> boo
         transport: TransportOptions::default(),
         poll: Duration::from_millis(20),
         ack_limit: None,
+        downlink: None,
     };
     let status = Arc::new(Mutex::new(UploaderStatus::default()));
     let (stop, rx) = tokio::sync::watch::channel(false);

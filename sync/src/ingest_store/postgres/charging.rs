@@ -90,6 +90,15 @@ CREATE TABLE charging_settlements (
 );
 ";
 
+/// Schema version 4: where each node's records are settled up to (the
+/// settlement of uploaded records against the packages).
+pub(super) const SCHEMA_V4: &str = "
+CREATE TABLE charging_settled_through (
+    node_id TEXT   PRIMARY KEY,
+    seq     BIGINT NOT NULL
+);
+";
+
 fn imsi_of(text: &str) -> Result<Imsi, IngestStoreError> {
     Imsi::parse(text).map_err(|e| {
         IngestStoreError::Location("charging".into(), format!("stored IMSI {text:?}: {e}"))
@@ -300,7 +309,7 @@ impl PgStore {
                     &u.node_id,
                     &(u.seq as i64),
                     &imsi.as_str(),
-                    &u.grant_id.map(|g| g as i64),
+                    &u.grants.first().map(|g| g.0 as i64),
                     &(u.tokens as i64),
                     &(s.from_grant as i64),
                     &(s.from_balance as i64),
@@ -452,6 +461,24 @@ impl ChargingStore for PgStore {
                  UPDATE downlink_nodes SET applied = GREATEST(applied, LEAST($2, last_seq))
                  WHERE node_id = $1 RETURNING applied)
              DELETE FROM downlink_outbox WHERE node_id = $1 AND seq <= (SELECT applied FROM done)",
+            &[&node_id, &seq_i64(seq)?],
+        )?;
+        Ok(())
+    }
+
+    fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError> {
+        let rows = self.rows(
+            "SELECT seq FROM charging_settled_through WHERE node_id = $1",
+            &[&node_id],
+        )?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    fn set_settled_through(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError> {
+        self.rows(
+            "INSERT INTO charging_settled_through (node_id, seq) VALUES ($1, $2)
+             ON CONFLICT (node_id) DO UPDATE
+             SET seq = GREATEST(charging_settled_through.seq, excluded.seq)",
             &[&node_id, &seq_i64(seq)?],
         )?;
         Ok(())

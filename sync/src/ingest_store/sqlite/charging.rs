@@ -75,6 +75,10 @@ CREATE TABLE IF NOT EXISTS downlink_outbox (
     made_at INTEGER NOT NULL,
     PRIMARY KEY (node_id, seq)
 );
+CREATE TABLE IF NOT EXISTS charging_settled_through (
+    node_id TEXT    PRIMARY KEY,
+    seq     INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS charging_settlements (
     node_id      TEXT    NOT NULL,
     seq          INTEGER NOT NULL,
@@ -310,7 +314,7 @@ fn save(
             u.node_id,
             u.seq as i64,
             imsi.as_str(),
-            u.grant_id.map(|g| g as i64),
+            u.grants.first().map(|g| g.0 as i64),
             u.tokens as i64,
             s.from_grant as i64,
             s.from_balance as i64,
@@ -435,6 +439,27 @@ impl ChargingStore for SqliteStore {
             [node_id],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError> {
+        let seq: Option<i64> = self
+            .connection()
+            .query_row(
+                "SELECT seq FROM charging_settled_through WHERE node_id = ?1",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    fn set_settled_through(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError> {
+        self.connection().execute(
+            "INSERT INTO charging_settled_through (node_id, seq) VALUES (?1, ?2)
+             ON CONFLICT(node_id) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+            params![node_id, seq_i64(seq)?],
+        )?;
         Ok(())
     }
 

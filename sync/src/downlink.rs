@@ -1,0 +1,326 @@
+//! The box's side of the downlink (`sync.proto`, version 3): a second
+//! stream of the upload's connection on which the core sends grants and
+//! revocations, and the box asks for grants.
+//!
+//! The box applies each message durably before it acknowledges it (a
+//! [`DownlinkSink`], the agent's ledger store), so a message acknowledged
+//! is never lost and one not acknowledged comes again; the sink applies a
+//! message twice as once (by its seq). Questions ([`GrantAsker::ask`]) go
+//! out on the stream while it is up and are answered by the grant itself
+//! (a Downlink message naming the question) or by a refusal.
+//!
+//! [`run`] serves one connection's downlink; the uploader starts it on each
+//! connection it makes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core_server::read_frame;
+use crate::wire::pb::{
+    self, core_frame, edge_frame, CoreFrame, DownlinkAck, DownlinkHello, EdgeFrame, GrantRequest,
+};
+use crate::wire::{encode_frame, FrameDecoder};
+
+/// Where the box keeps what the downlink brings (the agent's ledger).
+pub trait DownlinkSink: Send + Sync + 'static {
+    /// Every message at or below this is applied durably.
+    fn applied(&self) -> u64;
+    /// Applies `message` durably, once by its seq (one applied before is
+    /// not applied again); blocking. An error leaves it unacknowledged:
+    /// the core sends it again on the next connection.
+    fn apply(&self, message: &pb::Downlink) -> Result<(), String>;
+}
+
+/// How the core answered a question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantAnswer {
+    /// The grant arrived (and is applied): its id.
+    Granted(u64),
+    /// Refused: `sync.proto`'s code (insufficient_quota,
+    /// unknown_subscriber, invalid_request, unavailable) and why.
+    Refused {
+        /// The code.
+        code: String,
+        /// The core's words.
+        message: String,
+    },
+}
+
+/// Why a question got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AskError {
+    /// No downlink is up (no connection to the core, or a core that
+    /// serves none).
+    #[error("the core cannot be reached")]
+    NotConnected,
+    /// No answer in time (it may still come: a grant answering it later
+    /// is applied all the same).
+    #[error("the core did not answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// The downlink as the admin API and the metrics show it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DownlinkStatus {
+    /// A downlink stream is up.
+    pub connected: bool,
+    /// Every message at or below this is applied.
+    pub applied_seq: u64,
+    /// Seconds since the last message from the core on the downlink.
+    pub last_message_age_s: Option<u64>,
+    /// Why the last downlink ended, when one did.
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    next_request: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<GrantAnswer>>>,
+    /// Where questions go while a downlink is up.
+    outgoing: Mutex<Option<mpsc::UnboundedSender<GrantRequest>>>,
+    connected: std::sync::atomic::AtomicBool,
+    applied: AtomicU64,
+    last_message: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Asks the core for grants over whichever downlink is up. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct GrantAsker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for GrantAsker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantAsker")
+            .field("connected", &self.connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrantAsker {
+    /// Not connected until [`run`] serves a downlink with it.
+    pub fn new() -> GrantAsker {
+        GrantAsker::default()
+    }
+
+    /// A downlink is up: the core can be asked.
+    pub fn connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Acquire)
+    }
+
+    /// Asks for `tokens` (0: the core's usual slice) of `imsi`'s balance,
+    /// for `model`, and waits up to `timeout` for the answer.
+    pub async fn ask(
+        &self,
+        imsi: &str,
+        model: &str,
+        tokens: u64,
+        timeout: Duration,
+    ) -> Result<GrantAnswer, AskError> {
+        // Ids unique for the process's life; a grant answering an id the
+        // box no longer waits for is applied all the same.
+        let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        self.shared.waiting.lock().unwrap().insert(request_id, tx);
+        let sent = self
+            .shared
+            .outgoing
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|out| {
+                out.send(GrantRequest {
+                    request_id,
+                    imsi: imsi.to_string(),
+                    model: model.to_string(),
+                    tokens,
+                })
+                .is_ok()
+            });
+        if !sent {
+            self.shared.waiting.lock().unwrap().remove(&request_id);
+            return Err(AskError::NotConnected);
+        }
+        let answer = tokio::time::timeout(timeout, rx).await;
+        self.shared.waiting.lock().unwrap().remove(&request_id);
+        match answer {
+            Ok(Ok(a)) => Ok(a),
+            // The downlink ended under the question.
+            Ok(Err(_)) => Err(AskError::NotConnected),
+            Err(_) => Err(AskError::TimedOut(timeout)),
+        }
+    }
+
+    /// The downlink's state.
+    pub fn status(&self) -> DownlinkStatus {
+        DownlinkStatus {
+            connected: self.connected(),
+            applied_seq: self.shared.applied.load(Ordering::Acquire),
+            last_message_age_s: self
+                .shared
+                .last_message
+                .lock()
+                .unwrap()
+                .map(|t| t.elapsed().as_secs()),
+            last_error: self.shared.last_error.lock().unwrap().clone(),
+        }
+    }
+
+    fn answer(&self, request_id: u64, answer: GrantAnswer) {
+        if let Some(tx) = self.shared.waiting.lock().unwrap().remove(&request_id) {
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// The downlink ended: questions out get no answer from it.
+    fn disconnected(&self) {
+        self.shared.connected.store(false, Ordering::Release);
+        *self.shared.outgoing.lock().unwrap() = None;
+        // Dropping the senders ends each waiting question (NotConnected).
+        self.shared.waiting.lock().unwrap().clear();
+    }
+}
+
+/// Serves the downlink of `conn` until it ends: opens the stream with the
+/// sink's applied seq, applies and acknowledges what the core sends,
+/// sends the asker's questions and routes the answers. Returns why it
+/// ended (`Ok` when the core ended it cleanly, as an older core that
+/// serves no downlink does at once).
+pub async fn run(
+    conn: quinn::Connection,
+    sink: Arc<dyn DownlinkSink>,
+    asker: GrantAsker,
+) -> Result<(), String> {
+    // However it ends (an error, or the uploader aborting it with its
+    // connection), the questions out are told and no new one goes out.
+    let _down = DisconnectOnDrop(asker.clone());
+    let result = serve(&conn, &sink, &asker).await;
+    if let Err(e) = &result {
+        *asker.shared.last_error.lock().unwrap() = Some(e.clone());
+    }
+    result
+}
+
+struct DisconnectOnDrop(GrantAsker);
+
+impl Drop for DisconnectOnDrop {
+    fn drop(&mut self) {
+        self.0.disconnected();
+    }
+}
+
+async fn serve(
+    conn: &quinn::Connection,
+    sink: &Arc<dyn DownlinkSink>,
+    asker: &GrantAsker,
+) -> Result<(), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let applied = {
+        let sink = sink.clone();
+        tokio::task::spawn_blocking(move || sink.applied())
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    asker.shared.applied.store(applied, Ordering::Release);
+    let hello = EdgeFrame {
+        kind: Some(edge_frame::Kind::DownlinkHello(DownlinkHello { applied })),
+    };
+    send.write_all(&encode_frame(&hello))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<GrantRequest>();
+    *asker.shared.outgoing.lock().unwrap() = Some(out_tx);
+    asker.shared.connected.store(true, Ordering::Release);
+    tracing::info!(applied, "downlink open");
+    // Frames are read by a task of their own, so that sending a question
+    // never interrupts a read.
+    let (frames_tx, mut frames) = mpsc::channel::<Result<CoreFrame, String>>(16);
+    let reader = tokio::spawn(async move {
+        let mut dec = FrameDecoder::new();
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let frame = read_frame::<CoreFrame>(&mut recv, &mut dec, &mut buf).await;
+            let end = !matches!(frame, Ok(Some(_)));
+            if frames_tx
+                .send(frame.and_then(|f| f.ok_or_else(String::new)))
+                .await
+                .is_err()
+                || end
+            {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+    loop {
+        tokio::select! {
+            frame = frames.recv() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    // The core finished its side: a clean end.
+                    Some(Err(e)) if e.is_empty() => return Ok(()),
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                };
+                *asker.shared.last_message.lock().unwrap() = Some(Instant::now());
+                match frame.kind {
+                    Some(core_frame::Kind::Downlink(message)) => {
+                        let seq = message.seq;
+                        let answers = match &message.kind {
+                            Some(pb::downlink::Kind::Grant(g)) if g.request_id != 0 => {
+                                Some((g.request_id, g.grant_id))
+                            }
+                            _ => None,
+                        };
+                        let sink = sink.clone();
+                        tokio::task::spawn_blocking(move || sink.apply(&message))
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| format!("downlink message {seq} not applied: {e}"))?;
+                        asker.shared.applied.fetch_max(seq, Ordering::AcqRel);
+                        let ack = EdgeFrame {
+                            kind: Some(edge_frame::Kind::DownlinkAck(DownlinkAck { seq })),
+                        };
+                        send.write_all(&encode_frame(&ack))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if let Some((request_id, grant_id)) = answers {
+                            asker.answer(request_id, GrantAnswer::Granted(grant_id));
+                        }
+                    }
+                    Some(core_frame::Kind::GrantRefused(r)) => {
+                        asker.answer(r.request_id, GrantAnswer::Refused {
+                            code: r.code,
+                            message: r.message,
+                        });
+                    }
+                    // A kind of a later protocol version: not this box's.
+                    None => tracing::debug!("an unknown frame on the downlink, ignored"),
+                    Some(other) => return Err(format!("unexpected on the downlink: {other:?}")),
+                }
+            }
+            Some(question) = out_rx.recv() => {
+                let frame = EdgeFrame {
+                    kind: Some(edge_frame::Kind::GrantRequest(question)),
+                };
+                send.write_all(&encode_frame(&frame))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped (the downlink's reader ends with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
