@@ -269,6 +269,15 @@ async fn send_with_patience(http: &reqwest::Client, target: &ApiTarget, p: Plann
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            // No grant covers the request and the box cannot get one now
+            // (its link to the core is down): a client retries after the
+            // Retry-After it is given, within the same patience.
+            Ok(Outcome::Refused { status: 503, code })
+                if code == "quota_unavailable" && started.elapsed() < CONNECT_PATIENCE =>
+            {
+                unreachable += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             Ok(outcome) => {
                 return Done {
                     planned: p,

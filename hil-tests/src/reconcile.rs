@@ -17,8 +17,9 @@
 //!   same subscriber;
 //! - the core holds a dense, verified chain from the node, nothing
 //!   quarantined, no declared gap, as far as the edge's log goes;
-//! - the edge's remaining balance is the grants minus the bill, with nothing
-//!   reserved.
+//! - each subscriber's balance is the packages sold minus the bill (the
+//!   core's account, which the uploaded records settled), with nothing
+//!   reserved at the edge.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -56,10 +57,13 @@ pub use mec_sync::ingest_store::NodeAudit as AuditRow;
 /// A subscriber's balance on the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeBalance {
-    /// Tokens left.
+    /// Tokens left: the core's account (neither settled nor served beyond
+    /// the balance), whether a box holds them in a grant or not.
     pub remaining: u64,
-    /// Tokens reserved by requests in flight.
+    /// Tokens reserved at the edge by requests in flight.
     pub reserved: u64,
+    /// Tokens the core counted as served beyond the balance.
+    pub overage: u64,
 }
 
 /// Everything the checks look at.
@@ -328,11 +332,13 @@ pub fn reconcile(e: &Evidence) -> Reconciliation {
         }
         let expected = t.granted.saturating_sub(t.billed);
         match e.balances.get(imsi) {
-            None => problems.push(format!("no balance for {imsi} on the edge")),
-            Some(b) if b.remaining != expected || b.reserved != 0 => problems.push(format!(
-                "{imsi} has {} left ({} reserved) on the edge; granted {} − billed {} = {expected}",
-                b.remaining, b.reserved, t.granted, t.billed
-            )),
+            None => problems.push(format!("no balance for {imsi}")),
+            Some(b) if b.remaining != expected || b.reserved != 0 || b.overage != 0 => {
+                problems.push(format!(
+                    "{imsi} has {} left ({} reserved at the edge, {} of overage); sold {} − billed {} = {expected}",
+                    b.remaining, b.reserved, b.overage, t.granted, t.billed
+                ))
+            }
             Some(_) => {}
         }
     }
@@ -458,6 +464,7 @@ mod tests {
             EdgeBalance {
                 remaining,
                 reserved: 0,
+                overage: 0,
             },
         )]);
         reconcile(&Evidence {

@@ -96,6 +96,27 @@ impl Core {
         )
     }
 
+    /// `core-ingest package sell`: a top-up of `tokens`, valid 30 days,
+    /// sold under the operator's `id`.
+    pub fn sell(&self, id: &str, imsi: &str, tokens: u64) -> Value {
+        run_json_ok(
+            Command::new(bin("core-ingest"))
+                .args(["package", "sell", "--config"])
+                .arg(&self.config)
+                .args(["--id", id, "--imsi", imsi, "--tokens", &tokens.to_string()]),
+        )
+    }
+
+    /// `core-ingest package balance`: the subscriber's account at the core.
+    pub fn balance(&self, imsi: &str) -> Value {
+        run_json_ok(
+            Command::new(bin("core-ingest"))
+                .args(["package", "balance", "--config"])
+                .arg(&self.config)
+                .args(["--imsi", imsi]),
+        )
+    }
+
     /// The tail of its log.
     pub fn log_tail(&self) -> String {
         crate::procs::log_tail(&self.dir.join("serve.log"), 30)
@@ -224,6 +245,27 @@ impl LocalAgent {
         if let Some(p) = self.proc.take() {
             p.terminate(Duration::from_secs(60));
         }
+    }
+
+    /// `core-ingest package sell`: a top-up of `tokens`, valid 30 days,
+    /// sold under the operator's `id`.
+    pub fn sell(&self, id: &str, imsi: &str, tokens: u64) -> Value {
+        run_json_ok(
+            Command::new(bin("core-ingest"))
+                .args(["package", "sell", "--config"])
+                .arg(&self.config)
+                .args(["--id", id, "--imsi", imsi, "--tokens", &tokens.to_string()]),
+        )
+    }
+
+    /// `core-ingest package balance`: the subscriber's account at the core.
+    pub fn balance(&self, imsi: &str) -> Value {
+        run_json_ok(
+            Command::new(bin("core-ingest"))
+                .args(["package", "balance", "--config"])
+                .arg(&self.config)
+                .args(["--imsi", imsi]),
+        )
     }
 
     /// The tail of its log.

@@ -4,8 +4,10 @@
 //! malformed), the backhaul to core-ingest cut twice and lossy for a while,
 //! the agent SIGKILLed under load and restarted, the core SIGKILLed and
 //! restarted. After the backlog drains, the bill must match what every client
-//! saw, the core must hold the node's dense verified chain, and the edge's
-//! balances must be the grants minus the bill (see `hil_tests::reconcile`).
+//! saw, the core must hold the node's dense verified chain, and each
+//! subscriber's balance (packages sold at the core, spent at the box from
+//! the core's grants) must be what was sold minus the bill (see
+//! `hil_tests::reconcile`).
 //!
 //! Without `MEC_HIL_*` variables it runs on loopback and ptys (CI); with them
 //! it provisions and loads a real box (see `hil-tests/README.md`).
@@ -238,7 +240,9 @@ async fn box_to_bill(store: Option<String>) {
         } else {
             BIG_PACKAGE
         };
-        admin.grant(imsi, tokens).await;
+        // Sold at the core: the box asks it for a grant at the
+        // subscriber's first request.
+        core.sell(&format!("e2e-{imsi}"), imsi, tokens);
         grants.insert(imsi.clone(), tokens);
     }
 
@@ -306,14 +310,21 @@ async fn box_to_bill(store: Option<String>) {
     let edge_last_seq = sync["log_durable_seq"].as_u64().unwrap_or(0);
     let audit = reconcile::audit_from_json(&core.audit());
     let rows = reconcile::rows_from_json(&core.export());
+    // The core settles the uploaded records against the packages just
+    // after it acknowledges them: wait (bounded) until each subscriber's
+    // account holds its bill.
+    let settled = core_accounts(&core, &imsis, &rows).await;
     let mut balances = BTreeMap::new();
     for imsi in &imsis {
-        let b = admin.balance(imsi).await;
+        let edge = admin.balance(imsi).await;
+        let at_core = &settled[imsi];
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(u64::MAX);
         balances.insert(
             imsi.clone(),
             EdgeBalance {
-                remaining: b["remaining_tokens"].as_u64().unwrap_or(u64::MAX),
-                reserved: b["reserved_tokens"].as_u64().unwrap_or(u64::MAX),
+                remaining: n(&at_core["remaining"]).saturating_add(n(&at_core["granted"])),
+                reserved: n(&edge["reserved_tokens"]),
+                overage: n(&at_core["overage"]),
             },
         );
     }
@@ -349,6 +360,35 @@ async fn box_to_bill(store: Option<String>) {
         verdict.problems.len(),
         verdict.problems.join("\n")
     );
+}
+
+/// Each subscriber's account at the core (`core-ingest package balance`),
+/// once it has settled what the export bills it (at most 60 s; what is
+/// still unsettled then shows on the bill as a problem).
+async fn core_accounts(
+    core: &Core,
+    imsis: &[String],
+    rows: &[reconcile::CoreRow],
+) -> BTreeMap<String, serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut accounts = BTreeMap::new();
+    for imsi in imsis {
+        let billed: u64 = rows
+            .iter()
+            .filter(|r| &r.imsi == imsi)
+            .map(|r| r.billed_tokens)
+            .sum();
+        loop {
+            let a = tokio::task::block_in_place(|| core.balance(imsi));
+            let settled = a["used"].as_u64().unwrap_or(0) + a["overage"].as_u64().unwrap_or(0);
+            if settled >= billed || Instant::now() >= deadline {
+                accounts.insert(imsi.clone(), a);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    accounts
 }
 
 /// `edgeprov status`, then `edgeprov provision` over `port`, issuing from
