@@ -178,6 +178,9 @@ pub struct Usage {
     pub model: Option<String>,
     /// Tokens billed.
     pub tokens: u64,
+    /// When the request ended, on the box's clock (Unix ms): the bill's
+    /// month.
+    pub ended_ms: i64,
 }
 
 /// Where a settlement's tokens went.

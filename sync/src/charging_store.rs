@@ -98,6 +98,80 @@ pub fn grant_message(g: &Grant, request_id: u64) -> downlink::Kind {
     })
 }
 
+/// A subscriber's bill for a period (a month, say): what was bought, what
+/// each box was granted, what each box served of which model, what was
+/// served beyond the balance, and what is left now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SubscriberBill {
+    /// The subscriber.
+    pub imsi: String,
+    /// The period's start (Unix ms, inclusive).
+    pub from_ms: i64,
+    /// Its end (Unix ms, exclusive).
+    pub to_ms: i64,
+    /// Packages sold in the period.
+    pub packages: Vec<BilledPackage>,
+    /// Grants made in the period, per box.
+    pub granted: Vec<GrantedToBox>,
+    /// Tokens served in the period (by the records' end), per box and model.
+    pub used: Vec<UsedLine>,
+    /// Σ of the packages' allowances (a month's, for monthly ones).
+    pub tokens_bought: u64,
+    /// Σ granted to boxes.
+    pub tokens_granted: u64,
+    /// Σ served and paid by the packages.
+    pub tokens_used: u64,
+    /// Σ served beyond the balance.
+    pub overage: u64,
+    /// Left now, neither used nor served beyond: held by boxes or not.
+    pub remaining: u64,
+}
+
+/// A package on a bill.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BilledPackage {
+    /// The operator's id for the sale.
+    pub id: String,
+    /// monthly, topup or trial.
+    pub kind: String,
+    /// The tier's name.
+    pub tier: String,
+    /// Tokens (a month's, for monthly).
+    pub allowance: u64,
+    /// Validity (Unix seconds).
+    pub valid_from: Timestamp,
+    /// End of validity (Unix seconds).
+    pub expires_at: Timestamp,
+    /// When it was sold (the core's clock, Unix seconds).
+    pub sold_at: Timestamp,
+}
+
+/// What one box was granted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GrantedToBox {
+    /// The box.
+    pub node_id: String,
+    /// Grants made.
+    pub grants: u64,
+    /// Tokens they held.
+    pub tokens: u64,
+}
+
+/// What one box served of one model.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsedLine {
+    /// The box.
+    pub node_id: String,
+    /// The model.
+    pub model: String,
+    /// Requests (records).
+    pub records: u64,
+    /// Tokens paid by the packages.
+    pub tokens: u64,
+    /// Tokens served beyond the balance.
+    pub overage: u64,
+}
+
 /// What an operation on the core's packages fails with.
 #[derive(Debug, thiserror::Error)]
 pub enum ChargingStoreError {
@@ -147,6 +221,20 @@ pub trait ChargingStore: Send + Sync {
     /// `node_id` applied every downlink message up to `seq` durably: they
     /// are dropped from its outbox (at most up to the last one made).
     fn downlink_applied(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError>;
+
+    /// `imsi`'s bill lines for `[from_ms, to_ms)`: packages sold, grants
+    /// made and settlements of records ending in it (totals and
+    /// `remaining` are [`ChargingStore::bill`]'s).
+    fn bill_lines(
+        &self,
+        imsi: &Imsi,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<SubscriberBill, IngestStoreError>;
+
+    /// Subscribers with a package sold or a record settled in
+    /// `[from_ms, to_ms)`, in order.
+    fn subscribers_billed(&self, from_ms: i64, to_ms: i64) -> Result<Vec<Imsi>, IngestStoreError>;
 
     /// Every record of `node_id` at or below this seq is settled.
     fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError>;
@@ -324,6 +412,29 @@ pub trait ChargingStore: Send + Sync {
         Ok(answers)
     }
 
+    /// `imsi`'s bill for `[from_ms, to_ms)`, with what is left at `now`.
+    fn bill(
+        &self,
+        imsi: &Imsi,
+        from_ms: i64,
+        to_ms: i64,
+        now: Timestamp,
+    ) -> Result<SubscriberBill, ChargingStoreError> {
+        let mut bill = self.bill_lines(imsi, from_ms, to_ms)?;
+        let sum = |v: &mut dyn Iterator<Item = u64>| v.fold(0u64, u64::saturating_add);
+        bill.tokens_bought = sum(&mut bill.packages.iter().map(|p| p.allowance));
+        bill.tokens_granted = sum(&mut bill.granted.iter().map(|g| g.tokens));
+        bill.tokens_used = sum(&mut bill.used.iter().map(|u| u.tokens));
+        bill.overage = sum(&mut bill.used.iter().map(|u| u.overage));
+        bill.remaining = match self.account(imsi, now) {
+            Ok(a) => a.remaining.saturating_add(a.granted),
+            // Served (overage) without ever buying: nothing left.
+            Err(ChargingStoreError::Refused(ChargingError::UnknownSubscriber(_))) => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(bill)
+    }
+
     /// `imsi`'s account.
     fn account(&self, imsi: &Imsi, now: Timestamp) -> Result<Account, ChargingStoreError> {
         let mut account = None;
@@ -401,6 +512,7 @@ pub fn usage_of(node_id: &str, seq: u64, signed: &[u8]) -> Option<Usage> {
         grants,
         model: Some(record.model_id).filter(|m| !m.is_empty()),
         tokens: record.billed_tokens,
+        ended_ms: record.end_time_unix_ms,
     })
 }
 

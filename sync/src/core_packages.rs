@@ -4,8 +4,9 @@
 //! (`/operator/v1/...`, [`operator_routes`]). Every sale carries the
 //! operator's id: the same sale sent again is one sale.
 //!
-//! Boxes do not spend these yet: grants reach them with the downlink,
-//! which is still to come (see ARCHITECTURE.md).
+//! Boxes spend them through grants on the downlink ([`crate::downlink`]),
+//! and the records they upload settle them
+//! ([`crate::charging_store::settle_uploaded`]).
 
 use std::sync::Arc;
 
@@ -158,6 +159,41 @@ pub fn revoke(store: &dyn ChargingStore, id: &str) -> Result<Value, PackageError
 pub fn balance(store: &dyn ChargingStore, text: &str) -> Result<Value, PackageError> {
     let account = store.account(&imsi(text)?, now_s())?;
     Ok(serde_json::to_value(account).unwrap_or_default())
+}
+
+/// The month `text` names (`YYYY-MM`; None: this month, UTC) as Unix ms
+/// `[from, to)`.
+pub fn month(text: Option<&str>) -> Result<(i64, i64), PackageError> {
+    use chrono::{Datelike, NaiveDate};
+    let first = match text {
+        None => {
+            let today = chrono::Utc::now().date_naive();
+            NaiveDate::from_ymd_opt(today.year(), today.month(), 1)
+        }
+        Some(t) => NaiveDate::parse_from_str(&format!("{t}-01"), "%Y-%m-%d").ok(),
+    }
+    .ok_or_else(|| PackageError::Invalid(format!("month {text:?}: YYYY-MM")))?;
+    let next = first
+        .checked_add_months(chrono::Months::new(1))
+        .ok_or_else(|| PackageError::Invalid(format!("month {text:?}: out of range")))?;
+    let ms = |d: NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis())
+    };
+    Ok((ms(first).unwrap_or(0), ms(next).unwrap_or(i64::MAX)))
+}
+
+/// `imsi`'s bill for `month` (`YYYY-MM`, None: this month): packages
+/// bought, tokens granted per box, tokens used per box and model,
+/// overage, what is left.
+pub fn bill(
+    store: &dyn ChargingStore,
+    text: &str,
+    month_text: Option<&str>,
+) -> Result<Value, PackageError> {
+    let (from_ms, to_ms) = month(month_text)?;
+    let bill = store.bill(&imsi(text)?, from_ms, to_ms, now_s())?;
+    Ok(serde_json::to_value(bill).unwrap_or_default())
 }
 
 /// The operator API, for the BSS, on the core's `http` listener, each

@@ -43,6 +43,7 @@ fn usage(node: &str, seq: u64, who: &Imsi, grant: Option<u64>, tokens: u64) -> U
         grants: grant.map(|g| vec![(g, tokens)]).unwrap_or_default(),
         model: None,
         tokens,
+        ended_ms: 0,
     }
 }
 

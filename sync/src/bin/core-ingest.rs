@@ -106,6 +106,11 @@ enum Command {
         /// `imsi-day`: sums per IMSI per UTC day.
         #[arg(long, value_parser = ["imsi-day"])]
         group_by: Option<String>,
+        /// Also write the subscribers' bills for the period (packages bought,
+        /// tokens granted, used, overage, left) to this file, in the same
+        /// format: one line per subscriber.
+        #[arg(long)]
+        summary: Option<PathBuf>,
     },
 }
 
@@ -151,6 +156,19 @@ enum PackageAction {
         #[arg(long)]
         id: String,
     },
+    /// A subscriber's bill for a month (JSON): packages bought, tokens
+    /// granted per box, tokens used per box and model, overage, what is left.
+    Bill {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The subscriber.
+        #[arg(long)]
+        imsi: String,
+        /// The month, YYYY-MM (UTC; default: this month).
+        #[arg(long)]
+        month: Option<String>,
+    },
     /// A subscriber's balance at the core (JSON).
     Balance {
         /// Configuration file.
@@ -193,6 +211,11 @@ fn package(action: PackageAction) -> anyhow::Result<serde_json::Value> {
         )?,
         PackageAction::Revoke { config, id } => core_packages::revoke(&*open(&config)?, &id)?,
         PackageAction::Balance { config, imsi } => core_packages::balance(&*open(&config)?, &imsi)?,
+        PackageAction::Bill {
+            config,
+            imsi,
+            month,
+        } => core_packages::bill(&*open(&config)?, &imsi, month.as_deref())?,
     })
 }
 
@@ -259,6 +282,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             from,
             to,
             group_by,
+            summary,
         } => {
             let config = CoreConfig::load(&config)?;
             let from = from.as_deref().map(core_ingest::parse_time).transpose()?;
@@ -266,6 +290,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             core_ingest::export(&config, format, from, to, group_by.is_some(), &mut out)?;
+            if let Some(path) = summary {
+                let mut file = std::io::BufWriter::new(
+                    std::fs::File::create(&path)
+                        .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?,
+                );
+                core_ingest::export_bills(&config, format, from, to, &mut file)?;
+                std::io::Write::flush(&mut file)?;
+            }
         }
     }
     Ok(())

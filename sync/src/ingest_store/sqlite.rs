@@ -112,20 +112,11 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        for (table, column, definition) in ADDED_COLUMNS {
-            let has: bool = conn
-                .prepare(&format!(
-                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
-                ))?
-                .exists([column])?;
-            if !has {
-                conn.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN {column} {definition}"
-                ))?;
-            }
-        }
+        add_missing_columns(&conn, &ADDED_COLUMNS)?;
         conn.execute_batch(INDEXES)?;
         conn.execute_batch(charging::SCHEMA)?;
+        add_missing_columns(&conn, &charging::ADDED_COLUMNS)?;
+        conn.execute_batch(charging::INDEXES)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
@@ -136,6 +127,27 @@ impl SqliteStore {
     pub fn connection(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Adds the `(table, column, definition)` columns a table made by an older
+/// core lacks.
+fn add_missing_columns(
+    conn: &Connection,
+    columns: &[(&str, &str, &str)],
+) -> Result<(), IngestStoreError> {
+    for (table, column, definition) in columns {
+        let has: bool = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !has {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 fn cursor(conn: &Connection, node_id: &str) -> Result<NodeCursor, IngestStoreError> {

@@ -21,6 +21,7 @@ on_both_stores!(
     two_instances_granting_at_once_never_hold_more_than_the_balance,
     revocation_and_expiry_are_kept,
     downlink_messages_are_numbered_per_node_without_gaps,
+    a_months_bill_shows_purchases_grants_and_use_per_box_and_model,
 );
 
 fn imsi(n: u32) -> Imsi {
@@ -46,6 +47,7 @@ fn usage(node: &str, seq: u64, who: &Imsi, grant: Option<u64>, tokens: u64) -> U
         grants: grant.map(|g| vec![(g, tokens)]).unwrap_or_default(),
         model: Some("smollm2".into()),
         tokens,
+        ended_ms: 0,
     }
 }
 
@@ -336,4 +338,96 @@ fn downlink_messages_are_numbered_per_node_without_gaps(b: Backend) {
     assert!(s.downlink_after("box-1", 0, 100).unwrap().is_empty());
     assert_eq!(s.downlink_last("box-1").unwrap(), 40);
     assert!(s.downlink_after("box-2", 0, 100).unwrap().is_empty());
+}
+
+fn a_months_bill_shows_purchases_grants_and_use_per_box_and_model(b: Backend) {
+    let s = b.open_charging();
+    let (a, stranger) = (imsi(1), imsi(9));
+    let jan_1_ms = (T0 - 14 * DAY) * 1000;
+    let feb_1_ms = (T0 + 17 * DAY) * 1000;
+    let policy = GrantPolicy {
+        slice: 300,
+        ..GrantPolicy::default()
+    };
+    s.sell("bss-1", &a, &topup(1_000), "topup 1_000", T0)
+        .unwrap();
+    s.sell("bss-2", &a, &topup(500), "topup 500", T0 + DAY)
+        .unwrap();
+    let g1 = s
+        .grant("box-1", &a, Some("smollm2"), 0, &policy, T0)
+        .unwrap();
+    let g2 = s
+        .grant("box-2", &a, Some("smollm2"), 0, &policy, T0)
+        .unwrap();
+    let mut used = vec![
+        usage("box-1", 1, &a, Some(g1.id), 100),
+        usage("box-1", 2, &a, Some(g1.id), 50),
+        usage("box-2", 1, &a, Some(g2.id), 70),
+        // The stranger holds no package: all of it is overage.
+        usage("box-2", 2, &stranger, None, 40),
+        // Served in February: on next month's bill.
+        usage("box-1", 3, &a, Some(g1.id), 10),
+    ];
+    for (i, u) in used.iter_mut().enumerate() {
+        u.ended_ms = if i == 4 {
+            feb_1_ms + 5
+        } else {
+            jan_1_ms + 1000 * i as i64
+        };
+    }
+    used[1].model = Some("other".into());
+    s.settle(&used, T0 + 60).unwrap();
+
+    let bill = b
+        .open_charging()
+        .bill(&a, jan_1_ms, feb_1_ms, T0 + 120)
+        .unwrap();
+    assert_eq!(
+        bill.packages
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect::<Vec<_>>(),
+        ["bss-1", "bss-2"]
+    );
+    assert_eq!(bill.tokens_bought, 1_500);
+    assert_eq!(
+        bill.granted
+            .iter()
+            .map(|g| (g.node_id.as_str(), g.grants, g.tokens))
+            .collect::<Vec<_>>(),
+        [("box-1", 1, 300), ("box-2", 1, 300)]
+    );
+    assert_eq!(
+        bill.used
+            .iter()
+            .map(|u| (u.node_id.as_str(), u.model.as_str(), u.records, u.tokens))
+            .collect::<Vec<_>>(),
+        [
+            ("box-1", "other", 1, 50),
+            ("box-1", "smollm2", 1, 100),
+            ("box-2", "smollm2", 1, 70)
+        ]
+    );
+    assert_eq!((bill.tokens_used, bill.overage), (220, 0));
+    // What is left counts February's use too (it is left now).
+    assert_eq!(bill.remaining, 1_500 - 230);
+
+    let stranger_bill = s.bill(&stranger, jan_1_ms, feb_1_ms, T0 + 120).unwrap();
+    assert_eq!(
+        (
+            stranger_bill.tokens_used,
+            stranger_bill.overage,
+            stranger_bill.remaining
+        ),
+        (0, 40, 0)
+    );
+    assert_eq!(
+        s.subscribers_billed(jan_1_ms, feb_1_ms).unwrap(),
+        vec![a.clone(), stranger]
+    );
+    assert_eq!(
+        s.subscribers_billed(feb_1_ms, feb_1_ms + 30 * DAY * 1000)
+            .unwrap(),
+        vec![a]
+    );
 }

@@ -12,8 +12,8 @@ use mec_metering::{Bucket, Imsi, Timestamp};
 
 use super::PgStore;
 use crate::charging_store::{
-    from_json, from_outbox, kind_from, outbox_body, to_json, ChargingOp, ChargingStore,
-    ChargingStoreError, Outbox,
+    from_json, from_outbox, kind_from, outbox_body, to_json, BilledPackage, ChargingOp,
+    ChargingStore, ChargingStoreError, GrantedToBox, Outbox, SubscriberBill, UsedLine,
 };
 use crate::ingest_store::{seq_i64, IngestStoreError};
 use crate::wire::pb::Downlink;
@@ -91,12 +91,19 @@ CREATE TABLE charging_settlements (
 ";
 
 /// Schema version 4: where each node's records are settled up to (the
-/// settlement of uploaded records against the packages).
+/// settlement of uploaded records against the packages), and the bill's
+/// lines (the model each settlement served, and when).
 pub(super) const SCHEMA_V4: &str = "
 CREATE TABLE charging_settled_through (
     node_id TEXT   PRIMARY KEY,
     seq     BIGINT NOT NULL
 );
+ALTER TABLE charging_settlements
+    ADD COLUMN model    TEXT   NOT NULL DEFAULT '',
+    ADD COLUMN ended_ms BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX charging_settlements_by_imsi ON charging_settlements (imsi, ended_ms);
+CREATE INDEX charging_settlements_by_end ON charging_settlements (ended_ms);
+CREATE INDEX charging_packages_by_sale ON charging_packages (sold_at);
 ";
 
 fn imsi_of(text: &str) -> Result<Imsi, IngestStoreError> {
@@ -297,8 +304,8 @@ impl PgStore {
         let settled = tx
             .prepare_cached(
                 "INSERT INTO charging_settlements (node_id, seq, imsi, grant_id, tokens,
-                     from_grant, from_balance, overage, settled_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                     from_grant, from_balance, overage, settled_at, model, ended_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .await
             .map_err(err)?;
@@ -315,6 +322,8 @@ impl PgStore {
                     &(s.from_balance as i64),
                     &(s.overage as i64),
                     &now,
+                    &u.model.as_deref().unwrap_or(""),
+                    &u.ended_ms,
                 ],
             )
             .await
@@ -464,6 +473,90 @@ impl ChargingStore for PgStore {
             &[&node_id, &seq_i64(seq)?],
         )?;
         Ok(())
+    }
+
+    fn bill_lines(
+        &self,
+        imsi: &Imsi,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<SubscriberBill, IngestStoreError> {
+        let (from_s, to_s) = (from_ms.div_euclid(1000), to_ms.div_euclid(1000));
+        let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i) as u64;
+        let packages = self
+            .rows(
+                "SELECT id, kind, tier, allowance, valid_from, expires_at, sold_at
+                 FROM charging_packages WHERE imsi = $1 AND sold_at >= $2 AND sold_at < $3
+                 ORDER BY sold_at, id",
+                &[&imsi.as_str(), &from_s, &to_s],
+            )?
+            .iter()
+            .map(|r| BilledPackage {
+                id: r.get(0),
+                kind: r.get(1),
+                tier: r.get(2),
+                allowance: n(r, 3),
+                valid_from: r.get(4),
+                expires_at: r.get(5),
+                sold_at: r.get(6),
+            })
+            .collect();
+        let granted = self
+            .rows(
+                "SELECT node_id, COUNT(*)::BIGINT, SUM(tokens)::BIGINT FROM charging_grants
+                 WHERE imsi = $1 AND granted_at >= $2 AND granted_at < $3
+                 GROUP BY node_id ORDER BY node_id",
+                &[&imsi.as_str(), &from_s, &to_s],
+            )?
+            .iter()
+            .map(|r| GrantedToBox {
+                node_id: r.get(0),
+                grants: n(r, 1),
+                tokens: n(r, 2),
+            })
+            .collect();
+        let used = self
+            .rows(
+                "SELECT node_id, model, COUNT(*)::BIGINT, SUM(from_grant + from_balance)::BIGINT,
+                        SUM(overage)::BIGINT
+                 FROM charging_settlements WHERE imsi = $1 AND ended_ms >= $2 AND ended_ms < $3
+                 GROUP BY node_id, model ORDER BY node_id, model",
+                &[&imsi.as_str(), &from_ms, &to_ms],
+            )?
+            .iter()
+            .map(|r| UsedLine {
+                node_id: r.get(0),
+                model: r.get(1),
+                records: n(r, 2),
+                tokens: n(r, 3),
+                overage: n(r, 4),
+            })
+            .collect();
+        Ok(SubscriberBill {
+            imsi: imsi.to_string(),
+            from_ms,
+            to_ms,
+            packages,
+            granted,
+            used,
+            ..SubscriberBill::default()
+        })
+    }
+
+    fn subscribers_billed(&self, from_ms: i64, to_ms: i64) -> Result<Vec<Imsi>, IngestStoreError> {
+        let rows = self.rows(
+            "SELECT imsi FROM charging_settlements WHERE ended_ms >= $1 AND ended_ms < $2
+             UNION
+             SELECT imsi FROM charging_packages WHERE sold_at >= $3 AND sold_at < $4
+             ORDER BY 1",
+            &[
+                &from_ms,
+                &to_ms,
+                &from_ms.div_euclid(1000),
+                &to_ms.div_euclid(1000),
+            ],
+        )?;
+        rows.iter().map(|r| imsi_of(r.get::<_, &str>(0))).collect()
     }
 
     fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError> {

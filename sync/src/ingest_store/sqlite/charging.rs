@@ -13,8 +13,8 @@ use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::SqliteStore;
 use crate::charging_store::{
-    from_json, from_outbox, kind_from, outbox_body, to_json, ChargingOp, ChargingStore,
-    ChargingStoreError, Outbox,
+    from_json, from_outbox, kind_from, outbox_body, to_json, BilledPackage, ChargingOp,
+    ChargingStore, ChargingStoreError, GrantedToBox, Outbox, SubscriberBill, UsedLine,
 };
 use crate::ingest_store::{seq_i64, IngestStoreError};
 use crate::wire::pb::Downlink;
@@ -91,6 +91,25 @@ CREATE TABLE IF NOT EXISTS charging_settlements (
     settled_at   INTEGER NOT NULL,
     PRIMARY KEY (node_id, seq)
 );
+";
+
+/// Columns added to the charging tables since they were first made:
+/// (table, column, definition), added at open when missing.
+pub(super) const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    // The bill's lines: the model served, and when (the record's end).
+    ("charging_settlements", "model", "TEXT NOT NULL DEFAULT ''"),
+    (
+        "charging_settlements",
+        "ended_ms",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+];
+
+/// Indexes over added columns (made once the columns are there).
+pub(super) const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS charging_settlements_by_imsi ON charging_settlements(imsi, ended_ms);
+CREATE INDEX IF NOT EXISTS charging_settlements_by_end ON charging_settlements(ended_ms);
+CREATE INDEX IF NOT EXISTS charging_packages_by_sale ON charging_packages(sold_at);
 ";
 
 fn imsi_of(text: String) -> Result<Imsi, IngestStoreError> {
@@ -306,8 +325,8 @@ fn save(
     }
     let mut settled = tx.prepare_cached(
         "INSERT INTO charging_settlements (node_id, seq, imsi, grant_id, tokens, from_grant,
-             from_balance, overage, settled_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             from_balance, overage, settled_at, model, ended_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     for (u, s) in settlements {
         settled.execute(params![
@@ -320,6 +339,8 @@ fn save(
             s.from_balance as i64,
             s.overage as i64,
             now,
+            u.model.as_deref().unwrap_or(""),
+            u.ended_ms,
         ])?;
     }
     tx.execute(
@@ -440,6 +461,88 @@ impl ChargingStore for SqliteStore {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn bill_lines(
+        &self,
+        imsi: &Imsi,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<SubscriberBill, IngestStoreError> {
+        let conn = self.connection();
+        let (from_s, to_s) = (from_ms.div_euclid(1000), to_ms.div_euclid(1000));
+        let mut bill = SubscriberBill {
+            imsi: imsi.to_string(),
+            from_ms,
+            to_ms,
+            ..SubscriberBill::default()
+        };
+        let mut packages = conn.prepare_cached(
+            "SELECT id, kind, tier, allowance, valid_from, expires_at, sold_at
+             FROM charging_packages WHERE imsi = ?1 AND sold_at >= ?2 AND sold_at < ?3
+             ORDER BY sold_at, id",
+        )?;
+        let rows = packages.query_map(params![imsi.as_str(), from_s, to_s], |r| {
+            Ok(BilledPackage {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                tier: r.get(2)?,
+                allowance: r.get::<_, i64>(3)? as u64,
+                valid_from: r.get(4)?,
+                expires_at: r.get(5)?,
+                sold_at: r.get(6)?,
+            })
+        })?;
+        bill.packages = rows.collect::<Result<_, _>>()?;
+        let mut granted = conn.prepare_cached(
+            "SELECT node_id, COUNT(*), SUM(tokens) FROM charging_grants
+             WHERE imsi = ?1 AND granted_at >= ?2 AND granted_at < ?3
+             GROUP BY node_id ORDER BY node_id",
+        )?;
+        let rows = granted.query_map(params![imsi.as_str(), from_s, to_s], |r| {
+            Ok(GrantedToBox {
+                node_id: r.get(0)?,
+                grants: r.get::<_, i64>(1)? as u64,
+                tokens: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        bill.granted = rows.collect::<Result<_, _>>()?;
+        let mut used = conn.prepare_cached(
+            "SELECT node_id, model, COUNT(*), SUM(from_grant + from_balance), SUM(overage)
+             FROM charging_settlements WHERE imsi = ?1 AND ended_ms >= ?2 AND ended_ms < ?3
+             GROUP BY node_id, model ORDER BY node_id, model",
+        )?;
+        let rows = used.query_map(params![imsi.as_str(), from_ms, to_ms], |r| {
+            Ok(UsedLine {
+                node_id: r.get(0)?,
+                model: r.get(1)?,
+                records: r.get::<_, i64>(2)? as u64,
+                tokens: r.get::<_, i64>(3)? as u64,
+                overage: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        bill.used = rows.collect::<Result<_, _>>()?;
+        Ok(bill)
+    }
+
+    fn subscribers_billed(&self, from_ms: i64, to_ms: i64) -> Result<Vec<Imsi>, IngestStoreError> {
+        let conn = self.connection();
+        let mut stmt = conn.prepare_cached(
+            "SELECT imsi FROM charging_settlements WHERE ended_ms >= ?1 AND ended_ms < ?2
+             UNION
+             SELECT imsi FROM charging_packages WHERE sold_at >= ?3 AND sold_at < ?4
+             ORDER BY 1",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                from_ms,
+                to_ms,
+                from_ms.div_euclid(1000),
+                to_ms.div_euclid(1000)
+            ],
+            |r| r.get::<_, String>(0),
+        )?;
+        rows.map(|r| imsi_of(r?)).collect()
     }
 
     fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError> {
