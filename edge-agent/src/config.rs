@@ -204,6 +204,15 @@ pub struct CoreConfig {
     /// Batches in flight.
     #[serde(default = "default_in_flight")]
     pub batches_in_flight: usize,
+    /// Seconds without a packet from the core after which the connection
+    /// is declared lost (QUIC's idle timeout; keep-alives every third of
+    /// it): how soon the box knows it is cut off and serves offline.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+}
+
+fn default_idle_timeout_s() -> u64 {
+    30
 }
 
 fn default_server_name() -> String {
@@ -376,6 +385,7 @@ impl Config {
                     segmentation_offload: default_true(),
                     batch_records: default_batch_records(),
                     batches_in_flight: default_in_flight(),
+                    idle_timeout_s: default_idle_timeout_s(),
                 })
             }
         }

@@ -107,6 +107,37 @@ impl Core {
         )
     }
 
+    /// `core-ingest package revoke`.
+    pub fn revoke(&self, id: &str) -> Value {
+        run_json_ok(
+            Command::new(bin("core-ingest"))
+                .args(["package", "revoke", "--config"])
+                .arg(&self.config)
+                .args(["--id", id]),
+        )
+    }
+
+    /// `core-ingest issue-node-cert` for a box `edge-agent init` made in
+    /// `state_dir` (its key's certificate written beside it).
+    pub fn enroll(&self, node_id: &str, state_dir: &Path) {
+        run_json_ok(
+            Command::new(bin("core-ingest"))
+                .args(["issue-node-cert", "--config"])
+                .arg(&self.config)
+                .args(["--node-id", node_id, "--public-key"])
+                .arg(state_dir.join("identity/node.pub"))
+                .arg("--out")
+                .arg(state_dir.join("identity/node.crt")),
+        );
+    }
+
+    /// Appends `toml` to its configuration (before it starts).
+    pub fn configure(&self, toml: &str) {
+        let mut text = std::fs::read_to_string(&self.config).expect("the core's configuration");
+        text.push_str(toml);
+        std::fs::write(&self.config, text).expect("the core's configuration written");
+    }
+
     /// `core-ingest package balance`: the subscriber's account at the core.
     pub fn balance(&self, imsi: &str) -> Value {
         run_json_ok(
@@ -192,6 +223,18 @@ impl LocalAgent {
     /// restarted agent comes back where its clients look); `extra_toml` is
     /// appended to the configuration.
     pub fn init(dir: &Path, api: SocketAddr, admin: SocketAddr, extra_toml: &str) -> LocalAgent {
+        LocalAgent::init_with(dir, api, admin, extra_toml, &[])
+    }
+
+    /// [`LocalAgent::init`] with more `edge-agent init` arguments (`--core`,
+    /// `--core-ca`, `--node-id`).
+    pub fn init_with(
+        dir: &Path,
+        api: SocketAddr,
+        admin: SocketAddr,
+        extra_toml: &str,
+        args: &[&str],
+    ) -> LocalAgent {
         let v = run_json_ok(
             Command::new(bin("edge-agent"))
                 .args(["init", "--dir"])
@@ -199,7 +242,8 @@ impl LocalAgent {
                 .arg("--model")
                 .arg(model_path())
                 .args(["--api-listen", &api.to_string()])
-                .args(["--admin-listen", &admin.to_string()]),
+                .args(["--admin-listen", &admin.to_string()])
+                .args(args),
         );
         let config = PathBuf::from(v["config"].as_str().unwrap());
         if !extra_toml.is_empty() {
@@ -245,27 +289,6 @@ impl LocalAgent {
         if let Some(p) = self.proc.take() {
             p.terminate(Duration::from_secs(60));
         }
-    }
-
-    /// `core-ingest package sell`: a top-up of `tokens`, valid 30 days,
-    /// sold under the operator's `id`.
-    pub fn sell(&self, id: &str, imsi: &str, tokens: u64) -> Value {
-        run_json_ok(
-            Command::new(bin("core-ingest"))
-                .args(["package", "sell", "--config"])
-                .arg(&self.config)
-                .args(["--id", id, "--imsi", imsi, "--tokens", &tokens.to_string()]),
-        )
-    }
-
-    /// `core-ingest package balance`: the subscriber's account at the core.
-    pub fn balance(&self, imsi: &str) -> Value {
-        run_json_ok(
-            Command::new(bin("core-ingest"))
-                .args(["package", "balance", "--config"])
-                .arg(&self.config)
-                .args(["--imsi", imsi]),
-        )
     }
 
     /// The tail of its log.

@@ -140,7 +140,7 @@ pub struct ExportQuery {
 }
 
 /// The columns of an exported record, in order.
-pub const RECORD_COLUMNS: [&str; 15] = [
+pub const RECORD_COLUMNS: [&str; 16] = [
     "node_id",
     "seq",
     "record_id",
@@ -156,6 +156,8 @@ pub const RECORD_COLUMNS: [&str; 15] = [
     "start_time_unix_ms",
     "end_time_unix_ms",
     "package_ids",
+    // 1 when the box served it cut off from the core (issue 23).
+    "offline",
 ];
 
 /// The columns of an export summed per IMSI per day, in order.

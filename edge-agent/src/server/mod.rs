@@ -539,7 +539,8 @@ async fn upload(
         },
         transport: mec_sync::quic::TransportOptions {
             segmentation_offload: core.segmentation_offload,
-            ..Default::default()
+            idle_timeout: Duration::from_secs(core.idle_timeout_s.max(3)),
+            keep_alive: Duration::from_secs(core.idle_timeout_s.max(3)) / 3,
         },
         poll: Duration::from_millis(100),
         // The log releases only records whose debits the ledger store holds.

@@ -108,7 +108,7 @@ const SCRIPT: [(f64, Fault); 5] = [
 
 /// The two runs of the story (one per store) take turns: each is the
 /// machine's whole load.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn from_a_provisioned_box_to_the_bill_under_faults() {

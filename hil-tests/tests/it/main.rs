@@ -10,3 +10,4 @@ mod gpu;
 mod image_boot;
 mod image_update;
 mod log_kill;
+mod packages;

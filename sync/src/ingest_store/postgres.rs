@@ -1114,7 +1114,7 @@ impl IngestStore for PgStore {
         } else {
             "SELECT node_id, seq, encode(record_id, 'hex'), imsi, app_id, model_id, prompt_tokens,
                     cached_prompt_tokens, completion_tokens, billed_tokens, outcome, failure_reason,
-                    start_time_unix_ms, end_time_unix_ms, package_ids
+                    start_time_unix_ms, end_time_unix_ms, package_ids, offline::int::int8
              FROM records WHERE end_time_unix_ms >= $1 AND end_time_unix_ms < $2
              ORDER BY node_id, seq"
         };

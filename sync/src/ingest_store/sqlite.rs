@@ -382,7 +382,7 @@ impl IngestStore for SqliteStore {
         } else {
             "SELECT node_id, seq, lower(hex(record_id)), imsi, app_id, model_id, prompt_tokens,
                     cached_prompt_tokens, completion_tokens, billed_tokens, outcome, failure_reason,
-                    start_time_unix_ms, end_time_unix_ms, package_ids
+                    start_time_unix_ms, end_time_unix_ms, package_ids, offline
              FROM records WHERE end_time_unix_ms >= ?1 AND end_time_unix_ms < ?2
              ORDER BY node_id, seq"
         };

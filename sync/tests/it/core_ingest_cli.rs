@@ -739,6 +739,68 @@ fn packages_are_sold_once_per_id_and_revoked_from_the_command_line() {
         "001010123456789",
     ]));
     assert_eq!(balance["remaining"].as_u64(), Some(0));
+
+    // This month's bill names the package bought; a malformed month is
+    // refused with the format; the export's summary has one line for the
+    // subscriber.
+    let sold_at = first["balance"]["packages"][0]["valid_from"]
+        .as_i64()
+        .unwrap();
+    let month = chrono::DateTime::from_timestamp(sold_at, 0)
+        .unwrap()
+        .format("%Y-%m")
+        .to_string();
+    let bill = json(core_ingest(&[
+        "package",
+        "bill",
+        "--config",
+        config,
+        "--imsi",
+        "001010123456789",
+        "--month",
+        &month,
+    ]));
+    assert_eq!(bill["packages"][0]["id"], "bss-1", "{bill}");
+    assert_eq!(bill["tokens_bought"].as_u64(), Some(10_000_000), "{bill}");
+    assert_eq!(
+        (bill["tokens_used"].as_u64(), bill["remaining"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let out = core_ingest(&[
+        "package",
+        "bill",
+        "--config",
+        config,
+        "--imsi",
+        "001010123456789",
+        "--month",
+        "2026-13",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("YYYY-MM"));
+    let summary = dir.path().join("bills.csv");
+    let out = core_ingest(&[
+        "export",
+        "--config",
+        config,
+        "--summary",
+        summary.to_str().unwrap(),
+        "--from",
+        &(sold_at - 86_400).to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&summary).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("imsi,from_ms,to_ms,packages,tokens_bought"),
+        "{text}"
+    );
+    assert!(lines[1].starts_with("001010123456789,"), "{text}");
 }
 
 /// The operator API as a BSS calls it, on a running core: the bearer token
