@@ -15,6 +15,8 @@
 // without this crate); re-exported under their old paths.
 pub use mec_node::{identity, pki};
 
+#[doc(hidden)]
+pub mod bench_grants;
 pub mod charging_store;
 pub mod core_ingest;
 pub mod core_packages;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 
 mod bench_api;
 mod bench_inference;
+mod bench_grants;
 mod bench_sync;
 mod ci;
 mod cuda;
@@ -154,6 +155,17 @@ enum Task {
         /// Stores: sqlite, postgres (a throw-away server).
         #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
         stores: Vec<String>,
+    },
+    /// Benchmark the core's grants to boxes (issue 23) on both stores: the
+    /// round trip, grants/s with BOXES boxes asking at once, a revocation's
+    /// way to a box; writes bench/out/grants-bench.json.
+    BenchGrants {
+        /// Simulated boxes asking at once.
+        #[arg(long, default_value_t = 100)]
+        boxes: usize,
+        /// Grants each box asks for.
+        #[arg(long, default_value_t = 20)]
+        grants_per_box: usize,
     },
     /// Benchmark the whole MEC API path with max_tokens = 1 at C concurrent
     /// clients, metering on and off, in alternating rounds; writes
@@ -306,6 +318,10 @@ fn main() -> anyhow::Result<()> {
             instances,
             stores,
         }),
+        Task::BenchGrants {
+            boxes,
+            grants_per_box,
+        } => bench_grants::bench(boxes, grants_per_box),
         Task::BenchApi {
             rounds,
             clients,
@@ -327,11 +343,13 @@ fn bench_all(quick: bool) -> anyhow::Result<()> {
         bench_log(50_000)?;
         bench_api::bench(1, 64, 5)?;
         bench_sync::bench(&bench_sync::Options::all(50_000))?;
+        bench_grants::bench(100, 5)?;
     } else {
         bench_inference::bench(3, 2, 128)?;
         bench_log(200_000)?;
         bench_api::bench(3, 64, 10)?;
         bench_sync::bench(&bench_sync::Options::all(200_000))?;
+        bench_grants::bench(100, 20)?;
     }
     bench_report()
 }

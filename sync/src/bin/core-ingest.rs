@@ -70,6 +70,32 @@ enum Command {
     /// Copy the configured store into another, empty one (SQLite into
     /// PostgreSQL), checking every signature and link again, and verify the
     /// copy; then point `store` at the new one.
+    /// Benchmark (for `cargo xtask bench-grants`): simulated boxes against
+    /// the core serving at --core, measuring the grants (JSON out).
+    #[command(hide = true)]
+    BenchGrants {
+        /// The serving core's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Its UDP address.
+        #[arg(long)]
+        core: std::net::SocketAddr,
+        /// Boxes asking at once.
+        #[arg(long, default_value_t = 100)]
+        boxes: usize,
+        /// Grants each box asks for.
+        #[arg(long, default_value_t = 20)]
+        grants_per_box: usize,
+        /// Round trips measured.
+        #[arg(long, default_value_t = 200)]
+        round_trips: usize,
+        /// Revocations measured.
+        #[arg(long, default_value_t = 20)]
+        revocations: usize,
+        /// A new directory for the boxes' keys and stores.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     CopyStore {
         /// Configuration file (its store is the source).
         #[arg(long)]
@@ -256,6 +282,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", public_key.display()))?;
             std::fs::write(&out, core_ingest::issue(&config, &node_id, &pem)?)?;
             println!("{}", serde_json::json!({ "node_id": node_id, "cert": out }));
+        }
+        Command::BenchGrants {
+            config,
+            core,
+            boxes,
+            grants_per_box,
+            round_trips,
+            revocations,
+            dir,
+        } => {
+            let config = CoreConfig::load(&config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let figures = rt.block_on(mec_sync::bench_grants::bench(
+                &config,
+                &mec_sync::bench_grants::BenchOptions {
+                    core,
+                    boxes,
+                    grants_per_box,
+                    round_trips,
+                    revocations,
+                    dir,
+                },
+            ))?;
+            println!("{}", serde_json::to_string_pretty(&figures)?);
         }
         Command::CopyStore { config, to } => {
             let config = CoreConfig::load(&config)?;
