@@ -155,7 +155,9 @@ async fn connect_box(
 async fn grant(b: &SimBox, imsi: &str) -> anyhow::Result<u64> {
     match b.asker.ask(imsi, "", 0, Duration::from_secs(60)).await? {
         GrantAnswer::Granted(id) => Ok(id),
-        GrantAnswer::Refused { code, message } => anyhow::bail!("{imsi}: refused {code}: {message}"),
+        GrantAnswer::Refused { code, message } => {
+            anyhow::bail!("{imsi}: refused {code}: {message}")
+        }
     }
 }
 
@@ -268,7 +270,10 @@ pub async fn bench(config: &CoreConfig, opts: &BenchOptions) -> anyhow::Result<V
             if let Some(t) = boxes[0].sink.revoked.lock().unwrap().get(&id) {
                 break *t;
             }
-            anyhow::ensure!(Instant::now() < deadline, "revocation of grant {id} never arrived");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "revocation of grant {id} never arrived"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
         revocations.push(applied.saturating_duration_since(committed).as_secs_f64() * 1000.0);

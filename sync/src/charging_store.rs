@@ -246,6 +246,10 @@ pub trait ChargingStore: Send + Sync {
     /// The seq of the last downlink message made for `node_id` (0: none).
     fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError>;
 
+    /// [`ChargingStore::downlink_last`] of each of `nodes` that has had a
+    /// message (one query: the instance's watch over its connected boxes).
+    fn downlink_lasts(&self, nodes: &[String]) -> Result<Vec<(String, u64)>, IngestStoreError>;
+
     /// Subscribers with an open grant expiring at or before `t`.
     fn subscribers_with_grants_ending_by(
         &self,

@@ -28,10 +28,14 @@ pub struct DownlinkService {
     pub policy: GrantPolicy,
 }
 
-/// How often a connected box's outbox is looked at for messages another
-/// instance or the operator made (a revocation reaches a connected box
-/// within about this long).
-const OUTBOX_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often an instance looks at its connected boxes' outboxes (one query
+/// for all of them) for messages another instance or the operator made: a
+/// revocation reaches a connected box within about this long.
+const OUTBOX_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How often a box's downlink tries again to send what the watch saw and a
+/// failed read of the outbox left unsent.
+const OUTBOX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Downlink messages sent in one go.
 const OUTBOX_BATCH: usize = 256;
@@ -97,19 +101,23 @@ pub async fn serve_counted(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
-    // With packages sold here, uploaded records settle against them.
-    let settle = downlink
-        .as_ref()
-        .map(|d| SettleQueue::start(store.clone(), d.store.clone()));
+    // With packages sold here: the downlink, and uploaded records settled
+    // against the packages.
+    let charging = downlink.map(|service| {
+        Arc::new(Charging {
+            settle: SettleQueue::start(store.clone(), service.store.clone()),
+            watch: OutboxWatch::start(service.store.clone()),
+            service,
+        })
+    });
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let (store, stats, downlink) = (store.clone(), stats.clone(), downlink.clone());
-                let settle = settle.clone();
+                let (store, stats, charging) = (store.clone(), stats.clone(), charging.clone());
                 tokio::spawn(async move {
                     stats.connections.fetch_add(1, Relaxed);
-                    if let Err(e) = connection(incoming, store, downlink, settle, stats.clone()).await {
+                    if let Err(e) = connection(incoming, store, charging, stats.clone()).await {
                         tracing::warn!(error = %e, "connection ended");
                     }
                     stats.connections.fetch_sub(1, Relaxed);
@@ -120,6 +128,79 @@ pub async fn serve_counted(
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
     endpoint.wait_idle().await;
+}
+
+/// An instance's side of the packages: the downlink service, the
+/// settlement of uploaded records, the watch over connected boxes'
+/// outboxes.
+struct Charging {
+    service: Arc<DownlinkService>,
+    settle: SettleQueue,
+    watch: Arc<OutboxWatch>,
+}
+
+/// Boxes' last downlink messages made, as the watch last read them.
+type LastMade = tokio::sync::watch::Sender<u64>;
+
+/// One watch per instance over the outboxes of its connected boxes: every
+/// [`OUTBOX_POLL`] one query gives the last message made for each, and a
+/// box's downlink stream wakes when there is one it has not sent (a
+/// revocation the operator made, a grant another instance made). One query
+/// per instance, not one per box.
+struct OutboxWatch {
+    nodes: std::sync::Mutex<std::collections::HashMap<String, LastMade>>,
+}
+
+impl OutboxWatch {
+    fn start(store: Arc<dyn ChargingStore>) -> Arc<OutboxWatch> {
+        let watch = Arc::new(OutboxWatch {
+            nodes: Default::default(),
+        });
+        let weak = Arc::downgrade(&watch);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(OUTBOX_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Ends with the instance's server.
+                let Some(watch) = weak.upgrade() else { return };
+                let nodes: Vec<String> = {
+                    let mut nodes = watch.nodes.lock().unwrap();
+                    nodes.retain(|_, tx| tx.receiver_count() > 0);
+                    nodes.keys().cloned().collect()
+                };
+                if nodes.is_empty() {
+                    continue;
+                }
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.downlink_lasts(&nodes)).await {
+                    Ok(Ok(lasts)) => {
+                        let nodes = watch.nodes.lock().unwrap();
+                        for (node, last) in lasts {
+                            if let Some(tx) = nodes.get(&node) {
+                                tx.send_if_modified(|v| std::mem::replace(v, last) != last);
+                            }
+                        }
+                    }
+                    // Looked at again at the next tick; nothing is lost.
+                    Ok(Err(e)) => tracing::warn!(error = %e, "outboxes not read"),
+                    Err(e) => tracing::warn!(error = %e, "outboxes not read"),
+                }
+            }
+        });
+        watch
+    }
+
+    /// The last message made for `node_id`, as the watch last read it,
+    /// while the receiver lives.
+    fn watch(&self, node_id: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.nodes
+            .lock()
+            .unwrap()
+            .entry(node_id.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
 }
 
 /// Settles uploaded records against the packages
@@ -164,8 +245,7 @@ impl SettleQueue {
 async fn connection(
     incoming: quinn::Incoming,
     store: SharedStore,
-    downlink: Option<Arc<DownlinkService>>,
-    settle: Option<SettleQueue>,
+    charging: Option<Arc<Charging>>,
     stats: Arc<CoreStats>,
 ) -> Result<(), String> {
     let remote = incoming.remote_address();
@@ -185,25 +265,22 @@ async fn connection(
             Err(e) => return Err(format!("{node_id}: {e}")),
         };
         let (store, node_id, stats) = (store.clone(), node_id.clone(), stats.clone());
-        let (downlink, settle) = (downlink.clone(), settle.clone());
+        let charging = charging.clone();
         tokio::spawn(async move {
-            if let Err(e) = stream(&node_id, key, send, recv, store, downlink, settle, stats).await
-            {
+            if let Err(e) = stream(&node_id, key, send, recv, store, charging, stats).await {
                 tracing::warn!(node = %node_id, error = %e, "stream ended");
             }
         });
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn stream(
     node_id: &str,
     key: ed25519_dalek::VerifyingKey,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     store: SharedStore,
-    downlink: Option<Arc<DownlinkService>>,
-    settle: Option<SettleQueue>,
+    charging: Option<Arc<Charging>>,
     stats: Arc<CoreStats>,
 ) -> Result<(), String> {
     let mut dec = FrameDecoder::new();
@@ -215,14 +292,17 @@ async fn stream(
         Some(EdgeFrame {
             kind: Some(edge_frame::Kind::DownlinkHello(hello)),
         }) => {
-            let Some(service) = downlink else {
+            let Some(charging) = charging else {
                 // As an older core does: the box learns it has no downlink here.
                 return Err("a downlink stream, and this core serves none".into());
             };
-            return downlink_stream(node_id, hello, send, recv, dec, service).await;
+            let outbox = charging.watch.watch(node_id);
+            let service = charging.service.clone();
+            return downlink_stream(node_id, hello, send, recv, dec, service, outbox).await;
         }
         other => return Err(format!("expected Hello, got {other:?}")),
     }
+    let settle = charging.map(|c| c.settle.clone());
     if let Some(s) = &settle {
         s.queue(node_id);
     }
@@ -288,8 +368,8 @@ async fn stream(
 
 /// A box's downlink stream: what its outbox holds after `hello.applied`,
 /// then grant requests answered (the grant through the outbox, a refusal at
-/// once), acknowledgements recorded, and the outbox looked at again every
-/// [`OUTBOX_POLL`] for what others put there.
+/// once), acknowledgements recorded, and what others put in the outbox
+/// sent when the instance's [`OutboxWatch`] (`outbox`) sees it.
 async fn downlink_stream(
     node_id: &str,
     hello: DownlinkHello,
@@ -297,6 +377,7 @@ async fn downlink_stream(
     mut recv: quinn::RecvStream,
     mut dec: FrameDecoder,
     service: Arc<DownlinkService>,
+    mut outbox: tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), String> {
     // What the box says it applied, within what was ever made for it (a
     // core restored from a backup, a box's bug): beyond that, it is sent
@@ -329,10 +410,23 @@ async fn downlink_stream(
         }
     });
     let mut sent = applied;
-    let mut poll = tokio::time::interval(OUTBOX_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What the outbox held when the stream opened.
+    if let Err(e) = flush(node_id, &mut sent, &mut send, &service).await {
+        reader.abort();
+        return Err(e);
+    }
+    // A flush whose read failed is tried again, even with nothing new.
+    let mut retry = tokio::time::interval(OUTBOX_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
+            _ = retry.tick() => {
+                if *outbox.borrow() > sent {
+                    if let Err(e) = flush(node_id, &mut sent, &mut send, &service).await {
+                        break Err(e);
+                    }
+                }
+            }
             frame = frames.recv() => {
                 let Some(frame) = frame else { break Ok(()) };
                 match frame.kind {
@@ -359,9 +453,15 @@ async fn downlink_stream(
                     Some(other) => break Err(format!("unexpected on the downlink: {other:?}")),
                 }
             }
-            _ = poll.tick() => {
-                if let Err(e) = flush(node_id, &mut sent, &mut send, &service).await {
-                    break Err(e);
+            changed = outbox.changed() => {
+                if changed.is_err() {
+                    break Err("the instance's outbox watch ended".into());
+                }
+                let last = *outbox.borrow_and_update();
+                if last > sent {
+                    if let Err(e) = flush(node_id, &mut sent, &mut send, &service).await {
+                        break Err(e);
+                    }
                 }
             }
         }

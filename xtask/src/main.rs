@@ -7,8 +7,8 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 mod bench_api;
-mod bench_inference;
 mod bench_grants;
+mod bench_inference;
 mod bench_sync;
 mod ci;
 mod cuda;

@@ -577,6 +577,17 @@ impl ChargingStore for PgStore {
         Ok(())
     }
 
+    fn downlink_lasts(&self, nodes: &[String]) -> Result<Vec<(String, u64)>, IngestStoreError> {
+        let rows = self.rows(
+            "SELECT node_id, last_seq FROM downlink_nodes WHERE node_id = ANY($1)",
+            &[&nodes],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
     fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError> {
         let rows = self.rows(
             "SELECT last_seq FROM downlink_nodes WHERE node_id = $1",

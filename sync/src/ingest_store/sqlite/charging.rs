@@ -566,6 +566,19 @@ impl ChargingStore for SqliteStore {
         Ok(())
     }
 
+    fn downlink_lasts(&self, nodes: &[String]) -> Result<Vec<(String, u64)>, IngestStoreError> {
+        let conn = self.connection();
+        let mut stmt =
+            conn.prepare_cached("SELECT last_seq FROM downlink_nodes WHERE node_id = ?1")?;
+        let mut out = Vec::new();
+        for node in nodes {
+            if let Some(last) = stmt.query_row([node], |r| r.get::<_, i64>(0)).optional()? {
+                out.push((node.clone(), last as u64));
+            }
+        }
+        Ok(out)
+    }
+
     fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError> {
         let last: Option<i64> = self
             .connection()
