@@ -19,7 +19,7 @@ pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 /// One figure of the report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Figure {
-    /// Which benchmark ("inference", "log", "api", "sync").
+    /// Which benchmark ("inference", "log", "api", "sync", "grants").
     pub bench: &'static str,
     /// What was measured.
     pub name: String,
@@ -244,6 +244,57 @@ pub fn figures(out: &Path) -> Vec<Figure> {
             }
         }
     }
+    if let Some(v) = read("grants-bench.json") {
+        // Issue 23: the core's grants to boxes, on both stores.
+        let command = v["command"]
+            .as_str()
+            .unwrap_or("cargo xtask bench-grants")
+            .to_string();
+        let stores = v["stores"].as_array().cloned().unwrap_or_default();
+        let sqlite = stores
+            .iter()
+            .find(|s| s["store"] == "sqlite")
+            .and_then(|s| num(&s["grants_per_s"]));
+        for s in &stores {
+            let (Some(store), Some(boxes)) = (s["store"].as_str(), s["boxes"].as_u64()) else {
+                continue;
+            };
+            if let Some(rate) = num(&s["grants_per_s"]) {
+                f.push(Figure {
+                    bench: "grants",
+                    name: format!("{store}: grants with {boxes} boxes asking at once"),
+                    value: rate,
+                    unit: "grants/s",
+                    peer: sqlite
+                        .filter(|_| store != "sqlite")
+                        .map(|r| (format!("sqlite, {boxes} boxes"), r)),
+                    higher_is_better: true,
+                    command: command.clone(),
+                });
+            }
+            for (key, what) in [
+                (
+                    "round_trip_ms",
+                    "a grant's round trip (asked to applied at the box)",
+                ),
+                ("revocation_ms", "a revocation's way to a connected box"),
+            ] {
+                for p in ["p50", "p99"] {
+                    if let Some(ms) = num(&s[key][p]) {
+                        f.push(Figure {
+                            bench: "grants",
+                            name: format!("{store}: {what}, {p}"),
+                            value: ms,
+                            unit: "ms",
+                            peer: None,
+                            higher_is_better: false,
+                            command: command.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
     f
 }
 
@@ -392,6 +443,10 @@ fn markdown(figures: &[Figure], machine: &Value, date: &str, charts: &[(String, 
         (
             "sync",
             "Sync: the upload into core-ingest over loopback QUIC",
+        ),
+        (
+            "grants",
+            "Grants: packages sold at the core reaching boxes (simulated boxes over loopback QUIC)",
         ),
     ];
     for (bench, title) in sections {
@@ -727,6 +782,20 @@ mod tests {
             .to_string(),
         )
         .unwrap();
+        std::fs::write(
+            out.join("grants-bench.json"),
+            json!({ "command": "cargo xtask bench-grants", "boxes": 100,
+                    "stores": [
+                        { "store": "sqlite", "boxes": 100, "grants_per_s": 1000.0,
+                          "round_trip_ms": { "p50": 1.5, "p99": 3.0 },
+                          "revocation_ms": { "p50": 240.0, "p99": 300.0 } },
+                        { "store": "postgres", "boxes": 100, "grants_per_s": 500.0,
+                          "round_trip_ms": { "p50": 5.0, "p99": 12.0 },
+                          "revocation_ms": { "p50": 240.0, "p99": 250.0 } },
+                    ] })
+            .to_string(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -747,6 +816,14 @@ mod tests {
             .find(|f| f.name == "postgres, 1 instance, 10 nodes: against SQLite")
             .unwrap();
         assert!((pg.ratio().unwrap() - 0.9).abs() < 1e-9);
+        // Per store: grants/s, and p50 and p99 of the round trip and of a
+        // revocation; PostgreSQL's rate against SQLite's.
+        assert_eq!(f.iter().filter(|f| f.bench == "grants").count(), 10);
+        let pg = f
+            .iter()
+            .find(|f| f.name == "postgres: grants with 100 boxes asking at once")
+            .unwrap();
+        assert!((pg.ratio().unwrap() - 0.5).abs() < 1e-9);
         // No API benchmark output: no API figure, none invented.
         assert!(f.iter().all(|f| f.bench != "api"));
     }
