@@ -54,7 +54,7 @@ pub struct CoreRow {
 /// One node in `core-ingest audit`: the core's own type.
 pub use mec_sync::ingest_store::NodeAudit as AuditRow;
 
-/// A subscriber's balance on the edge.
+/// A subscriber's balance: the core's account, and what the edge holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeBalance {
     /// Tokens left: the core's account (neither settled nor served beyond
@@ -555,8 +555,8 @@ mod tests {
             code: "insufficient_quota".into(),
         };
         expect(check(&served, &rows, &audit(3), ok), "expected 400");
-        // The edge and the core disagree.
-        expect(check(&done, &rows, &audit(3), ok + 1), "on the edge");
+        // The balance and the bill disagree.
+        expect(check(&done, &rows, &audit(3), ok + 1), "sold 1000 − billed 116");
         // The core is short of the edge's log, or its chain is broken.
         let mut behind = audit(3);
         behind[0].contiguous_seq = 2;
