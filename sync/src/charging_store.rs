@@ -239,6 +239,10 @@ pub trait ChargingStore: Send + Sync {
     /// Every record of `node_id` at or below this seq is settled.
     fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError>;
 
+    /// Nodes holding records beyond their settlement cursor (what a crash
+    /// or a failed settlement left, swept periodically).
+    fn nodes_unsettled(&self) -> Result<Vec<String>, IngestStoreError>;
+
     /// Records that every record of `node_id` at or below `seq` is settled
     /// (never moves back).
     fn set_settled_through(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError>;

@@ -33,6 +33,9 @@ pub struct DownlinkService {
 /// revocation reaches a connected box within about this long.
 const OUTBOX_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// How often an instance looks for nodes with records not yet settled.
+const SETTLE_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How often a box's downlink tries again to send what the watch saw and a
 /// failed read of the outbox left unsent.
 const OUTBOX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -213,6 +216,29 @@ struct SettleQueue(tokio::sync::mpsc::UnboundedSender<String>);
 impl SettleQueue {
     fn start(records: SharedStore, charging: Arc<dyn ChargingStore>) -> SettleQueue {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        // At start and every minute: the nodes a crash or a failed
+        // settlement left behind (a node that never reconnects included).
+        let sweep = {
+            let (tx, charging) = (tx.downgrade(), charging.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SETTLE_SWEEP);
+                loop {
+                    tick.tick().await;
+                    let charging = charging.clone();
+                    let behind = tokio::task::spawn_blocking(move || charging.nodes_unsettled()).await;
+                    let Some(tx) = tx.upgrade() else { return };
+                    match behind {
+                        Ok(Ok(nodes)) => {
+                            for n in nodes {
+                                let _ = tx.send(n);
+                            }
+                        }
+                        Ok(Err(e)) => tracing::warn!(error = %e, "nodes to settle not read"),
+                        Err(e) => tracing::warn!(error = %e, "nodes to settle not read"),
+                    }
+                }
+            })
+        };
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut nodes = std::collections::BTreeSet::from([first]);
@@ -228,11 +254,12 @@ impl SettleQueue {
                     })
                     .await;
                     if let Ok(Err((node, e))) = done {
-                        // Settled at the node's next batch or hello.
+                        // Settled at the node's next batch or hello, or the sweep.
                         tracing::error!(node = %node, error = %e, "uploaded records not settled yet");
                     }
                 }
             }
+            sweep.abort();
         });
         SettleQueue(tx)
     }

@@ -114,7 +114,20 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         add_missing_columns(&conn, &ADDED_COLUMNS)?;
         conn.execute_batch(INDEXES)?;
+        // A store made before settlement existed: its nodes' records are
+        // settled up to where they are now (what they uploaded before was
+        // never meant to be settled against packages sold at the core).
+        let settling_is_new = !conn
+            .prepare("SELECT 1 FROM sqlite_master WHERE name = 'charging_settled_through'")?
+            .exists([])?;
         conn.execute_batch(charging::SCHEMA)?;
+        if settling_is_new {
+            conn.execute(
+                "INSERT OR IGNORE INTO charging_settled_through (node_id, seq)
+                 SELECT node_id, contiguous_seq FROM nodes",
+                [],
+            )?;
+        }
         add_missing_columns(&conn, &charging::ADDED_COLUMNS)?;
         conn.execute_batch(charging::INDEXES)?;
         Ok(SqliteStore {

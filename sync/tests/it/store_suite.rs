@@ -629,7 +629,9 @@ fn postgres_migrates_a_version_1_database_and_keeps_its_rows() {
                  applied_at TIMESTAMPTZ NOT NULL DEFAULT now()); \
                  INSERT INTO schema_migrations (version) VALUES (1); \
                  INSERT INTO quarantine (node_id, seq, reason, signed, received_ms, kind, signed_hash) \
-                 VALUES ('old-box', 3, 'signature does not verify', '\\x00', 1, 'fault', '\\x01')",
+                 VALUES ('old-box', 3, 'signature does not verify', '\\x00', 1, 'fault', '\\x01'); \
+                 INSERT INTO nodes (node_id, contiguous_seq, first_seen_ms, last_seen_ms) \
+                 VALUES ('old-box', 7, 1, 1)",
                 mec_sync::ingest_store::postgres::MIGRATIONS[0]
             ),
         )
@@ -658,4 +660,35 @@ fn postgres_migrates_a_version_1_database_and_keeps_its_rows() {
             .unwrap(),
         "node_id,id"
     );
+    // What the box uploaded before settlement existed is not settled
+    // against packages: its cursor starts where the node is.
+    assert_eq!(
+        server
+            .sql(&db, "SELECT seq FROM charging_settled_through WHERE node_id = 'old-box'")
+            .unwrap(),
+        "7"
+    );
+}
+
+/// The same for a SQLite store made before settlement existed.
+#[test]
+fn sqlite_an_older_store_settles_only_what_comes_after_it() {
+    use mec_sync::charging_store::ChargingStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("core.sqlite");
+    {
+        let store = mec_sync::ingest_store::SqliteStore::open(&path).unwrap();
+        let conn = store.connection();
+        conn.execute_batch(
+            "DROP TABLE charging_settled_through;
+             INSERT INTO nodes (node_id, contiguous_seq, first_seen_ms, last_seen_ms)
+             VALUES ('old-box', 7, 1, 1);",
+        )
+        .unwrap();
+    }
+    let store = mec_sync::ingest_store::SqliteStore::open(&path).unwrap();
+    assert_eq!(store.settled_through("old-box").unwrap(), 7);
+    assert!(store.nodes_unsettled().unwrap().is_empty());
+    // A node first seen now settles from its first record.
+    assert_eq!(store.settled_through("new-box").unwrap(), 0);
 }

@@ -98,6 +98,10 @@ CREATE TABLE charging_settled_through (
     node_id TEXT   PRIMARY KEY,
     seq     BIGINT NOT NULL
 );
+-- What nodes uploaded before settlement existed is not settled against
+-- packages sold at the core: their cursors start where they are.
+INSERT INTO charging_settled_through (node_id, seq)
+    SELECT node_id, contiguous_seq FROM nodes;
 ALTER TABLE charging_settlements
     ADD COLUMN model    TEXT   NOT NULL DEFAULT '',
     ADD COLUMN ended_ms BIGINT NOT NULL DEFAULT 0;
@@ -557,6 +561,16 @@ impl ChargingStore for PgStore {
             ],
         )?;
         rows.iter().map(|r| imsi_of(r.get::<_, &str>(0))).collect()
+    }
+
+    fn nodes_unsettled(&self) -> Result<Vec<String>, IngestStoreError> {
+        let rows = self.rows(
+            "SELECT n.node_id FROM nodes n
+             LEFT JOIN charging_settled_through s ON s.node_id = n.node_id
+             WHERE n.contiguous_seq > COALESCE(s.seq, 0) ORDER BY n.node_id",
+            &[],
+        )?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     }
 
     fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError> {

@@ -545,6 +545,17 @@ impl ChargingStore for SqliteStore {
         rows.map(|r| imsi_of(r?)).collect()
     }
 
+    fn nodes_unsettled(&self) -> Result<Vec<String>, IngestStoreError> {
+        let conn = self.connection();
+        let mut stmt = conn.prepare_cached(
+            "SELECT n.node_id FROM nodes n
+             LEFT JOIN charging_settled_through s ON s.node_id = n.node_id
+             WHERE n.contiguous_seq > COALESCE(s.seq, 0) ORDER BY n.node_id",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn settled_through(&self, node_id: &str) -> Result<u64, IngestStoreError> {
         let seq: Option<i64> = self
             .connection()
