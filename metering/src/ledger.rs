@@ -318,14 +318,16 @@ impl Ledger {
     }
 
     /// The subscriber's active buckets (those `usable` takes) with what
-    /// each can give now, nearest expiry first (ties: older grant first).
+    /// each can give now, nearest expiry first (ties: older grant first);
+    /// offline allowances after everything else (they pay only for what
+    /// no grant can).
     fn available(
         &self,
         imsi: &Imsi,
         now: Timestamp,
         usable: &dyn Fn(&Bucket) -> bool,
     ) -> Vec<(u64, u64, u32)> {
-        let mut v: Vec<(Timestamp, u64, u64, u32)> = self
+        let mut v: Vec<((bool, Timestamp), u64, u64, u32)> = self
             .by_imsi
             .get(imsi)
             .into_iter()
@@ -337,10 +339,11 @@ impl Ledger {
                 }
                 let p = b.period(now)?;
                 let free = b.remaining(now).saturating_sub(self.held_in(*id, p));
-                Some((b.expiry_at(now), *id, free, p))
+                let last = b.kind == BucketKind::Offline;
+                Some(((last, b.expiry_at(now)), *id, free, p))
             })
             .collect();
-        v.sort_by_key(|&(exp, id, _, _)| (exp, id));
+        v.sort_by_key(|&(order, id, _, _)| (order, id));
         v.into_iter()
             .map(|(_, id, free, p)| (id, free, p))
             .collect()

@@ -182,3 +182,19 @@ fn the_boxs_own_packages_are_always_usable() {
     assert!(take(&c, &mut l, "m", true, 10, NOW).is_some());
     assert!(!c.is_granted(1));
 }
+
+#[test]
+fn an_offline_allowance_pays_only_for_what_no_grant_can() {
+    let (mut c, mut l) = (GrantCache::default(), Ledger::new());
+    // A expires before B (the top-up asked at the threshold comes later).
+    apply(&mut c, &mut l, 1, terms(7, None, 100, 50), NOW);
+    apply(&mut c, &mut l, 2, terms(8, None, 100, 50), NOW + 60);
+    let r = l
+        .reserve_from(&imsi(), 150, 150, NOW + 60, &|b| c.admits(b, "m", false))
+        .unwrap();
+    assert_eq!(
+        r.holds.iter().map(|h| (h.bucket_id, h.tokens)).collect::<Vec<_>>(),
+        vec![(70, 100), (80, 50)],
+        "B's tokens before A's offline allowance"
+    );
+}
