@@ -556,7 +556,10 @@ mod tests {
         };
         expect(check(&served, &rows, &audit(3), ok), "expected 400");
         // The balance and the bill disagree.
-        expect(check(&done, &rows, &audit(3), ok + 1), "sold 1000 − billed 116");
+        expect(
+            check(&done, &rows, &audit(3), ok + 1),
+            "sold 1000 − billed 116",
+        );
         // The core is short of the edge's log, or its chain is broken.
         let mut behind = audit(3);
         behind[0].contiguous_seq = 2;

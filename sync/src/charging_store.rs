@@ -250,6 +250,12 @@ pub trait ChargingStore: Send + Sync {
     /// The seq of the last downlink message made for `node_id` (0: none).
     fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError>;
 
+    /// `node_id` applied messages up to `seq`, beyond what this store ever
+    /// made for it (the store was restored from a backup, or moved): its
+    /// numbering goes on after `seq`, so that no new message takes a seq
+    /// the box would take for one it applied.
+    fn downlink_raise(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError>;
+
     /// [`ChargingStore::downlink_last`] of each of `nodes` that has had a
     /// message (one query: the instance's watch over its connected boxes).
     fn downlink_lasts(&self, nodes: &[String]) -> Result<Vec<(String, u64)>, IngestStoreError>;

@@ -225,7 +225,8 @@ impl SettleQueue {
                 loop {
                     tick.tick().await;
                     let charging = charging.clone();
-                    let behind = tokio::task::spawn_blocking(move || charging.nodes_unsettled()).await;
+                    let behind =
+                        tokio::task::spawn_blocking(move || charging.nodes_unsettled()).await;
                     let Some(tx) = tx.upgrade() else { return };
                     match behind {
                         Ok(Ok(nodes)) => {
@@ -406,9 +407,10 @@ async fn downlink_stream(
     service: Arc<DownlinkService>,
     mut outbox: tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), String> {
-    // What the box says it applied, within what was ever made for it (a
-    // core restored from a backup, a box's bug): beyond that, it is sent
-    // again from the last made, which the box applies idempotently.
+    // A box that applied more than this store ever made for it (the store
+    // was restored from a backup, or moved): the numbering goes on after
+    // what the box applied, or the box would take new messages for ones it
+    // applied and drop them.
     let last = {
         let (node, store) = (node_id.to_string(), service.store.clone());
         tokio::task::spawn_blocking(move || store.downlink_last(&node))
@@ -417,9 +419,14 @@ async fn downlink_stream(
             .map_err(|e| e.to_string())?
     };
     if hello.applied > last {
-        tracing::warn!(node = %node_id, applied = hello.applied, last, "the box reports more applied than was made for it");
+        tracing::warn!(node = %node_id, applied = hello.applied, last, "the box applied more downlink messages than this store made for it (restored from a backup?): numbering goes on after the box's");
+        let (node, store, seq) = (node_id.to_string(), service.store.clone(), hello.applied);
+        tokio::task::spawn_blocking(move || store.downlink_raise(&node, seq))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     }
-    let applied = hello.applied.min(last);
+    let applied = hello.applied;
     tracing::info!(node = %node_id, applied, "downlink opened");
     let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<EdgeFrame>(16);
     let reader = tokio::spawn(async move {

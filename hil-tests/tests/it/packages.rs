@@ -383,7 +383,8 @@ async fn story(store: Option<String>) {
     }
     let o_grants_at_box_0 = boxes[0].admin.balance(&o_sub).await["buckets"]
         .as_array()
-        .map_or(0, |b| b.iter().filter(|b| b["kind"] == "grant").count()) as u64;
+        .map_or(0, |b| b.iter().filter(|b| b["kind"] == "grant").count())
+        as u64;
     // Each subscriber's account at the core, once it settled the bill.
     let deadline = Instant::now() + Duration::from_secs(60);
     for (s, sold) in &sold {

@@ -193,7 +193,10 @@ fn an_offline_allowance_pays_only_for_what_no_grant_can() {
         .reserve_from(&imsi(), 150, 150, NOW + 60, &|b| c.admits(b, "m", false))
         .unwrap();
     assert_eq!(
-        r.holds.iter().map(|h| (h.bucket_id, h.tokens)).collect::<Vec<_>>(),
+        r.holds
+            .iter()
+            .map(|h| (h.bucket_id, h.tokens))
+            .collect::<Vec<_>>(),
         vec![(70, 100), (80, 50)],
         "B's tokens before A's offline allowance"
     );

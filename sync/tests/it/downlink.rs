@@ -173,7 +173,7 @@ async fn grants_arrive_numbered_are_resent_until_acknowledged_and_revocations_fo
 
     // Revoked at the core (another instance, the operator API): the
     // connected box hears of both grants without asking (the core looks at
-    // its outbox every second; the bound below only turns a lost
+    // its outbox every 250 ms; the bound below only turns a lost
     // revocation into a failure instead of a hang).
     let hit = core
         .store
@@ -206,6 +206,37 @@ async fn grants_arrive_numbered_are_resent_until_acknowledged_and_revocations_fo
         answer.and_then(|f| f.kind),
         Some(core_frame::Kind::Hello(_))
     ));
+    core.stop().await;
+}
+
+/// A core restored from a backup older than what a box applied: the box
+/// says it applied seq 5, the store made nothing for it; the next grant
+/// is numbered 6, not 1 (which the box would take for one it applied, and
+/// drop).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_core_behind_what_a_box_applied_numbers_on_after_the_box() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let identity = NodeIdentity::generate().unwrap();
+    identity.write_to(&dir.path().join("identity")).unwrap();
+    let key = std::fs::read_to_string(dir.path().join("identity/node.key")).unwrap();
+    let cert = issue_node_cert(&core.ca, "box-1", &identity.public_key_pem()).unwrap();
+    let imsi = Imsi::parse(IMSI).unwrap();
+    core.store
+        .sell(
+            "bss-1",
+            &imsi,
+            &package(1_000),
+            "p",
+            chrono::Utc::now().timestamp(),
+        )
+        .unwrap();
+    let mut b = Box_::connect(&core, &cert, &key, 5).await;
+    b.ask(1, IMSI, 100).await;
+    match b.next(Duration::from_secs(10)).await {
+        Some(core_frame::Kind::Downlink(m)) => assert_eq!(m.seq, 6, "{m:?}"),
+        other => panic!("{other:?}"),
+    }
     core.stop().await;
 }
 

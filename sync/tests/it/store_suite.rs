@@ -664,7 +664,10 @@ fn postgres_migrates_a_version_1_database_and_keeps_its_rows() {
     // against packages: its cursor starts where the node is.
     assert_eq!(
         server
-            .sql(&db, "SELECT seq FROM charging_settled_through WHERE node_id = 'old-box'")
+            .sql(
+                &db,
+                "SELECT seq FROM charging_settled_through WHERE node_id = 'old-box'"
+            )
             .unwrap(),
         "7"
     );

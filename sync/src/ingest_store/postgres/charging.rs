@@ -602,6 +602,17 @@ impl ChargingStore for PgStore {
             .collect())
     }
 
+    fn downlink_raise(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError> {
+        self.rows(
+            "INSERT INTO downlink_nodes (node_id, last_seq, applied) VALUES ($1, $2, $2)
+             ON CONFLICT (node_id) DO UPDATE
+             SET last_seq = GREATEST(downlink_nodes.last_seq, excluded.last_seq),
+                 applied = GREATEST(downlink_nodes.applied, excluded.applied)",
+            &[&node_id, &seq_i64(seq)?],
+        )?;
+        Ok(())
+    }
+
     fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError> {
         let rows = self.rows(
             "SELECT last_seq FROM downlink_nodes WHERE node_id = $1",

@@ -590,6 +590,17 @@ impl ChargingStore for SqliteStore {
         Ok(out)
     }
 
+    fn downlink_raise(&self, node_id: &str, seq: u64) -> Result<(), IngestStoreError> {
+        let seq = seq_i64(seq)?;
+        self.connection().execute(
+            "INSERT INTO downlink_nodes (node_id, last_seq, applied) VALUES (?1, ?2, ?2)
+             ON CONFLICT(node_id) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq),
+                 applied = MAX(applied, excluded.applied)",
+            params![node_id, seq],
+        )?;
+        Ok(())
+    }
+
     fn downlink_last(&self, node_id: &str) -> Result<u64, IngestStoreError> {
         let last: Option<i64> = self
             .connection()
