@@ -318,6 +318,12 @@ impl Billing {
     /// `max_completion` tokens), and a stream's in-flight slot. Blocking
     /// only for a new subscriber's welcome grant (one SQLite transaction).
     pub fn admit(&self, a: Admit<'_>) -> Result<Admission, BillingError> {
+        self.admit_with(a, true)
+    }
+
+    /// [`Billing::admit`]; `rate_limits` false for a request admitted
+    /// again after waiting for a grant (its limits were taken once).
+    fn admit_with(&self, a: Admit<'_>, rate_limits: bool) -> Result<Admission, BillingError> {
         let mut admission = Admission {
             billing: self.clone(),
             info: a.info.clone(),
@@ -330,11 +336,13 @@ impl Billing {
             return Ok(admission);
         }
         let info = a.info;
-        self.inner.limits.lock().unwrap().check(
-            info.imsi.as_str(),
-            &info.app,
-            a.prompt_tokens + a.max_completion,
-        )?;
+        if rate_limits {
+            self.inner.limits.lock().unwrap().check(
+                info.imsi.as_str(),
+                &info.app,
+                a.prompt_tokens + a.max_completion,
+            )?;
+        }
         self.inner
             .log
             .check_accepting(TYPICAL_RECORD_BYTES)
@@ -410,8 +418,10 @@ impl Billing {
         };
         let (imsi, model) = (&a.info.imsi, a.info.model.as_str());
         let deadline = tokio::time::Instant::now() + GRANT_WAIT;
+        // The rate limits are taken once, by the first try.
+        let mut first = true;
         loop {
-            match self.admit(a) {
+            match self.admit_with(a, std::mem::replace(&mut first, false)) {
                 Err(BillingError::InsufficientQuota { .. }) => {}
                 Ok(admission) => {
                     self.top_up_if_low(&asker, imsi, model);
@@ -431,6 +441,14 @@ impl Billing {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
+            // The question ends with this request, however it ends (a
+            // client that leaves drops this future mid-question).
+            let question = Question {
+                billing: self,
+                imsi,
+                model,
+                refused: false,
+            };
             let answer = asker
                 .ask(
                     imsi.as_str(),
@@ -439,18 +457,13 @@ impl Billing {
                     deadline - tokio::time::Instant::now(),
                 )
                 .await;
-            let refused = !matches!(answer, Ok(GrantAnswer::Granted(_)));
-            self.inner
-                .grants
-                .lock()
-                .unwrap()
-                .answered(imsi, model, refused, unix_now());
+            question.end(refused(&answer));
             match answer {
                 // Applied before the answer came: admit again.
                 Ok(GrantAnswer::Granted(_)) => continue,
                 Ok(GrantAnswer::Refused { code, message }) => {
                     if code == "unknown_subscriber" && self.welcome_unknown(imsi).await? {
-                        return self.admit(a);
+                        return self.admit_with(a, false);
                     }
                     return Err(if code == "unavailable" {
                         BillingError::NoGrant(format!("the core could not grant one: {message}"))
@@ -460,7 +473,7 @@ impl Billing {
                 }
                 Err(AskError::NotConnected) => {
                     if self.welcome_unknown(imsi).await? {
-                        return self.admit(a);
+                        return self.admit_with(a, false);
                     }
                     return Err(BillingError::NoGrant("the core cannot be reached".into()));
                 }
@@ -513,16 +526,17 @@ impl Billing {
         let (this, asker, imsi, model) =
             (self.clone(), asker.clone(), imsi.clone(), model.to_string());
         tokio::spawn(async move {
+            let question = Question {
+                billing: &this,
+                imsi: &imsi,
+                model: &model,
+                refused: false,
+            };
             let answer = asker.ask(imsi.as_str(), &model, 0, GRANT_WAIT).await;
-            let refused = !matches!(answer, Ok(GrantAnswer::Granted(_)));
             if let Ok(GrantAnswer::Refused { code, message }) = &answer {
                 tracing::info!(%imsi, %model, %code, %message, "the core refused more quota");
             }
-            this.inner
-                .grants
-                .lock()
-                .unwrap()
-                .answered(&imsi, &model, refused, unix_now());
+            question.end(refused(&answer));
         });
     }
 
@@ -650,16 +664,18 @@ impl Billing {
             None => Received::Unknown,
         };
         let now = unix_now();
-        let mut grants = self.inner.grants.lock().unwrap();
-        let Some(change) = grants.plan(m.seq, received, now) else {
+        let Some(change) = self.inner.grants.lock().unwrap().plan(m.seq, received, now) else {
             return Ok(()); // applied before
         };
+        // Durable first, the grant cache unlocked meanwhile (admissions go on
+        // during the commit); the store applies a seq once whoever asks.
         let held = self
             .inner
             .store
             .lock()
             .unwrap()
             .apply_downlink(m.seq, &change, now)?;
+        let mut grants = self.inner.grants.lock().unwrap();
         match (&change, &held) {
             (GrantChange::Grant { .. }, Some(h)) => {
                 let mut ledger = self.inner.ledger.lock().unwrap();
@@ -923,9 +939,15 @@ impl Billing {
     /// the same (they were served). `None` when no package was valid then.
     fn hold_for_interrupted(&self, p: &Pending) -> Option<u64> {
         let imsi = Imsi::parse(&p.bill.imsi).ok()?;
+        // Its model's grants; their offline allowances too, last (the
+        // tokens were served: they are billed from whatever can pay).
+        let connected = false;
+        let grants = self.inner.grants.lock().unwrap();
         let mut ledger = self.inner.ledger.lock().unwrap();
         let r = ledger
-            .reserve(&imsi, 0, p.bill.billed(), p.started_s)
+            .reserve_from(&imsi, 0, p.bill.billed(), p.started_s, &|b| {
+                grants.admits(b, &p.bill.model, connected)
+            })
             .ok()?;
         if r.holds.is_empty() {
             let _ = ledger.release(r.id);
@@ -967,6 +989,39 @@ impl Billing {
 
     fn release(&self, reservation: u64) {
         let _ = self.inner.ledger.lock().unwrap().release(reservation);
+    }
+}
+
+/// Whether an answer is a refusal that should keep the box from asking
+/// again on its own for a while (no quota, no package); an unavailable core
+/// or no answer is not.
+fn refused(answer: &Result<GrantAnswer, AskError>) -> bool {
+    matches!(answer, Ok(GrantAnswer::Refused { code, .. }) if code != "unavailable")
+}
+
+/// A question to the core, out until it ends: ended by its answer, or by
+/// being dropped (the request that asked went away).
+struct Question<'a> {
+    billing: &'a Billing,
+    imsi: &'a Imsi,
+    model: &'a str,
+    refused: bool,
+}
+
+impl Question<'_> {
+    fn end(mut self, refused: bool) {
+        self.refused = refused;
+    }
+}
+
+impl Drop for Question<'_> {
+    fn drop(&mut self) {
+        self.billing.inner.grants.lock().unwrap().answered(
+            self.imsi,
+            self.model,
+            self.refused,
+            unix_now(),
+        );
     }
 }
 

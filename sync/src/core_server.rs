@@ -411,20 +411,24 @@ async fn downlink_stream(
     // was restored from a backup, or moved): the numbering goes on after
     // what the box applied, or the box would take new messages for ones it
     // applied and drop them.
-    let last = {
-        let (node, store) = (node_id.to_string(), service.store.clone());
-        tokio::task::spawn_blocking(move || store.downlink_last(&node))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+    let numbered = {
+        let (node, store, applied) = (node_id.to_string(), service.store.clone(), hello.applied);
+        tokio::task::spawn_blocking(move || {
+            let last = store.downlink_last(&node)?;
+            if applied > last {
+                tracing::warn!(node = %node, applied, last, "the box applied more downlink messages than this store made for it (restored from a backup?): numbering goes on after the box's");
+                store.downlink_raise(&node, applied)?;
+            }
+            Ok::<_, crate::ingest_store::IngestStoreError>(())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
     };
-    if hello.applied > last {
-        tracing::warn!(node = %node_id, applied = hello.applied, last, "the box applied more downlink messages than this store made for it (restored from a backup?): numbering goes on after the box's");
-        let (node, store, seq) = (node_id.to_string(), service.store.clone(), hello.applied);
-        tokio::task::spawn_blocking(move || store.downlink_raise(&node, seq))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+    if let Err(e) = numbered {
+        // Reset, not finished: the box sees a failure and opens it again.
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+        return Err(e);
     }
     let applied = hello.applied;
     tracing::info!(node = %node_id, applied, "downlink opened");
@@ -447,6 +451,8 @@ async fn downlink_stream(
     // What the outbox held when the stream opened.
     if let Err(e) = flush(node_id, &mut sent, &mut send, &service).await {
         reader.abort();
+        // Reset, not finished: the box sees a failure and opens it again.
+        let _ = send.reset(quinn::VarInt::from_u32(1));
         return Err(e);
     }
     // A flush whose read failed is tried again, even with nothing new.
@@ -501,6 +507,10 @@ async fn downlink_stream(
         }
     };
     reader.abort();
+    if result.is_err() {
+        // Reset, not finished: the box sees a failure and opens it again.
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+    }
     // How the box's side ended (a reset, a frame that does not decode),
     // when it ended first.
     if let Ok(Ok(Err(e))) = tokio::time::timeout(std::time::Duration::from_millis(10), reader).await

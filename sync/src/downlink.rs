@@ -76,16 +76,42 @@ pub struct DownlinkStatus {
     pub last_error: Option<String>,
 }
 
-#[derive(Default)]
+/// A question waiting for its answer: who it is for, and where the answer
+/// goes.
+struct Waiting {
+    imsi: String,
+    answer: oneshot::Sender<GrantAnswer>,
+}
+
 struct Shared {
     next_request: AtomicU64,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<GrantAnswer>>>,
-    /// Where questions go while a downlink is up.
-    outgoing: Mutex<Option<mpsc::UnboundedSender<GrantRequest>>>,
+    waiting: Mutex<HashMap<u64, Waiting>>,
+    /// Where questions go while a downlink is up, and which downlink (its
+    /// generation) set it: only that one clears it when it ends.
+    outgoing: Mutex<(u64, Option<mpsc::UnboundedSender<GrantRequest>>)>,
+    generation: AtomicU64,
     connected: std::sync::atomic::AtomicBool,
     applied: AtomicU64,
     last_message: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            // Random, so that an answer to a question of an earlier process
+            // (a grant made before a crash, delivered after) never matches
+            // a question of this one.
+            next_request: AtomicU64::new(rand::random::<u64>() >> 2),
+            waiting: Mutex::default(),
+            outgoing: Mutex::default(),
+            generation: AtomicU64::default(),
+            connected: Default::default(),
+            applied: AtomicU64::default(),
+            last_message: Mutex::default(),
+            last_error: Mutex::default(),
+        }
+    }
 }
 
 /// Asks the core for grants over whichever downlink is up. Cheap to clone.
@@ -126,12 +152,19 @@ impl GrantAsker {
         // box no longer waits for is applied all the same.
         let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
-        self.shared.waiting.lock().unwrap().insert(request_id, tx);
+        self.shared.waiting.lock().unwrap().insert(
+            request_id,
+            Waiting {
+                imsi: imsi.to_string(),
+                answer: tx,
+            },
+        );
         let sent = self
             .shared
             .outgoing
             .lock()
             .unwrap()
+            .1
             .as_ref()
             .is_some_and(|out| {
                 out.send(GrantRequest {
@@ -171,16 +204,33 @@ impl GrantAsker {
         }
     }
 
-    fn answer(&self, request_id: u64, answer: GrantAnswer) {
-        if let Some(tx) = self.shared.waiting.lock().unwrap().remove(&request_id) {
-            let _ = tx.send(answer);
+    /// Routes an answer to its question, when it is this process's and
+    /// for the same subscriber.
+    fn answer(&self, request_id: u64, imsi: &str, answer: GrantAnswer) {
+        let mut waiting = self.shared.waiting.lock().unwrap();
+        if waiting.get(&request_id).is_some_and(|w| w.imsi == imsi) {
+            if let Some(w) = waiting.remove(&request_id) {
+                let _ = w.answer.send(answer);
+            }
         }
     }
 
-    /// The downlink ended: questions out get no answer from it.
-    fn disconnected(&self) {
+    /// A downlink is up: questions go to `out` until downlink
+    /// `generation` ends.
+    fn connected_as(&self, generation: u64, out: mpsc::UnboundedSender<GrantRequest>) {
+        *self.shared.outgoing.lock().unwrap() = (generation, Some(out));
+        self.shared.connected.store(true, Ordering::Release);
+    }
+
+    /// Downlink `generation` ended: questions out get no answer from it.
+    /// A later downlink, up already, is left alone.
+    fn disconnected(&self, generation: u64) {
+        let mut outgoing = self.shared.outgoing.lock().unwrap();
+        if outgoing.0 != generation {
+            return;
+        }
+        *outgoing = (generation, None);
         self.shared.connected.store(false, Ordering::Release);
-        *self.shared.outgoing.lock().unwrap() = None;
         // Dropping the senders ends each waiting question (NotConnected).
         self.shared.waiting.lock().unwrap().clear();
     }
@@ -198,19 +248,20 @@ pub async fn run(
 ) -> Result<(), String> {
     // However it ends (an error, or the uploader aborting it with its
     // connection), the questions out are told and no new one goes out.
-    let _down = DisconnectOnDrop(asker.clone());
-    let result = serve(&conn, &sink, &asker).await;
+    let generation = asker.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+    let _down = DisconnectOnDrop(asker.clone(), generation);
+    let result = serve(&conn, &sink, &asker, generation).await;
     if let Err(e) = &result {
         *asker.shared.last_error.lock().unwrap() = Some(e.clone());
     }
     result
 }
 
-struct DisconnectOnDrop(GrantAsker);
+struct DisconnectOnDrop(GrantAsker, u64);
 
 impl Drop for DisconnectOnDrop {
     fn drop(&mut self) {
-        self.0.disconnected();
+        self.0.disconnected(self.1);
     }
 }
 
@@ -218,6 +269,7 @@ async fn serve(
     conn: &quinn::Connection,
     sink: &Arc<dyn DownlinkSink>,
     asker: &GrantAsker,
+    generation: u64,
 ) -> Result<(), String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let applied = {
@@ -234,8 +286,7 @@ async fn serve(
         .await
         .map_err(|e| e.to_string())?;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<GrantRequest>();
-    *asker.shared.outgoing.lock().unwrap() = Some(out_tx);
-    asker.shared.connected.store(true, Ordering::Release);
+    asker.connected_as(generation, out_tx);
     tracing::info!(applied, "downlink open");
     // Frames are read by a task of their own, so that sending a question
     // never interrupts a read.
@@ -273,7 +324,7 @@ async fn serve(
                         let seq = message.seq;
                         let answers = match &message.kind {
                             Some(pb::downlink::Kind::Grant(g)) if g.request_id != 0 => {
-                                Some((g.request_id, g.grant_id))
+                                Some((g.request_id, g.imsi.clone(), g.grant_id))
                             }
                             _ => None,
                         };
@@ -289,12 +340,12 @@ async fn serve(
                         send.write_all(&encode_frame(&ack))
                             .await
                             .map_err(|e| e.to_string())?;
-                        if let Some((request_id, grant_id)) = answers {
-                            asker.answer(request_id, GrantAnswer::Granted(grant_id));
+                        if let Some((request_id, imsi, grant_id)) = answers {
+                            asker.answer(request_id, &imsi, GrantAnswer::Granted(grant_id));
                         }
                     }
                     Some(core_frame::Kind::GrantRefused(r)) => {
-                        asker.answer(r.request_id, GrantAnswer::Refused {
+                        asker.answer(r.request_id, &r.imsi, GrantAnswer::Refused {
                             code: r.code,
                             message: r.message,
                         });

@@ -165,6 +165,31 @@ pub async fn run(
     endpoint.wait_idle().await;
 }
 
+/// The downlink of `conn`, opened again after it ends for as long as the
+/// connection lives: after a failure (a message the box could not apply,
+/// the core's store failing), with backoff; after a clean end (an older
+/// core, which serves none), once a minute.
+async fn serve_downlink(conn: quinn::Connection, d: Downlink) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let delay = match crate::downlink::run(conn.clone(), d.sink.clone(), d.asker.clone()).await
+        {
+            Ok(()) => {
+                tracing::info!("the core ended the downlink (an older core serves none); trying again in a minute");
+                Duration::from_secs(60)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "downlink ended; opening it again");
+                backoff.next_delay(rand::random())
+            }
+        };
+        if conn.close_reason().is_some() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
 async fn ack_log(log: &Arc<UsageLog>, seq: u64, limit: &Option<AckLimit>) -> Result<(), String> {
     let log = log.clone();
     let limit = limit.clone();
@@ -197,16 +222,14 @@ async fn session(
     // ends with it.
     let downlink = config.downlink.clone().map(|d| {
         let conn = conn.clone();
-        tokio::spawn(async move {
-            match crate::downlink::run(conn, d.sink, d.asker).await {
-                Ok(()) => tracing::info!("the core ended the downlink (an older core serves none)"),
-                Err(e) => tracing::warn!(error = %e, "downlink ended"),
-            }
-        })
+        tokio::spawn(serve_downlink(conn, d))
     });
     let result = exchange(&conn, log, config, window, status, shutdown).await;
     if let Some(d) = downlink {
+        // Ended before the next connection's downlink starts (the asker is
+        // told this one is gone before the next says it is up).
         d.abort();
+        let _ = d.await;
     }
     result.map_err(|e| match conn.close_reason() {
         // Stream errors say only "connection lost": name why.
