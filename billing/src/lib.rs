@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mec_metering::grants::{GrantCache, GrantChange, GrantCounters, GrantTerms, Received};
+use mec_metering::grants::{GrantCache, GrantChange, GrantCounters, GrantTerms, Now, Received};
 use mec_metering::ledger::{Balance, Bucket, BucketKind, Ledger, LedgerError, Timestamp};
 use mec_metering::store::{Store, UsageRow};
 use mec_metering::Imsi;
@@ -68,22 +68,43 @@ use record::unix_ms;
 pub use record::{Bill, Settlement};
 use tally::{Counting, Entry, Slot, Tally};
 
-/// The agent's clock, Unix seconds: the wall clock when the process first
-/// read it, advanced by the monotonic clock since. Packages' and grants'
-/// validity are judged by it, so a wall clock stepped while the agent runs
-/// (NTP correcting a box that was hours off) neither ends a grant early
-/// nor keeps one alive (a grant lasts exactly as long as the core said,
-/// from its arrival); a restart reads the wall clock again.
+/// Unix seconds now (the wall clock: packages' calendar windows).
 pub fn unix_now() -> Timestamp {
-    static START: std::sync::OnceLock<(i64, Instant)> = std::sync::OnceLock::new();
-    let (wall, mono) = START.get_or_init(|| {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        (wall, Instant::now())
-    });
-    wall.saturating_add(mono.elapsed().as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Both clocks now: the wall clock, and the monotonic clock that judges
+/// grants (`CLOCK_BOOTTIME`, seconds: it runs on across the agent's
+/// restarts and is never stepped).
+pub fn clocks() -> Now {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    let mono = if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } == 0 {
+        ts.tv_sec
+    } else {
+        // No boot clock: the process's own monotonic clock, from a fixed
+        // point (deadlines then last across restarts by the wall clock).
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_secs() as i64
+    };
+    Now {
+        wall: unix_now(),
+        mono,
+    }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`): a grant's deadline
+/// on the monotonic clock holds only within the boot that set it.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| format!("pid-{}", std::process::id()))
 }
 
 /// How billing is set up.
@@ -226,6 +247,8 @@ struct Inner {
     /// The core's grants held here, and the questions out. Locked before
     /// the ledger when both are (never the other way round).
     grants: Mutex<GrantCache>,
+    /// This boot's id (grants' deadlines are on its monotonic clock).
+    boot: String,
     /// The core, when packages are sold there.
     core: Option<GrantAsker>,
     ledger: Mutex<Ledger>,
@@ -277,7 +300,8 @@ impl Billing {
             );
         }
         applied.set(store.applied_watermark()?);
-        let grants = GrantCache::new(store.downlink_applied()?, store.grants()?);
+        let boot = boot_id();
+        let grants = GrantCache::new(store.downlink_applied()?, store.grants(clocks(), &boot)?);
         let mut ledger = Ledger::new();
         let mut known = HashSet::new();
         for b in store.buckets()? {
@@ -293,6 +317,7 @@ impl Billing {
             inner: Arc::new(Inner {
                 enabled: config.enabled,
                 grants: Mutex::new(grants),
+                boot,
                 core: config.core,
                 ledger: Mutex::new(ledger),
                 limits: Mutex::new(limits::Limiters::new(&config.limits)),
@@ -352,6 +377,7 @@ impl Billing {
             self.welcome_if_new(&info.imsi, now)?;
         }
         let connected = self.core_connected();
+        let mono = clocks().mono;
         let grants = self.inner.grants.lock().unwrap();
         let r = self
             .inner
@@ -363,7 +389,7 @@ impl Billing {
                 a.prompt_tokens + 1,
                 a.prompt_tokens + a.max_completion,
                 now,
-                &|b| grants.admits(b, &info.model, connected),
+                &|b| grants.admits(b, &info.model, connected, mono),
             )
             .map_err(|e| match e {
                 LedgerError::InsufficientQuota { available, needed } => {
@@ -509,17 +535,17 @@ impl Billing {
         if !asker.connected() {
             return;
         }
-        let now = unix_now();
+        let now = clocks();
         let mut grants = self.inner.grants.lock().unwrap();
         let left = self
             .inner
             .ledger
             .lock()
             .unwrap()
-            .available_from(imsi, now, &|b| {
-                grants.is_granted(b.id) && grants.admits(b, model, true)
+            .available_from(imsi, now.wall, &|b| {
+                grants.is_granted(b.id) && grants.admits(b, model, true, now.mono)
             });
-        if !grants.should_ask(imsi, model, left, now) {
+        if !grants.should_ask(imsi, model, left, now.mono) {
             return;
         }
         drop(grants);
@@ -663,23 +689,23 @@ impl Billing {
             },
             None => Received::Unknown,
         };
-        let now = unix_now();
+        let now = clocks();
         let Some(change) = self.inner.grants.lock().unwrap().plan(m.seq, received, now) else {
             return Ok(()); // applied before
         };
         // Durable first, the grant cache unlocked meanwhile (admissions go on
         // during the commit); the store applies a seq once whoever asks.
-        let held = self
-            .inner
-            .store
-            .lock()
-            .unwrap()
-            .apply_downlink(m.seq, &change, now)?;
+        let held = self.inner.store.lock().unwrap().apply_downlink(
+            m.seq,
+            &change,
+            now.wall,
+            &self.inner.boot,
+        )?;
         let mut grants = self.inner.grants.lock().unwrap();
         match (&change, &held) {
             (GrantChange::Grant { .. }, Some(h)) => {
                 let mut ledger = self.inner.ledger.lock().unwrap();
-                for b in h.buckets(now) {
+                for b in h.buckets() {
                     ledger
                         .insert(b)
                         .map_err(|e| BillingError::Internal(e.to_string()))?;
@@ -707,14 +733,14 @@ impl Billing {
 
     /// The core's grants as the admin API and the metrics show them.
     pub fn grants_view(&self) -> GrantsView {
-        let now = unix_now();
+        let now = clocks();
         let grants = self.inner.grants.lock().unwrap();
         let ledger = self.inner.ledger.lock().unwrap();
-        let live: Vec<_> = grants.live(now).collect();
+        let live: Vec<_> = grants.live(now.mono).collect();
         let tokens_left = live
             .iter()
             .filter_map(|g| ledger.bucket(g.bucket_id))
-            .map(|b| b.remaining(now))
+            .map(|b| b.remaining(now.wall))
             .fold(0u64, u64::saturating_add);
         GrantsView {
             held: live.len(),
@@ -725,9 +751,24 @@ impl Billing {
         }
     }
 
-    /// A subscriber's balance now.
+    /// A subscriber's balance now. The core's grants count while they are
+    /// live (their offline allowances never do), and show their own end.
     pub fn balance(&self, imsi: &Imsi) -> Balance {
-        self.inner.ledger.lock().unwrap().balance(imsi, unix_now())
+        let now = clocks();
+        let grants = self.inner.grants.lock().unwrap();
+        let ledger = self.inner.ledger.lock().unwrap();
+        let mut balance = ledger.balance(imsi, now.wall);
+        balance.remaining_tokens =
+            ledger.available_from(imsi, now.wall, &|b| grants.in_balance(b, now.mono));
+        for view in &mut balance.buckets {
+            if let Some(g) = grants.held_by(view.id) {
+                view.expires_at = g.expires_at;
+                view.tokens_expire_at = g.expires_at;
+                view.valid_from = g.expires_at.saturating_sub(g.terms.valid_for_s);
+                view.active = !g.revoked && now.mono < g.deadline;
+            }
+        }
+        balance
     }
 
     /// A subscriber's last settled requests, newest first. Blocking (SQLite).
@@ -942,11 +983,12 @@ impl Billing {
         // Its model's grants; their offline allowances too, last (the
         // tokens were served: they are billed from whatever can pay).
         let connected = false;
+        let mono = clocks().mono;
         let grants = self.inner.grants.lock().unwrap();
         let mut ledger = self.inner.ledger.lock().unwrap();
         let r = ledger
             .reserve_from(&imsi, 0, p.bill.billed(), p.started_s, &|b| {
-                grants.admits(b, &p.bill.model, connected)
+                grants.admits(b, &p.bill.model, connected, mono)
             })
             .ok()?;
         if r.holds.is_empty() {
@@ -1020,7 +1062,7 @@ impl Drop for Question<'_> {
             self.imsi,
             self.model,
             self.refused,
-            unix_now(),
+            clocks().mono,
         );
     }
 }

@@ -4,11 +4,13 @@
 //! A grant arrives on the downlink (`sync.proto`'s `Downlink`, numbered per
 //! box). The box keeps it as ledger buckets: one of kind
 //! [`BucketKind::Grant`] holding its tokens and, when the core allows any,
-//! one of kind [`BucketKind::Offline`] holding its offline allowance. Both
-//! are valid from the moment it arrived for as long as the core said: the
-//! validity is `expires_at - core_time` of the message, counted on the
-//! agent's clock from its arrival, so a box whose wall clock is hours off
-//! still holds a grant exactly as long as the core meant.
+//! one of kind [`BucketKind::Offline`] holding its offline allowance. It is
+//! valid from the moment it arrived for as long as the core said
+//! (`expires_at - core_time` of the message), counted on the box's
+//! monotonic clock ([`Now::mono`]): a box whose wall clock is hours off, or
+//! is stepped while it holds the grant, holds it exactly as long as the
+//! core meant. The ledger sees its buckets as always valid; this cache
+//! decides ([`GrantCache::admits`]).
 //!
 //! This type decides:
 //! * which downlink messages are new (each is applied once, in seq order:
@@ -34,6 +36,21 @@ use crate::Imsi;
 /// subscriber and model on its own (a request still asks at once when it
 /// finds nothing to take from).
 pub const ASK_AGAIN_AFTER_REFUSAL_S: i64 = 30;
+
+/// The end of a grant bucket's window as the ledger sees it: never (the
+/// grant's own deadline, on the monotonic clock, is what ends it).
+pub const GRANT_BUCKET_END: Timestamp = i64::MAX / 2;
+
+/// The box's two clocks at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// The wall clock, Unix seconds: a grant's end as shown, and as kept
+    /// across a reboot.
+    pub wall: Timestamp,
+    /// A monotonic clock, seconds (the agent uses `CLOCK_BOOTTIME`, which
+    /// runs on across the agent's restarts): what judges validity.
+    pub mono: i64,
+}
 
 /// A grant as the core sent it, in the ledger's terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,23 +83,27 @@ pub struct HeldGrant {
     pub bucket_id: u64,
     /// The ledger bucket of its offline allowance (none when 0).
     pub offline_bucket_id: Option<u64>,
-    /// Valid until, on the agent's clock.
+    /// Valid until, on the wall clock as it was when the grant arrived
+    /// (shown; judges validity only after a reboot).
     pub expires_at: Timestamp,
+    /// Valid until, on the monotonic clock: what judges validity.
+    pub deadline: i64,
     /// Revoked by the core: no new request takes from it.
     pub revoked: bool,
 }
 
 impl HeldGrant {
     /// The ledger buckets that hold it: its tokens, then its offline
-    /// allowance.
-    pub fn buckets(&self, received_at: Timestamp) -> Vec<Bucket> {
+    /// allowance. Their window never ends as the ledger sees it
+    /// ([`GRANT_BUCKET_END`]): the grant's deadline does.
+    pub fn buckets(&self) -> Vec<Bucket> {
         let bucket = |id, kind, allowance| Bucket {
             id,
             imsi: self.terms.imsi.clone(),
             kind,
             allowance,
-            valid_from: received_at.min(self.expires_at),
-            expires_at: self.expires_at,
+            valid_from: 0,
+            expires_at: GRANT_BUCKET_END,
             used: 0,
             used_period: 0,
             revoked: self.revoked,
@@ -116,12 +137,14 @@ pub enum Received {
 /// What one downlink message changes at the box.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrantChange {
-    /// A new grant, valid until `expires_at` on the agent's clock.
+    /// A new grant.
     Grant {
         /// What the core granted.
         terms: GrantTerms,
-        /// Its end on the agent's clock.
+        /// Its end on the wall clock at its arrival.
         expires_at: Timestamp,
+        /// Its end on the monotonic clock.
+        deadline: i64,
     },
     /// A grant revoked.
     Revoke {
@@ -178,10 +201,10 @@ impl GrantCache {
         self.applied
     }
 
-    /// What downlink message `seq`, saying `received`, changes at `now`
-    /// (the agent's clock), or `None` when it is not new (applied before:
-    /// a resend, or a replay of an old message).
-    pub fn plan(&self, seq: u64, received: Received, now: Timestamp) -> Option<GrantChange> {
+    /// What downlink message `seq`, saying `received`, changes at `now`,
+    /// or `None` when it is not new (applied before: a resend, or a replay
+    /// of an old message).
+    pub fn plan(&self, seq: u64, received: Received, now: Now) -> Option<GrantChange> {
         if seq <= self.applied {
             return None;
         }
@@ -191,7 +214,8 @@ impl GrantCache {
                 GrantChange::Nothing
             }
             Received::Grant(terms) => GrantChange::Grant {
-                expires_at: now.saturating_add(terms.valid_for_s.max(0)),
+                expires_at: now.wall.saturating_add(terms.valid_for_s.max(0)),
+                deadline: now.mono.saturating_add(terms.valid_for_s.max(0)),
                 terms,
             },
             Received::Revoked { grant_id } => GrantChange::Revoke { grant_id },
@@ -243,11 +267,12 @@ impl GrantCache {
         self.by_bucket.get(&bucket_id).map(|&(g, _)| g)
     }
 
-    /// Whether a request for `model` may take from `bucket`: a box's own
-    /// package always; a grant's tokens when it is not revoked and was
-    /// granted for this model (or any); its offline allowance only while
-    /// the core cannot be reached (`connected` false).
-    pub fn admits(&self, bucket: &Bucket, model: &str, connected: bool) -> bool {
+    /// Whether a request for `model` may take from `bucket` at `mono` (the
+    /// monotonic clock): a box's own package always; a grant's tokens when
+    /// it is neither revoked nor past its deadline and was granted for
+    /// this model (or any); its offline allowance only while the core
+    /// cannot be reached (`connected` false).
+    pub fn admits(&self, bucket: &Bucket, model: &str, connected: bool, mono: i64) -> bool {
         let Some(&(grant_id, offline)) = self.by_bucket.get(&bucket.id) else {
             return true;
         };
@@ -255,8 +280,28 @@ impl GrantCache {
             return false;
         };
         !g.revoked
+            && mono < g.deadline
             && (!offline || !connected)
             && g.terms.model.as_deref().is_none_or(|m| m == model)
+    }
+
+    /// Whether `bucket` counts in a balance at `mono`: a box's own package,
+    /// or a live grant's tokens (not its offline allowance).
+    pub fn in_balance(&self, bucket: &Bucket, mono: i64) -> bool {
+        match self.by_bucket.get(&bucket.id) {
+            None => true,
+            Some(&(_, true)) => false,
+            Some(&(grant_id, false)) => self
+                .grants
+                .get(&grant_id)
+                .is_some_and(|g| !g.revoked && mono < g.deadline),
+        }
+    }
+
+    /// The grant a bucket holds, with its end on the wall clock.
+    pub fn held_by(&self, bucket_id: u64) -> Option<&HeldGrant> {
+        let (grant_id, _) = self.by_bucket.get(&bucket_id)?;
+        self.grants.get(grant_id)
     }
 
     /// Whether a bucket is one of the core's (a grant's or its offline
@@ -270,12 +315,13 @@ impl GrantCache {
     /// below the sum of their thresholds (or it holds none), no question is
     /// out for them, and no refusal is recent. Marks the question as out
     /// when it answers yes: [`GrantCache::answered`] ends it.
-    pub fn should_ask(&mut self, imsi: &Imsi, model: &str, left: u64, now: Timestamp) -> bool {
+    /// `mono` is the monotonic clock.
+    pub fn should_ask(&mut self, imsi: &Imsi, model: &str, left: u64, mono: i64) -> bool {
         let key = (imsi.clone(), Some(model.to_string()));
         if self.asking.contains(&key) {
             return false;
         }
-        if self.refused_until.get(&key).is_some_and(|&t| now < t) {
+        if self.refused_until.get(&key).is_some_and(|&t| mono < t) {
             return false;
         }
         let threshold: u64 = self
@@ -284,7 +330,7 @@ impl GrantCache {
             .filter(|g| {
                 &g.terms.imsi == imsi
                     && !g.revoked
-                    && now < g.expires_at
+                    && mono < g.deadline
                     && g.terms.model.as_deref().is_none_or(|m| m == model)
             })
             .map(|g| g.terms.threshold)
@@ -312,22 +358,22 @@ impl GrantCache {
     /// The question for `imsi` and `model` is answered: granted (the grant
     /// arrives as a downlink message), refused, or never answered (the
     /// link went down). A refusal keeps [`GrantCache::should_ask`] quiet
-    /// for [`ASK_AGAIN_AFTER_REFUSAL_S`].
-    pub fn answered(&mut self, imsi: &Imsi, model: &str, refused: bool, now: Timestamp) {
+    /// for [`ASK_AGAIN_AFTER_REFUSAL_S`] (`mono`: the monotonic clock).
+    pub fn answered(&mut self, imsi: &Imsi, model: &str, refused: bool, mono: i64) {
         let key = (imsi.clone(), Some(model.to_string()));
         self.asking.remove(&key);
         if refused {
             self.counters.refused += 1;
             self.refused_until
-                .insert(key, now.saturating_add(ASK_AGAIN_AFTER_REFUSAL_S));
+                .insert(key, mono.saturating_add(ASK_AGAIN_AFTER_REFUSAL_S));
         }
     }
 
-    /// Grants held now: not revoked and not expired at `now`.
-    pub fn live(&self, now: Timestamp) -> impl Iterator<Item = &HeldGrant> {
+    /// Grants held now: not revoked and before their deadline at `mono`.
+    pub fn live(&self, mono: i64) -> impl Iterator<Item = &HeldGrant> {
         self.grants
             .values()
-            .filter(move |g| !g.revoked && now < g.expires_at)
+            .filter(move |g| !g.revoked && mono < g.deadline)
     }
 
     /// Every grant held, live or not.

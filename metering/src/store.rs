@@ -18,7 +18,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::grants::{GrantChange, GrantTerms, HeldGrant};
+use crate::grants::{GrantChange, GrantTerms, HeldGrant, Now, GRANT_BUCKET_END};
 use crate::ledger::{Bucket, BucketKind, Debit, Timestamp};
 use crate::Imsi;
 
@@ -132,6 +132,8 @@ CREATE TABLE IF NOT EXISTS core_grants (
     bucket_id         INTEGER NOT NULL,
     offline_bucket_id INTEGER,
     expires_at        INTEGER NOT NULL,
+    deadline          INTEGER NOT NULL,
+    boot_id           TEXT    NOT NULL,
     revoked           INTEGER NOT NULL DEFAULT 0
 );
 ";
@@ -237,14 +239,16 @@ impl Store {
     /// Applies downlink message `seq`'s change in one transaction, durable
     /// when this returns (the box acknowledges the message only then): a
     /// grant's buckets and row, or a revocation; and the message's seq.
-    /// `now` is the agent's clock when it arrived. Returns the grant made,
-    /// if any. A message applied before (its seq at or below the applied
-    /// one) changes nothing.
+    /// `now` is the wall clock when it arrived; `boot_id` names the boot
+    /// whose monotonic clock the grant's deadline is on. Returns the grant
+    /// made, if any. A message applied before (its seq at or below the
+    /// applied one) changes nothing.
     pub fn apply_downlink(
         &mut self,
         seq: u64,
         change: &GrantChange,
         now: Timestamp,
+        boot_id: &str,
     ) -> Result<Option<HeldGrant>, StoreError> {
         let tx = self.conn.transaction()?;
         let applied: i64 = tx
@@ -261,7 +265,11 @@ impl Store {
         }
         let mut made = None;
         match change {
-            GrantChange::Grant { terms, expires_at } => {
+            GrantChange::Grant {
+                terms,
+                expires_at,
+                deadline,
+            } => {
                 let known: i64 = tx.query_row(
                     "SELECT COUNT(*) FROM core_grants WHERE grant_id = ?1",
                     [terms.grant_id as i64],
@@ -271,13 +279,14 @@ impl Store {
                     let bucket = |kind: BucketKind, allowance: u64| {
                         tx.execute(
                             "INSERT INTO buckets (imsi, kind, allowance, valid_from, expires_at, granted_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?4)",
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                             params![
                                 terms.imsi.as_str(),
                                 kind.as_str(),
                                 i64::try_from(allowance).unwrap_or(i64::MAX),
-                                now.min(*expires_at),
-                                expires_at
+                                0,
+                                GRANT_BUCKET_END,
+                                now
                             ],
                         )?;
                         Ok::<_, rusqlite::Error>(tx.last_insert_rowid() as u64)
@@ -291,8 +300,8 @@ impl Store {
                     tx.execute(
                         "INSERT INTO core_grants (grant_id, imsi, model, tokens, threshold,
                              offline_allowance, final_unit_models, valid_for_s, bucket_id,
-                             offline_bucket_id, expires_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                             offline_bucket_id, expires_at, deadline, boot_id)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                         params![
                             terms.grant_id as i64,
                             terms.imsi.as_str(),
@@ -304,7 +313,9 @@ impl Store {
                             terms.valid_for_s,
                             bucket_id as i64,
                             offline_bucket_id.map(|b| b as i64),
-                            expires_at
+                            expires_at,
+                            deadline,
+                            boot_id
                         ],
                     )?;
                     made = Some(HeldGrant {
@@ -312,6 +323,7 @@ impl Store {
                         bucket_id,
                         offline_bucket_id,
                         expires_at: *expires_at,
+                        deadline: *deadline,
                         revoked: false,
                     });
                 }
@@ -339,12 +351,15 @@ impl Store {
         Ok(made)
     }
 
-    /// The core's grants this box holds (revoked and expired ones too).
-    pub fn grants(&self) -> Result<Vec<HeldGrant>, StoreError> {
+    /// The core's grants this box holds (revoked and expired ones too), at
+    /// `now` in boot `boot_id`: a deadline kept on another boot's monotonic
+    /// clock is carried over by the wall clock (what is left of
+    /// `expires_at`).
+    pub fn grants(&self, now: Now, boot_id: &str) -> Result<Vec<HeldGrant>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT grant_id, imsi, model, tokens, threshold, offline_allowance,
                     final_unit_models, valid_for_s, bucket_id, offline_bucket_id,
-                    expires_at, revoked
+                    expires_at, revoked, deadline, boot_id
              FROM core_grants ORDER BY grant_id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -363,6 +378,7 @@ impl Store {
                 r.get::<_, Option<i64>>(9)?.map(|b| b as u64),
                 r.get::<_, i64>(10)?,
                 r.get::<_, i64>(11)? != 0,
+                (r.get::<_, i64>(12)?, r.get::<_, String>(13)?),
             ))
         })?;
         let mut out = Vec::new();
@@ -378,7 +394,14 @@ impl Store {
                 offline,
                 expires_at,
                 revoked,
+                (deadline, boot),
             ) = row?;
+            let deadline = if boot == boot_id {
+                deadline
+            } else {
+                now.mono
+                    .saturating_add(expires_at.saturating_sub(now.wall).max(0))
+            };
             let corrupt = |reason: String| StoreError::Corrupt {
                 id: bucket_id,
                 reason: format!("grant {grant_id}: {reason}"),
@@ -400,6 +423,7 @@ impl Store {
                 bucket_id,
                 offline_bucket_id: offline,
                 expires_at,
+                deadline,
                 revoked,
             });
         }
@@ -667,27 +691,45 @@ mod tests {
             final_unit_models: vec!["free".into()],
             valid_for_s: 3600,
         };
+        // Arrived at 1400 on the wall clock, 100 s after boot "b1".
         let grant = GrantChange::Grant {
             terms: terms.clone(),
             expires_at: 5000,
+            deadline: 3700,
         };
-        let held = s.apply_downlink(1, &grant, 1400).unwrap().unwrap();
-        assert_eq!(held.expires_at, 5000);
+        let held = s.apply_downlink(1, &grant, 1400, "b1").unwrap().unwrap();
+        assert_eq!((held.expires_at, held.deadline), (5000, 3700));
         assert!(held.offline_bucket_id.is_some());
         // The same message again, or an older one: nothing.
-        assert_eq!(s.apply_downlink(1, &grant, 1400).unwrap(), None);
+        assert_eq!(s.apply_downlink(1, &grant, 1400, "b1").unwrap(), None);
         assert_eq!(s.buckets().unwrap().len(), 2);
         let revoke = GrantChange::Revoke { grant_id: 42 };
-        assert_eq!(s.apply_downlink(2, &revoke, 1500).unwrap(), None);
+        assert_eq!(s.apply_downlink(2, &revoke, 1500, "b1").unwrap(), None);
         drop(s);
         let s = Store::open(&path).unwrap();
         assert_eq!(s.downlink_applied().unwrap(), 2);
-        let grants = s.grants().unwrap();
+        // The agent restarted in the same boot: the deadline holds, whatever
+        // the wall clock says now.
+        let same_boot = Now {
+            wall: 9_999,
+            mono: 200,
+        };
+        let grants = s.grants(same_boot, "b1").unwrap();
         assert_eq!(grants.len(), 1);
         assert!(grants[0].revoked);
         assert_eq!(grants[0].terms, terms);
+        assert_eq!(grants[0].deadline, 3700);
+        // After a reboot the monotonic clock starts again: what is left is
+        // carried over by the wall clock (1000 s left at 4000).
+        let rebooted = Now {
+            wall: 4000,
+            mono: 30,
+        };
+        assert_eq!(s.grants(rebooted, "b2").unwrap()[0].deadline, 1030);
         let buckets = s.buckets().unwrap();
-        assert!(buckets.iter().all(|b| b.revoked && b.valid_from == 1400));
+        assert!(buckets
+            .iter()
+            .all(|b| b.revoked && b.valid_from == 0 && b.expires_at == GRANT_BUCKET_END));
         assert_eq!(
             buckets
                 .iter()

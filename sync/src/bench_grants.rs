@@ -51,6 +51,7 @@ pub struct BenchOptions {
 /// A box's ledger store as the downlink's sink, noting when each
 /// revocation was applied.
 struct BoxSink {
+    started: Instant,
     store: Mutex<(Store, GrantCache)>,
     revoked: Mutex<HashMap<u64, Instant>>,
 }
@@ -77,14 +78,19 @@ impl DownlinkSink for BoxSink {
             },
             None => Received::Unknown,
         };
-        let now = chrono::Utc::now().timestamp();
+        // The simulated box's monotonic clock: seconds since the run began
+        // (its deadlines are not judged here).
+        let now = mec_metering::grants::Now {
+            wall: chrono::Utc::now().timestamp(),
+            mono: self.started.elapsed().as_secs() as i64,
+        };
         let mut guard = self.store.lock().unwrap();
         let (store, cache) = &mut *guard;
         let Some(change) = cache.plan(m.seq, received.clone(), now) else {
             return Ok(());
         };
         let held = store
-            .apply_downlink(m.seq, &change, now)
+            .apply_downlink(m.seq, &change, now.wall, "bench")
             .map_err(|e| e.to_string())?;
         if let Received::Revoked { grant_id } = received {
             cache.revoke(grant_id);
@@ -127,6 +133,7 @@ async fn connect_box(
     let conn = endpoint.connect(core, "localhost")?.await?;
     let store = Store::open(&dir.join("ledger.sqlite"))?;
     let sink = Arc::new(BoxSink {
+        started: Instant::now(),
         store: Mutex::new((store, GrantCache::default())),
         revoked: Mutex::default(),
     });
