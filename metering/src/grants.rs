@@ -175,6 +175,8 @@ pub struct GrantCache {
     grants: BTreeMap<u64, HeldGrant>,
     /// Bucket → (grant, whether it is the offline allowance's).
     by_bucket: HashMap<u64, (u64, bool)>,
+    /// Subscriber → its grants (an admission looks at its subscriber's only).
+    by_imsi: HashMap<Imsi, Vec<u64>>,
     /// Every downlink message at or below this is applied.
     applied: u64,
     asking: HashSet<(Imsi, Option<String>)>,
@@ -254,6 +256,10 @@ impl GrantCache {
     }
 
     fn hold(&mut self, g: HeldGrant) {
+        self.by_imsi
+            .entry(g.terms.imsi.clone())
+            .or_default()
+            .push(g.terms.grant_id);
         self.by_bucket
             .insert(g.bucket_id, (g.terms.grant_id, false));
         if let Some(id) = g.offline_bucket_id {
@@ -325,11 +331,13 @@ impl GrantCache {
             return false;
         }
         let threshold: u64 = self
-            .grants
-            .values()
+            .by_imsi
+            .get(imsi)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.grants.get(id))
             .filter(|g| {
-                &g.terms.imsi == imsi
-                    && !g.revoked
+                !g.revoked
                     && mono < g.deadline
                     && g.terms.model.as_deref().is_none_or(|m| m == model)
             })
