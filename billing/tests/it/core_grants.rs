@@ -71,6 +71,10 @@ impl CoreBox {
 }
 
 fn start_box(dir: &Path, core: &LoopbackCore) -> CoreBox {
+    start_box_with(dir, core, RateLimits::default())
+}
+
+fn start_box_with(dir: &Path, core: &LoopbackCore, limits: RateLimits) -> CoreBox {
     let identity = NodeIdentity::generate().unwrap();
     identity.write_to(&dir.join("identity")).unwrap();
     let key_pem = std::fs::read_to_string(dir.join("identity/node.key")).unwrap();
@@ -83,7 +87,7 @@ fn start_box(dir: &Path, core: &LoopbackCore) -> CoreBox {
     let billing = Billing::start(
         BillingConfig {
             enabled: true,
-            limits: RateLimits::default(),
+            limits,
             welcome: Vec::new(),
             core: Some(asker.clone()),
         },
@@ -302,6 +306,28 @@ async fn cut_off_the_box_serves_within_its_grants_and_the_core_settles_on_reconn
     let a = core.store.account(&alice, unix_now()).unwrap();
     assert_eq!((a.used, a.overage, a.remaining), (120, 30, 0), "{a:?}");
 
+    b.cut().await;
+    core.stop().await;
+}
+
+/// A request that waits for its subscriber's first grant is admitted once
+/// it arrives: its rate limits were taken by its first try, not again by
+/// each try after (one request a second is the limit here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waiting_for_a_grant_takes_its_rate_limits_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = LoopbackCore::start(&dir.path().join("core.sqlite")).unwrap();
+    let alice = subscriber(1);
+    core.store
+        .sell("shop-1", &alice, &package(1000), "shop-1", unix_now())
+        .unwrap();
+    let limits = RateLimits {
+        imsi_requests_per_second: 1.0,
+        ..RateLimits::default()
+    };
+    let mut b = start_box_with(&dir.path().join("box"), &core, limits);
+    until("the downlink is up", || b.asker.connected()).await;
+    serve(&b.billing, &alice, 10, 20).await.unwrap();
     b.cut().await;
     core.stop().await;
 }
