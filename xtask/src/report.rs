@@ -342,7 +342,16 @@ pub fn machine(root: &Path) -> Value {
 /// Writes `report.json`, `report.md` and `charts/*.png` into `bench_dir`
 /// from `bench_dir/out/*.json`; returns the paths written.
 pub fn write(bench_dir: &Path, machine: &Value, date: &str) -> anyhow::Result<Vec<PathBuf>> {
-    let figures = figures(&bench_dir.join("out"));
+    let mut figures = figures(&bench_dir.join("out"));
+    // A benchmark run alone (`cargo xtask bench-grants`) updates its own
+    // section; the others keep the previous report's figures, marked so.
+    if let Some(previous) = std::fs::read_to_string(bench_dir.join("report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+    {
+        let kept = carried_over(&previous, &figures);
+        figures.extend(kept);
+    }
     anyhow::ensure!(
         !figures.is_empty(),
         "no benchmark output in {}: run `cargo xtask bench` first",
@@ -380,6 +389,49 @@ pub fn write(bench_dir: &Path, machine: &Value, date: &str) -> anyhow::Result<Ve
     std::fs::write(&md_path, markdown(&figures, machine, date, &charts))?;
     written.push(md_path);
     Ok(written)
+}
+
+/// The previous report's figures of the benchmarks `present` has none of,
+/// their commands marked with that report's date.
+fn carried_over(previous: &Value, present: &[Figure]) -> Vec<Figure> {
+    let date = previous["date"].as_str().unwrap_or("an earlier run");
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+    previous["figures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| {
+            let bench = f["bench"].as_str()?;
+            if present.iter().any(|p| p.bench == bench) {
+                return None;
+            }
+            let value = f["value"].as_f64()?;
+            let peer = f["peer"]
+                .as_str()
+                .zip(f["peer_value"].as_f64())
+                .map(|(n, v)| (n.to_string(), v));
+            // The ratio says which way is better: value / peer when more is.
+            let higher_is_better = match (&peer, f["ratio_above_1_is_better_for_us"].as_f64()) {
+                (Some((_, pv)), Some(r)) if *pv != 0.0 => (r - value / pv).abs() < 1e-9,
+                _ => true,
+            };
+            let command = f["command"].as_str().unwrap_or("?");
+            Some(Figure {
+                bench: leak(bench),
+                name: f["name"].as_str()?.to_string(),
+                value,
+                unit: leak(f["unit"].as_str()?),
+                peer,
+                higher_is_better,
+                // Marked once, with the date of the run that measured it.
+                command: if command.contains("(carried over from the report of ") {
+                    command.to_string()
+                } else {
+                    format!("{command} (carried over from the report of {date})")
+                },
+            })
+        })
+        .collect()
 }
 
 fn register_font() -> anyhow::Result<()> {
@@ -826,6 +878,34 @@ mod tests {
         assert!((pg.ratio().unwrap() - 0.5).abs() < 1e-9);
         // No API benchmark output: no API figure, none invented.
         assert!(f.iter().all(|f| f.bench != "api"));
+    }
+
+    #[test]
+    fn a_benchmark_run_alone_keeps_the_other_sections_of_the_previous_report() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture(dir.path());
+        let machine = json!({ "cpu": "test cpu", "cores": 2, "commit": "abc1234" });
+        write(dir.path(), &machine, "2026-11-23").unwrap();
+        // Only the grants benchmark ran again.
+        for f in std::fs::read_dir(dir.path().join("out")).unwrap() {
+            let f = f.unwrap().path();
+            if !f.ends_with("grants-bench.json") {
+                std::fs::remove_file(f).unwrap();
+            }
+        }
+        write(dir.path(), &machine, "2026-12-01").unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(
+            md.contains("| decode, 1 stream | 132 tokens/s | llama.cpp | 114 tokens/s | 1.16× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("(carried over from the report of 2026-11-23)"),
+            "{md}"
+        );
+        assert!(md.contains("## Grants"), "{md}");
+        let grants = md.split("## Grants").nth(1).unwrap();
+        assert!(!grants.contains("carried over"), "{md}");
     }
 
     #[test]
