@@ -556,6 +556,10 @@ fn customize(o: &BuildOptions, root: &Path, layout: &Layout) -> Result<Vec<FileE
     for (name, text) in &units {
         write(&at(&format!("/etc/systemd/system/{name}")), text)?;
     }
+    write(
+        &at("/etc/systemd/system/systemd-bless-boot.service.d/10-edge-console.conf"),
+        &files::bless_boot_dropin(),
+    )?;
     write(&at("/etc/fstab"), &files::fstab(layout))?;
     write(&at(files::UPDATE_MEDIA_RULE), files::update_media_rule())?;
     write(

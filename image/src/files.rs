@@ -229,6 +229,21 @@ pub fn health_unit() -> String {
     )
 }
 
+/// What the console says once systemd-bless-boot has marked this boot
+/// good (the boot's status lines stop when startup finishes, which may be
+/// before it runs: the technician and the QEMU test read this instead).
+pub const BOOT_BLESSED_LINE: &str = "edge-boot: this boot is marked good";
+
+/// A drop-in for `systemd-bless-boot.service`: one console line once it
+/// marked the boot good (only when it ran, and succeeded).
+pub fn bless_boot_dropin() -> String {
+    format!(
+        "[Service]\n\
+         StandardOutput=journal+console\n\
+         ExecStartPost=/bin/echo \"{BOOT_BLESSED_LINE}\"\n"
+    )
+}
+
 /// Where udev's rule for update sticks goes.
 pub const UPDATE_MEDIA_RULE: &str = "/etc/udev/rules.d/80-edge-update-media.rules";
 
@@ -386,6 +401,17 @@ pub fn loader_entry_body(
 mod tests {
     use super::*;
     use crate::layout::Sizes;
+
+    #[test]
+    fn the_console_says_when_the_boot_is_marked_good() {
+        let d = bless_boot_dropin();
+        assert!(d.starts_with("[Service]\n"), "{d}");
+        assert!(d.contains("StandardOutput=journal+console"), "{d}");
+        assert!(
+            d.contains(&format!("ExecStartPost=/bin/echo \"{BOOT_BLESSED_LINE}\"")),
+            "{d}"
+        );
+    }
 
     #[test]
     fn fstab_mounts_the_data_partition_and_the_esp_by_partuuid() {

@@ -68,7 +68,7 @@ fn the_image_boots_waits_for_provisioning_then_serves_and_bills() {
         &mut vm,
         Duration::from_secs(300),
         Duration::from_secs(1),
-        || console_has_line(&console, &["Finished", "Boot Loader Entry as Good"]).then_some(()),
+        || console_has_line(&console, &[mec_image::files::BOOT_BLESSED_LINE]).then_some(()),
     );
     stage("first boot marked good (systemd-bless-boot)", &mut since);
     assert_eq!(status["device"]["provisioned"], false, "{status}");
