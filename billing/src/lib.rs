@@ -124,6 +124,10 @@ pub struct BillingConfig {
     pub core: Option<GrantAsker>,
 }
 
+/// How long after its end (wall clock) the box keeps a core's grant; the
+/// agent forgets older ones when it starts.
+pub const GRANTS_KEPT_AFTER_END_S: i64 = 7 * 86_400;
+
 /// How long a request waits for the core's answer when it finds no grant.
 pub const GRANT_WAIT: Duration = Duration::from_secs(5);
 
@@ -300,6 +304,16 @@ impl Billing {
             );
         }
         applied.set(store.applied_watermark()?);
+        // Grants that ended a week ago pay for nothing any more (the core
+        // settles their usage from the records): forgotten, with their
+        // buckets, so the ledger does not grow with uptime.
+        let pruned = store.prune_grants(unix_now().saturating_sub(GRANTS_KEPT_AFTER_END_S))?;
+        if pruned > 0 {
+            tracing::info!(
+                grants = pruned,
+                "forgot the core's grants that ended a week ago"
+            );
+        }
         let boot = boot_id();
         let grants = GrantCache::new(store.downlink_applied()?, store.grants(clocks(), &boot)?);
         let mut ledger = Ledger::new();

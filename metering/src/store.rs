@@ -430,6 +430,25 @@ impl Store {
         Ok(out)
     }
 
+    /// Forgets the core's grants that ended before `before` (the wall
+    /// clock), with their buckets: the box keeps a grant only while it may
+    /// still pay for something (a grant held days past its end pays for
+    /// nothing; the core settles its usage from the records). Returns how
+    /// many grants went.
+    pub fn prune_grants(&mut self, before: Timestamp) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "DELETE FROM buckets WHERE id IN (
+                 SELECT bucket_id FROM core_grants WHERE expires_at < ?1
+                 UNION SELECT offline_bucket_id FROM core_grants
+                       WHERE expires_at < ?1 AND offline_bucket_id IS NOT NULL)",
+            [before],
+        )?;
+        let n = tx.execute("DELETE FROM core_grants WHERE expires_at < ?1", [before])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
     /// Revokes a bucket; false when there is none with this id.
     pub fn revoke(&mut self, id: u64) -> Result<bool, StoreError> {
         let n = self
@@ -736,6 +755,48 @@ mod tests {
                 .map(|b| (b.kind, b.allowance))
                 .collect::<Vec<_>>(),
             vec![(BucketKind::Grant, 1000), (BucketKind::Offline, 50)]
+        );
+    }
+
+    #[test]
+    fn grants_ended_long_ago_are_forgotten_with_their_buckets() {
+        use crate::grants::{GrantChange, GrantTerms};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("l.sqlite")).unwrap();
+        let own = s.grant(&imsi(), BucketKind::Trial, 10, 0, 10, 0).unwrap();
+        let grant = |grant_id, expires_at| GrantChange::Grant {
+            terms: GrantTerms {
+                grant_id,
+                imsi: imsi(),
+                model: None,
+                tokens: 100,
+                threshold: 20,
+                offline_allowance: 10,
+                final_unit_models: vec![],
+                valid_for_s: 3600,
+            },
+            expires_at,
+            deadline: expires_at,
+        };
+        s.apply_downlink(1, &grant(1, 1_000), 0, "b").unwrap();
+        s.apply_downlink(2, &grant(2, 9_000), 0, "b").unwrap();
+        assert_eq!(s.buckets().unwrap().len(), 5);
+        assert_eq!(s.prune_grants(5_000).unwrap(), 1);
+        let now = Now { wall: 0, mono: 0 };
+        let left: Vec<u64> = s
+            .grants(now, "b")
+            .unwrap()
+            .iter()
+            .map(|g| g.terms.grant_id)
+            .collect();
+        assert_eq!(left, vec![2]);
+        let buckets = s.buckets().unwrap();
+        assert_eq!(buckets.len(), 3, "grant 2's two buckets and the box's own");
+        assert!(buckets.iter().any(|b| b.id == own.id));
+        assert_eq!(
+            s.downlink_applied().unwrap(),
+            2,
+            "what was applied stays applied"
         );
     }
 
