@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mec_metering::grants::{GrantCache, GrantChange, GrantCounters, GrantTerms, Now, Received};
+use mec_metering::grants::{GrantCache, GrantChange, GrantCounters, Now};
 use mec_metering::ledger::{Balance, Bucket, BucketKind, Ledger, LedgerError, Timestamp};
 use mec_metering::store::{Store, UsageRow};
 use mec_metering::Imsi;
@@ -681,28 +681,7 @@ impl Billing {
     /// Applies one downlink message: planned by the grant cache, durable in
     /// the store, then in the ledger and the cache. Blocking (SQLite).
     fn apply_downlink(&self, m: &pb::Downlink) -> Result<(), BillingError> {
-        let received = match &m.kind {
-            Some(pb::downlink::Kind::Grant(g)) => match Imsi::parse(&g.imsi) {
-                Ok(imsi) => Received::Grant(GrantTerms {
-                    grant_id: g.grant_id,
-                    imsi,
-                    model: Some(g.model.clone()).filter(|m| !m.is_empty()),
-                    tokens: g.tokens.min(i64::MAX as u64),
-                    threshold: g.threshold,
-                    offline_allowance: g.offline_allowance.min(i64::MAX as u64),
-                    final_unit_models: g.final_unit_models.clone(),
-                    valid_for_s: g.expires_at_unix_s.saturating_sub(m.core_time_unix_s),
-                }),
-                Err(e) => {
-                    tracing::error!(seq = m.seq, imsi = %g.imsi, error = %e, "the core sent a grant for an IMSI that does not parse; ignored");
-                    Received::Unknown
-                }
-            },
-            Some(pb::downlink::Kind::Revoked(r)) => Received::Revoked {
-                grant_id: r.grant_id,
-            },
-            None => Received::Unknown,
-        };
+        let received = mec_sync::downlink::received(m);
         let now = clocks();
         let Some(change) = self.inner.grants.lock().unwrap().plan(m.seq, received, now) else {
             return Ok(()); // applied before

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mec_metering::charging::PackageSpec;
-use mec_metering::grants::{GrantCache, GrantTerms, Received};
+use mec_metering::grants::{GrantCache, Received};
 use mec_metering::store::Store;
 use mec_metering::{BucketKind, Imsi};
 use serde_json::{json, Value};
@@ -62,22 +62,7 @@ impl DownlinkSink for BoxSink {
     }
 
     fn apply(&self, m: &pb::Downlink) -> Result<(), String> {
-        let received = match &m.kind {
-            Some(pb::downlink::Kind::Grant(g)) => Received::Grant(GrantTerms {
-                grant_id: g.grant_id,
-                imsi: Imsi::parse(&g.imsi).map_err(|e| e.to_string())?,
-                model: Some(g.model.clone()).filter(|m| !m.is_empty()),
-                tokens: g.tokens,
-                threshold: g.threshold,
-                offline_allowance: g.offline_allowance,
-                final_unit_models: g.final_unit_models.clone(),
-                valid_for_s: g.expires_at_unix_s - m.core_time_unix_s,
-            }),
-            Some(pb::downlink::Kind::Revoked(r)) => Received::Revoked {
-                grant_id: r.grant_id,
-            },
-            None => Received::Unknown,
-        };
+        let received = crate::downlink::received(m);
         // The simulated box's monotonic clock: seconds since the run began
         // (its deadlines are not judged here).
         let now = mec_metering::grants::Now {

@@ -35,6 +35,36 @@ pub trait DownlinkSink: Send + Sync + 'static {
     fn apply(&self, message: &pb::Downlink) -> Result<(), String>;
 }
 
+/// What downlink message `m` says, in the grant cache's terms (one
+/// reading for every sink). A grant for an IMSI that does not parse is
+/// logged and read as a kind this box does not know (acknowledged, never
+/// applied).
+pub fn received(m: &pb::Downlink) -> mec_metering::grants::Received {
+    use mec_metering::grants::{GrantTerms, Received};
+    match &m.kind {
+        Some(pb::downlink::Kind::Grant(g)) => match mec_metering::Imsi::parse(&g.imsi) {
+            Ok(imsi) => Received::Grant(GrantTerms {
+                grant_id: g.grant_id,
+                imsi,
+                model: Some(g.model.clone()).filter(|m| !m.is_empty()),
+                tokens: g.tokens.min(i64::MAX as u64),
+                threshold: g.threshold,
+                offline_allowance: g.offline_allowance.min(i64::MAX as u64),
+                final_unit_models: g.final_unit_models.clone(),
+                valid_for_s: g.expires_at_unix_s.saturating_sub(m.core_time_unix_s),
+            }),
+            Err(e) => {
+                tracing::error!(seq = m.seq, imsi = %g.imsi, error = %e, "the core sent a grant for an IMSI that does not parse; ignored");
+                Received::Unknown
+            }
+        },
+        Some(pb::downlink::Kind::Revoked(r)) => Received::Revoked {
+            grant_id: r.grant_id,
+        },
+        None => Received::Unknown,
+    }
+}
+
 /// How the core answered a question.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrantAnswer {
