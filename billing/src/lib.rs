@@ -65,7 +65,7 @@ use mec_sync::wire::pb;
 pub use error::BillingError;
 pub use limits::RateLimits;
 use record::unix_ms;
-pub use record::{Bill, Settlement};
+pub use record::{Bill, RequestDetail, Settlement};
 use tally::{Counting, Entry, Slot, Tally};
 
 /// Unix seconds now (the wall clock: packages' calendar windows).
@@ -177,6 +177,8 @@ pub struct RequestInfo {
     pub started: SystemTime,
     /// Monotonic clock at arrival.
     pub started_at: Instant,
+    /// The end user, choices and constraint, for the record.
+    pub detail: RequestDetail,
 }
 
 /// What a request asks to be admitted for.
@@ -1113,6 +1115,7 @@ fn bill_of_slot(e: &Entry, id: uuid::Uuid) -> Bill {
         } else {
             "the agent stopped while streaming; billed the tokens streamed".into()
         },
+        detail: RequestDetail::default(),
     }
 }
 
@@ -1197,6 +1200,7 @@ impl Admission {
             duration_us: self.info.started_at.elapsed().as_micros() as u64,
             ttft_us: s.ttft.as_micros() as u64,
             failure_reason: s.failure_reason.clone().unwrap_or_default(),
+            detail: self.info.detail.clone(),
         };
         match self.billing.bill(&bill, reservation).await {
             Ok(seq) => {

@@ -74,6 +74,9 @@ impl Settlement {
             offline: false,
             billed_tokens: self.billed,
             failure_reason: bill.failure_reason.clone(),
+            end_user: bill.detail.end_user.clone(),
+            choices: bill.detail.choices,
+            constraint: bill.detail.constraint.clone(),
             ..Default::default()
         }
     }
@@ -110,6 +113,19 @@ pub struct Bill {
     pub ttft_us: u64,
     /// Why it failed, when it did.
     pub failure_reason: String,
+    /// The end user, the choices and the constraint.
+    pub detail: RequestDetail,
+}
+
+/// What a request asked that a bill explains itself with.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestDetail {
+    /// The app's end-user id (`user`); empty when none.
+    pub end_user: String,
+    /// Choices generated (`n`; 0 when unknown, read as 1).
+    pub choices: u32,
+    /// The output constraint: empty, `json_object`, `json_schema` or `tool_calls`.
+    pub constraint: String,
 }
 
 impl Bill {
@@ -196,8 +212,17 @@ mod tests {
             duration_us: 3,
             ttft_us: 4,
             failure_reason: String::new(),
+            detail: RequestDetail {
+                end_user: "u-1".into(),
+                choices: 3,
+                constraint: "json_schema".into(),
+            },
         };
         let r = s.record(&bill, &|b| (b == 2).then_some(9));
+        assert_eq!(
+            (r.end_user.as_str(), r.choices, r.constraint.as_str()),
+            ("u-1", 3, "json_schema")
+        );
         assert_eq!(
             r.debits.iter().map(|d| d.grant_id).collect::<Vec<_>>(),
             vec![0, 9]

@@ -113,6 +113,7 @@ pub(crate) fn run_streams(
                 prompt,
                 params: params.clone(),
                 subscriber: format!("bench-{i}"),
+                ..Default::default()
             })?;
             Ok((submitted, g))
         })

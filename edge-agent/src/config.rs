@@ -71,6 +71,16 @@ pub struct ApiConfig {
     /// cancelled (and billed for what they made).
     #[serde(default = "default_grace")]
     pub shutdown_grace_s: u64,
+    /// Largest JSON Schema (`response_format`, a tool's parameters, all
+    /// tools together), serialized; larger ones get 400.
+    #[serde(default = "default_max_schema_bytes")]
+    pub max_schema_bytes: usize,
+    /// Deepest nesting of a schema document; deeper ones get 400.
+    #[serde(default = "default_max_schema_depth")]
+    pub max_schema_depth: usize,
+    /// Most choices (`n`) one request may ask for.
+    #[serde(default = "default_max_choices")]
+    pub max_choices: usize,
 }
 
 impl Default for ApiConfig {
@@ -80,6 +90,9 @@ impl Default for ApiConfig {
             max_body_bytes: default_max_body(),
             request_timeout_s: default_request_timeout(),
             shutdown_grace_s: default_grace(),
+            max_schema_bytes: default_max_schema_bytes(),
+            max_schema_depth: default_max_schema_depth(),
+            max_choices: default_max_choices(),
         }
     }
 }
@@ -267,6 +280,15 @@ fn default_update_socket() -> PathBuf {
 fn default_max_body() -> usize {
     4 << 20
 }
+fn default_max_schema_bytes() -> usize {
+    64 << 10
+}
+fn default_max_schema_depth() -> usize {
+    32
+}
+fn default_max_choices() -> usize {
+    8
+}
 fn default_request_timeout() -> u64 {
     600
 }
@@ -437,6 +459,15 @@ impl Config {
         }
         if self.api.max_body_bytes < 1024 {
             return Err(bad("api.max_body_bytes", "at least 1024".into()));
+        }
+        if self.api.max_schema_bytes == 0 || self.api.max_schema_depth == 0 {
+            return Err(bad(
+                "api.max_schema_bytes",
+                "api.max_schema_bytes and api.max_schema_depth must be at least 1".into(),
+            ));
+        }
+        if !(1..=128).contains(&self.api.max_choices) {
+            return Err(bad("api.max_choices", "1 to 128".into()));
         }
         if self.api.request_timeout_s == 0 {
             return Err(bad("api.request_timeout_s", "at least 1".into()));

@@ -67,6 +67,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         prompt: ids,
         params,
         subscriber: "cli".into(),
+        ..Default::default()
     })?;
     let (text, summary) = rt.block_on(async {
         let mut text = String::new();

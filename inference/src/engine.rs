@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::constraint::{Constraint, Grammars};
 use crate::model::{KvCache, Model};
-use crate::sampling::{ParamError, Sampler, SamplingParams};
+use crate::sampling::{ParamError, Sampler, SamplingParams, TokenLogprob};
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Engine settings.
@@ -93,12 +94,15 @@ pub enum FinishReason {
 }
 
 /// New text and the token ids that made it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Delta {
     /// Text (may be empty while a character or a possible stop sequence is incomplete).
     pub text: String,
     /// Ids produced since the previous delta.
     pub token_ids: Vec<u32>,
+    /// Their log-probabilities, when asked for (the end-of-turn token that
+    /// ends a sequence has none: it is not part of the text).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// The counts of one finished request: what the bill is made of.
@@ -123,7 +127,7 @@ pub struct Summary {
 }
 
 /// A request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     /// Prompt token ids (already templated).
     pub prompt: Vec<u32>,
@@ -131,6 +135,12 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// Who the request is for: the queue is round-robin between subscribers.
     pub subscriber: String,
+    /// The grammar the output must follow (structured output, tool calls).
+    pub constraint: Option<Constraint>,
+    /// Choices to generate from the one prompt (0 is read as 1): the prompt
+    /// is prefilled once and each further choice starts from a copy of its
+    /// KV cache. Choice `i` samples with `seed + i` when a seed is given.
+    pub choices: usize,
 }
 
 /// What `submit` returns: the stream, the summary, and a way to cancel.
@@ -147,9 +157,36 @@ pub struct Generation {
 struct Job {
     req: GenerateRequest,
     submitted: Instant,
+    out: Outlet,
+    /// Choices 1 and on: they start when choice 0's prompt is prefilled.
+    forks: Vec<Outlet>,
+}
+
+/// Where one choice's deltas and summary go.
+struct Outlet {
     deltas: mpsc::UnboundedSender<Delta>,
     summary: oneshot::Sender<Summary>,
     cancel: Arc<AtomicBool>,
+}
+
+impl Outlet {
+    fn new() -> (Outlet, Generation) {
+        let (dtx, drx) = mpsc::unbounded_channel();
+        let (stx, srx) = oneshot::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        (
+            Outlet {
+                deltas: dtx,
+                summary: stx,
+                cancel: cancel.clone(),
+            },
+            Generation {
+                deltas: drx,
+                summary: srx,
+                cancel,
+            },
+        )
+    }
 }
 
 #[derive(Default)]
@@ -294,6 +331,7 @@ pub struct EngineStats {
 pub struct Engine {
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
+    grammars: Grammars,
     config: EngineConfig,
     shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -332,6 +370,7 @@ impl Engine {
         };
         Engine {
             model,
+            grammars: Grammars::new(tokenizer.clone()),
             tokenizer,
             config,
             shared,
@@ -342,6 +381,16 @@ impl Engine {
     /// The tokenizer (for templating prompts).
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The tokenizer, shared (for answers that outlive a borrow: streams).
+    pub fn shared_tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
+    }
+
+    /// Compiles schemas into constraints for this model's tokenizer.
+    pub fn grammars(&self) -> &Grammars {
+        &self.grammars
     }
 
     /// The model.
@@ -360,7 +409,14 @@ impl Engine {
     }
 
     /// Queues a request, or refuses it at once.
-    pub fn submit(&self, req: GenerateRequest) -> Result<Generation, SubmitError> {
+    pub fn submit(&self, mut req: GenerateRequest) -> Result<Generation, SubmitError> {
+        req.choices = 1;
+        Ok(self.submit_choices(req)?.remove(0))
+    }
+
+    /// Queues a request for `req.choices` choices: one generation each, in
+    /// order; or refuses it at once.
+    pub fn submit_choices(&self, req: GenerateRequest) -> Result<Vec<Generation>, SubmitError> {
         req.params.validate()?;
         let context = self.model.config().context_length;
         if req.prompt.is_empty() {
@@ -372,9 +428,15 @@ impl Engine {
                 context,
             });
         }
-        let (dtx, drx) = mpsc::unbounded_channel();
-        let (stx, srx) = oneshot::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
+        let (out, first) = Outlet::new();
+        let mut generations = vec![first];
+        let forks = (1..req.choices.max(1))
+            .map(|_| {
+                let (out, g) = Outlet::new();
+                generations.push(g);
+                out
+            })
+            .collect();
         let mut q = self.shared.queue.lock().unwrap();
         if q.closed {
             return Err(SubmitError::ShuttingDown);
@@ -385,17 +447,12 @@ impl Engine {
         q.push(Job {
             req,
             submitted: Instant::now(),
-            deltas: dtx,
-            summary: stx,
-            cancel: cancel.clone(),
+            out,
+            forks,
         });
         drop(q);
         self.shared.ready.notify_one();
-        Ok(Generation {
-            deltas: drx,
-            summary: srx,
-            cancel,
-        })
+        Ok(generations)
     }
 }
 
@@ -436,7 +493,7 @@ fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &Engi
             match Sequence::start(model, shared, job) {
                 Ok(seq) => active.push(seq),
                 Err(finished) => {
-                    finished.send();
+                    finished.into_iter().for_each(Finished::send);
                     shared.busy.fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -457,6 +514,10 @@ fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &Engi
             let chunk = active[i].next_chunk(config.prefill_chunk.max(1));
             if room_for_prefill(model, shared, &mut active, i, chunk) {
                 active[i].prefill_chunk(model, chunk);
+                if !active[i].prefilling() && !active[i].forks.is_empty() {
+                    let forks = active[i].spawn_forks(shared);
+                    active.extend(forks);
+                }
             }
         }
         // Each sequence past its prefill takes the token its logits give;
@@ -652,8 +713,16 @@ struct Sequence {
     logits: Vec<f32>,
     max_tokens: usize,
     sampler: Sampler,
-    /// Prompt and completion ids (the repetition penalty reads them).
+    /// The grammar the output follows, if any.
+    constraint: Option<Constraint>,
+    /// Prompt and completion ids (the penalties read them).
     history: Vec<u32>,
+    /// Of `history`, the prompt's.
+    prompt_len: usize,
+    /// Further choices, started from this one's KV once its prompt is in.
+    forks: Vec<Outlet>,
+    /// Log-probabilities of `pending_ids`, when asked for.
+    pending_logprobs: Vec<TokenLogprob>,
     stream: TextStream,
     /// Completion text so far, and how many of its bytes were sent.
     text: String,
@@ -671,8 +740,9 @@ struct Sequence {
 
 impl Sequence {
     /// Prefills the prompt (after what the prefix cache holds), or ends the
-    /// request at once (cancelled while queued, or the pass failed).
-    fn start(model: &Model, shared: &Shared, job: Job) -> Result<Sequence, Finished> {
+    /// request at once (cancelled while queued): every choice's summary
+    /// then goes back.
+    fn start(model: &Model, shared: &Shared, job: Job) -> Result<Sequence, Vec<Finished>> {
         let started = Instant::now();
         let prompt = &job.req.prompt;
         let mut summary = Summary {
@@ -685,12 +755,16 @@ impl Sequence {
             queue_time: started - job.submitted,
             error: None,
         };
-        if job.cancel.load(Ordering::Relaxed) || job.deltas.is_closed() {
+        let gone = |o: &Outlet| o.cancel.load(Ordering::Relaxed) || o.deltas.is_closed();
+        if gone(&job.out) && job.forks.iter().all(gone) {
             summary.finish_reason = FinishReason::Cancelled;
-            return Err(Finished {
-                summary,
-                tx: job.summary,
-            });
+            return Err(std::iter::once(job.out)
+                .chain(job.forks)
+                .map(|o| Finished {
+                    summary: summary.clone(),
+                    tx: o.summary,
+                })
+                .collect());
         }
         let (cached, cache) = shared
             .prefix
@@ -708,11 +782,15 @@ impl Sequence {
         Ok(Sequence {
             sampler: Sampler::new(job.req.params.clone()),
             params: job.req.params,
+            constraint: job.req.constraint,
+            prompt_len: job.req.prompt.len(),
             history: job.req.prompt,
+            forks: job.forks,
+            pending_logprobs: Vec::new(),
             submitted: job.submitted,
-            deltas: job.deltas,
-            summary_tx: job.summary,
-            cancel: job.cancel,
+            deltas: job.out.deltas,
+            summary_tx: job.out.summary,
+            cancel: job.out.cancel,
             summary,
             cache,
             logits: Vec::new(),
@@ -726,6 +804,51 @@ impl Sequence {
             prefilled: cached,
             admitted: shared.admitted.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// The further choices, each from a copy of this one's KV cache and
+    /// first logits (its prompt is prefilled, nothing generated yet). A
+    /// copy shares the pool's blocks until it writes (copy on write), and
+    /// each bills the whole prompt as cached.
+    fn spawn_forks(&mut self, shared: &Shared) -> Vec<Sequence> {
+        let forks = std::mem::take(&mut self.forks);
+        forks
+            .into_iter()
+            .enumerate()
+            .map(|(i, out)| {
+                let mut params = self.params.clone();
+                params.seed = params.seed.map(|s| s.wrapping_add(i as u64 + 1));
+                shared.busy.fetch_add(1, Ordering::Relaxed);
+                Sequence {
+                    sampler: Sampler::new(params.clone()),
+                    params,
+                    constraint: self.constraint.clone(),
+                    prompt_len: self.prompt_len,
+                    history: self.history.clone(),
+                    forks: Vec::new(),
+                    pending_logprobs: Vec::new(),
+                    submitted: self.submitted,
+                    deltas: out.deltas,
+                    summary_tx: out.summary,
+                    cancel: out.cancel,
+                    summary: Summary {
+                        cached_prompt_tokens: self.prompt_len,
+                        ..self.summary.clone()
+                    },
+                    cache: self.cache.clone(),
+                    logits: self.logits.clone(),
+                    max_tokens: self.max_tokens,
+                    stream: TextStream::default(),
+                    text: String::new(),
+                    sent: 0,
+                    pending_ids: Vec::new(),
+                    first_token_at: None,
+                    ended: false,
+                    prefilled: self.prefilled,
+                    admitted: shared.admitted.fetch_add(1, Ordering::Relaxed),
+                }
+            })
+            .collect()
     }
 
     /// Prompt positions the next prefill chunk runs (at most `chunk`).
@@ -795,16 +918,31 @@ impl Sequence {
         if self.ended {
             return None;
         }
-        let id = self.sampler.sample(&mut self.logits, &self.history);
+        if let Some(c) = &mut self.constraint {
+            if let Err(e) = c.mask(&mut self.logits) {
+                self.fail(format!("the output constraint failed: {e}"));
+                return None;
+            }
+        }
+        let (id, logprob) = self
+            .sampler
+            .sample(&mut self.logits, &self.history, self.prompt_len);
         self.summary.completion_tokens += 1;
         self.first_token_at.get_or_insert_with(Instant::now);
         self.history.push(id);
+        if let Some(c) = &mut self.constraint {
+            if let Err(e) = c.consume(id) {
+                self.fail(format!("the output constraint failed: {e}"));
+                return None;
+            }
+        }
         if tokenizer.stop_ids().contains(&id) {
             self.summary.finish_reason = FinishReason::Stop;
             return None;
         }
         self.text.push_str(&self.stream.push(tokenizer, id));
         self.pending_ids.push(id);
+        self.pending_logprobs.extend(logprob);
         let sent = self.sent;
         if let Some(at) = self
             .params
@@ -822,8 +960,14 @@ impl Sequence {
             let _ = self.deltas.send(Delta {
                 text: self.text[self.sent..safe].to_string(),
                 token_ids: std::mem::take(&mut self.pending_ids),
+                logprobs: std::mem::take(&mut self.pending_logprobs),
             });
             self.sent = safe;
+        }
+        if self.constraint.as_ref().is_some_and(Constraint::is_stopped) {
+            // The document is complete.
+            self.summary.finish_reason = FinishReason::Stop;
+            return None;
         }
         if self.summary.completion_tokens >= self.max_tokens {
             self.summary.finish_reason = FinishReason::Length;
@@ -847,12 +991,22 @@ impl Sequence {
             let _ = self.deltas.send(Delta {
                 text: self.text[self.sent.min(self.text.len())..].to_string(),
                 token_ids: std::mem::take(&mut self.pending_ids),
+                logprobs: std::mem::take(&mut self.pending_logprobs),
             });
         }
         let end = Instant::now();
         if let Some(first) = self.first_token_at {
             summary.ttft = first - self.submitted;
             summary.decode_time = end - first;
+        }
+        // Choices that never started (the prompt's prefill failed or was
+        // cancelled) end as this one did.
+        for out in std::mem::take(&mut self.forks) {
+            let _ = out.summary.send(Summary {
+                completion_tokens: 0,
+                cached_prompt_tokens: self.prompt_len,
+                ..self.summary.clone()
+            });
         }
         let mut fed = self.history;
         fed.truncate(self.cache.len());

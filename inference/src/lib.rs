@@ -10,6 +10,7 @@
 pub use candle_core::Device;
 
 pub mod agreement;
+pub mod constraint;
 pub mod engine;
 pub mod gguf;
 pub mod gpu;

@@ -1,5 +1,13 @@
 //! Choosing the next token from logits: greedy, or temperature with top-k and
-//! top-p, a repetition penalty, and a seed for reproducible runs.
+//! top-p; a repetition penalty, OpenAI's frequency and presence penalties and
+//! logit bias; log-probabilities; and a seed for reproducible runs.
+//!
+//! The order, for each token: the constraint's mask (the engine's), then the
+//! logit bias, the repetition penalty, the frequency and presence penalties.
+//! Log-probabilities are taken there, from the adjusted logits, before
+//! temperature, top-k and top-p (which only choose among them): a greedy
+//! choice's logprob is the top one. llama.cpp's server reports the same
+//! point unless asked for post-sampling probabilities.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,6 +26,17 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Penalty for tokens already in the prompt or completion (1: none; > 1 discourages).
     pub repetition_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it is already
+    /// in the completion (−2 to 2).
+    pub frequency_penalty: f32,
+    /// OpenAI's: subtracted once from the logit of a token already in the
+    /// completion (−2 to 2).
+    pub presence_penalty: f32,
+    /// Added to the logits of these token ids (−100 to 100; −100 bans).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Log-probabilities: `Some(k)` gives the chosen token's and the `k`
+    /// most likely (0 to 20).
+    pub logprobs: Option<usize>,
     /// Most completion tokens; `None`: up to the context.
     pub max_tokens: Option<usize>,
     /// Text that ends the completion when generated (not included in the output).
@@ -32,10 +51,28 @@ impl Default for SamplingParams {
             top_k: 0,
             seed: None,
             repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
             max_tokens: None,
             stop: Vec::new(),
         }
     }
+}
+
+/// Most alternatives `logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The log-probability of one token, and of the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token chosen.
+    pub id: u32,
+    /// Its natural log-probability.
+    pub logprob: f32,
+    /// The most likely tokens and theirs, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// A parameter out of range.
@@ -65,6 +102,22 @@ impl SamplingParams {
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return err("repetition_penalty", "must be a positive number");
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return err("frequency_penalty", "must be between -2 and 2");
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return err("presence_penalty", "must be between -2 and 2");
+        }
+        if self
+            .logit_bias
+            .iter()
+            .any(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return err("logit_bias", "biases must be between -100 and 100");
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return err("top_logprobs", "must be between 0 and 20");
         }
         if self.max_tokens == Some(0) {
             return err("max_tokens", "must be at least 1");
@@ -96,8 +149,33 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    /// The next token from `logits`, given the ids seen so far (for the penalty).
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// The next token from `logits` (already masked by a constraint, if
+    /// any), given the ids seen so far, of which the first `prompt_len` are
+    /// the prompt; with its log-probabilities when they were asked for.
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        history: &[u32],
+        prompt_len: usize,
+    ) -> (u32, Option<TokenLogprob>) {
+        self.adjust(logits, history, prompt_len);
+        let logprob = self.params.logprobs.map(|k| logprobs(logits, k));
+        let id = self.pick(logits);
+        let logprob = logprob.map(|(lse, top)| TokenLogprob {
+            id,
+            logprob: logits[id as usize] - lse,
+            top,
+        });
+        (id, logprob)
+    }
+
+    /// Logit bias and penalties, in place.
+    fn adjust(&self, logits: &mut [f32], history: &[u32], prompt_len: usize) {
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         if self.params.repetition_penalty != 1.0 {
             let p = self.params.repetition_penalty;
             let mut seen = history.to_vec();
@@ -109,6 +187,20 @@ impl Sampler {
                 }
             }
         }
+        let (freq, presence) = (self.params.frequency_penalty, self.params.presence_penalty);
+        if freq != 0.0 || presence != 0.0 {
+            let mut counts: Vec<u32> = history[prompt_len.min(history.len())..].to_vec();
+            counts.sort_unstable();
+            for run in counts.chunk_by(|a, b| a == b) {
+                if let Some(l) = logits.get_mut(run[0] as usize) {
+                    *l -= freq * run.len() as f32 + presence;
+                }
+            }
+        }
+    }
+
+    /// Greedy, or a draw after temperature, top-k and top-p.
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -154,6 +246,31 @@ impl Sampler {
     }
 }
 
+/// The log of the sum of the exponentials of `logits` (the softmax's
+/// normaliser) and the `k` most likely ids with their log-probabilities.
+fn logprobs(logits: &[f32], k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() == k && l <= top[k - 1].1 {
+                continue;
+            }
+            let at = top.partition_point(|&(_, t)| t >= l);
+            top.insert(at, (i as u32, l));
+            top.truncate(k);
+        }
+    }
+    let top = top
+        .into_iter()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, l)| (i, l - lse))
+        .collect();
+    (lse, top)
+}
+
 fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
@@ -175,7 +292,9 @@ mod tests {
     #[test]
     fn greedy_takes_the_largest() {
         assert_eq!(
-            Sampler::new(SamplingParams::default()).sample(&mut logits(), &[]),
+            Sampler::new(SamplingParams::default())
+                .sample(&mut logits(), &[], 0)
+                .0,
             1
         );
     }
@@ -186,7 +305,7 @@ mod tests {
             repetition_penalty: 1.5,
             ..Default::default()
         };
-        assert_eq!(Sampler::new(params).sample(&mut logits(), &[1]), 2);
+        assert_eq!(Sampler::new(params).sample(&mut logits(), &[1], 0).0, 2);
     }
 
     #[test]
@@ -200,7 +319,7 @@ mod tests {
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
             (0..200)
-                .map(|_| s.sample(&mut logits(), &[]))
+                .map(|_| s.sample(&mut logits(), &[], 0).0)
                 .collect::<Vec<_>>()
         };
         let a = draw(&params);
@@ -218,7 +337,68 @@ mod tests {
             ..Default::default()
         };
         let mut s = Sampler::new(params);
-        assert!((0..50).all(|_| s.sample(&mut logits(), &[]) == 1));
+        assert!((0..50).all(|_| s.sample(&mut logits(), &[], 0).0 == 1));
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_count_the_completion_only() {
+        // Token 1 leads by 0.1. In the prompt only: no penalty.
+        let params = SamplingParams {
+            frequency_penalty: 0.2,
+            ..Default::default()
+        };
+        assert_eq!(
+            Sampler::new(params.clone())
+                .sample(&mut logits(), &[1, 1], 2)
+                .0,
+            1
+        );
+        // Once in the completion: 2.0 - 0.2 < 1.9.
+        assert_eq!(Sampler::new(params).sample(&mut logits(), &[1], 0).0, 2);
+        let params = SamplingParams {
+            presence_penalty: 0.05,
+            ..Default::default()
+        };
+        // Presence counts once: 2.0 - 0.05 > 1.9, however many times.
+        assert_eq!(
+            Sampler::new(params).sample(&mut logits(), &[1, 1, 1], 0).0,
+            1
+        );
+    }
+
+    #[test]
+    fn logit_bias_bans_and_favours() {
+        let params = SamplingParams {
+            logit_bias: vec![(1, -100.0), (4, 5.0)],
+            ..Default::default()
+        };
+        assert_eq!(Sampler::new(params).sample(&mut logits(), &[], 0).0, 4);
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_greedy_takes_the_top_one() {
+        let params = SamplingParams {
+            logprobs: Some(3),
+            ..Default::default()
+        };
+        let (id, lp) = Sampler::new(params).sample(&mut logits(), &[], 0);
+        let lp = lp.unwrap();
+        assert_eq!(id, 1);
+        assert_eq!(lp.top.len(), 3);
+        assert_eq!(lp.top[0], (1, lp.logprob));
+        assert_eq!(lp.top[1].0, 2);
+        assert_eq!(lp.top[2].0, 4);
+        let total: f32 = logits().iter().map(|l| l.exp()).sum();
+        assert!((lp.logprob - (2.0 - total.ln())).abs() < 1e-5);
+        // A masked token is never an alternative.
+        let params = SamplingParams {
+            logprobs: Some(5),
+            ..Default::default()
+        };
+        let mut masked = logits();
+        masked[2] = f32::NEG_INFINITY;
+        let (_, lp) = Sampler::new(params).sample(&mut masked, &[], 0);
+        assert_eq!(lp.unwrap().top.len(), 4);
     }
 
     #[test]
@@ -258,6 +438,27 @@ mod tests {
                     ..Default::default()
                 },
                 "stop",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: 2.5,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(0, 101.0)],
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..Default::default()
+                },
+                "top_logprobs",
             ),
         ] {
             assert_eq!(p.validate().unwrap_err().param, name);

@@ -47,6 +47,11 @@ pub struct Tokenizer {
     /// Ids that end generation: the EOS token and the end-of-turn tokens.
     stop_ids: Vec<u32>,
     vocab_size: usize,
+    /// Each token's bytes (byte-level BPE's characters mapped back to bytes;
+    /// a control token's name as it is written).
+    token_bytes: Vec<Vec<u8>>,
+    /// Which tokens are control tokens (`<|im_end|>`…): never text.
+    control: Vec<bool>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -198,6 +203,20 @@ impl Tokenizer {
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
+        let byte_of = byte_level_chars();
+        let token_bytes = tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, ty)| match *ty {
+                TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
+                _ => t
+                    .chars()
+                    .map(|c| byte_of.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| t.as_bytes().to_vec()),
+            })
+            .collect();
+        let control = types.iter().map(|t| *t == TOKEN_TYPE_CONTROL).collect();
         let chat_template = match file.get("tokenizer.chat_template") {
             Some(Value::String(t)) => Some(t.clone()),
             _ => None,
@@ -209,7 +228,22 @@ impl Tokenizer {
             eos,
             stop_ids,
             vocab_size: tokens.len(),
+            token_bytes,
+            control,
         })
+    }
+
+    /// The bytes token `id` stands for (a control token: its name); empty
+    /// for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes
+            .get(id as usize)
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Whether `id` is a control token (`<|im_end|>`…), which no text spells.
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.get(id as usize).copied().unwrap_or(false)
     }
 
     /// Token ids of `text`; special-token text (such as `<|im_start|>`) maps to its id.
@@ -265,6 +299,26 @@ impl Tokenizer {
         })
         .map_err(|e| format!("chat template failed: {e}"))
     }
+}
+
+/// Byte-level BPE's alphabet (GPT-2's): each byte is written as one
+/// printable character; the bytes that are not printable themselves take
+/// the characters from U+0100 on, in byte order.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = b as char;
+            let printable = matches!(c, '!'..='~' | '\u{A1}'..='\u{AC}' | '\u{AE}'..='\u{FF}');
+            if printable {
+                (c, b)
+            } else {
+                let c = char::from_u32(next).expect("below U+0200");
+                next += 1;
+                (c, b)
+            }
+        })
+        .collect()
 }
 
 /// Turns a stream of token ids into text deltas, holding back bytes that do

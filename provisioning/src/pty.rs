@@ -165,7 +165,7 @@ fn relay(
     let mut to = std::fs::File::from(to);
     let mut buf = [0u8; 4096];
     let mut n_read = 0u64;
-    let every = |k: u64, n: u64| k != 0 && n % k == 0;
+    let every = |k: u64, n: u64| k != 0 && n.is_multiple_of(k);
     loop {
         // Poll with a timeout so a dropped line ends the thread.
         let mut pfd = libc::pollfd {

@@ -180,6 +180,7 @@ pub fn record_to_json(r: &UsageRecord) -> serde_json::Value {
             "package_id": d.package_id,
             "tokens": d.tokens,
             "period": d.period,
+            "grant_id": d.grant_id,
         })).collect::<Vec<_>>(),
         "outcome": r.outcome().as_str_name(),
         "failure_reason": r.failure_reason,
@@ -190,6 +191,9 @@ pub fn record_to_json(r: &UsageRecord) -> serde_json::Value {
         "ttft_us": r.ttft_us,
         "offline": r.offline,
         "prev_hash": hex::encode(&r.prev_hash),
+        "end_user": r.end_user,
+        "choices": r.choices,
+        "constraint": r.constraint,
     })
 }
 

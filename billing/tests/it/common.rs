@@ -25,6 +25,7 @@ pub fn info() -> RequestInfo {
         model: "m".into(),
         started: SystemTime::now(),
         started_at: Instant::now(),
+        detail: Default::default(),
     }
 }
 

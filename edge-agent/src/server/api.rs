@@ -6,7 +6,6 @@
 //! generation (within one decode step), still settles and records what was
 //! made, and only the answer is lost.
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -14,11 +13,11 @@ use std::time::{Instant, SystemTime};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, StreamExt};
-use mec_inference::engine::{Delta, FinishReason, GenerateRequest, SubmitError, Summary};
+use futures_util::stream::StreamExt;
+use mec_inference::constraint::{Constraint, SchemaError, SchemaLimits};
+use mec_inference::engine::{FinishReason, GenerateRequest, Generation, SubmitError, Summary};
 use mec_metering::Imsi;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -26,11 +25,13 @@ use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 
 use mec_billing::tally::TallyError;
-use mec_billing::{Admission, Admit, RequestInfo, Settled, Usage};
+use mec_billing::{Admission, Admit, BillingError, RequestDetail, RequestInfo, Settled};
 use mec_sync::record::Outcome;
 
 use super::error::ApiError;
 use super::openai::{parse_body, ChatRequest, CompletionRequest, Sampling};
+use super::response::{respond, Endpoint, Event, Output, Shape};
+use super::tools::Tools;
 use super::AppState;
 
 /// The header naming the subscriber.
@@ -94,8 +95,14 @@ struct Prepared {
     info: RequestInfo,
     prompt: Vec<u32>,
     params: mec_inference::sampling::SamplingParams,
-    /// Most completion tokens asked (already capped to the context).
+    /// Most completion tokens asked per choice (already capped to the context).
     max_completion: u64,
+    /// Choices (`n`).
+    choices: usize,
+    /// The grammar the output follows, if any.
+    constraint: Option<Constraint>,
+    /// How the output is read back.
+    output: Output,
     stream: bool,
     include_usage: bool,
 }
@@ -156,12 +163,14 @@ fn prepare(
     prompt_text: String,
     imsi: Imsi,
     app: &App,
+    endpoint: Endpoint,
 ) -> Result<Prepared, ApiError> {
     let max_tokens = sampling.max_tokens()?;
-    let params = sampling.params()?;
-    let prompt = state
-        .engine
-        .tokenizer()
+    let tokenizer = state.engine.tokenizer();
+    let params = sampling.params(endpoint == Endpoint::Chat, tokenizer.vocab_size())?;
+    let choices = sampling.choices(state.config.api.max_choices)?;
+    let end_user = sampling.end_user()?;
+    let prompt = tokenizer
         .encode(&prompt_text)
         .map_err(|e| ApiError::invalid("invalid_prompt", e))?;
     let context = state.engine.model().config().context_length as u64;
@@ -187,19 +196,121 @@ fn prepare(
             model: model.to_string(),
             started: SystemTime::now(),
             started_at: Instant::now(),
+            detail: RequestDetail {
+                end_user,
+                choices: choices as u32,
+                constraint: String::new(),
+            },
         },
         prompt,
         params,
         max_completion: max_tokens.unwrap_or(room).min(room),
+        choices,
+        constraint: None,
+        output: Output::Text,
         stream: sampling.stream,
         include_usage: sampling.include_usage(),
     })
 }
 
-/// What the generation task tells the response.
-enum Event {
-    Delta(Delta),
-    Done(Box<Summary>, Result<Usage, ApiError>),
+/// The constraint a chat request's `response_format` or tools ask for,
+/// compiled (a schema the engine cannot enforce is refused here, before
+/// anything is reserved), with its name for the usage record.
+fn constraint_for(
+    state: &AppState,
+    sampling: &Sampling,
+    tools: Option<&Tools>,
+) -> Result<Option<(Constraint, &'static str)>, ApiError> {
+    let limits = SchemaLimits {
+        max_bytes: state.config.api.max_schema_bytes,
+        max_depth: state.config.api.max_schema_depth,
+    };
+    let format = sampling.response_format.as_ref().filter(|v| !v.is_null());
+    let kind = match format {
+        None => None,
+        Some(v) => match v.get("type").and_then(|t| t.as_str()) {
+            Some("text") => None,
+            Some(k @ ("json_object" | "json_schema")) => Some(k),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "response_format",
+                    "response_format.type must be text, json_object or json_schema",
+                ))
+            }
+        },
+    };
+    let (schema, name, param) = match (tools.filter(|t| t.offered()), kind) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError {
+                param: Some("response_format"),
+                ..ApiError::invalid(
+                    "unsupported_parameter",
+                    "response_format together with tools is not supported: the tool format already constrains the output",
+                )
+            })
+        }
+        (Some(t), None) => (t.schema(), "tool_calls", "tools"),
+        (None, Some("json_object")) => (serde_json::json!({"type": "object"}), "json_object", "response_format"),
+        (None, Some(_)) => {
+            let spec = format.and_then(|f| f.get("json_schema")).ok_or_else(|| {
+                ApiError::invalid_param("response_format", "response_format.json_schema is missing")
+            })?;
+            let mut schema = spec.get("schema").cloned().ok_or_else(|| {
+                ApiError::invalid_param(
+                    "response_format",
+                    "response_format.json_schema.schema is missing",
+                )
+            })?;
+            if spec.get("strict").and_then(|s| s.as_bool()) == Some(true) {
+                close_objects(&mut schema);
+            }
+            (schema, "json_schema", "response_format")
+        }
+        (None, None) => return Ok(None),
+    };
+    let constraint = state
+        .engine
+        .grammars()
+        .json_schema(&schema, &limits)
+        .map_err(|e| {
+            let code = match e {
+                SchemaError::TooLarge { .. } | SchemaError::TooDeep { .. } => "schema_too_large",
+                SchemaError::Unsupported(_) => "unsupported_schema",
+                SchemaError::Unavailable(_) => "unsupported_parameter",
+            };
+            ApiError {
+                param: Some(param),
+                ..ApiError::invalid(code, format!("{param}: {e}"))
+            }
+        })?;
+    Ok(Some((constraint, name)))
+}
+
+/// Strict mode: an object schema with `properties` and no word on others
+/// allows none, as OpenAI's strict schemas require. Walks the schema's
+/// subschemas only (a property named `properties` is not a keyword).
+fn close_objects(schema: &mut serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(o) = schema else { return };
+    if o.contains_key("properties") && !o.contains_key("additionalProperties") {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, sub) in o.iter_mut() {
+        match key.as_str() {
+            "properties" | "$defs" | "definitions" | "patternProperties" => {
+                if let Value::Object(m) = sub {
+                    m.values_mut().for_each(close_objects);
+                }
+            }
+            "items" | "additionalProperties" | "not" | "if" | "then" | "else" => close_objects(sub),
+            "anyOf" | "allOf" | "oneOf" | "prefixItems" => {
+                if let Value::Array(a) = sub {
+                    a.iter_mut().for_each(close_objects);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Reserves, submits, and spawns the task that runs the generation to its
@@ -220,19 +331,31 @@ async fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver
         .admit_or_ask(Admit {
             info: &p.info,
             prompt_tokens: p.prompt.len() as u64,
-            max_completion: p.max_completion,
+            // Every choice may take its max_tokens; the prompt is billed once.
+            max_completion: p.max_completion * p.choices as u64,
             stream: p.stream,
         })
         .await?;
     let reserve_time = metering_started.elapsed();
-    // The reservation caps what may be generated.
-    let cap = admission.completion_cap();
+    // The reservation caps what may be generated, shared among the choices.
+    let per_choice = admission.completion_cap() / p.choices as u64;
+    if per_choice == 0 {
+        let available = p.prompt.len() as u64 + admission.completion_cap();
+        drop(admission);
+        return Err(BillingError::InsufficientQuota {
+            available,
+            needed: p.prompt.len() as u64 + p.choices as u64,
+        }
+        .into());
+    }
     let mut params = p.params.clone();
-    params.max_tokens = Some(cap as usize);
-    let generation = match state.engine.submit(GenerateRequest {
+    params.max_tokens = Some(per_choice as usize);
+    let generations = match state.engine.submit_choices(GenerateRequest {
         prompt: std::mem::take(&mut p.prompt),
         params,
         subscriber: p.info.imsi.to_string(),
+        constraint: p.constraint.take(),
+        choices: p.choices,
     }) {
         Ok(g) => g,
         Err(e) => {
@@ -258,7 +381,7 @@ async fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver
             admission,
             reserve_time,
         };
-        run_generation(state, billed, generation, tx).await
+        run_generation(state, billed, generations, tx).await
     });
     Ok(rx)
 }
@@ -271,12 +394,13 @@ struct Billed {
     reserve_time: std::time::Duration,
 }
 
-/// Forwards deltas while the client listens, cancels when it leaves, then
-/// settles and records what was made, and sends the last event.
+/// Forwards every choice's deltas while the client listens, cancels them
+/// all when it leaves, then settles and records what was made (the prompt
+/// once, every choice's completion), and sends the last event.
 async fn run_generation(
     state: Arc<AppState>,
     billed: Billed,
-    generation: mec_inference::engine::Generation,
+    generations: Vec<Generation>,
     events: mpsc::Sender<Event>,
 ) {
     let Billed {
@@ -284,12 +408,25 @@ async fn run_generation(
         mut admission,
         reserve_time,
     } = billed;
-    let mec_inference::engine::Generation {
-        mut deltas,
-        summary,
-        cancel,
-    } = generation;
-    let _inflight = state.inflight.register(cancel.clone());
+    let mut cancels = Vec::with_capacity(generations.len());
+    let mut summaries = Vec::with_capacity(generations.len());
+    let mut streams = Vec::with_capacity(generations.len());
+    for (i, g) in generations.into_iter().enumerate() {
+        cancels.push(g.cancel);
+        summaries.push(g.summary);
+        streams.push(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(g.deltas).map(move |d| (i, d)),
+        );
+    }
+    let _inflight: Vec<_> = cancels
+        .iter()
+        .map(|c| state.inflight.register(c.clone()))
+        .collect();
+    let cancel_all = || {
+        cancels
+            .iter()
+            .for_each(|c| c.store(true, Ordering::Relaxed))
+    };
     let mut tally_failed = false;
     let mut tally = |r: Result<(), TallyError>| {
         if let Err(e) = r {
@@ -298,15 +435,16 @@ async fn run_generation(
             }
         }
     };
+    let mut deltas = futures_util::stream::select_all(streams);
     loop {
         tokio::select! {
-            d = deltas.recv() => match d {
-                Some(d) => {
+            d = deltas.next() => match d {
+                Some((i, d)) => {
                     // Counted before the client can have it.
                     tally(admission.count(d.token_ids.len() as u64));
-                    if events.send(Event::Delta(d)).await.is_err() {
+                    if events.send(Event::Delta(i, d)).await.is_err() {
                         tally(admission.client_left());
-                        cancel.store(true, Ordering::Relaxed);
+                        cancel_all();
                         break;
                     }
                 }
@@ -314,78 +452,83 @@ async fn run_generation(
             },
             _ = events.closed() => {
                 tally(admission.client_left());
-                cancel.store(true, Ordering::Relaxed);
+                cancel_all();
                 break;
             }
         }
     }
     drop(deltas);
-    let summary = summary.await.unwrap_or_else(|_| Summary {
-        prompt_tokens: 0,
-        cached_prompt_tokens: 0,
-        completion_tokens: 0,
-        finish_reason: FinishReason::Error,
-        ttft: Default::default(),
-        decode_time: Default::default(),
-        queue_time: Default::default(),
-        error: Some("the engine stopped".into()),
-    });
-    let m = &state.metrics;
-    m.add_tokens(&info.model, "prompt", summary.prompt_tokens as u64);
-    m.add_tokens(&info.model, "cached", summary.cached_prompt_tokens as u64);
-    m.add_tokens(&info.model, "completion", summary.completion_tokens as u64);
-    if summary.completion_tokens > 0 {
-        m.ttft.observe(summary.ttft.as_secs_f64());
+    let mut finished = Vec::with_capacity(summaries.len());
+    for s in summaries {
+        finished.push(s.await.unwrap_or_else(|_| Summary {
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+            completion_tokens: 0,
+            finish_reason: FinishReason::Error,
+            ttft: Default::default(),
+            decode_time: Default::default(),
+            queue_time: Default::default(),
+            error: Some("the engine stopped".into()),
+        }));
     }
-    if summary.completion_tokens > 1 {
-        let per = summary.decode_time.as_secs_f64() / (summary.completion_tokens - 1) as f64;
-        for _ in 1..summary.completion_tokens.min(4096) {
-            m.inter_token.observe(per);
+    let m = &state.metrics;
+    for (i, summary) in finished.iter().enumerate() {
+        // The prompt once: further choices copied its cache.
+        if i == 0 {
+            m.add_tokens(&info.model, "prompt", summary.prompt_tokens as u64);
+            m.add_tokens(&info.model, "cached", summary.cached_prompt_tokens as u64);
+        }
+        m.add_tokens(&info.model, "completion", summary.completion_tokens as u64);
+        if summary.completion_tokens > 0 {
+            m.ttft.observe(summary.ttft.as_secs_f64());
+        }
+        if summary.completion_tokens > 1 {
+            let per = summary.decode_time.as_secs_f64() / (summary.completion_tokens - 1) as f64;
+            for _ in 1..summary.completion_tokens.min(4096) {
+                m.inter_token.observe(per);
+            }
         }
     }
     let settle_started = Instant::now();
-    let settled = Settled {
-        prompt_tokens: summary.prompt_tokens as u64,
-        cached_prompt_tokens: summary.cached_prompt_tokens as u64,
-        completion_tokens: summary.completion_tokens as u64,
-        outcome: match summary.finish_reason {
-            FinishReason::Stop => Outcome::Completed,
-            FinishReason::Length => Outcome::Length,
-            FinishReason::Cancelled => Outcome::Cancelled,
-            FinishReason::Error => Outcome::Failed,
-        },
-        ttft: summary.ttft,
-        failure_reason: summary.error.clone(),
-    };
+    let settled = settled_of(&finished);
     // A stream whose record cannot be written keeps its slot and hold and is
     // billed once the log has room (billing does that).
     let usage = admission.settle(&settled).await.map_err(ApiError::from);
     m.metering
         .observe((reserve_time + settle_started.elapsed()).as_secs_f64());
-    let _ = events.send(Event::Done(Box::new(summary), usage)).await;
+    let _ = events.send(Event::Done(finished, usage)).await;
 }
 
-fn finish_reason(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Error => "error",
+/// What the choices of one request bill: the prompt once (as the first
+/// choice prefilled it), every choice's completion tokens, and the worst
+/// way any of them ended.
+fn settled_of(choices: &[Summary]) -> Settled {
+    let first = &choices[0];
+    let worst = |s: &Summary| match s.finish_reason {
+        FinishReason::Stop => 0,
+        FinishReason::Length => 1,
+        FinishReason::Cancelled => 2,
+        FinishReason::Error => 3,
+    };
+    let ending = choices.iter().max_by_key(|s| worst(s)).unwrap_or(first);
+    Settled {
+        prompt_tokens: first.prompt_tokens as u64,
+        cached_prompt_tokens: first.cached_prompt_tokens as u64,
+        completion_tokens: choices.iter().map(|s| s.completion_tokens as u64).sum(),
+        outcome: match ending.finish_reason {
+            FinishReason::Stop => Outcome::Completed,
+            FinishReason::Length => Outcome::Length,
+            FinishReason::Cancelled => Outcome::Cancelled,
+            FinishReason::Error => Outcome::Failed,
+        },
+        ttft: choices
+            .iter()
+            .filter(|s| s.completion_tokens > 0)
+            .map(|s| s.ttft)
+            .min()
+            .unwrap_or_default(),
+        failure_reason: choices.iter().find_map(|s| s.error.clone()),
     }
-}
-
-fn usage_json(u: &Usage) -> serde_json::Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": { "cached_tokens": u.cached_tokens },
-    })
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
-    Chat,
-    Completions,
 }
 
 /// The header carrying the request id (the usage record's `record_id` in hex):
@@ -393,139 +536,31 @@ enum Endpoint {
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The answer, with the request id header.
-async fn respond(endpoint: Endpoint, p: &Prepared, rx: mpsc::Receiver<Event>) -> Response {
-    let mut response = respond_body(endpoint, p, rx).await;
-    if let Ok(v) = axum::http::HeaderValue::from_str(&p.info.request_id.simple().to_string()) {
+async fn answer(
+    state: &AppState,
+    endpoint: Endpoint,
+    p: Prepared,
+    rx: mpsc::Receiver<Event>,
+) -> Response {
+    let request_id = p.info.request_id.simple().to_string();
+    let shape = Shape {
+        endpoint,
+        output: p.output,
+        choices: p.choices,
+        logprobs: p.params.logprobs.is_some(),
+        stream: p.stream,
+        include_usage: p.include_usage,
+        id: match endpoint {
+            Endpoint::Chat => format!("chatcmpl-{request_id}"),
+            Endpoint::Completions => format!("cmpl-{request_id}"),
+        },
+        model: p.info.model.clone(),
+    };
+    let mut response = respond(shape, state.engine.shared_tokenizer(), rx).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     response
-}
-
-/// The answer: one JSON object, or server-sent events.
-async fn respond_body(endpoint: Endpoint, p: &Prepared, mut rx: mpsc::Receiver<Event>) -> Response {
-    let request_id = p.info.request_id.simple().to_string();
-    let id = match endpoint {
-        Endpoint::Chat => format!("chatcmpl-{request_id}"),
-        Endpoint::Completions => format!("cmpl-{request_id}"),
-    };
-    let created = mec_billing::unix_now();
-    let model = p.info.model.clone();
-    if !p.stream {
-        let mut text = String::new();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Delta(d) => text.push_str(&d.text),
-                Event::Done(summary, usage) => {
-                    let usage = match usage {
-                        Ok(u) => u,
-                        Err(e) => return e.into_response(),
-                    };
-                    if summary.finish_reason == FinishReason::Error {
-                        return ApiError::internal(format!(
-                            "generation failed: {}",
-                            summary.error.unwrap_or_default()
-                        ))
-                        .into_response();
-                    }
-                    let choice = match endpoint {
-                        Endpoint::Chat => json!({
-                            "index": 0,
-                            "message": { "role": "assistant", "content": text },
-                            "finish_reason": finish_reason(summary.finish_reason),
-                            "logprobs": null,
-                        }),
-                        Endpoint::Completions => json!({
-                            "index": 0,
-                            "text": text,
-                            "finish_reason": finish_reason(summary.finish_reason),
-                            "logprobs": null,
-                        }),
-                    };
-                    let object = match endpoint {
-                        Endpoint::Chat => "chat.completion",
-                        Endpoint::Completions => "text_completion",
-                    };
-                    return Json(json!({
-                        "id": id,
-                        "object": object,
-                        "created": created,
-                        "model": model,
-                        "choices": [choice],
-                        "usage": usage_json(&usage),
-                    }))
-                    .into_response();
-                }
-            }
-        }
-        return ApiError::internal("the generation ended without a result").into_response();
-    }
-    let object = match endpoint {
-        Endpoint::Chat => "chat.completion.chunk",
-        Endpoint::Completions => "text_completion",
-    };
-    let chunk = move |choices: serde_json::Value, usage: Option<serde_json::Value>| {
-        let mut v = json!({ "id": id, "object": object, "created": created, "model": model, "choices": choices });
-        if let Some(u) = usage {
-            v["usage"] = u;
-        }
-        SseEvent::default().data(v.to_string())
-    };
-    let include_usage = p.include_usage;
-    let first = match endpoint {
-        Endpoint::Chat => Some(chunk(
-            json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }]),
-            None,
-        )),
-        Endpoint::Completions => None,
-    };
-    let body = tokio_stream::wrappers::ReceiverStream::new(rx).flat_map(move |ev| {
-        let events: Vec<SseEvent> = match ev {
-            Event::Delta(d) if d.text.is_empty() => Vec::new(),
-            Event::Delta(d) => vec![match endpoint {
-                Endpoint::Chat => chunk(
-                    json!([{ "index": 0, "delta": { "content": d.text }, "finish_reason": null }]),
-                    None,
-                ),
-                Endpoint::Completions => chunk(
-                    json!([{ "index": 0, "text": d.text, "finish_reason": null, "logprobs": null }]),
-                    None,
-                ),
-            }],
-            Event::Done(summary, usage) => {
-                let mut out = Vec::new();
-                match usage {
-                    Err(e) => out.push(SseEvent::default().data(e.body().to_string())),
-                    Ok(_) if summary.finish_reason == FinishReason::Error => out.push(
-                        SseEvent::default().data(
-                            ApiError::internal(format!("generation failed: {}", summary.error.clone().unwrap_or_default()))
-                                .body()
-                                .to_string(),
-                        ),
-                    ),
-                    Ok(u) => {
-                        let fr = finish_reason(summary.finish_reason);
-                        out.push(match endpoint {
-                            Endpoint::Chat => chunk(json!([{ "index": 0, "delta": {}, "finish_reason": fr }]), None),
-                            Endpoint::Completions => chunk(
-                                json!([{ "index": 0, "text": "", "finish_reason": fr, "logprobs": null }]),
-                                None,
-                            ),
-                        });
-                        if include_usage {
-                            out.push(chunk(json!([]), Some(usage_json(&u))));
-                        }
-                    }
-                }
-                out.push(SseEvent::default().data("[DONE]"));
-                out
-            }
-        };
-        stream::iter(events.into_iter().map(Ok::<_, Infallible>))
-    });
-    let all = stream::iter(first.into_iter().map(Ok::<_, Infallible>)).chain(body);
-    Sse::new(all)
-        .keep_alive(KeepAlive::default())
-        .into_response()
 }
 
 /// `POST /v1/chat/completions`.
@@ -539,19 +574,35 @@ pub async fn chat_completions(
         let imsi = subscriber(&headers, app)?;
         let body = body_bytes(&state, body).await?;
         let req: ChatRequest = parse_body(&body)?;
-        let messages = req.chat_messages()?;
+        let tools = req.sampling.tools()?;
+        let messages = req.chat_messages(tools.as_ref())?;
         check_model(&state, app, &req.model)?;
         let text = state
             .engine
             .tokenizer()
             .apply_chat_template(&messages)
             .map_err(|e| ApiError::invalid("invalid_messages", e))?;
-        let mut p = prepare(&state, &req.model, &req.sampling, text, imsi, app)?;
+        let mut p = prepare(
+            &state,
+            &req.model,
+            &req.sampling,
+            text,
+            imsi,
+            app,
+            Endpoint::Chat,
+        )?;
+        if let Some((constraint, name)) = constraint_for(&state, &req.sampling, tools.as_ref())? {
+            p.constraint = Some(constraint);
+            p.info.detail.constraint = name.to_string();
+            if name == "tool_calls" {
+                p.output = Output::Tools;
+            }
+        }
         let rx = start(&state, &mut p).await?;
         Ok::<_, ApiError>((p, rx))
     };
     match run.await {
-        Ok((p, rx)) => respond(Endpoint::Chat, &p, rx).await,
+        Ok((p, rx)) => answer(&state, Endpoint::Chat, p, rx).await,
         Err(e) => e.into_response(),
     }
 }
@@ -573,12 +624,20 @@ pub async fn completions(
         }
         check_model(&state, app, &req.model)?;
         let text = req.prompt_text()?.to_string();
-        let mut p = prepare(&state, &req.model, &req.sampling, text, imsi, app)?;
+        let mut p = prepare(
+            &state,
+            &req.model,
+            &req.sampling,
+            text,
+            imsi,
+            app,
+            Endpoint::Completions,
+        )?;
         let rx = start(&state, &mut p).await?;
         Ok::<_, ApiError>((p, rx))
     };
     match run.await {
-        Ok((p, rx)) => respond(Endpoint::Completions, &p, rx).await,
+        Ok((p, rx)) => answer(&state, Endpoint::Completions, p, rx).await,
         Err(e) => e.into_response(),
     }
 }

@@ -35,6 +35,8 @@ pub mod api;
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod response;
+pub mod tools;
 
 /// Cancel flags of the generations in flight (the drain cancels them).
 #[derive(Default)]
@@ -368,6 +370,11 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
             ..Default::default()
         },
     );
+    // The token trie for structured output and tool calls (about 70 ms),
+    // built before the first request that needs it.
+    if let Err(e) = engine.grammars().warm() {
+        tracing::warn!(error = %e, "structured output is unavailable for this model");
+    }
     let gpu = (!found.gpus.is_empty())
         .then(|| gpu::TelemetryPoller::start(Duration::from_secs(10), None));
 

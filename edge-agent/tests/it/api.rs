@@ -335,6 +335,18 @@ async fn bad_input_gets_an_openai_error_and_changes_nothing() {
     .to_string();
     let huge = "x".repeat(5 << 20);
     let no_messages = json!({ "model": agent.model }).to_string();
+    let mut nested = json!({ "type": "string" });
+    for _ in 0..40 {
+        nested = json!({ "type": "array", "items": nested });
+    }
+    let format = |schema: Value| {
+        let mut b = good.clone();
+        b["response_format"] =
+            json!({ "type": "json_schema", "json_schema": { "name": "x", "schema": schema } });
+        b.to_string()
+    };
+    let deep_schema = format(nested);
+    let large_schema = format(json!({ "type": "object", "description": "x".repeat(70_000) }));
     struct Case {
         name: &'static str,
         key: Option<String>,
@@ -385,7 +397,68 @@ async fn bad_input_gets_an_openai_error_and_changes_nothing() {
             400,
             "invalid_value",
         ),
-        case("n > 1", with(r#"{ "n": 2 }"#), 400, "unsupported_parameter"),
+        case(
+            "n above api.max_choices",
+            with(r#"{ "n": 9 }"#),
+            400,
+            "invalid_value",
+        ),
+        case(
+            "a schema keyword the engine cannot enforce",
+            with(
+                r#"{ "response_format": { "type": "json_schema", "json_schema": { "name": "x",
+                     "schema": { "type": "object", "properties": { "a": { "not": {} } } } } } }"#,
+            ),
+            400,
+            "unsupported_schema",
+        ),
+        case(
+            "a schema that is not JSON Schema",
+            with(
+                r#"{ "response_format": { "type": "json_schema", "json_schema": { "name": "x", "schema": "object" } } }"#,
+            ),
+            400,
+            "unsupported_schema",
+        ),
+        case("a schema too deep", deep_schema, 400, "schema_too_large"),
+        case("a schema too large", large_schema, 400, "schema_too_large"),
+        case(
+            "a json_schema without its schema",
+            with(
+                r#"{ "response_format": { "type": "json_schema", "json_schema": { "name": "x" } } }"#,
+            ),
+            400,
+            "invalid_value",
+        ),
+        case(
+            "tool_choice naming an absent tool",
+            with(
+                r#"{ "tools": [{ "type": "function", "function": { "name": "a" } }],
+                     "tool_choice": { "type": "function", "function": { "name": "b" } } }"#,
+            ),
+            400,
+            "invalid_value",
+        ),
+        case(
+            "a tool message answering no call",
+            with(
+                r#"{ "messages": [{ "role": "user", "content": "hi" }, { "role": "tool", "tool_call_id": "call_x", "content": "1" }] }"#,
+            ),
+            400,
+            "invalid_value",
+        ),
+        case(
+            "top_logprobs 21",
+            with(r#"{ "logprobs": true, "top_logprobs": 21 }"#),
+            400,
+            "invalid_value",
+        ),
+        case(
+            "logit_bias on an unknown token",
+            with(r#"{ "logit_bias": { "4000000": 1 } }"#),
+            400,
+            "invalid_value",
+        ),
         case(
             "temperature 7",
             with(r#"{ "temperature": 7 }"#),

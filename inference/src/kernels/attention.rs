@@ -41,7 +41,7 @@ impl AttentionKernels {
     pub fn detect(width: usize) -> AttentionKernels {
         #[cfg(target_arch = "x86_64")]
         {
-            if width % 8 == 0
+            if width.is_multiple_of(8)
                 && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
             {

@@ -45,7 +45,7 @@ pub struct Q81Block {
 impl Q41Matrix {
     /// Wraps raw GGUF Q4_1 data of a `rows × cols` matrix.
     pub fn from_raw(rows: usize, cols: usize, data: Vec<u8>) -> Result<Q41Matrix, String> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(format!("{cols} columns is not a multiple of {QK}"));
         }
         let want = rows * cols / QK * Q4_1_BLOCK_BYTES;

@@ -40,7 +40,7 @@ pub struct Q80Block {
 impl Q80Matrix {
     /// Wraps raw GGUF Q8_0 data of a `rows × cols` matrix.
     pub fn from_raw(rows: usize, cols: usize, data: &[u8]) -> Result<Q80Matrix, String> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(format!("{cols} columns is not a multiple of {QK}"));
         }
         let want = rows * cols / QK * Q8_0_BLOCK_BYTES;

@@ -119,8 +119,8 @@ impl ModelConfig {
         };
         if config.n_head == 0
             || config.n_kv_head == 0
-            || config.n_head % config.n_kv_head != 0
-            || config.head_dim % 2 != 0
+            || !config.n_head.is_multiple_of(config.n_kv_head)
+            || !config.head_dim.is_multiple_of(2)
         {
             return Err(ModelError::Load {
                 path: file.path().to_path_buf(),

@@ -218,7 +218,7 @@ impl PagedSeq {
     /// one for a copy of a shared block that the first position lands in.
     fn blocks_wanted(&self, table: &BlockTable, held: usize, t: usize) -> usize {
         let need = (held + t).div_ceil(BLOCK_POSITIONS);
-        let cow = held % BLOCK_POSITIONS != 0
+        let cow = !held.is_multiple_of(BLOCK_POSITIONS)
             && self
                 .blocks
                 .get(held / BLOCK_POSITIONS)
@@ -241,7 +241,7 @@ impl PagedSeq {
         let mut table = self.pool.blocks.lock().unwrap();
         // The partly filled block that the first new position lands in.
         let mut cow = None;
-        if held % BLOCK_POSITIONS != 0 {
+        if !held.is_multiple_of(BLOCK_POSITIONS) {
             let i = held / BLOCK_POSITIONS;
             let b = self.blocks[i];
             if table.shared(b) {

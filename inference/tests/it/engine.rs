@@ -36,6 +36,7 @@ fn req(prompt: Vec<u32>, max_tokens: usize, subscriber: &str) -> GenerateRequest
             ..Default::default()
         },
         subscriber: subscriber.into(),
+        ..Default::default()
     }
 }
 
@@ -293,5 +294,177 @@ fn a_long_prompt_is_prefilled_in_chunks_while_another_stream_decodes() {
         let s = chunked.summary.await.unwrap();
         assert_eq!(s.prompt_tokens, long.len());
         assert_eq!(text, whole);
+    });
+}
+
+/// The schema the structured-output tests hold the model to: nested
+/// objects, arrays, enums and required fields.
+fn person_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["engineer", "technician", "operator"]},
+            "address": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 24},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"}
+                },
+                "required": ["city", "zip"],
+                "additionalProperties": false
+            },
+            "skills": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 3}
+        },
+        "required": ["name", "age", "role", "address", "skills"],
+        "additionalProperties": false
+    })
+}
+
+#[test]
+fn a_json_schema_constraint_yields_a_complete_valid_document() {
+    let e = engine(EngineConfig::default());
+    let limits = mec_inference::constraint::SchemaLimits::default();
+    let prompt = chat(&e, "Describe a field technician as JSON.");
+    let r = GenerateRequest {
+        constraint: Some(e.grammars().json_schema(&person_schema(), &limits).unwrap()),
+        ..req(prompt.clone(), 200, "a")
+    };
+    let (text, s) = rt().block_on(collect(&e, r));
+    // The document ends the sequence (no end-of-turn token needed).
+    assert_eq!(s.finish_reason, FinishReason::Stop, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    for key in ["name", "age", "role", "address", "skills"] {
+        assert!(v.get(key).is_some(), "{key} missing in {text}");
+    }
+    let age = v["age"].as_i64().unwrap();
+    assert!((0..=120).contains(&age), "{text}");
+    assert!(["engineer", "technician", "operator"].contains(&v["role"].as_str().unwrap()));
+    let zip = v["address"]["zip"].as_str().unwrap();
+    assert!(
+        zip.len() == 5 && zip.bytes().all(|b| b.is_ascii_digit()),
+        "{text}"
+    );
+    assert_eq!(
+        v.as_object().unwrap().len(),
+        5,
+        "no extra properties: {text}"
+    );
+    // Unconstrained, the same prompt does not answer in this JSON.
+    let (free, _) = rt().block_on(collect(&e, req(prompt, 40, "a")));
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&free).is_err(),
+        "{free}"
+    );
+}
+
+#[test]
+fn schemas_the_engine_cannot_enforce_are_refused_naming_why() {
+    use mec_inference::constraint::{SchemaError, SchemaLimits};
+    let e = engine(EngineConfig::default());
+    let limits = SchemaLimits {
+        max_bytes: 2000,
+        max_depth: 6,
+    };
+    let refused =
+        |schema: serde_json::Value| e.grammars().json_schema(&schema, &limits).unwrap_err();
+    let msg = refused(
+        serde_json::json!({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}),
+    )
+    .to_string();
+    assert!(msg.contains("not"), "{msg}");
+    let msg = refused(serde_json::json!({"type": "string", "format": "color"})).to_string();
+    assert!(msg.contains("color"), "{msg}");
+    let msg = refused(serde_json::json!({"type": "oranges"})).to_string();
+    assert!(
+        msg.contains("oranges") || msg.to_lowercase().contains("type"),
+        "{msg}"
+    );
+    assert!(matches!(
+        refused(serde_json::json!("a string")),
+        SchemaError::Unsupported(_)
+    ));
+    let big = serde_json::json!({"type": "object", "description": "x".repeat(3000)});
+    assert!(matches!(
+        refused(big),
+        SchemaError::TooLarge { limit: 2000, .. }
+    ));
+    let mut deep = serde_json::json!({"type": "string"});
+    for _ in 0..6 {
+        deep = serde_json::json!({"type": "array", "items": deep});
+    }
+    assert!(matches!(refused(deep), SchemaError::TooDeep { limit: 6 }));
+}
+
+#[test]
+fn choices_share_one_prefill_and_each_is_its_own_sample() {
+    let e = engine(EngineConfig::default());
+    let prompt = chat(&e, "Write a word.");
+    let r = GenerateRequest {
+        params: SamplingParams {
+            temperature: 1.0,
+            seed: Some(11),
+            max_tokens: Some(12),
+            ..Default::default()
+        },
+        choices: 3,
+        ..req(prompt.clone(), 12, "a")
+    };
+    let run = |r: GenerateRequest| {
+        rt().block_on(async {
+            let gens = e.submit_choices(r).unwrap();
+            let mut out = Vec::new();
+            for mut g in gens {
+                let mut text = String::new();
+                while let Some(d) = g.deltas.recv().await {
+                    text.push_str(&d.text);
+                }
+                out.push((text, g.summary.await.unwrap()));
+            }
+            out
+        })
+    };
+    let a = run(r.clone());
+    assert_eq!(a.len(), 3);
+    // Choice 0 prefilled the prompt; the others copied its cache.
+    assert_eq!(a[1].1.cached_prompt_tokens, prompt.len());
+    assert_eq!(a[2].1.cached_prompt_tokens, prompt.len());
+    assert!(a.iter().all(|(_, s)| s.prompt_tokens == prompt.len()));
+    let texts: std::collections::HashSet<_> = a.iter().map(|(t, _)| t.clone()).collect();
+    assert!(texts.len() > 1, "three samples, all equal: {a:?}");
+    // The same seed gives the same three choices.
+    let b = run(r);
+    let t = |v: &[(String, Summary)]| v.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>();
+    assert_eq!(t(&a), t(&b));
+}
+
+#[test]
+fn greedy_logprobs_name_the_chosen_token_as_the_most_likely() {
+    let e = engine(EngineConfig::default());
+    let prompt = chat(&e, "What is the capital of France?");
+    let r = GenerateRequest {
+        params: SamplingParams {
+            logprobs: Some(5),
+            max_tokens: Some(6),
+            ..Default::default()
+        },
+        ..req(prompt, 6, "a")
+    };
+    rt().block_on(async {
+        let mut g = e.submit(r).unwrap();
+        let mut n = 0;
+        while let Some(d) = g.deltas.recv().await {
+            assert_eq!(d.logprobs.len(), d.token_ids.len());
+            for (lp, id) in d.logprobs.iter().zip(&d.token_ids) {
+                assert_eq!(lp.id, *id);
+                assert_eq!(lp.top.len(), 5);
+                assert_eq!(lp.top[0], (*id, lp.logprob));
+                assert!(lp.logprob <= 0.0);
+                assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+                n += 1;
+            }
+        }
+        assert!(n >= 1);
     });
 }

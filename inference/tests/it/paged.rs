@@ -280,6 +280,7 @@ fn run_together(e: &Engine, prompts: &[Vec<u32>], n: usize) -> Vec<(Vec<u32>, Su
                     ..Default::default()
                 },
                 subscriber: format!("s{i}"),
+                ..Default::default()
             })
             .unwrap()
         })
