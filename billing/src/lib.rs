@@ -190,6 +190,9 @@ pub struct Admit<'a> {
     pub prompt_tokens: u64,
     /// The most completion tokens it asks for.
     pub max_completion: u64,
+    /// The fewest completion tokens worth admitting it for (1; `n` for `n`
+    /// choices, one each): a reservation that cannot cover them is refused.
+    pub min_completion: u64,
     /// Streamed: its tokens are counted in the in-flight tally.
     pub stream: bool,
 }
@@ -402,7 +405,7 @@ impl Billing {
             .unwrap()
             .reserve_from(
                 &info.imsi,
-                a.prompt_tokens + 1,
+                a.prompt_tokens + a.min_completion.clamp(1, a.max_completion.max(1)),
                 a.prompt_tokens + a.max_completion,
                 now,
                 &|b| grants.admits(b, &info.model, connected, mono),
@@ -432,6 +435,9 @@ impl Billing {
                     reserved_tokens: r.granted,
                     client_left: false,
                     log_seq: self.inner.log.stats().durable_seq,
+                    end_user: info.detail.end_user.clone(),
+                    choices: info.detail.choices,
+                    constraint: info.detail.constraint.clone(),
                 })
                 .map_err(|e| {
                     tracing::error!(error = %e, "in-flight tally");
@@ -1115,7 +1121,11 @@ fn bill_of_slot(e: &Entry, id: uuid::Uuid) -> Bill {
         } else {
             "the agent stopped while streaming; billed the tokens streamed".into()
         },
-        detail: RequestDetail::default(),
+        detail: RequestDetail {
+            end_user: e.end_user.clone(),
+            choices: e.choices,
+            constraint: e.constraint.clone(),
+        },
     }
 }
 

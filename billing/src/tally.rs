@@ -75,6 +75,15 @@ pub struct Entry {
     /// The usage log's durable seq when the request began: its record, if
     /// any, comes after.
     pub log_seq: u64,
+    /// The app's end-user id (bounded by the API: an entry fits its slot).
+    #[serde(default)]
+    pub end_user: String,
+    /// Choices (`n`); 0 in entries written before the field.
+    #[serde(default)]
+    pub choices: u32,
+    /// The output constraint, empty for none.
+    #[serde(default)]
+    pub constraint: String,
 }
 
 /// A slot as read from the file.
@@ -330,6 +339,9 @@ mod tests {
 
     fn entry(n: u64) -> Entry {
         Entry {
+            end_user: String::new(),
+            choices: 1,
+            constraint: String::new(),
             request_id: format!("{n:032x}"),
             imsi: "001010000000001".into(),
             app: "app".into(),

@@ -43,6 +43,11 @@ pub enum Command {
     /// Benchmark the inference engine; prints one JSON object
     /// (`cargo xtask bench-inference` runs it beside llama.cpp).
     BenchInference(BenchInferenceArgs),
+    /// Benchmark structured output (decode with and without a JSON Schema,
+    /// time to the first token with a large one); prints one JSON object
+    /// (`cargo xtask bench-structured` runs it beside llama.cpp).
+    #[command(hide = true)]
+    BenchConstraint(BenchConstraintArgs),
     /// Answer a technician's `edgeprov` on a serial port: identity made on
     /// this box, node certificate, site configuration (until SIGTERM).
     ProvisionListen(ProvisionListenArgs),
@@ -255,6 +260,26 @@ pub struct BenchInferenceArgs {
     /// Write the prompt token ids used here (for the peer's run) to this file.
     #[arg(long, value_name = "PATH")]
     pub prompts_out: Option<PathBuf>,
+}
+
+/// Arguments of `edge-agent bench-constraint`.
+#[derive(Debug, Args, Clone)]
+pub struct BenchConstraintArgs {
+    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $MEC_MODEL].
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Kernel threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(usize))]
+    pub threads: usize,
+    /// Tokens decoded per run, with and without the schema.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Rounds (each figure is the median).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Write the prompt ids, stop ids and schemas used here (for the peer's run).
+    #[arg(long, value_name = "PATH")]
+    pub inputs_out: Option<PathBuf>,
 }
 
 /// Arguments of `edge-agent generate`.
@@ -561,6 +586,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log(LogCommand::Upload(a)) => crate::log_cmd::upload(&a),
         Command::Generate(a) => crate::generate_cmd::generate(&a),
         Command::BenchInference(a) => crate::bench_inference_cmd::bench(&a),
+        Command::BenchConstraint(a) => crate::bench_constraint_cmd::bench(&a),
         Command::GpuCheck(a) => crate::gpu_check_cmd::check(&a),
         Command::SynthModel(a) => crate::gpu_check_cmd::synth_model(&a),
         Command::Init(a) => crate::init_cmd::init(&a),

@@ -78,9 +78,17 @@ pub struct ApiConfig {
     /// Deepest nesting of a schema document; deeper ones get 400.
     #[serde(default = "default_max_schema_depth")]
     pub max_schema_depth: usize,
-    /// Most choices (`n`) one request may ask for.
-    #[serde(default = "default_max_choices")]
-    pub max_choices: usize,
+    /// Most choices (`n`) one request may ask for: at most `model.slots`
+    /// (a request's choices decode at once); default `model.slots`.
+    #[serde(default)]
+    pub max_choices: Option<usize>,
+}
+
+impl ApiConfig {
+    /// Most choices one request may ask for (`max_choices`, else `slots`).
+    pub fn max_choices(&self, slots: usize) -> usize {
+        self.max_choices.unwrap_or(slots).max(1)
+    }
 }
 
 impl Default for ApiConfig {
@@ -92,7 +100,7 @@ impl Default for ApiConfig {
             shutdown_grace_s: default_grace(),
             max_schema_bytes: default_max_schema_bytes(),
             max_schema_depth: default_max_schema_depth(),
-            max_choices: default_max_choices(),
+            max_choices: None,
         }
     }
 }
@@ -286,9 +294,7 @@ fn default_max_schema_bytes() -> usize {
 fn default_max_schema_depth() -> usize {
     32
 }
-fn default_max_choices() -> usize {
-    8
-}
+
 fn default_request_timeout() -> u64 {
     600
 }
@@ -466,8 +472,16 @@ impl Config {
                 "api.max_schema_bytes and api.max_schema_depth must be at least 1".into(),
             ));
         }
-        if !(1..=128).contains(&self.api.max_choices) {
-            return Err(bad("api.max_choices", "1 to 128".into()));
+        if let Some(n) = self.api.max_choices {
+            if n == 0 || n > self.model.slots {
+                return Err(bad(
+                    "api.max_choices",
+                    format!(
+                        "1 to model.slots ({}): a request's choices decode at once",
+                        self.model.slots
+                    ),
+                ));
+            }
         }
         if self.api.request_timeout_s == 0 {
             return Err(bad("api.request_timeout_s", "at least 1".into()));

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod admin_cmd;
+pub mod bench_constraint_cmd;
 pub mod bench_inference_cmd;
 pub mod cli;
 pub mod config;

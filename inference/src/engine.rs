@@ -74,6 +74,14 @@ pub enum SubmitError {
     /// A sampling parameter out of range.
     #[error(transparent)]
     Param(#[from] ParamError),
+    /// More choices than the engine has slots: they run at once.
+    #[error("{choices} choices asked; the engine runs at most {slots} sequences at once")]
+    TooManyChoices {
+        /// Asked.
+        choices: usize,
+        /// Slots.
+        slots: usize,
+    },
     /// The engine is shutting down.
     #[error("the engine is shutting down")]
     ShuttingDown,
@@ -208,6 +216,13 @@ impl Queue {
         }
         q.push_back(job);
         self.len += 1;
+    }
+
+    /// The sequences the next job to pop needs (its choices).
+    fn next_needs(&self) -> Option<usize> {
+        let sub = self.order.front()?;
+        let job = self.per_subscriber.get(sub)?.front()?;
+        Some(1 + job.forks.len())
     }
 
     /// Round robin: one job from the subscriber whose turn it is.
@@ -418,6 +433,13 @@ impl Engine {
     /// order; or refuses it at once.
     pub fn submit_choices(&self, req: GenerateRequest) -> Result<Vec<Generation>, SubmitError> {
         req.params.validate()?;
+        let slots = self.config.slots.max(1);
+        if req.choices > slots {
+            return Err(SubmitError::TooManyChoices {
+                choices: req.choices,
+                slots,
+            });
+        }
         let context = self.model.config().context_length;
         if req.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
@@ -479,6 +501,11 @@ fn schedule(model: &Model, tokenizer: &Tokenizer, shared: &Shared, config: &Engi
             let job = {
                 let mut q = shared.queue.lock().unwrap();
                 loop {
+                    // A job runs all its choices at once: it waits until
+                    // they fit beside the sequences running.
+                    if q.next_needs().is_some_and(|n| active.len() + n > slots) {
+                        break None;
+                    }
                     if let Some(job) = q.pop() {
                         break Some(job);
                     }

@@ -242,7 +242,14 @@ impl Sampler {
                 return i;
             }
         }
-        *idx.last().unwrap()
+        // Rounding left a sliver: the least likely token still possible
+        // (never one the mask or top-p ruled out).
+        probs
+            .iter()
+            .zip(&idx)
+            .rev()
+            .find(|(p, _)| **p > 0.0)
+            .map_or(idx[0], |(_, &i)| i)
     }
 }
 

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 mod bench_api;
 mod bench_grants;
 mod bench_inference;
+mod bench_structured;
 mod bench_sync;
 mod ci;
 mod cuda;
@@ -181,6 +182,20 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Benchmark structured output (issue 24) beside llama.cpp: decode
+    /// tokens/s with and without a JSON Schema, time to the first token
+    /// with a 50-property schema; writes bench/out/structured-bench.json.
+    BenchStructured {
+        /// Rounds (each figure is the median).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Threads for both engines.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Tokens decoded per run.
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+    },
     /// Remake llama.cpp's figures for the agreement check
     /// (inference/src/agreement/llamacpp.json: tokens, first-ranked token
     /// after each, perplexity), with llama-cpp-python in bench/venv.
@@ -332,6 +347,11 @@ fn main() -> anyhow::Result<()> {
             threads,
             decode_tokens,
         } => bench_inference::bench(rounds, threads, decode_tokens),
+        Task::BenchStructured {
+            rounds,
+            threads,
+            decode_tokens,
+        } => bench_structured::bench(rounds, threads, decode_tokens),
         Task::AgreementReference => bench_inference::agreement_reference(),
     }
 }
@@ -344,12 +364,14 @@ fn bench_all(quick: bool) -> anyhow::Result<()> {
         bench_api::bench(1, 64, 5)?;
         bench_sync::bench(&bench_sync::Options::all(50_000))?;
         bench_grants::bench(100, 5)?;
+        bench_structured::bench(1, 2, 64)?;
     } else {
         bench_inference::bench(3, 2, 128)?;
         bench_log(200_000)?;
         bench_api::bench(3, 64, 10)?;
         bench_sync::bench(&bench_sync::Options::all(200_000))?;
         bench_grants::bench(100, 20)?;
+        bench_structured::bench(3, 2, 128)?;
     }
     bench_report()
 }

@@ -19,7 +19,7 @@ pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 /// One figure of the report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Figure {
-    /// Which benchmark ("inference", "log", "api", "sync", "grants").
+    /// Which benchmark ("inference", "log", "api", "sync", "grants", "structured").
     pub bench: &'static str,
     /// What was measured.
     pub name: String,
@@ -295,6 +295,52 @@ pub fn figures(out: &Path) -> Vec<Figure> {
             }
         }
     }
+    if let Some(v) = read("structured-bench.json") {
+        // Issue 24: structured output, ours (llguidance) against llama.cpp (GBNF).
+        let command = v["command"]
+            .as_str()
+            .unwrap_or("cargo xtask bench-structured")
+            .to_string();
+        for (key, what, unit, higher_is_better) in [
+            (
+                "decode_tokens_per_s_constrained",
+                "decode under a JSON Schema",
+                "tokens/s",
+                true,
+            ),
+            (
+                "decode_tokens_per_s_free",
+                "decode, same prompt and length, no constraint",
+                "tokens/s",
+                true,
+            ),
+            (
+                "constrained_over_free",
+                "constrained / free decode rate",
+                "×",
+                true,
+            ),
+            (
+                "ttft_ms_large_schema",
+                "first token with a 50-property schema (compiled per request)",
+                "ms",
+                false,
+            ),
+            ("ttft_ms_free", "first token, no schema", "ms", false),
+        ] {
+            if let Some(ours) = num(&v["ours"][key]) {
+                f.push(Figure {
+                    bench: "structured",
+                    name: what.to_string(),
+                    value: ours,
+                    unit,
+                    peer: num(&v["llama_cpp"][key]).map(|p| ("llama.cpp".to_string(), p)),
+                    higher_is_better,
+                    command: command.clone(),
+                });
+            }
+        }
+    }
     f
 }
 
@@ -500,6 +546,10 @@ fn markdown(figures: &[Figure], machine: &Value, date: &str, charts: &[(String, 
             "grants",
             "Grants: packages sold at the core reaching boxes (simulated boxes over loopback QUIC)",
         ),
+        (
+            "structured",
+            "Structured output: a JSON Schema's cost, llguidance against llama.cpp's GBNF",
+        ),
     ];
     for (bench, title) in sections {
         let rows: Vec<&Figure> = figures.iter().filter(|f| f.bench == bench).collect();
@@ -619,6 +669,13 @@ fn charts(figures: &[Figure]) -> Vec<(String, Chart)> {
         "Durable signed appends vs the disk's fdatasync rate",
         "records/s",
         log_rows,
+    );
+    add(
+        "structured-decode.png",
+        "structured",
+        "Decode with and without a JSON Schema: ours vs llama.cpp",
+        "tokens/s",
+        pair_rows("structured", "tokens/s"),
     );
     add(
         "api-metering.png",

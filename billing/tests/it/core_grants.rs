@@ -152,6 +152,7 @@ async fn serve(
             info: &i,
             prompt_tokens: prompt,
             max_completion: completion,
+            min_completion: 1,
             stream: false,
         })
         .await?;

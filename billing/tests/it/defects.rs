@@ -20,6 +20,7 @@ fn admit(
         info,
         prompt_tokens: prompt,
         max_completion: max,
+        min_completion: 1,
         stream,
     })
 }
@@ -113,6 +114,9 @@ fn leave_a_slot(
             reserved_tokens: 100,
             client_left: true,
             log_seq,
+            end_user: "end-user-7".into(),
+            choices: 2,
+            constraint: "json_schema".into(),
         })
         .unwrap();
     c.count(tokens).unwrap();
@@ -214,6 +218,11 @@ async fn the_agent_starts_with_a_full_log_and_bills_left_streams_once_there_is_r
     assert_eq!(
         (r.record_id.as_slice(), r.billed_tokens),
         (id.as_bytes().as_slice(), 17)
+    );
+    // What the request asked is on its record, though its process died.
+    assert_eq!(
+        (r.end_user.as_str(), r.choices, r.constraint.as_str()),
+        ("end-user-7", 2, "json_schema")
     );
     assert!(live_slots(dir.path()).is_empty());
     assert_eq!(remaining(&bx.billing), before - 17);

@@ -107,7 +107,7 @@ proptest! {
             match op {
                 Op::Admit { prompt, max, stream } => {
                     let info = info();
-                    let got = bx.billing.admit(Admit { info: &info, prompt_tokens: prompt, max_completion: max, stream });
+                    let got = bx.billing.admit(Admit { info: &info, prompt_tokens: prompt, max_completion: max, min_completion: 1, stream });
                     let want = model.reserve(prompt + 1, prompt + max);
                     match (got, want) {
                         (Ok(admission), Some(holds)) => {

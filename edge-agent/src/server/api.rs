@@ -25,7 +25,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 
 use mec_billing::tally::TallyError;
-use mec_billing::{Admission, Admit, BillingError, RequestDetail, RequestInfo, Settled};
+use mec_billing::{Admission, Admit, RequestDetail, RequestInfo, Settled};
 use mec_sync::record::Outcome;
 
 use super::error::ApiError;
@@ -168,7 +168,7 @@ fn prepare(
     let max_tokens = sampling.max_tokens()?;
     let tokenizer = state.engine.tokenizer();
     let params = sampling.params(endpoint == Endpoint::Chat, tokenizer.vocab_size())?;
-    let choices = sampling.choices(state.config.api.max_choices)?;
+    let choices = sampling.choices(state.config.api.max_choices(state.config.model.slots))?;
     let end_user = sampling.end_user()?;
     let prompt = tokenizer
         .encode(&prompt_text)
@@ -333,21 +333,15 @@ async fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver
             prompt_tokens: p.prompt.len() as u64,
             // Every choice may take its max_tokens; the prompt is billed once.
             max_completion: p.max_completion * p.choices as u64,
+            // At least one token for each choice.
+            min_completion: p.choices as u64,
             stream: p.stream,
         })
         .await?;
     let reserve_time = metering_started.elapsed();
-    // The reservation caps what may be generated, shared among the choices.
-    let per_choice = admission.completion_cap() / p.choices as u64;
-    if per_choice == 0 {
-        let available = p.prompt.len() as u64 + admission.completion_cap();
-        drop(admission);
-        return Err(BillingError::InsufficientQuota {
-            available,
-            needed: p.prompt.len() as u64 + p.choices as u64,
-        }
-        .into());
-    }
+    // The reservation caps what may be generated, shared among the choices
+    // (it covers at least one token each: `min_completion`).
+    let per_choice = (admission.completion_cap() / p.choices as u64).max(1);
     let mut params = p.params.clone();
     params.max_tokens = Some(per_choice as usize);
     let generations = match state.engine.submit_choices(GenerateRequest {
@@ -591,7 +585,22 @@ pub async fn chat_completions(
             app,
             Endpoint::Chat,
         )?;
-        if let Some((constraint, name)) = constraint_for(&state, &req.sampling, tools.as_ref())? {
+        // Compiling a schema is CPU work (about a millisecond, more for a
+        // large one): off the async workers' turn.
+        let constraint =
+            tokio::task::block_in_place(|| constraint_for(&state, &req.sampling, tools.as_ref()))?;
+        if constraint.is_some() && !p.params.stop.is_empty() {
+            // A stop sequence would cut the document the constraint holds
+            // the output to: the answer would not parse.
+            return Err(ApiError {
+                param: Some("stop"),
+                ..ApiError::invalid(
+                    "unsupported_parameter",
+                    "stop sequences cannot be combined with response_format or tools: they would cut the JSON",
+                )
+            });
+        }
+        if let Some((constraint, name)) = constraint {
             p.constraint = Some(constraint);
             p.info.detail.constraint = name.to_string();
             if name == "tool_calls" {

@@ -10,8 +10,9 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::tools::{render_result, Tools};
 
-/// Longest `user` (the app's end-user id) kept in the usage record.
-pub const MAX_USER_LEN: usize = 256;
+/// Longest `user` (the app's end-user id) kept in the usage record; with
+/// no control characters, it fits a stream's in-flight tally slot.
+pub const MAX_USER_LEN: usize = 128;
 
 /// `stop`: one string or several.
 #[derive(Debug, Clone, Deserialize)]
@@ -212,10 +213,14 @@ impl Sampling {
     /// The app's end-user id, checked.
     pub fn end_user(&self) -> Result<String, ApiError> {
         match &self.user {
-            Some(u) if u.len() > MAX_USER_LEN => Err(ApiError::invalid_param(
-                "user",
-                format!("user is longer than {MAX_USER_LEN} bytes"),
-            )),
+            Some(u) if u.len() > MAX_USER_LEN || u.chars().any(char::is_control) => {
+                Err(ApiError::invalid_param(
+                    "user",
+                    format!(
+                        "user must be at most {MAX_USER_LEN} bytes, without control characters"
+                    ),
+                ))
+            }
             Some(u) => Ok(u.clone()),
             None => Ok(String::new()),
         }
@@ -651,6 +656,11 @@ mod tests {
         let long = format!(r#","user":"{}""#, "u".repeat(MAX_USER_LEN + 1));
         assert_eq!(
             body(&long).sampling.end_user().unwrap_err().param,
+            Some("user")
+        );
+        let control = r#","user":"a\u0000b""#;
+        assert_eq!(
+            body(control).sampling.end_user().unwrap_err().param,
             Some("user")
         );
     }

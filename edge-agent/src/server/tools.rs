@@ -408,10 +408,14 @@ impl Parser<'_> {
         &mut self.out.calls[k]
     }
 
+    /// A value in `ctx`. Only the format's own levels recurse (the root
+    /// object, the calls array, a call object: three at most); anything
+    /// else, however deep (a call's arguments), is skipped iteratively.
     fn value(&mut self, ctx: Ctx) -> Result<(), Eof> {
         match (self.ws()?, ctx) {
-            (b'{', _) => self.object(ctx),
-            (b'[', _) => self.array(ctx),
+            (_, Ctx::Other) => self.skip(),
+            (b'{', Ctx::Root | Ctx::Call(_)) => self.object(ctx),
+            (b'[', Ctx::Calls) => self.array(),
             (b'"', Ctx::Response) => {
                 let content = self.string(|decoded| decoded)?;
                 self.out.content = Some(content);
@@ -422,16 +426,56 @@ impl Parser<'_> {
                 self.call(k).name = Some(name);
                 Ok(())
             }
-            (b'"', _) => self.string(|_| String::new()).map(|_| ()),
-            _ => {
-                // A number, true, false or null: up to a delimiter.
-                while let Some(&b) = self.s.get(self.i) {
-                    if matches!(b, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
+            _ => self.skip(),
+        }
+    }
+
+    /// Past one value of any shape and depth, without recursion.
+    fn skip(&mut self) -> Result<(), Eof> {
+        let mut depth = 0usize;
+        loop {
+            let Some(&b) = self.s.get(self.i) else {
+                return Err(Eof);
+            };
+            match b {
+                b'"' => {
+                    self.skip_string()?;
+                    if depth == 0 {
                         return Ok(());
                     }
+                }
+                b'{' | b'[' => {
+                    depth += 1;
                     self.i += 1;
                 }
-                Err(Eof)
+                b'}' | b']' => {
+                    if depth == 0 {
+                        return Ok(()); // the container around a scalar ends
+                    }
+                    depth -= 1;
+                    self.i += 1;
+                    if depth == 0 {
+                        return Ok(());
+                    }
+                }
+                b',' | b' ' | b'\n' | b'\r' | b'\t' if depth == 0 => return Ok(()),
+                _ => self.i += 1,
+            }
+        }
+    }
+
+    /// Past a string (at its opening quote).
+    fn skip_string(&mut self) -> Result<(), Eof> {
+        self.i += 1;
+        loop {
+            match self.s.get(self.i) {
+                None => return Err(Eof),
+                Some(b'\\') => self.i += 2,
+                Some(b'"') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                Some(_) => self.i += 1,
             }
         }
     }
@@ -448,11 +492,12 @@ impl Parser<'_> {
                     self.i += 1;
                     continue;
                 }
-                _ => {}
+                b'"' => {}
+                _ => return Err(Eof), // not the format: stop reading
             }
             let key = self.string(|_| String::new())?;
             if self.ws()? != b':' {
-                return Err(Eof); // not the format: stop reading
+                return Err(Eof);
             }
             self.i += 1;
             let inner = match (ctx, key.as_str()) {
@@ -463,7 +508,7 @@ impl Parser<'_> {
                 (Ctx::Call(k), "arguments") => {
                     self.ws()?;
                     let start = self.i;
-                    let done = self.value(Ctx::Other);
+                    let done = self.skip();
                     let end = self.i.min(self.s.len());
                     let text = String::from_utf8_lossy(&self.s[start..end]).into_owned();
                     self.call(k).arguments = text;
@@ -479,7 +524,8 @@ impl Parser<'_> {
         }
     }
 
-    fn array(&mut self, ctx: Ctx) -> Result<(), Eof> {
+    /// The calls array: each element a call.
+    fn array(&mut self) -> Result<(), Eof> {
         self.i += 1; // [
         let mut k = 0;
         loop {
@@ -494,14 +540,8 @@ impl Parser<'_> {
                 }
                 _ => {}
             }
-            let inner = match ctx {
-                Ctx::Calls => {
-                    self.call(k);
-                    Ctx::Call(k)
-                }
-                _ => Ctx::Other,
-            };
-            self.value(inner)?;
+            self.call(k);
+            self.value(Ctx::Call(k))?;
             k += 1;
         }
     }
@@ -807,6 +847,19 @@ mod tests {
         }
         assert_eq!(text, "Hi \"you\"\né😀!");
         assert!(!stream.has_calls());
+    }
+
+    #[test]
+    fn arguments_nested_beyond_any_stack_are_read_without_recursion() {
+        let depth = 200_000;
+        let args = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let doc = format!(r#"{{"tool_call": {{"name": "f", "arguments": {{"a": {args}}}}}}}"#);
+        let read = scan(&doc);
+        assert_eq!(read.calls[0].name.as_deref(), Some("f"));
+        assert_eq!(read.calls[0].arguments.len(), args.len() + 7);
+        // Cut anywhere inside: still no recursion, the text so far.
+        let cut = &doc[..doc.len() / 2];
+        assert!(scan(cut).calls[0].arguments.starts_with(r#"{"a": [[["#));
     }
 
     #[test]

@@ -448,6 +448,12 @@ async fn bad_input_gets_an_openai_error_and_changes_nothing() {
             "invalid_value",
         ),
         case(
+            "a stop sequence that would cut the JSON",
+            with(r#"{ "stop": [","], "response_format": { "type": "json_object" } }"#),
+            400,
+            "unsupported_parameter",
+        ),
+        case(
             "top_logprobs 21",
             with(r#"{ "logprobs": true, "top_logprobs": 21 }"#),
             400,

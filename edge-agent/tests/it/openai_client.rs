@@ -192,6 +192,6 @@ async fn agents_clients_get_structured_output_tool_calls_logprobs_and_choices() 
                 .or_default() += 1;
             m
         });
-    assert_eq!(constraints["json_schema"], 40, "{constraints:?}");
+    assert_eq!(constraints["json_schema"], 45, "{constraints:?}");
     assert_eq!(constraints["tool_calls"], 4, "{constraints:?}");
 }

@@ -399,7 +399,10 @@ fn schemas_the_engine_cannot_enforce_are_refused_naming_why() {
 
 #[test]
 fn choices_share_one_prefill_and_each_is_its_own_sample() {
-    let e = engine(EngineConfig::default());
+    let e = engine(EngineConfig {
+        slots: 3,
+        ..Default::default()
+    });
     let prompt = chat(&e, "Write a word.");
     let r = GenerateRequest {
         params: SamplingParams {
@@ -425,6 +428,18 @@ fn choices_share_one_prefill_and_each_is_its_own_sample() {
             out
         })
     };
+    // More choices than slots: they could not decode at once.
+    let too_many = GenerateRequest {
+        choices: 4,
+        ..r.clone()
+    };
+    assert!(matches!(
+        e.submit_choices(too_many),
+        Err(SubmitError::TooManyChoices {
+            choices: 4,
+            slots: 3
+        })
+    ));
     let a = run(r.clone());
     assert_eq!(a.len(), 3);
     // Choice 0 prefilled the prompt; the others copied its cache.
