@@ -20,7 +20,7 @@ use mec_inference::engine::{Engine, EngineConfig, GenerateRequest, Summary};
 use mec_inference::sampling::SamplingParams;
 use serde_json::{json, Value};
 
-use crate::bench_inference_cmd::templated;
+use crate::bench_inference_cmd::{load_on_cpu, templated};
 use crate::cli::BenchConstraintArgs;
 
 /// The decode benchmark's schema: readings that go on for longer than the
@@ -89,15 +89,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the benchmark and prints its JSON.
 pub fn bench(args: &BenchConstraintArgs) -> anyhow::Result<ExitCode> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()
-        .context("setting the kernel thread count")?;
-    let path = args
-        .model
-        .clone()
-        .unwrap_or_else(mec_inference::default_model_path);
-    let (model, tokenizer) = mec_inference::load(&path, &mec_inference::Device::Cpu)?;
+    let (model, tokenizer) = load_on_cpu(args.model.as_deref(), args.threads)?;
     let prompt = templated(&tokenizer, QUESTION)?;
     let stop_ids = tokenizer.stop_ids().to_vec();
     if let Some(out) = &args.inputs_out {

@@ -25,15 +25,7 @@ pub(crate) const STREAM_QUESTIONS: [&str; 4] = [
 
 /// Runs the benchmark and prints its JSON.
 pub fn bench(args: &BenchInferenceArgs) -> anyhow::Result<ExitCode> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()
-        .context("setting the kernel thread count")?;
-    let path = args
-        .model
-        .clone()
-        .unwrap_or_else(mec_inference::default_model_path);
-    let (model, tokenizer) = mec_inference::load(&path, &mec_inference::Device::Cpu)?;
+    let (model, tokenizer) = load_on_cpu(args.model.as_deref(), args.threads)?;
     let long = long_prompt(&tokenizer, args.prompt_tokens)?;
     let streams = STREAM_QUESTIONS
         .iter()
@@ -94,6 +86,19 @@ pub fn bench(args: &BenchInferenceArgs) -> anyhow::Result<ExitCode> {
     });
     println!("{report}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The benchmark's model on the CPU, with `threads` kernel threads.
+pub(crate) fn load_on_cpu(
+    model: Option<&std::path::Path>,
+    threads: usize,
+) -> anyhow::Result<(mec_inference::model::Model, Tokenizer)> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("setting the kernel thread count")?;
+    let path = model.map_or_else(mec_inference::default_model_path, ToOwned::to_owned);
+    Ok(mec_inference::load(&path, &mec_inference::Device::Cpu)?)
 }
 
 /// Submits every prompt to `engine` at once and waits for each to end: when
