@@ -63,6 +63,28 @@ for topic in topics:
 out["parsed"] = parsed
 out["parse_example"] = p.model_dump() if p else None
 
+# The same, streamed: the SDK's stream helper parses the streamed document.
+streamed_parsed, content_events = 0, 0
+for topic in topics[:3]:
+    with client.chat.completions.stream(
+        model=model,
+        messages=[{"role": "system", "content": "Answer with a JSON object describing the person."},
+                  {"role": "user", "content": f"Describe {topic}."}],
+        response_format=Person,
+        max_tokens=160,
+        temperature=0,
+        stream_options={"include_usage": True},
+    ) as stream:
+        for event in stream:
+            if event.type == "content.delta":
+                content_events += 1
+        final = stream.get_final_completion()
+    counted(final.usage)
+    if isinstance(final.choices[0].message.parsed, Person):
+        streamed_parsed += 1
+out["streamed_parsed"] = streamed_parsed
+out["streamed_content_events"] = content_events
+
 # 2. A JSON schema with nested objects, arrays, enums and required fields,
 # sampled 100 times (25 requests of n = 4, temperature 1), each checked.
 # Strings and numbers are bounded (maxLength; multipleOf 0.25, exact in

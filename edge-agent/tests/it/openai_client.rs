@@ -105,6 +105,9 @@ async fn agents_clients_get_structured_output_tool_calls_logprobs_and_choices() 
     eprintln!("{}", serde_json::to_string_pretty(&v).unwrap());
     // Structured output: every one parsed, every sample valid.
     assert_eq!(v["parsed"], 20, "{}", v["unparsed"]);
+    // Streamed, the SDK's helper parses what came in pieces.
+    assert_eq!(v["streamed_parsed"], 3, "{v}");
+    assert!(v["streamed_content_events"].as_u64().unwrap() > 3, "{v}");
     assert_eq!(v["schema_valid"], 100, "{}", v["schema_failures"]);
     // Tool calls, whole and streamed (the script validated the arguments
     // against the function's schema).
@@ -192,6 +195,6 @@ async fn agents_clients_get_structured_output_tool_calls_logprobs_and_choices() 
                 .or_default() += 1;
             m
         });
-    assert_eq!(constraints["json_schema"], 45, "{constraints:?}");
+    assert_eq!(constraints["json_schema"], 48, "{constraints:?}");
     assert_eq!(constraints["tool_calls"], 4, "{constraints:?}");
 }
