@@ -140,7 +140,7 @@ pub struct ExportQuery {
 }
 
 /// The columns of an exported record, in order.
-pub const RECORD_COLUMNS: [&str; 16] = [
+pub const RECORD_COLUMNS: [&str; 19] = [
     "node_id",
     "seq",
     "record_id",
@@ -158,6 +158,11 @@ pub const RECORD_COLUMNS: [&str; 16] = [
     "package_ids",
     // 1 when the box served it cut off from the core (issue 23).
     "offline",
+    // What the request asked (issue 24): its choices (`n`; 0 before the
+    // field), the output constraint, the app's end-user id.
+    "choices",
+    "constraint",
+    "end_user",
 ];
 
 /// The columns of an export summed per IMSI per day, in order.

@@ -57,11 +57,12 @@ use crate::record::GENESIS_HASH;
 
 /// The migrations, in order: `MIGRATIONS[i]` brings the schema to version
 /// `i + 1`. Append only; never edit one that has shipped.
-pub const MIGRATIONS: [&str; 4] = [
+pub const MIGRATIONS: [&str; 5] = [
     SCHEMA_V1,
     charging::SCHEMA_V2,
     SCHEMA_V3,
     charging::SCHEMA_V4,
+    SCHEMA_V5,
 ];
 
 /// The schema version this binary writes.
@@ -153,6 +154,14 @@ CREATE INDEX quarantine_by_seq ON quarantine (node_id, seq);
 const SCHEMA_V3: &str = "
 ALTER TABLE quarantine DROP CONSTRAINT quarantine_pkey;
 ALTER TABLE quarantine ADD PRIMARY KEY (node_id, id);
+";
+
+/// What the request asked (issue 24): the app's end user, the choices (0
+/// for records from before), the output constraint.
+const SCHEMA_V5: &str = "
+ALTER TABLE records ADD COLUMN end_user TEXT NOT NULL DEFAULT '';
+ALTER TABLE records ADD COLUMN choices INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE records ADD COLUMN output_constraint TEXT NOT NULL DEFAULT '';
 ";
 
 /// How core-ingest connects to PostgreSQL (the configuration's
@@ -894,8 +903,14 @@ impl PgStore {
         let ttfts = col(&|x| to_i64(x.record.ttft_us));
         let offline: Vec<bool> = a.iter().map(|x| x.record.offline).collect();
         let signed = bytes(&|x| x.signed.clone());
+        let end_users = text(&|x| x.record.end_user.clone());
+        let choices: Vec<i32> = a
+            .iter()
+            .map(|x| i32::try_from(x.record.choices).unwrap_or(i32::MAX))
+            .collect();
+        let constraints = text(&|x| x.record.constraint.clone());
         // Every row: the check above makes each of them new.
-        let params: [&(dyn ToSql + Sync); 27] = [
+        let params: [&(dyn ToSql + Sync); 30] = [
             &node,
             &seqs,
             &record_ids,
@@ -923,6 +938,9 @@ impl PgStore {
             &hashes,
             &signed,
             &now_ms,
+            &end_users,
+            &choices,
+            &constraints,
         ];
         let insert = tx
             .prepare_cached(
@@ -930,17 +948,24 @@ impl PgStore {
                  model_id, prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens,
                  billed_tokens, package_ids, debits, outcome, failure_reason, start_time_unix_ms,
                  end_time_unix_ms, clock_sync, duration_us, ttft_us, offline, prev_hash, hash,
-                 signed, received_ms)
-             SELECT $1::text, r.*, $27::bigint FROM unnest($2::bigint[], $3::bytea[], $4::bigint[], $5::text[],
+                 signed, received_ms, end_user, choices, output_constraint)
+             SELECT $1::text, r.seq, r.record_id, r.schema_version, r.key_id, r.imsi, r.app_id,
+                 r.model_id, r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens,
+                 r.reserved_tokens, r.billed_tokens, r.package_ids, r.debits, r.outcome,
+                 r.failure_reason, r.start_time_unix_ms, r.end_time_unix_ms, r.clock_sync,
+                 r.duration_us, r.ttft_us, r.offline, r.prev_hash, r.hash, r.signed,
+                 $27::bigint, r.end_user, r.choices, r.output_constraint
+             FROM unnest($2::bigint[], $3::bytea[], $4::bigint[], $5::text[],
                  $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[],
                  $12::bigint[], $13::bigint[], $14::text[], $15::text[], $16::text[], $17::text[],
                  $18::bigint[], $19::bigint[], $20::text[], $21::bigint[], $22::bigint[],
-                 $23::boolean[], $24::bytea[], $25::bytea[], $26::bytea[])
+                 $23::boolean[], $24::bytea[], $25::bytea[], $26::bytea[], $28::text[],
+                 $29::int[], $30::text[])
                  AS r(seq, record_id, schema_version, key_id, imsi, app_id, model_id,
                       prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens,
                       billed_tokens, package_ids, debits, outcome, failure_reason,
                       start_time_unix_ms, end_time_unix_ms, clock_sync, duration_us, ttft_us,
-                      offline, prev_hash, hash, signed)",
+                      offline, prev_hash, hash, signed, end_user, choices, output_constraint)",
             )
             .await
             .map_err(|e| self.err(e))?;
@@ -1114,7 +1139,8 @@ impl IngestStore for PgStore {
         } else {
             "SELECT node_id, seq, encode(record_id, 'hex'), imsi, app_id, model_id, prompt_tokens,
                     cached_prompt_tokens, completion_tokens, billed_tokens, outcome, failure_reason,
-                    start_time_unix_ms, end_time_unix_ms, package_ids, offline::int::int8
+                    start_time_unix_ms, end_time_unix_ms, package_ids, offline::int::int8,
+                    choices::int8, output_constraint, end_user
              FROM records WHERE end_time_unix_ms >= $1 AND end_time_unix_ms < $2
              ORDER BY node_id, seq"
         };

@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 /// Columns added since the first schema: (table, column, definition).
 /// Added at open when missing, so a store made by an older core opens.
-const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
     // 'edge_salvaged' (the edge's log was damaged) or 'core_lost' (the core
     // had acknowledged them and no longer holds them).
     ("gaps", "reason", "TEXT NOT NULL DEFAULT 'edge_salvaged'"),
@@ -97,6 +97,11 @@ const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
     ("quarantine", "kind", "TEXT NOT NULL DEFAULT 'fault'"),
     // SHA-256 of `signed`: a resend of the same bytes is kept once.
     ("quarantine", "signed_hash", "BLOB"),
+    // What the request asked (issue 24): the app's end user, the choices
+    // (0 for records from before), the output constraint.
+    ("records", "end_user", "TEXT NOT NULL DEFAULT ''"),
+    ("records", "choices", "INTEGER NOT NULL DEFAULT 0"),
+    ("records", "output_constraint", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 const INDEXES: &str = "
@@ -222,9 +227,9 @@ fn commit(conn: &Connection, v: &BatchVerdict, now_ms: i64) -> Result<(), Ingest
                 app_id, model_id, prompt_tokens, cached_prompt_tokens, completion_tokens,
                 reserved_tokens, billed_tokens, package_ids, debits, outcome, failure_reason,
                 start_time_unix_ms, end_time_unix_ms, clock_sync, duration_us, ttft_us, offline,
-                prev_hash, hash, signed, received_ms)
+                prev_hash, hash, signed, received_ms, end_user, choices, output_constraint)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
+                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
         )?;
         for a in &v.accepted {
             let r = &a.record;
@@ -255,7 +260,10 @@ fn commit(conn: &Connection, v: &BatchVerdict, now_ms: i64) -> Result<(), Ingest
                 r.prev_hash,
                 a.hash.to_vec(),
                 a.signed,
-                now_ms
+                now_ms,
+                r.end_user,
+                r.choices,
+                r.constraint
             ])?;
         }
     }
@@ -395,7 +403,8 @@ impl IngestStore for SqliteStore {
         } else {
             "SELECT node_id, seq, lower(hex(record_id)), imsi, app_id, model_id, prompt_tokens,
                     cached_prompt_tokens, completion_tokens, billed_tokens, outcome, failure_reason,
-                    start_time_unix_ms, end_time_unix_ms, package_ids, offline
+                    start_time_unix_ms, end_time_unix_ms, package_ids, offline, choices,
+                    output_constraint, end_user
              FROM records WHERE end_time_unix_ms >= ?1 AND end_time_unix_ms < ?2
              ORDER BY node_id, seq"
         };

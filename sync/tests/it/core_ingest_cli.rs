@@ -543,7 +543,7 @@ fn serve_on(config: &Path, port: u16) -> Child {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_killed_mid_upload_lose_and_double_nothing() {
     const NODES: usize = 50;
-    const RECORDS: u64 = 200;
+    const RECORDS: u64 = 400;
     let dir = tempfile::tempdir().unwrap();
     let url = tokio::task::spawn_blocking(|| mec_pg_throwaway::fresh_database("sigkill"))
         .await
@@ -598,25 +598,34 @@ async fn two_instances_killed_mid_upload_lose_and_double_nothing() {
         }));
     }
     // Killed once an eighth of the records are acknowledged, while the
-    // rest of the first halves are still on their way.
+    // rest of the first halves are still on their way. The watch runs on a
+    // thread of its own: a task of this runtime may wait behind the
+    // uploads (on a loaded 2-core machine, long enough for them to finish).
     let total = NODES as u64 * RECORDS / 2;
-    let acked = || -> u64 { edges.iter().map(|(log, _, _)| log.stats().acked_seq).sum() };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked() < total / 4 {
-        assert!(
-            Instant::now() < deadline,
-            "acknowledged {} of {total}",
-            acked()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    for s in &mut servers {
-        s.kill().unwrap(); // SIGKILL
-    }
-    let at_kill = acked();
-    for s in &mut servers {
-        s.wait().unwrap();
-    }
+    let logs: Vec<Arc<UsageLog>> = edges.iter().map(|(log, _, _)| log.clone()).collect();
+    let killer = std::thread::spawn(move || {
+        let acked = || -> u64 { logs.iter().map(|log| log.stats().acked_seq).sum() };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked() < total / 8 {
+            assert!(
+                Instant::now() < deadline,
+                "acknowledged {} of {total}",
+                acked()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for s in &mut servers {
+            s.kill().unwrap(); // SIGKILL
+        }
+        let at_kill = acked();
+        for s in &mut servers {
+            s.wait().unwrap();
+        }
+        at_kill
+    });
+    let at_kill = tokio::task::spawn_blocking(move || killer.join().unwrap())
+        .await
+        .unwrap();
     assert!(
         at_kill < total,
         "the upload had not finished when the core was killed"

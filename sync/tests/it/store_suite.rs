@@ -41,6 +41,13 @@ fn chain(node: &str, k: &SigningKey, n: u64, end_ms: impl Fn(u64) -> i64) -> Vec
                 billed_tokens: 7 + seq,
                 end_time_unix_ms: end_ms(seq),
                 start_time_unix_ms: end_ms(seq) - 100,
+                choices: (seq % 3) as u32,
+                constraint: if seq == 2 {
+                    "json_schema".into()
+                } else {
+                    String::new()
+                },
+                end_user: format!("user-{seq}"),
                 ..Default::default()
             };
             let body = encode_record(&r);
@@ -187,6 +194,15 @@ fn exports_stream_records_and_daily_sums(b: Backend) {
     assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     assert_eq!(rows[0][0], ExportValue::Text("edge-x".into()));
     assert_eq!(rows[0].len(), mec_sync::ingest_store::RECORD_COLUMNS.len());
+    // What the request asked (issue 24) is in the last three columns.
+    assert_eq!(
+        rows[1][16..],
+        [
+            ExportValue::Int(2),
+            ExportValue::Text("json_schema".into()),
+            ExportValue::Text("user-2".into())
+        ]
+    );
     let dec1 = ExportQuery {
         from_ms: NOV_30 + DAY / 2,
         to_ms: NOV_30 + 2 * DAY,
