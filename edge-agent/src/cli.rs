@@ -33,6 +33,10 @@ pub enum Command {
     /// random Q4_1 weights, the default model's tokenizer. Its text is
     /// noise. Prints one JSON object (parameters, bytes read per token).
     SynthModel(SynthModelArgs),
+    /// Write a GGUF model again with its quantised weights in another block
+    /// format (q8_0, q4_1, q4_0): the same weights, a different file (a
+    /// second model for tests). Prints one JSON object.
+    Requantize(RequantizeArgs),
     /// Write a working configuration, a node identity and a dev app key into
     /// DIR; print them as one JSON object.
     Init(InitArgs),
@@ -344,6 +348,30 @@ pub struct GpuCheckArgs {
     pub speed: Option<SpeedPlan>,
 }
 
+/// Arguments of `edge-agent requantize`.
+#[derive(Debug, Args, Clone)]
+pub struct RequantizeArgs {
+    /// The model to read [default: the default model].
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// The file to write.
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// The block format: q8_0, q4_1 or q4_0.
+    #[arg(long, default_value = "q8_0", value_parser = parse_block_format)]
+    pub to: mec_inference::GgmlDType,
+}
+
+fn parse_block_format(s: &str) -> Result<mec_inference::GgmlDType, String> {
+    use mec_inference::GgmlDType;
+    match s.to_ascii_lowercase().as_str() {
+        "q8_0" => Ok(GgmlDType::Q8_0),
+        "q4_1" => Ok(GgmlDType::Q4_1),
+        "q4_0" => Ok(GgmlDType::Q4_0),
+        other => Err(format!("{other:?} is not one of q8_0, q4_1, q4_0")),
+    }
+}
+
 /// Arguments of `edge-agent synth-model`.
 #[derive(Debug, Args, Clone)]
 pub struct SynthModelArgs {
@@ -589,6 +617,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchConstraint(a) => crate::bench_constraint_cmd::bench(&a),
         Command::GpuCheck(a) => crate::gpu_check_cmd::check(&a),
         Command::SynthModel(a) => crate::gpu_check_cmd::synth_model(&a),
+        Command::Requantize(a) => crate::gpu_check_cmd::requantize(&a),
         Command::Init(a) => crate::init_cmd::init(&a),
         Command::Serve(a) => {
             let config = crate::config::Config::load(&a.config)?;

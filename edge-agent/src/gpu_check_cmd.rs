@@ -228,6 +228,29 @@ pub fn synth_model(args: &SynthModelArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `edge-agent requantize`: the model's weights in another block format.
+pub fn requantize(args: &crate::cli::RequantizeArgs) -> anyhow::Result<ExitCode> {
+    let from = args
+        .model
+        .clone()
+        .unwrap_or_else(mec_inference::default_model_path);
+    let t = Instant::now();
+    let r = mec_inference::requantize::requantize(&from, &args.out, args.to)?;
+    println!(
+        "{}",
+        json!({
+            "path": args.out,
+            "from": from,
+            "format": format!("{:?}", args.to),
+            "tensors_converted": r.converted,
+            "tensors_copied": r.copied,
+            "file_bytes": r.file_bytes,
+            "seconds": t.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The tensor path on the device `choice` names; on the CPU (chosen, or
 /// fallen back to) it runs on candle's CPU backend.
 fn load_candidate(

@@ -7,6 +7,7 @@
 //! GPU discovery through NVML. It knows nothing of HTTP or billing.
 #![warn(missing_docs)]
 
+pub use candle_core::quantized::GgmlDType;
 pub use candle_core::Device;
 
 pub mod agreement;
@@ -16,6 +17,7 @@ pub mod gguf;
 pub mod gpu;
 pub mod kernels;
 pub mod model;
+pub mod requantize;
 pub mod sampling;
 pub mod synthetic;
 pub mod tokenizer;

@@ -207,18 +207,8 @@ pub fn write(
     }
     tensors.push(("output_norm.weight".into(), ones(d)?));
 
-    let tmp = out.with_extension("gguf.partial");
-    let mut file =
-        std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| write_err(e.to_string()))?);
-    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tens: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut file, &meta, &tens).map_err(|e| write_err(e.to_string()))?;
-    let file = file.into_inner().map_err(|e| write_err(e.to_string()))?;
-    file.sync_all().map_err(|e| write_err(e.to_string()))?;
-    std::fs::rename(&tmp, out).map_err(|e| write_err(e.to_string()))?;
-    let file_bytes = std::fs::metadata(out)
-        .map_err(|e| write_err(e.to_string()))?
-        .len();
+    let file_bytes =
+        crate::requantize::write_atomically(out, &metadata, &tensors).map_err(write_err)?;
     Ok(Written {
         parameters,
         weight_bytes_per_token: per_token,

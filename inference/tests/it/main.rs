@@ -8,5 +8,6 @@
 mod engine;
 mod model;
 mod paged;
+mod requantize;
 mod synthetic;
 mod tokenizer;
