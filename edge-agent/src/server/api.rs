@@ -215,12 +215,13 @@ fn prepare(
 
 /// The constraint a chat request's `response_format` or tools ask for,
 /// compiled (a schema the engine cannot enforce is refused here, before
-/// anything is reserved), with its name for the usage record.
+/// anything is reserved), with its name for the usage record and how the
+/// output is read back.
 fn constraint_for(
     state: &AppState,
     sampling: &Sampling,
     tools: Option<&Tools>,
-) -> Result<Option<(Constraint, &'static str)>, ApiError> {
+) -> Result<Option<(Constraint, &'static str, Output)>, ApiError> {
     let limits = SchemaLimits {
         max_bytes: state.config.api.max_schema_bytes,
         max_depth: state.config.api.max_schema_depth,
@@ -283,7 +284,11 @@ fn constraint_for(
                 ..ApiError::invalid(code, format!("{param}: {e}"))
             }
         })?;
-    Ok(Some((constraint, name)))
+    let output = match tools.filter(|t| t.offered()) {
+        Some(_) => Output::Tools,
+        None => Output::Text,
+    };
+    Ok(Some((constraint, name, output)))
 }
 
 /// Strict mode: an object schema with `properties` and no word on others
@@ -600,12 +605,10 @@ pub async fn chat_completions(
                 )
             });
         }
-        if let Some((constraint, name)) = constraint {
+        if let Some((constraint, name, output)) = constraint {
             p.constraint = Some(constraint);
             p.info.detail.constraint = name.to_string();
-            if name == "tool_calls" {
-                p.output = Output::Tools;
-            }
+            p.output = output;
         }
         let rx = start(&state, &mut p).await?;
         Ok::<_, ApiError>((p, rx))

@@ -44,16 +44,23 @@ topics = ["a radio engineer in Oslo", "a technician who climbs masts", "an opera
           "a farmer who uses a 5G tractor", "a pilot", "a chef in Lyon", "a teacher in Pune", "a driver in Austin",
           "a painter in Madrid", "a miner in Perth", "a baker in Vienna", "a coder in Berlin", "a singer in Accra",
           "a sailor in Hamburg"]
+
+
+def describe(topic):
+    """The arguments of one structured-output request about `topic`."""
+    return {
+        "model": model,
+        "messages": [{"role": "system", "content": "Answer with a JSON object describing the person."},
+                     {"role": "user", "content": f"Describe {topic}."}],
+        "response_format": Person,
+        "max_tokens": 160,
+        "temperature": 0,
+    }
+
+
 parsed = 0
 for topic in topics:
-    r = client.chat.completions.parse(
-        model=model,
-        messages=[{"role": "system", "content": "Answer with a JSON object describing the person."},
-                  {"role": "user", "content": f"Describe {topic}."}],
-        response_format=Person,
-        max_tokens=160,
-        temperature=0,
-    )
+    r = client.chat.completions.parse(**describe(topic))
     counted(r.usage)
     p = r.choices[0].message.parsed
     if isinstance(p, Person) and r.choices[0].finish_reason == "stop":
@@ -66,15 +73,7 @@ out["parse_example"] = p.model_dump() if p else None
 # The same, streamed: the SDK's stream helper parses the streamed document.
 streamed_parsed, content_events = 0, 0
 for topic in topics[:3]:
-    with client.chat.completions.stream(
-        model=model,
-        messages=[{"role": "system", "content": "Answer with a JSON object describing the person."},
-                  {"role": "user", "content": f"Describe {topic}."}],
-        response_format=Person,
-        max_tokens=160,
-        temperature=0,
-        stream_options={"include_usage": True},
-    ) as stream:
+    with client.chat.completions.stream(**describe(topic), stream_options={"include_usage": True}) as stream:
         for event in stream:
             if event.type == "content.delta":
                 content_events += 1
