@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod gpu;
 pub mod kernels;
 pub mod model;
+pub mod registry;
 pub mod requantize;
 pub mod sampling;
 pub mod synthetic;

@@ -92,7 +92,7 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
+    pub(crate) fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         let arch = file.arch().to_string();
         let key = |k: &str| format!("{arch}.{k}");
         let n_head = file.u64(&key("attention.head_count"))? as usize;
