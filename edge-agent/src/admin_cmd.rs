@@ -45,6 +45,11 @@ pub fn admin(args: &AdminArgs) -> anyhow::Result<ExitCode> {
             AdminCommand::Usage { imsi, limit } => client.get(format!(
                 "{base}/admin/v1/subscribers/{imsi}/usage?limit={limit}"
             )),
+            AdminCommand::Models => client.get(format!("{base}/admin/v1/models")),
+            AdminCommand::Load { model } => client.post(model_url(&base, model, "load")?),
+            AdminCommand::Unload { model } => client.post(model_url(&base, model, "unload")?),
+            AdminCommand::Pin { model } => client.post(model_url(&base, model, "pin")?),
+            AdminCommand::Unpin { model } => client.post(model_url(&base, model, "unpin")?),
         };
         let resp = req.send().await.with_context(|| {
             format!("the agent's admin API at {base} (is `edge-agent serve` running?)")
@@ -58,4 +63,14 @@ pub fn admin(args: &AdminArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     })
+}
+
+/// `/admin/v1/models/{model}/{action}`, the id escaped as one path segment
+/// (a model id may hold a `/`).
+fn model_url(base: &str, model: &str, action: &str) -> anyhow::Result<reqwest::Url> {
+    let mut url = reqwest::Url::parse(base)?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("{base} cannot take a path"))?
+        .extend(["admin", "v1", "models", model, action]);
+    Ok(url)
 }

@@ -244,6 +244,33 @@ pub enum AdminCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Every model and its state (loaded, loading, unloaded, failed).
+    Models,
+    /// Load a model now (evicting the least recently used idle models its
+    /// memory needs); waits for the load's end.
+    Load {
+        /// Model id or alias.
+        #[arg(long)]
+        model: String,
+    },
+    /// Unload a model (at once when idle, else when its requests end).
+    Unload {
+        /// Model id or alias.
+        #[arg(long)]
+        model: String,
+    },
+    /// Pin a model: never evicted nor unloaded for idleness.
+    Pin {
+        /// Model id or alias.
+        #[arg(long)]
+        model: String,
+    },
+    /// Unpin a model.
+    Unpin {
+        /// Model id or alias.
+        #[arg(long)]
+        model: String,
+    },
 }
 
 /// Arguments of `edge-agent bench-inference`.

@@ -19,8 +19,16 @@ pub struct Config {
     /// The admin listener (loopback only).
     #[serde(default)]
     pub admin: AdminConfig,
-    /// The model served.
-    pub model: ModelConfig,
+    /// The one model served (the short form of a single `[[models]]`):
+    /// moved into `models` when the file is parsed.
+    #[serde(default, rename = "model")]
+    single_model: Option<ModelConfig>,
+    /// The models served (`[[models]]`; `[model]` is the first when given).
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+    /// How the models share the box.
+    #[serde(default)]
+    pub serving: ServingConfig,
     /// Rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -127,7 +135,7 @@ impl Default for AdminConfig {
     }
 }
 
-/// `[model]`.
+/// `[[models]]` (or the one `[model]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -135,6 +143,25 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// The id clients name in `model`.
     pub id: String,
+    /// Other names clients may use for it.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// `start`: loaded before the agent says it is ready; `on_demand`:
+    /// at the first request for it (which gets `503 model_loading`).
+    #[serde(default)]
+    pub load: LoadWhen,
+    /// Never evicted to make room for another model, never unloaded for
+    /// idleness.
+    #[serde(default)]
+    pub pin: bool,
+    /// Unloaded after this many seconds without a request; absent: stays
+    /// loaded until another model needs its memory.
+    #[serde(default)]
+    pub keep_alive_s: Option<u64>,
+    /// `auto` (the GPU with the most free memory that fits it, else the
+    /// CPU), `cpu`, or `gpu:N`.
+    #[serde(default)]
+    pub device: Option<String>,
     /// Sequences generated at once.
     #[serde(default = "default_slots")]
     pub slots: usize,
@@ -146,8 +173,73 @@ pub struct ModelConfig {
     pub prefix_cache_tokens: usize,
     /// Run on this GPU (NVML index) only; absent: the GPU with the most free
     /// memory, or the CPU. A GPU that is not there means the CPU, logged.
+    /// (The older spelling of `device = "gpu:N"`.)
     #[serde(default)]
     pub gpu: Option<u32>,
+}
+
+/// When a model loads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadWhen {
+    /// Before the agent is ready.
+    #[default]
+    Start,
+    /// At the first request for it.
+    OnDemand,
+}
+
+impl ModelConfig {
+    /// Where the model may run, from `device` (or the older `gpu`).
+    pub fn device_wish(&self) -> Result<mec_inference::registry::DeviceWish, String> {
+        use mec_inference::registry::DeviceWish;
+        match (self.device.as_deref(), self.gpu) {
+            (Some(_), Some(_)) => Err("give device or gpu, not both".into()),
+            (None, Some(i)) => Ok(DeviceWish::Gpu(i)),
+            (None | Some("auto"), None) => Ok(DeviceWish::Auto),
+            (Some("cpu"), None) => Ok(DeviceWish::Cpu),
+            (Some(d), None) => d
+                .strip_prefix("gpu:")
+                .and_then(|i| i.parse().ok())
+                .map(DeviceWish::Gpu)
+                .ok_or_else(|| format!("{d:?}: auto, cpu or gpu:N")),
+        }
+    }
+
+    /// The registry's view of this model.
+    pub fn spec(&self) -> mec_inference::registry::ModelSpec {
+        mec_inference::registry::ModelSpec {
+            id: self.id.clone(),
+            aliases: self.aliases.clone(),
+            path: self.path.clone(),
+            engine: mec_inference::engine::EngineConfig {
+                slots: self.slots,
+                queue_capacity: self.queue,
+                prefix_cache_tokens: self.prefix_cache_tokens,
+                ..Default::default()
+            },
+            // Checked when the configuration was validated.
+            device: self.device_wish().unwrap_or_default(),
+            pinned: self.pin,
+            keep_alive: self.keep_alive_s.map(std::time::Duration::from_secs),
+            load_at_start: self.load == LoadWhen::Start,
+        }
+    }
+}
+
+/// `[serving]`: how the models share the box.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServingConfig {
+    /// Most bytes of models loaded on the host at once (each model counts
+    /// its file plus the KV cache its slots can reach, as `/v1/models`
+    /// shows it); absent: 80% of the host's memory. GPUs hold 90% of
+    /// theirs. Past it, the least recently used idle model is unloaded.
+    #[serde(default)]
+    pub max_loaded_bytes: Option<u64>,
+    /// Most models loaded at once; absent: as many as memory holds.
+    #[serde(default)]
+    pub max_loaded_models: Option<usize>,
 }
 
 /// `[limits]`: 0 disables a limit.
@@ -379,8 +471,10 @@ impl Config {
         if c.node.state_dir.is_relative() {
             c.node.state_dir = base.join(&c.node.state_dir);
         }
-        if c.model.path.is_relative() {
-            c.model.path = base.join(&c.model.path);
+        for m in &mut c.models {
+            if m.path.is_relative() {
+                m.path = base.join(&m.path);
+            }
         }
         let site_path = c.state().site();
         let site = mec_provisioning::site::SiteConfig::load(&site_path).map_err(|message| {
@@ -425,10 +519,20 @@ impl Config {
 
     /// Parses and validates TOML text (`path` only names it in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        if let Some(single) = c.single_model.take() {
+            if !c.models.is_empty() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: "model".into(),
+                    message: "give one [model] or several [[models]], not both".into(),
+                });
+            }
+            c.models.push(single);
+        }
         c.validate(path)?;
         Ok(c)
     }
@@ -472,13 +576,13 @@ impl Config {
                 "api.max_schema_bytes and api.max_schema_depth must be at least 1".into(),
             ));
         }
+        let most_slots = self.models.iter().map(|m| m.slots).max().unwrap_or(1);
         if let Some(n) = self.api.max_choices {
-            if n == 0 || n > self.model.slots {
+            if n == 0 || n > most_slots {
                 return Err(bad(
                     "api.max_choices",
                     format!(
-                        "1 to model.slots ({}): a request's choices decode at once",
-                        self.model.slots
+                        "1 to the models' slots ({most_slots}): a request's choices decode at once"
                     ),
                 ));
             }
@@ -486,11 +590,45 @@ impl Config {
         if self.api.request_timeout_s == 0 {
             return Err(bad("api.request_timeout_s", "at least 1".into()));
         }
-        if !id_ok(&self.model.id) {
-            return Err(bad("model.id", ID_RULE.into()));
+        if self.models.is_empty() {
+            return Err(bad("models", "no model: give [model] or [[models]]".into()));
         }
-        if !(1..=256).contains(&self.model.slots) {
-            return Err(bad("model.slots", "1 to 256".into()));
+        // Every name a client may use reaches one model.
+        let mut names: std::collections::HashMap<&str, &str> = Default::default();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |k: &str| format!("models[{i}].{k}");
+            if !id_ok(&m.id) {
+                return Err(bad(&key("id"), format!("{:?}: {ID_RULE}", m.id)));
+            }
+            for (k, name) in
+                std::iter::once(("id", &m.id)).chain(m.aliases.iter().map(|a| ("aliases", a)))
+            {
+                if !id_ok(name) {
+                    return Err(bad(&key(k), format!("{name:?}: {ID_RULE}")));
+                }
+                if let Some(first) = names.insert(name, &m.id) {
+                    return Err(bad(
+                        &key(k),
+                        format!("{name:?} names both {first:?} and {:?}", m.id),
+                    ));
+                }
+            }
+            if !(1..=256).contains(&m.slots) {
+                return Err(bad(&key("slots"), "1 to 256".into()));
+            }
+            if m.queue == 0 {
+                return Err(bad(&key("queue"), "at least 1".into()));
+            }
+            m.device_wish().map_err(|e| bad(&key("device"), e))?;
+            if m.keep_alive_s == Some(0) {
+                return Err(bad(
+                    &key("keep_alive_s"),
+                    "at least 1 (absent: stays loaded)".into(),
+                ));
+            }
+        }
+        if self.serving.max_loaded_models == Some(0) {
+            return Err(bad("serving.max_loaded_models", "at least 1".into()));
         }
         for (key, v) in [
             (
@@ -661,7 +799,8 @@ id = "m"
     fn minimal_config_gets_defaults() {
         let c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
         assert_eq!(c.api.listen, "127.0.0.1:8080");
-        assert_eq!(c.model.slots, 4);
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].slots, 4);
         assert!(c.metering.enabled);
     }
 
@@ -669,6 +808,57 @@ id = "m"
     fn the_example_config_is_valid() {
         let text = include_str!("../edge-agent.example.toml");
         Config::parse(text, Path::new("edge-agent.example.toml")).unwrap();
+    }
+
+    const TWO: &str = r#"
+[node]
+id = "edge-1"
+state_dir = "state"
+[[models]]
+path = "small.gguf"
+id = "small"
+aliases = ["auto-small"]
+[[models]]
+path = "big.gguf"
+id = "big"
+load = "on_demand"
+keep_alive_s = 300
+device = "gpu:1"
+"#;
+
+    #[test]
+    fn several_models_parse_with_their_policies() {
+        let c = Config::parse(TWO, Path::new("x.toml")).unwrap();
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models[0].load, LoadWhen::Start);
+        assert_eq!(c.models[1].load, LoadWhen::OnDemand);
+        let big = c.models[1].spec();
+        assert_eq!(big.device, mec_inference::registry::DeviceWish::Gpu(1));
+        assert_eq!(big.keep_alive, Some(std::time::Duration::from_secs(300)));
+        assert!(!big.load_at_start);
+        assert_eq!(c.models[0].spec().aliases, vec!["auto-small".to_string()]);
+    }
+
+    #[test]
+    fn two_models_sharing_a_name_are_refused_naming_both() {
+        let e = err(&TWO.replace("aliases = [\"auto-small\"]", "aliases = [\"big\"]"));
+        assert!(
+            e.contains("\"big\" names both \"small\" and \"big\""),
+            "{e}"
+        );
+        let e = err(&TWO.replace("id = \"big\"", "id = \"small\""));
+        assert!(
+            e.contains("models[1].id") && e.contains("names both"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{MINIMAL}\n[[models]]\npath = \"b\"\nid = \"b\"\n"
+        ));
+        assert!(e.contains("not both"), "{e}");
+        let e = err(&TWO.replace("gpu:1", "tpu"));
+        assert!(e.contains("models[1].device"), "{e}");
+        let e = err("[node]\nid = \"e\"\nstate_dir = \"s\"\n");
+        assert!(e.contains("no model"), "{e}");
     }
 
     #[test]

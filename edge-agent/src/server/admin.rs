@@ -89,6 +89,11 @@ pub fn router(state: Arc<AppState>, token: Arc<String>) -> Router {
         .route("/admin/v1/subscribers/{imsi}/usage", get(usage))
         .route("/admin/v1/sync", get(sync_status))
         .route("/admin/v1/update", get(update_status).post(update_apply))
+        .route("/admin/v1/models", get(models))
+        .route("/admin/v1/models/{id}/load", post(load_model))
+        .route("/admin/v1/models/{id}/unload", post(unload_model))
+        .route("/admin/v1/models/{id}/pin", post(pin_model))
+        .route("/admin/v1/models/{id}/unpin", post(unpin_model))
         .layer(axum::middleware::from_fn_with_state(token, require_token))
         .with_state(state)
 }
@@ -200,6 +205,114 @@ async fn usage(
         Ok(Ok(rows)) => Json(json!({ "usage": rows })).into_response(),
         Ok(Err(e)) => ApiError::from(e).into_response(),
         Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+/// `GET /admin/v1/models`: every model and its state.
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(json!({ "models": state.models.views() })).into_response()
+}
+
+/// The view of one model (after an admin action).
+fn model_view(state: &AppState, id: &str) -> serde_json::Value {
+    let view = state.models.views().into_iter().find(|v| v.id == id);
+    serde_json::to_value(view).unwrap_or_default()
+}
+
+fn model_id(state: &AppState, name: &str) -> Result<String, ApiError> {
+    state
+        .models
+        .resolve(name)
+        .map(|s| s.id.clone())
+        .ok_or_else(|| ApiError::model_not_found(name))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadQuery {
+    /// Answer once the load ended (default), or at once (202).
+    wait: Option<bool>,
+}
+
+/// `POST /admin/v1/models/{id}/load[?wait=false]`: loads a model (evicting
+/// the least recently used idle models its memory needs); a failed model
+/// is tried again. By default the answer waits for the load's end.
+async fn load_model(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<LoadQuery>,
+) -> Response {
+    let id = match model_id(&state, &name) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    if q.wait == Some(false) {
+        return match state.models.load(&id) {
+            Ok(()) => (StatusCode::ACCEPTED, Json(model_view(&state, &id))).into_response(),
+            Err(e) => conflict("model_not_loadable", e.to_string()),
+        };
+    }
+    let models = state.models.clone();
+    let waited = {
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || models.load_and_wait(&id)).await
+    };
+    match waited {
+        Ok(Ok(())) => Json(model_view(&state, &id)).into_response(),
+        Ok(Err(reason)) => conflict("model_not_loadable", reason),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+fn conflict(code: &'static str, message: String) -> Response {
+    ApiError {
+        status: StatusCode::CONFLICT,
+        ..ApiError::invalid(code, message)
+    }
+    .into_response()
+}
+
+/// `POST /admin/v1/models/{id}/unload`: at once when idle; else it takes no
+/// new requests and unloads when its last one ends. A pinned model: 409.
+async fn unload_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let id = match model_id(&state, &name) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let models = state.models.clone();
+    let unloaded = {
+        let id = id.clone();
+        // Dropping an engine joins its scheduler thread.
+        tokio::task::spawn_blocking(move || models.unload(&id)).await
+    };
+    match unloaded {
+        Ok(Ok(now)) => {
+            Json(json!({ "unloaded": now, "model": model_view(&state, &id) })).into_response()
+        }
+        Ok(Err(reason)) => conflict("model_not_unloadable", reason),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+async fn pin_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    set_pin(&state, &name, true)
+}
+
+async fn unpin_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    set_pin(&state, &name, false)
+}
+
+/// `POST /admin/v1/models/{id}/pin` and `/unpin`: a pinned model is never
+/// evicted nor unloaded for idleness (until the agent restarts: the
+/// configuration's `pin` holds from then on).
+fn set_pin(state: &AppState, name: &str, pinned: bool) -> Response {
+    let id = match model_id(state, name) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    match state.models.pin(&id, pinned) {
+        Ok(()) => Json(model_view(state, &id)).into_response(),
+        Err(reason) => conflict("model_not_pinnable", reason),
     }
 }
 

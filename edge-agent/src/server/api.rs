@@ -18,6 +18,8 @@ use axum::Json;
 use futures_util::stream::StreamExt;
 use mec_inference::constraint::{Constraint, SchemaError, SchemaLimits};
 use mec_inference::engine::{FinishReason, GenerateRequest, Generation, SubmitError, Summary};
+use mec_inference::registry::{Lease, Unavailable};
+use mec_inference::tokenizer::Tokenizer;
 use mec_metering::Imsi;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -92,6 +94,10 @@ fn subscriber(headers: &HeaderMap, app: &App) -> Result<Imsi, ApiError> {
 /// A request checked and ready to reserve (the handlers check the model
 /// first, before any templating).
 struct Prepared {
+    /// The model, held until the generation ends (then moved into its task).
+    lease: Option<Lease>,
+    /// Its tokenizer (the answer decodes with it).
+    tokenizer: Arc<Tokenizer>,
     info: RequestInfo,
     prompt: Vec<u32>,
     params: mec_inference::sampling::SamplingParams,
@@ -107,17 +113,58 @@ struct Prepared {
     include_usage: bool,
 }
 
-fn check_model(state: &AppState, app: &App, model: &str) -> Result<(), ApiError> {
-    if model != state.config.model.id {
-        return Err(ApiError::model_not_found(model));
-    }
-    if !app.models.iter().any(|m| m == "*" || m == model) {
+/// The model a request names (an id or an alias), held for the request:
+/// 404 for a name no model has, 403 for a model the app may not use, 503
+/// (with `Retry-After`) while it loads or unloads, or when its load failed.
+fn lease_model(state: &AppState, app: &App, name: &str) -> Result<Lease, ApiError> {
+    let spec = state
+        .models
+        .resolve(name)
+        .ok_or_else(|| ApiError::model_not_found(name))?;
+    let allowed = |m: &String| m == "*" || m == name || *m == spec.id || spec.aliases.contains(m);
+    if !app.models.iter().any(allowed) {
         return Err(ApiError::forbidden(
             "model_not_allowed",
-            format!("this app may not use the model {model:?}"),
+            format!("this app may not use the model {name:?}"),
         ));
     }
-    Ok(())
+    state.models.lease(name).map_err(|e| match e {
+        Unavailable::Unknown => ApiError::model_not_found(name),
+        Unavailable::Loading { id, retry_after } => ApiError {
+            retry_after: Some(retry_after.as_secs().max(1)),
+            ..ApiError::unavailable(
+                "model_loading",
+                format!(
+                    "the model {id} is loading; retry in {} s",
+                    retry_after.as_secs().max(1)
+                ),
+            )
+        },
+        Unavailable::Unloading { id } => ApiError::unavailable(
+            "model_unloading",
+            format!(
+                "the model {id} is being unloaded; it can be loaded again once its requests end"
+            ),
+        ),
+        Unavailable::Failed {
+            id,
+            reason,
+            transient: true,
+        } => ApiError {
+            retry_after: Some(5),
+            ..ApiError::unavailable(
+                "model_capacity",
+                format!("the model {id} cannot be loaded now: {reason}"),
+            )
+        },
+        Unavailable::Failed { id, reason, .. } => ApiError {
+            retry_after: None,
+            ..ApiError::unavailable(
+                "model_failed",
+                format!("the model {id} failed to load: {reason}"),
+            )
+        },
+    })
 }
 
 /// Bytes read past the limit before answering 413: a client still sending
@@ -156,9 +203,10 @@ async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     .map_err(|_| ApiError::invalid("invalid_body", "the body did not arrive in time"))?
 }
 
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     state: &AppState,
-    model: &str,
+    lease: Lease,
     sampling: &Sampling,
     prompt_text: String,
     imsi: Imsi,
@@ -166,14 +214,16 @@ fn prepare(
     endpoint: Endpoint,
 ) -> Result<Prepared, ApiError> {
     let max_tokens = sampling.max_tokens()?;
-    let tokenizer = state.engine.tokenizer();
+    let engine = lease.engine();
+    let tokenizer = engine.tokenizer();
     let params = sampling.params(endpoint == Endpoint::Chat, tokenizer.vocab_size())?;
-    let choices = sampling.choices(state.config.api.max_choices(state.config.model.slots))?;
+    let slots = engine.stats().slots;
+    let choices = sampling.choices(state.config.api.max_choices(slots).min(slots))?;
     let end_user = sampling.end_user()?;
     let prompt = tokenizer
         .encode(&prompt_text)
         .map_err(|e| ApiError::invalid("invalid_prompt", e))?;
-    let context = state.engine.model().config().context_length as u64;
+    let context = engine.model().config().context_length as u64;
     let n = prompt.len() as u64;
     if n == 0 {
         return Err(ApiError::invalid("invalid_prompt", "the prompt is empty"));
@@ -189,11 +239,14 @@ fn prepare(
     }
     let room = context - n;
     Ok(Prepared {
+        tokenizer: engine.shared_tokenizer(),
         info: RequestInfo {
             request_id: uuid::Uuid::now_v7(),
             imsi,
             app: app.id.clone(),
-            model: model.to_string(),
+            // The model's id, whatever name the request used: the record
+            // and the answer name the model that served.
+            model: lease.spec().id.clone(),
             started: SystemTime::now(),
             started_at: Instant::now(),
             detail: RequestDetail {
@@ -210,6 +263,7 @@ fn prepare(
         output: Output::Text,
         stream: sampling.stream,
         include_usage: sampling.include_usage(),
+        lease: Some(lease),
     })
 }
 
@@ -219,6 +273,7 @@ fn prepare(
 /// output is read back.
 fn constraint_for(
     state: &AppState,
+    engine: &mec_inference::engine::Engine,
     sampling: &Sampling,
     tools: Option<&Tools>,
 ) -> Result<Option<(Constraint, &'static str, Output)>, ApiError> {
@@ -269,8 +324,7 @@ fn constraint_for(
         }
         (None, None) => return Ok(None),
     };
-    let constraint = state
-        .engine
+    let constraint = engine
         .grammars()
         .json_schema(&schema, &limits)
         .map_err(|e| {
@@ -349,7 +403,8 @@ async fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver
     let per_choice = (admission.completion_cap() / p.choices as u64).max(1);
     let mut params = p.params.clone();
     params.max_tokens = Some(per_choice as usize);
-    let generations = match state.engine.submit_choices(GenerateRequest {
+    let lease = p.lease.take().expect("a prepared request holds its model");
+    let generations = match lease.engine().submit_choices(GenerateRequest {
         prompt: std::mem::take(&mut p.prompt),
         params,
         subscriber: p.info.imsi.to_string(),
@@ -380,7 +435,9 @@ async fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver
             admission,
             reserve_time,
         };
-        run_generation(state, billed, generations, tx).await
+        run_generation(state, billed, generations, tx).await;
+        // The model may be evicted once its requests have ended.
+        drop(lease);
     });
     Ok(rx)
 }
@@ -535,12 +592,7 @@ fn settled_of(choices: &[Summary]) -> Settled {
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The answer, with the request id header.
-async fn answer(
-    state: &AppState,
-    endpoint: Endpoint,
-    p: Prepared,
-    rx: mpsc::Receiver<Event>,
-) -> Response {
+async fn answer(endpoint: Endpoint, p: Prepared, rx: mpsc::Receiver<Event>) -> Response {
     let request_id = p.info.request_id.simple().to_string();
     let shape = Shape {
         endpoint,
@@ -555,7 +607,7 @@ async fn answer(
         },
         model: p.info.model.clone(),
     };
-    let mut response = respond(shape, state.engine.shared_tokenizer(), rx).await;
+    let mut response = respond(shape, p.tokenizer.clone(), rx).await;
     if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
@@ -575,15 +627,15 @@ pub async fn chat_completions(
         let req: ChatRequest = parse_body(&body)?;
         let tools = req.sampling.tools()?;
         let messages = req.chat_messages(tools.as_ref())?;
-        check_model(&state, app, &req.model)?;
-        let text = state
-            .engine
+        let lease = lease_model(&state, app, &req.model)?;
+        let text = lease
+            .engine()
             .tokenizer()
             .apply_chat_template(&messages)
             .map_err(|e| ApiError::invalid("invalid_messages", e))?;
         let mut p = prepare(
             &state,
-            &req.model,
+            lease,
             &req.sampling,
             text,
             imsi,
@@ -592,8 +644,10 @@ pub async fn chat_completions(
         )?;
         // Compiling a schema is CPU work (about a millisecond, more for a
         // large one): off the async workers' turn.
-        let constraint =
-            tokio::task::block_in_place(|| constraint_for(&state, &req.sampling, tools.as_ref()))?;
+        let engine = p.lease.as_ref().expect("held until start").engine();
+        let constraint = tokio::task::block_in_place(|| {
+            constraint_for(&state, engine, &req.sampling, tools.as_ref())
+        })?;
         if constraint.is_some() && !p.params.stop.is_empty() {
             // A stop sequence would cut the document the constraint holds
             // the output to: the answer would not parse.
@@ -614,7 +668,7 @@ pub async fn chat_completions(
         Ok::<_, ApiError>((p, rx))
     };
     match run.await {
-        Ok((p, rx)) => answer(&state, Endpoint::Chat, p, rx).await,
+        Ok((p, rx)) => answer(Endpoint::Chat, p, rx).await,
         Err(e) => e.into_response(),
     }
 }
@@ -634,11 +688,11 @@ pub async fn completions(
         if req.sampling.max_tokens.is_none() && req.sampling.max_completion_tokens.is_none() {
             req.sampling.max_tokens = Some(16);
         }
-        check_model(&state, app, &req.model)?;
+        let lease = lease_model(&state, app, &req.model)?;
         let text = req.prompt_text()?.to_string();
         let mut p = prepare(
             &state,
-            &req.model,
+            lease,
             &req.sampling,
             text,
             imsi,
@@ -649,26 +703,44 @@ pub async fn completions(
         Ok::<_, ApiError>((p, rx))
     };
     match run.await {
-        Ok((p, rx)) => answer(&state, Endpoint::Completions, p, rx).await,
+        Ok((p, rx)) => answer(Endpoint::Completions, p, rx).await,
         Err(e) => e.into_response(),
     }
 }
 
-/// `GET /v1/models`.
+/// `GET /v1/models`: the models this app may use, each with its state
+/// (`loaded`, `loading`, `unloaded`, `unloading`, `failed` and why), its
+/// aliases and its memory estimate, beside OpenAI's fields.
 pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authenticate(&state.apps, &headers) {
-        return e.into_response();
-    }
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.config.model.id,
-            "object": "model",
-            "created": state.started_unix,
-            "owned_by": state.config.node.id,
-        }],
-    }))
-    .into_response()
+    let app = match authenticate(&state.apps, &headers) {
+        Ok(app) => app,
+        Err(e) => return e.into_response(),
+    };
+    let data: Vec<serde_json::Value> = state
+        .models
+        .views()
+        .into_iter()
+        .filter(|v| {
+            app.models
+                .iter()
+                .any(|m| m == "*" || *m == v.id || v.aliases.contains(m))
+        })
+        .map(|v| {
+            let mut entry = json!({
+                "id": v.id,
+                "object": "model",
+                "created": state.started_unix,
+                "owned_by": state.config.node.id,
+            });
+            if let (Some(o), Ok(serde_json::Value::Object(extra))) =
+                (entry.as_object_mut(), serde_json::to_value(&v))
+            {
+                o.extend(extra);
+            }
+            entry
+        })
+        .collect();
+    Json(json!({ "object": "list", "data": data })).into_response()
 }
 
 /// `GET /healthz`: the process answers.
@@ -676,7 +748,9 @@ pub async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// `GET /readyz`: model loaded, log writable and not full, not draining.
+/// `GET /readyz`: a model can serve (loaded, or loadable on demand), the
+/// log writable and not full, not draining. Every model's state is listed
+/// (a model that failed to load, and why, while the others serve).
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.load(Ordering::Relaxed) {
         return (
@@ -693,24 +767,41 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             .map_err(|e| ApiError::from(mec_billing::BillingError::LogUnavailable(e))),
         false => Ok(()),
     };
+    let models = state.models.views();
+    let servable = models.iter().any(|m| m.state != "failed");
+    let log_ok = log_ok.and_then(|()| match servable {
+        true => Ok(()),
+        false => Err(ApiError::unavailable(
+            "no_model",
+            "no model can serve: every model failed to load (see models)",
+        )),
+    });
+    let first = models.first();
+    let states: Vec<serde_json::Value> = models
+        .iter()
+        .map(|m| json!({ "id": m.id, "state": m.state, "reason": m.reason, "device": m.device }))
+        .collect();
     match log_ok {
         Ok(()) => {
             // The log's backend shows whether io_uring survived the unit's
             // system call filter (else the agent took pwrite + fdatasync).
             // The device shows whether the model runs on the GPU the box was
             // bought for, or on the CPU and why.
+            // `model` and `device` are the first model's (as before there
+            // were several).
             Json(json!({
                 "status": "ready",
-                "model": state.config.model.id,
+                "model": first.map(|m| m.id.clone()),
                 "log_backend": state.log.backend().as_str(),
-                "device": state.device,
+                "device": first.and_then(|m| m.device.clone()),
+                "models": states,
                 "gpus": state.gpu_snapshot(),
             }))
             .into_response()
         }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "reason": e.message })),
+            Json(json!({ "status": "not_ready", "reason": e.message, "models": states })),
         )
             .into_response(),
     }
@@ -718,7 +809,12 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let stats = state.engine.stats();
+    let engines = state.models.engines();
+    let stats: Vec<_> = engines.iter().map(|(_, e)| e.stats()).collect();
+    let pools: Vec<_> = engines
+        .iter()
+        .filter_map(|(_, e)| e.model().kv_pool_usage())
+        .collect();
     let log = state.log.stats();
     let sync = {
         let state = state.clone();
@@ -727,15 +823,19 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .unwrap_or(None)
     };
     let snap = super::metrics::Snapshot {
-        queue_depth: stats.queued,
-        busy_slots: stats.busy_slots,
-        kv_pool: state.engine.model().kv_pool_usage(),
-        kv_preemptions: stats.preemptions,
+        queue_depth: stats.iter().map(|s| s.queued).sum(),
+        busy_slots: stats.iter().map(|s| s.busy_slots).sum(),
+        kv_pool: (!pools.is_empty()).then(|| {
+            pools
+                .iter()
+                .fold((0, 0), |(u, t), (pu, pt)| (u + pu, t + pt))
+        }),
+        kv_preemptions: stats.iter().map(|s| s.preemptions).sum(),
         reservations: state.billing.open_reservations(),
         backlog_records: log.backlog_records,
         backlog_bytes: log.backlog_bytes,
         gpus: state.gpu_snapshot(),
-        device: Some(state.device.clone()),
+        models: state.models.views(),
         sync,
     };
     (

@@ -52,6 +52,22 @@ pub struct DeviceLabels {
     pub gpu: String,
 }
 
+/// One model.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// Its id.
+    pub model: String,
+}
+
+/// One model in one state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelStateLabels {
+    /// Its id.
+    pub model: String,
+    /// `loaded`, `loading`, `unloaded`, `unloading` or `failed`.
+    pub state: String,
+}
+
 /// Every metric of the agent.
 pub struct Metrics {
     registry: Registry,
@@ -84,6 +100,8 @@ pub struct Metrics {
     downlink_connected: Gauge,
     downlink_last_message_age: Gauge,
     device: Family<DeviceLabels, Gauge>,
+    model_state: Family<ModelStateLabels, Gauge>,
+    model_load_seconds: Family<ModelLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     gpu_memory_used: Family<GpuLabels, Gauge>,
     gpu_memory_total: Family<GpuLabels, Gauge>,
     gpu_utilization: Family<GpuLabels, Gauge>,
@@ -113,8 +131,8 @@ pub struct Snapshot {
     pub sync: Option<super::SyncView>,
     /// The GPUs' latest telemetry.
     pub gpus: Vec<mec_inference::gpu::GpuInfo>,
-    /// Where the model runs (none: not known, nothing exported).
-    pub device: Option<mec_inference::gpu::DeviceChoice>,
+    /// The models: their states, and where the loaded ones run.
+    pub models: Vec<mec_inference::registry::ModelView>,
 }
 
 impl Metrics {
@@ -238,8 +256,21 @@ impl Metrics {
         let device = Family::<DeviceLabels, Gauge>::default();
         registry.register(
             "inference_device",
-            "Where the model runs (1 on the device in use; the reason for the CPU is in /readyz)",
+            "Where the loaded models run (1 on each device in use; the reason for the CPU is in /readyz)",
             device.clone(),
+        );
+        let model_state = Family::<ModelStateLabels, Gauge>::default();
+        registry.register(
+            "model_state",
+            "Each model's state (1 for the state it is in)",
+            model_state.clone(),
+        );
+        let model_load_seconds =
+            Family::<ModelLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "model_load_seconds",
+            "How long each model's last load took",
+            model_load_seconds.clone(),
         );
         let gpu_family = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<GpuLabels, Gauge>::default();
@@ -283,6 +314,8 @@ impl Metrics {
             downlink_connected,
             downlink_last_message_age,
             device,
+            model_state,
+            model_load_seconds,
             gpu_memory_used,
             gpu_memory_total,
             gpu_utilization,
@@ -357,7 +390,10 @@ impl Metrics {
                     .set(d.last_message_age_s.map_or(-1, |a| a as i64));
             }
         }
-        if let Some(device) = &snap.device {
+        // The devices the loaded models run on (a model unloaded since the
+        // last scrape no longer counts).
+        self.device.clear();
+        for device in snap.models.iter().filter_map(|m| m.device.as_ref()) {
             let (kind, gpu) = match device {
                 mec_inference::gpu::DeviceChoice::Cpu { .. } => ("cpu", String::new()),
                 mec_inference::gpu::DeviceChoice::Cuda { index } => ("cuda", index.to_string()),
@@ -368,6 +404,23 @@ impl Metrics {
                     gpu,
                 })
                 .set(1);
+        }
+        for m in &snap.models {
+            for state in ["loaded", "loading", "unloaded", "unloading", "failed"] {
+                self.model_state
+                    .get_or_create(&ModelStateLabels {
+                        model: m.id.clone(),
+                        state: state.into(),
+                    })
+                    .set(i64::from(m.state == state));
+            }
+            if let Some(ms) = m.last_load_ms {
+                self.model_load_seconds
+                    .get_or_create(&ModelLabels {
+                        model: m.id.clone(),
+                    })
+                    .set(ms as f64 / 1000.0);
+            }
         }
         for g in &snap.gpus {
             let l = GpuLabels {
@@ -422,7 +475,20 @@ mod tests {
                 temperature_c: Some(51),
                 power_mw: None,
             }],
-            device: Some(DeviceChoice::Cuda { index: 0 }),
+            models: vec![mec_inference::registry::ModelView {
+                id: "m".into(),
+                aliases: vec![],
+                state: "loaded",
+                reason: None,
+                pinned: false,
+                pool: "gpu:0".into(),
+                device: Some(DeviceChoice::Cuda { index: 0 }),
+                memory_bytes: 1 << 30,
+                context_length: Some(8192),
+                requests: 0,
+                last_load_ms: Some(1500),
+                idle_s: Some(0),
+            }],
             kv_pool: Some((64, 32_768)),
             kv_preemptions: 3,
             ..Default::default()
@@ -434,6 +500,9 @@ mod tests {
             // Rendered twice: the counter follows the engine's count, once.
             "mec_kv_cache_preemptions_total 3",
             "mec_kv_cache_positions_total 32768",
+            "mec_model_state{model=\"m\",state=\"loaded\"} 1",
+            "mec_model_state{model=\"m\",state=\"failed\"} 0",
+            "mec_model_load_seconds{model=\"m\"} 1.5",
             "mec_inference_device{kind=\"cuda\",gpu=\"0\"} 1",
             "mec_gpu_memory_used_bytes{gpu=\"0\",name=\"NVIDIA L4\"} 4294967296",
             "mec_gpu_memory_total_bytes{gpu=\"0\",name=\"NVIDIA L4\"} 25769803776",

@@ -21,8 +21,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use mec_billing::tally::Tally;
 use mec_billing::{AppliedWatermark, Billing, BillingConfig, RateLimits, WelcomePackage};
-use mec_inference::engine::{Engine, EngineConfig};
 use mec_inference::gpu;
+use mec_inference::registry::{Registry, RegistryLimits};
 use mec_metering::store::Store;
 use mec_sync::identity::NodeIdentity;
 use mec_sync::log::{LogOptions, UsageLog};
@@ -98,8 +98,8 @@ impl Drop for InFlightGuard<'_> {
 pub struct AppState {
     /// The configuration.
     pub config: Config,
-    /// The inference engine.
-    pub engine: Engine,
+    /// The models: one engine per loaded model.
+    pub models: Registry,
     /// Metering: admission, settlement, packages (`mec-billing`).
     pub billing: Billing,
     /// The usage log (billing appends to it; readiness, metrics and the
@@ -118,8 +118,6 @@ pub struct AppState {
     /// The upload to the core, when one is configured.
     pub sync: Arc<Mutex<mec_sync::uploader::UploaderStatus>>,
     gpu: Option<gpu::TelemetryPoller>,
-    /// Where the model runs (after any fall-back to the CPU), and why.
-    pub device: gpu::DeviceChoice,
 }
 
 /// The site's default packages, for subscribers new to this box.
@@ -341,39 +339,21 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    let found = match config.model.gpu {
-        Some(index) => gpu::discover(None).only(index),
-        None => gpu::discover(None),
-    };
-    let model_bytes = std::fs::metadata(&config.model.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let choice = gpu::choose_device(&found, gpu::CUDA_BUILD, model_bytes * 2);
-    let budget = gpu::kv_budget(
-        &found,
-        &choice,
-        model_bytes,
-        config.model.slots,
-        config.model.prefix_cache_tokens,
-    );
-    let (model, tokenizer, device) = mec_inference::load_on(&config.model.path, &choice, &budget)?;
-    if let Some((_, positions)) = model.kv_pool_usage() {
-        tracing::info!(positions, "KV cache pool allocated");
-    }
-    let engine = Engine::start(
-        Arc::new(model),
-        Arc::new(tokenizer),
-        EngineConfig {
-            slots: config.model.slots,
-            queue_capacity: config.model.queue,
-            prefix_cache_tokens: config.model.prefix_cache_tokens,
-            ..Default::default()
+    // The models: those to load at start are loaded now, one after the
+    // other; one that fails is marked failed (with the reason in /readyz and
+    // /v1/models) and the others serve.
+    let found = gpu::discover(None);
+    let models = Registry::new(
+        config.models.iter().map(|m| m.spec()).collect(),
+        found.clone(),
+        RegistryLimits {
+            host_bytes: config.serving.max_loaded_bytes,
+            max_loaded: config.serving.max_loaded_models,
         },
-    );
-    // The token trie for structured output and tool calls (about 70 ms),
-    // built before the first request that needs it.
-    if let Err(e) = engine.grammars().warm() {
-        tracing::warn!(error = %e, "structured output is unavailable for this model");
+    )?;
+    let failed = tokio::task::block_in_place(|| models.load_at_start());
+    for (model, reason) in &failed {
+        tracing::error!(%model, %reason, "the model failed to load; the others serve");
     }
     let gpu = (!found.gpus.is_empty())
         .then(|| gpu::TelemetryPoller::start(Duration::from_secs(10), None));
@@ -394,7 +374,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         apps: apps(&config)?,
         config,
-        engine,
+        models,
         billing,
         log,
         metrics: metrics::Metrics::new(),
@@ -403,7 +383,6 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         started_unix: mec_billing::unix_now(),
         sync: Arc::default(),
         gpu,
-        device,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -433,6 +412,18 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     let pending_biller = {
         let (billing, stop) = (state.billing.clone(), stop_rx.clone());
         tokio::spawn(async move { billing.run_pending(stop).await })
+    };
+    // Models whose keep-alive ran out are unloaded.
+    let keep_alive = {
+        let models = state.models.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let models = models.clone();
+                let _ = tokio::task::spawn_blocking(move || models.expire_idle()).await;
+            }
+        })
     };
     let watchdog = watchdog_usec().map(|watchdog_usec| {
         tokio::spawn(async move {
@@ -465,7 +456,8 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         "api_url": format!("http://{api_bound}"),
         "admin_url": format!("http://{admin_bound}"),
         "admin_token_file": admin_token_path,
-        "model": state.config.model.id,
+        "model": state.config.models[0].id,
+        "models": state.models.views().iter().map(|m| serde_json::json!({"id": m.id, "state": m.state})).collect::<Vec<_>>(),
     });
     println!("{ready}");
     tracing::info!(api = %api_bound, admin = %admin_bound, "serving");
@@ -498,6 +490,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     if let Some(w) = watchdog {
         w.abort();
     }
+    keep_alive.abort();
     // Flush: the store thread applies what it was sent; the log closes last.
     state.billing.shutdown();
     tracing::info!("stopped");

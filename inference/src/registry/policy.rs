@@ -317,10 +317,12 @@ impl Table {
         let ModelState::Loading { since } = s.state else {
             return;
         };
-        s.last_load = Some(now.saturating_sub(since));
         s.last_used = now;
         s.state = match result {
-            Ok(()) => ModelState::Ready,
+            Ok(()) => {
+                s.last_load = Some(now.saturating_sub(since));
+                ModelState::Ready
+            }
             Err(reason) => ModelState::Failed { reason },
         };
     }
