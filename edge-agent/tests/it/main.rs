@@ -12,6 +12,7 @@ mod crash;
 mod fuzz_smoke;
 mod generate_cli;
 mod log_cli;
+mod models;
 mod openai_client;
 mod provision_listen;
 mod site;
