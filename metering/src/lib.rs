@@ -11,6 +11,8 @@
 //!   tokens with validity windows, reservations before generation, settlement
 //!   of the actual tokens after it, debits nearest-expiry first.
 //! * [`ratelimit`]: token-bucket rate limits per key, sans-IO.
+//! * [`rating`]: the operator's signed rate table (package units per token
+//!   of each model), sans-IO, and the arithmetic from tokens to units.
 //! * [`store`]: the ledger's buckets and applied debits in SQLite.
 //!
 //! The usage log (mec-sync) is the source of truth for debits: every debit
@@ -24,6 +26,7 @@ pub mod grants;
 pub mod imsi;
 pub mod ledger;
 pub mod ratelimit;
+pub mod rating;
 pub mod store;
 
 pub use imsi::{Imsi, ImsiError};
