@@ -54,6 +54,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mec_metering::grants::{GrantCache, GrantChange, GrantCounters, Now};
 use mec_metering::ledger::{Balance, Bucket, BucketKind, Ledger, LedgerError, Timestamp};
+pub use mec_metering::rating::{AppliedRate, Rate};
 use mec_metering::store::{Store, UsageRow};
 use mec_metering::Imsi;
 use mec_sync::downlink::{AskError, DownlinkSink, DownlinkStatus, GrantAnswer, GrantAsker};
@@ -122,6 +123,10 @@ pub struct BillingConfig {
     /// are served from its grants ([`mec_metering::grants`]), asked for on
     /// the downlink; `admin grant` is refused.
     pub core: Option<GrantAsker>,
+    /// The digest of every rate table the box kept, by version: a stream
+    /// a dead process left is billed at the rate it started with, and its
+    /// record names that table (the in-flight tally keeps the version).
+    pub rate_digests: std::collections::BTreeMap<u64, Vec<u8>>,
 }
 
 /// How long after its end (wall clock) the box keeps a core's grant; the
@@ -179,6 +184,9 @@ pub struct RequestInfo {
     pub started_at: Instant,
     /// The end user, choices and constraint, for the record.
     pub detail: RequestDetail,
+    /// The rate its model is served at (the table in force when it
+    /// started): its reservation and its bill are in package units.
+    pub rate: AppliedRate,
 }
 
 /// What a request asks to be admitted for.
@@ -273,6 +281,8 @@ struct Inner {
     /// Streams whose tokens a client received and whose record could not be
     /// written yet.
     pending: Mutex<Vec<Pending>>,
+    /// Rate tables' digests by version.
+    rate_digests: std::collections::BTreeMap<u64, Vec<u8>>,
     /// One [`Billing::bill_pending`] at a time.
     billing_pending: tokio::sync::Mutex<()>,
 }
@@ -347,6 +357,7 @@ impl Billing {
                 welcome: config.welcome,
                 known: Mutex::new(known),
                 pending: Mutex::default(),
+                rate_digests: config.rate_digests,
                 billing_pending: tokio::sync::Mutex::default(),
             }),
         })
@@ -398,6 +409,9 @@ impl Billing {
         let connected = self.core_connected();
         let mono = clocks().mono;
         let grants = self.inner.grants.lock().unwrap();
+        // In package units at the request's rate (units are tokens
+        // without a rate table).
+        let rate = &info.rate.rate;
         let r = self
             .inner
             .ledger
@@ -405,8 +419,11 @@ impl Billing {
             .unwrap()
             .reserve_from(
                 &info.imsi,
-                a.prompt_tokens + a.min_completion.clamp(1, a.max_completion.max(1)),
-                a.prompt_tokens + a.max_completion,
+                rate.reserve_units(
+                    a.prompt_tokens,
+                    a.min_completion.clamp(1, a.max_completion.max(1)),
+                ),
+                rate.reserve_units(a.prompt_tokens, a.max_completion),
                 now,
                 &|b| grants.admits(b, &info.model, connected, mono),
             )
@@ -419,7 +436,9 @@ impl Billing {
         drop(grants);
         admission.reservation = Some(r.id);
         admission.granted = r.granted;
-        admission.cap = (r.granted - a.prompt_tokens).min(a.max_completion);
+        admission.cap = rate
+            .completion_within(r.granted, a.prompt_tokens)
+            .min(a.max_completion);
         if let (true, Some(tally)) = (a.stream, &self.inner.tally) {
             let started_ms = unix_ms(info.started);
             let counting = tally
@@ -438,6 +457,7 @@ impl Billing {
                     end_user: info.detail.end_user.clone(),
                     choices: info.detail.choices,
                     constraint: info.detail.constraint.clone(),
+                    rate: tally::RateEntry::of(&info.rate),
                 })
                 .map_err(|e| {
                     tracing::error!(error = %e, "in-flight tally");
@@ -791,7 +811,7 @@ impl Billing {
     /// hold, written into the record, and committed to the ledger only once
     /// the record is durable. Returns the record's seq.
     async fn bill(&self, bill: &Bill, reservation: u64) -> Result<u64, BillingError> {
-        let billed = bill.billed();
+        let billed = bill.units();
         let debits = self
             .inner
             .ledger
@@ -905,7 +925,8 @@ impl Billing {
                 tally.adopt(index, e).release();
                 continue;
             }
-            let bill = bill_of_slot(&e, id);
+            let digest = self.rate_digest(e.rate.1);
+            let bill = bill_of_slot(&e, id, digest);
             let started_s = e.started_ms.div_euclid(1000);
             self.inner.pending.lock().unwrap().push(Pending {
                 bill,
@@ -943,7 +964,7 @@ impl Billing {
                 if !std::mem::replace(&mut p.alarmed, true) {
                     tracing::error!(
                         imsi = %p.bill.imsi,
-                        tokens = p.bill.billed(),
+                        units = p.bill.units(),
                         "ALARM: a stream's tokens are covered by no package; it is kept until one is granted"
                     );
                 }
@@ -988,7 +1009,7 @@ impl Billing {
         let grants = self.inner.grants.lock().unwrap();
         let mut ledger = self.inner.ledger.lock().unwrap();
         let r = ledger
-            .reserve_from(&imsi, 0, p.bill.billed(), p.started_s, &|b| {
+            .reserve_from(&imsi, 0, p.bill.units(), p.started_s, &|b| {
                 grants.admits(b, &p.bill.model, connected, mono)
             })
             .ok()?;
@@ -1023,6 +1044,16 @@ impl Billing {
             started_s,
             alarmed: false,
         });
+    }
+
+    /// The digest of rate table `version` (empty for none, or one the box
+    /// no longer has).
+    fn rate_digest(&self, version: u64) -> Vec<u8> {
+        self.inner
+            .rate_digests
+            .get(&version)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Stops the store thread after it applied everything sent.
@@ -1097,7 +1128,7 @@ impl DownlinkSink for GrantSink {
 }
 
 /// The bill of a stream a dead process left in the tally.
-fn bill_of_slot(e: &Entry, id: uuid::Uuid) -> Bill {
+fn bill_of_slot(e: &Entry, id: uuid::Uuid, rate_digest: Vec<u8>) -> Bill {
     Bill {
         request_id: *id.as_bytes(),
         imsi: e.imsi.clone(),
@@ -1126,6 +1157,7 @@ fn bill_of_slot(e: &Entry, id: uuid::Uuid) -> Bill {
             choices: e.choices,
             constraint: e.constraint.clone(),
         },
+        rate: e.rate.applied(rate_digest),
     }
 }
 
@@ -1156,7 +1188,7 @@ impl Admission {
         self.cap
     }
 
-    /// Tokens reserved (0 when metering is off).
+    /// Package units reserved (0 when metering is off).
     pub fn granted(&self) -> u64 {
         self.granted
     }
@@ -1211,6 +1243,7 @@ impl Admission {
             ttft_us: s.ttft.as_micros() as u64,
             failure_reason: s.failure_reason.clone().unwrap_or_default(),
             detail: self.info.detail.clone(),
+            rate: self.info.rate.clone(),
         };
         match self.billing.bill(&bill, reservation).await {
             Ok(seq) => {
@@ -1239,7 +1272,11 @@ impl Drop for Admission {
             // A stream that handed out tokens and never settled (its task
             // ended early): billed from its slot, with its hold.
             Some(c) if c.entry().completion_tokens > 0 => {
-                let bill = bill_of_slot(c.entry(), self.info.request_id);
+                let bill = bill_of_slot(
+                    c.entry(),
+                    self.info.request_id,
+                    self.info.rate.digest.clone(),
+                );
                 self.billing.defer(bill, reservation, c);
                 return;
             }

@@ -5,6 +5,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mec_metering::ledger::Debit;
+use mec_metering::rating::AppliedRate;
 use mec_metering::store::{Applied, UsageRow};
 use mec_sync::record::pb::{ClockSync, Outcome, PackageDebit, UsageRecord};
 
@@ -15,7 +16,7 @@ pub(crate) fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Debits that cover exactly the tokens billed. The only way to a usage
+/// Debits that cover exactly the package units billed. The only way to a usage
 /// record ([`Settlement::record`]), so a record carrying billed tokens
 /// without the debits that pay for them cannot be made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +73,15 @@ impl Settlement {
             duration_us: bill.duration_us,
             ttft_us: bill.ttft_us,
             offline: false,
-            billed_tokens: self.billed,
+            billed_tokens: bill.billed(),
+            billed_units: self.billed,
+            rate_version: bill.rate.version,
+            rate_digest: bill.rate.digest.clone(),
+            rate: Some(mec_sync::record::pb::Rate {
+                prompt_milli: bill.rate.rate.prompt_milli,
+                cached_milli: bill.rate.rate.cached_milli,
+                completion_milli: bill.rate.rate.completion_milli,
+            }),
             failure_reason: bill.failure_reason.clone(),
             end_user: bill.detail.end_user.clone(),
             choices: bill.detail.choices,
@@ -115,6 +124,8 @@ pub struct Bill {
     pub failure_reason: String,
     /// The end user, the choices and the constraint.
     pub detail: RequestDetail,
+    /// The rate it is billed at.
+    pub rate: AppliedRate,
 }
 
 /// What a request asked that a bill explains itself with.
@@ -132,6 +143,15 @@ impl Bill {
     /// Tokens billed: prompt and completion.
     pub fn billed(&self) -> u64 {
         self.prompt_tokens + self.completion_tokens
+    }
+
+    /// Package units billed: the tokens at the bill's rate.
+    pub fn units(&self) -> u64 {
+        self.rate.rate.units(
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.completion_tokens,
+        )
     }
 }
 
@@ -162,6 +182,7 @@ pub fn applied(seq: u64, r: &UsageRecord) -> Applied {
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
             billed_tokens: r.billed_tokens,
+            billed_units: mec_sync::record::units_charged(r),
             outcome: outcome_name(r.outcome()).into(),
         },
     }
@@ -217,6 +238,7 @@ mod tests {
                 choices: 3,
                 constraint: "json_schema".into(),
             },
+            rate: AppliedRate::default(),
         };
         let r = s.record(&bill, &|b| (b == 2).then_some(9));
         assert_eq!(

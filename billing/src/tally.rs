@@ -43,6 +43,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use mec_metering::rating::{AppliedRate, Rate};
 use serde::{Deserialize, Serialize};
 
 /// Bytes of one slot.
@@ -84,6 +85,47 @@ pub struct Entry {
     /// The output constraint, empty for none.
     #[serde(default)]
     pub constraint: String,
+    /// The rate the stream is billed at; absent in entries written before
+    /// rating (one unit a token).
+    #[serde(default)]
+    pub rate: RateEntry,
+}
+
+/// A rate in a slot, compact (a slot is 1 KiB): `[prompt, cached,
+/// completion]` thousandths, and the table's version (its digest is found
+/// by version among the tables the box kept: [`crate::BillingConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateEntry(pub [u64; 3], pub u64);
+
+impl Default for RateEntry {
+    fn default() -> RateEntry {
+        RateEntry::of(&AppliedRate::default())
+    }
+}
+
+impl RateEntry {
+    /// The slot's form of `applied`.
+    pub fn of(applied: &AppliedRate) -> RateEntry {
+        let r = applied.rate;
+        RateEntry(
+            [r.prompt_milli, r.cached_milli, r.completion_milli],
+            applied.version,
+        )
+    }
+
+    /// Back to the rate, with the digest of its table (`digest`).
+    pub fn applied(&self, digest: Vec<u8>) -> AppliedRate {
+        let [p, c, k] = self.0;
+        AppliedRate {
+            rate: Rate {
+                prompt_milli: p,
+                cached_milli: c,
+                completion_milli: k,
+            },
+            version: self.1,
+            digest,
+        }
+    }
 }
 
 /// A slot as read from the file.
@@ -353,7 +395,33 @@ mod tests {
             reserved_tokens: 100,
             client_left: false,
             log_seq: 7,
+            rate: RateEntry::default(),
         }
+    }
+
+    #[test]
+    fn an_entry_at_the_apis_limits_fits_its_slot() {
+        // Ids of 128 bytes, an end user of 128 quotes (each escaped in
+        // JSON), a table's rate and digest, the largest numbers.
+        let e = Entry {
+            request_id: "f".repeat(32),
+            imsi: "0".repeat(15),
+            app: "a".repeat(128),
+            model: "m".repeat(128),
+            started_ms: i64::MAX,
+            updated_ms: i64::MAX,
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            reserved_tokens: u64::MAX,
+            client_left: true,
+            log_seq: u64::MAX,
+            end_user: "\"".repeat(128),
+            choices: u32::MAX,
+            constraint: "json_schema".into(),
+            rate: RateEntry([u64::MAX; 3], u64::MAX),
+        };
+        let bytes = encode_slot(&e).unwrap();
+        assert_eq!(decode_slot(&bytes), Slot::Live(e));
     }
 
     #[test]

@@ -245,7 +245,7 @@ impl RateTable {
 
 /// The rate applied to one request, as its record carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
+pub struct AppliedRate {
     /// The prices.
     pub rate: Rate,
     /// The table's version (0: no table, [`Rate::UNIT`]).
@@ -254,9 +254,9 @@ pub struct Applied {
     pub digest: Vec<u8>,
 }
 
-impl Default for Applied {
-    fn default() -> Applied {
-        Applied {
+impl Default for AppliedRate {
+    fn default() -> AppliedRate {
+        AppliedRate {
             rate: Rate::UNIT,
             version: 0,
             digest: Vec::new(),
@@ -275,15 +275,15 @@ pub struct Unrated {
 }
 
 /// The rate `model` is served at under `table` (none: one unit per token).
-pub fn rate_for(table: Option<&RateTable>, model: &str) -> Result<Applied, Unrated> {
+pub fn rate_for(table: Option<&RateTable>, model: &str) -> Result<AppliedRate, Unrated> {
     let Some(table) = table else {
-        return Ok(Applied::default());
+        return Ok(AppliedRate::default());
     };
     let line = table.model(model).ok_or_else(|| Unrated {
         model: model.to_string(),
         version: table.version,
     })?;
-    Ok(Applied {
+    Ok(AppliedRate {
         rate: line.rate,
         version: table.version,
         digest: table.digest.to_vec(),
@@ -349,7 +349,7 @@ completion = 16
                 version: 2
             })
         );
-        assert_eq!(rate_for(None, "other").unwrap(), Applied::default());
+        assert_eq!(rate_for(None, "other").unwrap(), AppliedRate::default());
     }
 
     #[test]

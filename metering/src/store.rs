@@ -55,8 +55,10 @@ pub struct UsageRow {
     pub prompt_tokens: u64,
     /// Completion tokens.
     pub completion_tokens: u64,
-    /// Tokens debited.
+    /// Tokens billed (prompt and completion).
     pub billed_tokens: u64,
+    /// Package units debited (the tokens at the model's rate).
+    pub billed_units: u64,
     /// completed, length, cancelled, failed.
     pub outcome: String,
 }
@@ -172,6 +174,19 @@ fn to_bucket((id, imsi, kind, v): (u64, String, String, [i64; 6])) -> Result<Buc
     })
 }
 
+/// Adds `column` to `table` unless it is there.
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<(), StoreError> {
+    let has: bool = conn
+        .prepare(&format!(
+            "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+        ))?
+        .exists([column])?;
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
+
 const BUCKET_COLUMNS: &str =
     "id, imsi, kind, allowance, valid_from, expires_at, used, used_period, revoked";
 
@@ -183,6 +198,9 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Columns added after the first release: a store made before them
+        // gains them (rows from before read 0).
+        add_column(&conn, "usage", "billed_units", "INTEGER NOT NULL DEFAULT 0")?;
         Ok(Store { conn })
     }
 
@@ -532,8 +550,8 @@ impl Store {
             let u = &a.usage;
             tx.execute(
                 "INSERT OR REPLACE INTO usage (seq, imsi, at_ms, app, model, prompt_tokens,
-                     completion_tokens, billed_tokens, outcome)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     completion_tokens, billed_tokens, outcome, billed_units)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     seq,
                     u.imsi,
@@ -543,7 +561,8 @@ impl Store {
                     u.prompt_tokens as i64,
                     u.completion_tokens as i64,
                     u.billed_tokens as i64,
-                    u.outcome
+                    u.outcome,
+                    u.billed_units as i64
                 ],
             )?;
         }
@@ -591,7 +610,7 @@ impl Store {
     pub fn recent_usage(&self, imsi: &Imsi, limit: usize) -> Result<Vec<UsageRow>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT seq, imsi, at_ms, app, model, prompt_tokens, completion_tokens,
-                    billed_tokens, outcome
+                    billed_tokens, outcome, billed_units
              FROM usage WHERE imsi = ?1 ORDER BY seq DESC LIMIT ?2",
         )?;
         let rows = stmt.query_map(
@@ -607,6 +626,11 @@ impl Store {
                     completion_tokens: r.get::<_, i64>(6)? as u64,
                     billed_tokens: r.get::<_, i64>(7)? as u64,
                     outcome: r.get(8)?,
+                    // A row from before rating: one unit a token.
+                    billed_units: match r.get::<_, i64>(9)? as u64 {
+                        0 => r.get::<_, i64>(7)? as u64,
+                        u => u,
+                    },
                 })
             },
         )?;
@@ -652,6 +676,7 @@ mod tests {
                 prompt_tokens: 1,
                 completion_tokens: tokens - 1,
                 billed_tokens: tokens,
+                billed_units: tokens,
                 outcome: "completed".into(),
             },
         }

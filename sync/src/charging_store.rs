@@ -490,7 +490,7 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
 /// Records settled per round of [`settle_uploaded`].
 const SETTLE_CHUNK: usize = 512;
 
-/// The usage a stored record settles: its billed tokens, the grants its
+/// The usage a stored record settles: its billed units, the grants its
 /// debits name (tokens summed per grant), its model. `None` for a record
 /// that bills nothing or does not decode (the core stored it checked, so
 /// that is a bug, logged).
@@ -502,7 +502,8 @@ pub fn usage_of(node_id: &str, seq: u64, signed: &[u8]) -> Option<Usage> {
             return None;
         }
     };
-    if record.billed_tokens == 0 {
+    let units = crate::record::units_charged(&record);
+    if units == 0 {
         return None;
     }
     let imsi = match Imsi::parse(&record.imsi) {
@@ -525,7 +526,8 @@ pub fn usage_of(node_id: &str, seq: u64, signed: &[u8]) -> Option<Usage> {
         imsi,
         grants,
         model: Some(record.model_id).filter(|m| !m.is_empty()),
-        tokens: record.billed_tokens,
+        // Packages hold units (tokens at one unit each without a rate table).
+        tokens: units,
         ended_ms: record.end_time_unix_ms,
     })
 }

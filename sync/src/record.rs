@@ -194,7 +194,26 @@ pub fn record_to_json(r: &UsageRecord) -> serde_json::Value {
         "end_user": r.end_user,
         "choices": r.choices,
         "constraint": r.constraint,
+        "billed_units": units_charged(r),
+        "rate_version": r.rate_version,
+        "rate_digest": hex::encode(&r.rate_digest),
+        "rate": r.rate.as_ref().map(|p| serde_json::json!({
+            "prompt_milli": p.prompt_milli,
+            "cached_milli": p.cached_milli,
+            "completion_milli": p.completion_milli,
+        })),
     })
+}
+
+/// The package units a record charged: `billed_units`, or its
+/// `billed_tokens` in a record written before rating (one unit a token).
+/// Its debits sum to this.
+pub fn units_charged(r: &UsageRecord) -> u64 {
+    if r.billed_units != 0 {
+        r.billed_units
+    } else {
+        r.billed_tokens
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub fn info() -> RequestInfo {
         started: SystemTime::now(),
         started_at: Instant::now(),
         detail: Default::default(),
+        rate: Default::default(),
     }
 }
 
@@ -79,6 +80,7 @@ pub fn open_box(dir: &Path, budget: u64, tokens: u64) -> Box_ {
             limits: RateLimits::default(),
             welcome: Vec::new(),
             core: None,
+            rate_digests: [(3, vec![0xab; 32])].into(),
         },
         log.clone(),
         store,

@@ -90,6 +90,7 @@ fn start_box_with(dir: &Path, core: &LoopbackCore, limits: RateLimits) -> CoreBo
             limits,
             welcome: Vec::new(),
             core: Some(asker.clone()),
+            ..Default::default()
         },
         log.clone(),
         store,

@@ -117,6 +117,7 @@ fn leave_a_slot(
             end_user: "end-user-7".into(),
             choices: 2,
             constraint: "json_schema".into(),
+            rate: Default::default(),
         })
         .unwrap();
     c.count(tokens).unwrap();

@@ -7,3 +7,4 @@ mod common;
 mod core_grants;
 mod defects;
 mod model;
+mod rating;
