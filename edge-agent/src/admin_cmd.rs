@@ -46,6 +46,21 @@ pub fn admin(args: &AdminArgs) -> anyhow::Result<ExitCode> {
                 "{base}/admin/v1/subscribers/{imsi}/usage?limit={limit}"
             )),
             AdminCommand::Models => client.get(format!("{base}/admin/v1/models")),
+            AdminCommand::Rates => client.get(format!("{base}/admin/v1/rates")),
+            AdminCommand::InstallRates { table } => {
+                let text = std::fs::read_to_string(table)
+                    .with_context(|| format!("{}", table.display()))?;
+                let sig_path = crate::server::rates::signature_path(table);
+                let signature = std::fs::read_to_string(&sig_path).with_context(|| {
+                    format!(
+                        "{} (sign it with `edge-agent sign-rates`)",
+                        sig_path.display()
+                    )
+                })?;
+                client
+                    .put(format!("{base}/admin/v1/rates"))
+                    .json(&json!({ "table": text, "signature": signature }))
+            }
             AdminCommand::Load { model } => client.post(model_url(&base, model, "load")?),
             AdminCommand::Unload { model } => client.post(model_url(&base, model, "unload")?),
             AdminCommand::Pin { model } => client.post(model_url(&base, model, "pin")?),

@@ -37,6 +37,9 @@ pub enum Command {
     /// format (q8_0, q4_1, q4_0): the same weights, a different file (a
     /// second model for tests). Prints one JSON object.
     Requantize(RequantizeArgs),
+    /// Sign a rate table with the operator's private key (PKCS#8 PEM):
+    /// writes TABLE.sig beside it, the detached signature boxes check.
+    SignRates(SignRatesArgs),
     /// Write a working configuration, a node identity and a dev app key into
     /// DIR; print them as one JSON object.
     Init(InitArgs),
@@ -246,6 +249,15 @@ pub enum AdminCommand {
     },
     /// Every model and its state (loaded, loading, unloaded, failed).
     Models,
+    /// The rate table in force.
+    Rates,
+    /// Install a signed rate table (its signature in TABLE.sig): refused
+    /// unless it verifies with the operator key and is newer.
+    InstallRates {
+        /// The rate table (TOML).
+        #[arg(long)]
+        table: PathBuf,
+    },
     /// Load a model now (evicting the least recently used idle models its
     /// memory needs); waits for the load's end.
     Load {
@@ -373,6 +385,18 @@ pub struct GpuCheckArgs {
     /// agent serves with; e.g. `200,800:1,16,64:128`.
     #[arg(long, value_name = "PROMPTS:STREAMS:TOKENS", value_parser = parse_speed_plan)]
     pub speed: Option<SpeedPlan>,
+}
+
+/// Arguments of `edge-agent sign-rates`.
+#[derive(Debug, Args, Clone)]
+pub struct SignRatesArgs {
+    /// The operator's private key (PKCS#8 PEM, as `cargo xtask image` or
+    /// `edgeprov` make the image key).
+    #[arg(long, value_name = "PATH")]
+    pub key: PathBuf,
+    /// The rate table (TOML).
+    #[arg(long, value_name = "PATH")]
+    pub table: PathBuf,
 }
 
 /// Arguments of `edge-agent requantize`.
@@ -645,6 +669,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::GpuCheck(a) => crate::gpu_check_cmd::check(&a),
         Command::SynthModel(a) => crate::gpu_check_cmd::synth_model(&a),
         Command::Requantize(a) => crate::gpu_check_cmd::requantize(&a),
+        Command::SignRates(a) => sign_rates(&a),
         Command::Init(a) => crate::init_cmd::init(&a),
         Command::Serve(a) => {
             let config = crate::config::Config::load(&a.config)?;
@@ -658,6 +683,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Update(UpdateCommand::ServeStdio(a)) => crate::update_cmd::serve_stdio(&a),
         Command::BootHealth(a) => crate::update_cmd::boot_health(&a),
     }
+}
+
+/// `edge-agent sign-rates`: checks the table parses, signs its bytes.
+fn sign_rates(a: &SignRatesArgs) -> anyhow::Result<ExitCode> {
+    let bytes =
+        std::fs::read(&a.table).map_err(|e| anyhow::anyhow!("{}: {e}", a.table.display()))?;
+    let key = mec_image::manifest::read_signing_key(&a.key)?;
+    let signature = mec_image::manifest::sign_bytes(&bytes, &key);
+    // What boxes will do with it, before it leaves this machine.
+    let table = mec_metering::rating::RateTable::verify(&bytes, &signature, &key.verifying_key())?;
+    let sig_path = crate::server::rates::signature_path(&a.table);
+    std::fs::write(&sig_path, &signature)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", sig_path.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "table": a.table,
+            "signature": sig_path,
+            "version": table.version,
+            "digest": hex::encode(table.digest),
+            "models": table.models.keys().collect::<Vec<_>>(),
+        })
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

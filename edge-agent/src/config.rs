@@ -29,6 +29,9 @@ pub struct Config {
     /// How the models share the box.
     #[serde(default)]
     pub serving: ServingConfig,
+    /// The operator's rate table.
+    #[serde(default)]
+    pub rating: RatingConfig,
     /// Rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -225,6 +228,21 @@ impl ModelConfig {
             load_at_start: self.load == LoadWhen::Start,
         }
     }
+}
+
+/// `[rating]`: what a token of each model costs in package units.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatingConfig {
+    /// A rate table to install at start (its signature beside it, `FILE.sig`);
+    /// refused unless it verifies with the operator key and is newer than
+    /// the one in force. Absent, and none installed: one unit per token.
+    #[serde(default)]
+    pub table: Option<PathBuf>,
+    /// The operator's public key (SPKI PEM) rate tables are checked with;
+    /// absent: the site's image key (from provisioning).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// `[serving]`: how the models share the box.
@@ -474,6 +492,14 @@ impl Config {
         for m in &mut c.models {
             if m.path.is_relative() {
                 m.path = base.join(&m.path);
+            }
+        }
+        for p in [&mut c.rating.table, &mut c.rating.key]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
             }
         }
         let site_path = c.state().site();

@@ -12,6 +12,7 @@
 //! | `log/` | the usage log | the agent |
 //! | `ledger.sqlite` | the ledger store | the agent |
 //! | `inflight.tally` | streams in flight | the agent |
+//! | `rates/` | the operator's rate tables, signed, every version kept | the agent |
 //! | `admin.token` | the admin API's credential (0600) | the agent |
 
 use std::path::{Path, PathBuf};
@@ -21,11 +22,14 @@ use crate::identity::{KEY_FILE, PUB_FILE};
 /// Whether the entry `name` of a state directory belongs to the operator's
 /// provisioning of the box, so that a factory reset retires it: the
 /// identity, the site, and the billing state that goes with them (the log,
-/// the ledger store and its SQLite side files, the in-flight tally). The box's
+/// the ledger store and its SQLite side files, the in-flight tally, the
+/// operator's rate tables). The box's
 /// own files (`device-id`, `admin.token`) stay.
 pub fn retired_by_reset(name: &str) -> bool {
-    matches!(name, "identity" | "site.toml" | "log" | "inflight.tally")
-        || name.starts_with("ledger.sqlite")
+    matches!(
+        name,
+        "identity" | "site.toml" | "log" | "inflight.tally" | "rates"
+    ) || name.starts_with("ledger.sqlite")
 }
 
 /// A box's state directory.
@@ -91,6 +95,12 @@ impl StateDir {
     /// `inflight.tally`.
     pub fn tally(&self) -> PathBuf {
         self.0.join("inflight.tally")
+    }
+
+    /// `rates/`: the operator's rate tables, each `v<version>.toml` with
+    /// its signature (`.sig`).
+    pub fn rates_dir(&self) -> PathBuf {
+        self.0.join("rates")
     }
 
     /// `admin.token`.

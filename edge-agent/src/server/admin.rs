@@ -90,6 +90,7 @@ pub fn router(state: Arc<AppState>, token: Arc<String>) -> Router {
         .route("/admin/v1/sync", get(sync_status))
         .route("/admin/v1/update", get(update_status).post(update_apply))
         .route("/admin/v1/models", get(models))
+        .route("/admin/v1/rates", get(rates).put(install_rates))
         .route("/admin/v1/models/{id}/load", post(load_model))
         .route("/admin/v1/models/{id}/unload", post(unload_model))
         .route("/admin/v1/models/{id}/pin", post(pin_model))
@@ -204,6 +205,50 @@ async fn usage(
     match rows {
         Ok(Ok(rows)) => Json(json!({ "usage": rows })).into_response(),
         Ok(Err(e)) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+/// `GET /admin/v1/rates`: the rate table in force.
+async fn rates(State(state): State<Arc<AppState>>) -> Response {
+    Json(state.rates.view()).into_response()
+}
+
+/// `PUT /admin/v1/rates`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallRates {
+    /// The table file's text, exactly as signed.
+    pub table: String,
+    /// Its detached Ed25519 signature, base64.
+    pub signature: String,
+}
+
+/// `PUT /admin/v1/rates`: installs a signed rate table, newer than the one
+/// in force (409 otherwise, or for a bad signature; the old one stays).
+async fn install_rates(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let req: InstallRates = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::invalid("invalid_request", format!("rates: {e}")).into_response()
+        }
+    };
+    let installed = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            state
+                .rates
+                .install(req.table.as_bytes(), &req.signature)
+                .map(|_| ())
+        })
+        .await
+    };
+    match installed {
+        Ok(Ok(())) => Json(state.rates.view()).into_response(),
+        Ok(Err(e @ super::rates::InstallError::Io { .. })) => {
+            ApiError::internal(e.to_string()).into_response()
+        }
+        Ok(Err(e)) => conflict("rates_refused", e.to_string()),
         Err(e) => ApiError::internal(e.to_string()).into_response(),
     }
 }

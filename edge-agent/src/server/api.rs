@@ -238,6 +238,11 @@ fn prepare(
         });
     }
     let room = context - n;
+    // The rate in force when the request starts: its reservation and bill.
+    let rate = state
+        .rates
+        .rate_for(&lease.spec().id)
+        .map_err(|e| ApiError::unavailable("model_unrated", e.to_string()))?;
     Ok(Prepared {
         tokenizer: engine.shared_tokenizer(),
         info: RequestInfo {
@@ -254,6 +259,7 @@ fn prepare(
                 choices: choices as u32,
                 constraint: String::new(),
             },
+            rate,
         },
         prompt,
         params,

@@ -35,6 +35,7 @@ pub mod api;
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod rates;
 pub mod response;
 pub mod tools;
 
@@ -100,6 +101,8 @@ pub struct AppState {
     pub config: Config,
     /// The models: one engine per loaded model.
     pub models: Registry,
+    /// The operator's rate tables (what a token of each model costs).
+    pub rates: rates::RateBook,
     /// Metering: admission, settlement, packages (`mec-billing`).
     pub billing: Billing,
     /// The usage log (billing appends to it; readiness, metrics and the
@@ -300,6 +303,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
             "METERING IS OFF (metering.enabled = false): nothing is reserved, settled or recorded"
         );
     }
+    let rates = open_rates(&config)?;
     let (tally, left_in_flight) = Tally::open(&config.tally_path())?;
     let applied = AppliedWatermark::default();
     // With a core, packages are sold there and served from its grants.
@@ -319,6 +323,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
             },
             welcome: welcome_packages(&config),
             core: grant_asker.clone(),
+            rate_digests: rates.digests(),
         },
         log.clone(),
         store,
@@ -375,6 +380,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         apps: apps(&config)?,
         config,
         models,
+        rates,
         billing,
         log,
         metrics: metrics::Metrics::new(),
@@ -495,6 +501,61 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     state.billing.shutdown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The operator key rate tables are checked with: `[rating] key`, else
+/// the site's image key.
+fn rating_key(config: &Config) -> anyhow::Result<Option<ed25519_dalek::VerifyingKey>> {
+    if let Some(path) = &config.rating.key {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("rating.key {}", path.display()))?;
+        let key = mec_image::manifest::parse_verifying_key(&pem)
+            .map_err(|e| anyhow::anyhow!("rating.key {}: {e}", path.display()))?;
+        return Ok(Some(key));
+    }
+    let site_key = config
+        .site
+        .as_ref()
+        .and_then(|s| s.image_signing_key.as_deref());
+    match site_key {
+        Some(pem) => Ok(Some(
+            mec_image::manifest::parse_verifying_key(pem)
+                .map_err(|e| anyhow::anyhow!("the site's image key: {e}"))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The rate tables kept in the state directory, and `[rating] table`
+/// installed when it is newer. A configured table that is refused while
+/// none is in force stops the start: serving would bill at one unit per
+/// token against the operator's word.
+fn open_rates(config: &Config) -> anyhow::Result<rates::RateBook> {
+    let key = rating_key(config)?;
+    let book = rates::RateBook::open(&config.state().rates_dir(), key)?;
+    let Some(path) = &config.rating.table else {
+        return Ok(book);
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("rating.table {}", path.display()))?;
+    let sig_path = rates::signature_path(path);
+    let signature = std::fs::read_to_string(&sig_path)
+        .with_context(|| format!("rating.table's signature {}", sig_path.display()))?;
+    match book.install(&bytes, &signature) {
+        Ok(_) => {}
+        // The same table again (every start reads it): nothing to do.
+        Err(_)
+            if book
+                .current()
+                .is_some_and(|t| t.digest == <[u8; 32]>::from(sha2::Sha256::digest(&bytes))) => {}
+        Err(e) if book.current().is_none() => {
+            anyhow::bail!("rating.table {}: {e}", path.display())
+        }
+        Err(e) => {
+            let in_force = book.current().map(|t| t.version).unwrap_or(0);
+            tracing::error!(table = %path.display(), error = %e, in_force, "the configured rate table is refused; the one in force stays");
+        }
+    }
+    Ok(book)
 }
 
 /// Uploads the log to the core once the node certificate and the operator CA
