@@ -16,8 +16,8 @@ pub enum BillingError {
     },
     /// The subscriber's packages cannot cover the prompt and one token.
     #[error(
-        "the subscriber's packages have {available} tokens available; this request needs at least \
-         {needed} (its prompt and one completion token)"
+        "the subscriber's packages have {available} units available for this model; this request \
+         needs at least {needed} (its prompt and one completion token at the model's rate)"
     )]
     InsufficientQuota {
         /// Tokens available.
@@ -67,6 +67,17 @@ pub enum BillingError {
     #[error("ledger store: {0}")]
     Store(String),
     /// No such package.
+    /// The subscriber's packages that have units left may not be spent on
+    /// this model.
+    #[error("{}", not_covered(model, tier.as_deref(), packages))]
+    ModelNotCovered {
+        /// The model asked for.
+        model: String,
+        /// Its tier, when the rate table gives one.
+        tier: Option<String>,
+        /// The packages with units left, and the models or tiers each is for.
+        packages: Vec<(u64, Vec<String>)>,
+    },
     #[error("no package {0}")]
     UnknownPackage(u64),
     /// A bug: a state billing never leaves.
@@ -78,4 +89,21 @@ impl From<mec_metering::store::StoreError> for BillingError {
     fn from(e: mec_metering::store::StoreError) -> Self {
         BillingError::Store(e.to_string())
     }
+}
+
+/// "no package covers...": names each package's rule and what would allow
+/// the model.
+fn not_covered(model: &str, tier: Option<&str>, packages: &[(u64, Vec<String>)]) -> String {
+    let rules: Vec<String> = packages
+        .iter()
+        .map(|(id, models)| format!("package {id} is for {}", models.join(", ")))
+        .collect();
+    let allow = match tier {
+        Some(t) => format!("a package for the model {model} or the tier {t}"),
+        None => format!("a package for the model {model}"),
+    };
+    format!(
+        "no package of this subscriber may be spent on the model {model}: {}; {allow} would allow it",
+        rules.join("; ")
+    )
 }

@@ -412,11 +412,9 @@ impl Billing {
         // In package units at the request's rate (units are tokens
         // without a rate table).
         let rate = &info.rate.rate;
-        let r = self
-            .inner
-            .ledger
-            .lock()
-            .unwrap()
+        let tier = info.rate.tier.as_deref();
+        let mut ledger = self.inner.ledger.lock().unwrap();
+        let r = ledger
             .reserve_from(
                 &info.imsi,
                 rate.reserve_units(
@@ -425,14 +423,47 @@ impl Billing {
                 ),
                 rate.reserve_units(a.prompt_tokens, a.max_completion),
                 now,
-                &|b| grants.admits(b, &info.model, connected, mono),
+                // Packages for this model (or its tier) only.
+                &|b| b.covers(&info.model, tier) && grants.admits(b, &info.model, connected, mono),
             )
             .map_err(|e| match e {
+                // Nothing for this model, while packages for others have
+                // units left: the package's rule refuses it, not the balance.
+                LedgerError::InsufficientQuota { available: 0, .. } => {
+                    let packages: Vec<(u64, Vec<String>)> = ledger
+                        .balance(&info.imsi, now)
+                        .buckets
+                        .into_iter()
+                        .filter(|b| {
+                            b.active
+                                && b.remaining > b.reserved
+                                && !b.models.is_empty()
+                                && !b
+                                    .models
+                                    .iter()
+                                    .any(|m| *m == info.model || Some(m.as_str()) == tier)
+                        })
+                        .map(|b| (b.id, b.models))
+                        .collect();
+                    if packages.is_empty() {
+                        BillingError::InsufficientQuota {
+                            available: 0,
+                            needed: rate.reserve_units(a.prompt_tokens, a.min_completion.max(1)),
+                        }
+                    } else {
+                        BillingError::ModelNotCovered {
+                            model: info.model.clone(),
+                            tier: tier.map(str::to_string),
+                            packages,
+                        }
+                    }
+                }
                 LedgerError::InsufficientQuota { available, needed } => {
                     BillingError::InsufficientQuota { available, needed }
                 }
                 e => BillingError::Internal(e.to_string()),
             })?;
+        drop(ledger);
         drop(grants);
         admission.reservation = Some(r.id);
         admission.granted = r.granted;
@@ -620,7 +651,8 @@ impl Billing {
         }
         for w in &self.inner.welcome {
             let until = now + i64::from(w.valid_days) * 86_400;
-            let bucket = self.grant_locked(&mut known, imsi, w.kind, w.tokens, now, until, now)?;
+            let bucket =
+                self.grant_locked(&mut known, imsi, w.kind, w.tokens, (now, until), &[], now)?;
             tracing::info!(imsi = %imsi, bucket = bucket.id, tokens = w.tokens, kind = w.kind.as_str(), "welcome package granted");
         }
         Ok(())
@@ -636,6 +668,19 @@ impl Billing {
         valid_from: Timestamp,
         expires_at: Timestamp,
     ) -> Result<Bucket, BillingError> {
+        self.grant_for(imsi, kind, tokens, (valid_from, expires_at), &[])
+    }
+
+    /// [`Billing::grant`] of a package that may be spent only on `models`
+    /// (model ids or tiers of the rate table; empty: every model).
+    pub fn grant_for(
+        &self,
+        imsi: &Imsi,
+        kind: BucketKind,
+        tokens: u64,
+        (valid_from, expires_at): (Timestamp, Timestamp),
+        models: &[String],
+    ) -> Result<Bucket, BillingError> {
         if self.inner.core.is_some() {
             return Err(BillingError::CoreManaged(
                 "this box takes its packages from the core: sell the package there \
@@ -650,8 +695,8 @@ impl Billing {
             imsi,
             kind,
             tokens,
-            valid_from,
-            expires_at,
+            (valid_from, expires_at),
+            models,
             unix_now(),
         )
     }
@@ -664,8 +709,8 @@ impl Billing {
         imsi: &Imsi,
         kind: BucketKind,
         tokens: u64,
-        valid_from: Timestamp,
-        expires_at: Timestamp,
+        window: (Timestamp, Timestamp),
+        models: &[String],
         now: Timestamp,
     ) -> Result<Bucket, BillingError> {
         let bucket = self
@@ -673,7 +718,7 @@ impl Billing {
             .store
             .lock()
             .unwrap()
-            .grant(imsi, kind, tokens, valid_from, expires_at, now)?;
+            .grant_for(imsi, kind, tokens, window, models, now)?;
         self.inner
             .ledger
             .lock()
@@ -1008,11 +1053,22 @@ impl Billing {
         let mono = clocks().mono;
         let grants = self.inner.grants.lock().unwrap();
         let mut ledger = self.inner.ledger.lock().unwrap();
-        let r = ledger
+        // Its model's packages first; any other of the subscriber's after
+        // (the tokens were served: they are billed from whatever can pay).
+        let tier = p.bill.rate.tier.as_deref();
+        let mut r = ledger
             .reserve_from(&imsi, 0, p.bill.units(), p.started_s, &|b| {
-                grants.admits(b, &p.bill.model, connected, mono)
+                b.covers(&p.bill.model, tier) && grants.admits(b, &p.bill.model, connected, mono)
             })
             .ok()?;
+        if r.holds.is_empty() {
+            let _ = ledger.release(r.id);
+            r = ledger
+                .reserve_from(&imsi, 0, p.bill.units(), p.started_s, &|b| {
+                    grants.admits(b, &p.bill.model, connected, mono)
+                })
+                .ok()?;
+        }
         if r.holds.is_empty() {
             let _ = ledger.release(r.id);
             return None;

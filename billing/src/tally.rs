@@ -124,6 +124,7 @@ impl RateEntry {
             },
             version: self.1,
             digest,
+            tier: None,
         }
     }
 }

@@ -30,11 +30,13 @@ pub fn admin(args: &AdminArgs) -> anyhow::Result<ExitCode> {
                 tokens,
                 kind,
                 valid_days,
+                models,
             } => client.post(format!("{base}/admin/v1/grants")).json(&json!({
                 "imsi": imsi,
                 "tokens": tokens,
                 "kind": kind,
                 "valid_days": valid_days,
+                "models": models,
             })),
             AdminCommand::Revoke { bucket } => {
                 client.delete(format!("{base}/admin/v1/buckets/{bucket}"))

@@ -225,6 +225,10 @@ pub enum AdminCommand {
         /// Days of validity [default: 30; 365 for monthly].
         #[arg(long)]
         valid_days: Option<u32>,
+        /// A model id or a tier of the rate table it may be spent on
+        /// (repeat for several); absent: every model.
+        #[arg(long = "model")]
+        models: Vec<String>,
     },
     /// Revoke a package.
     Revoke {

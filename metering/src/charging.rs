@@ -340,6 +340,8 @@ impl Charging {
                 used: 0,
                 used_period: 0,
                 revoked: false,
+                // The core keeps a package's models itself (`models_by_bucket`).
+                models: Vec::new(),
             })
             .map_err(|e| ChargingError::BadPackage(e.to_string()))?;
         self.models_by_bucket.insert(bucket_id, spec.models.clone());

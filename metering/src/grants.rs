@@ -107,6 +107,8 @@ impl HeldGrant {
             used: 0,
             used_period: 0,
             revoked: self.revoked,
+            // A grant is for its model already (`admits`).
+            models: Vec::new(),
         };
         let mut v = vec![bucket(self.bucket_id, BucketKind::Grant, self.terms.tokens)];
         if let Some(id) = self.offline_bucket_id {

@@ -99,12 +99,25 @@ pub struct Bucket {
     pub used_period: u32,
     /// Revoked buckets give nothing.
     pub revoked: bool,
+    /// The models (ids) or model tiers it may be spent on; empty: every
+    /// model.
+    pub models: Vec<String>,
 }
 
 /// Months a monthly bucket can span (bounds the period search).
 const MAX_PERIODS: u32 = 12 * 100;
 
 impl Bucket {
+    /// Whether it may be spent on `model` (of `tier`, when the rate table
+    /// gives one).
+    pub fn covers(&self, model: &str, tier: Option<&str>) -> bool {
+        self.models.is_empty()
+            || self
+                .models
+                .iter()
+                .any(|m| m == model || Some(m.as_str()) == tier)
+    }
+
     fn period_start(&self, p: u32) -> Timestamp {
         DateTime::from_timestamp(self.valid_from, 0)
             .and_then(|d| d.checked_add_months(Months::new(p)))
@@ -211,6 +224,9 @@ pub struct BucketView {
     pub active: bool,
     /// Revoked.
     pub revoked: bool,
+    /// The models or tiers it may be spent on (empty: every model).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 /// A subscriber's balance.
@@ -382,6 +398,7 @@ impl Ledger {
                     tokens_expire_at: b.expiry_at(now),
                     active: b.period(now).is_some(),
                     revoked: b.revoked,
+                    models: b.models.clone(),
                 }
             })
             .collect();
@@ -673,6 +690,7 @@ mod tests {
             used: 0,
             used_period: 0,
             revoked: false,
+            models: Vec::new(),
         }
     }
 

@@ -252,6 +252,9 @@ pub struct AppliedRate {
     pub version: u64,
     /// The table's digest (empty: no table).
     pub digest: Vec<u8>,
+    /// The model's tier in the table, if it names one (packages may be
+    /// for a tier).
+    pub tier: Option<String>,
 }
 
 impl Default for AppliedRate {
@@ -260,6 +263,7 @@ impl Default for AppliedRate {
             rate: Rate::UNIT,
             version: 0,
             digest: Vec::new(),
+            tier: None,
         }
     }
 }
@@ -287,6 +291,7 @@ pub fn rate_for(table: Option<&RateTable>, model: &str) -> Result<AppliedRate, U
         rate: line.rate,
         version: table.version,
         digest: table.digest.to_vec(),
+        tier: line.tier.clone(),
     })
 }
 

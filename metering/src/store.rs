@@ -143,7 +143,9 @@ CREATE TABLE IF NOT EXISTS core_grants (
 /// Recent-usage rows kept per subscriber.
 const USAGE_KEPT: i64 = 1000;
 
-fn bucket_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, String, String, [i64; 6])> {
+type BucketRow = (u64, String, String, [i64; 6], String);
+
+fn bucket_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BucketRow> {
     Ok((
         row.get::<_, i64>(0)? as u64,
         row.get(1)?,
@@ -156,10 +158,11 @@ fn bucket_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, String, St
             row.get(7)?,
             row.get(8)?,
         ],
+        row.get(9)?,
     ))
 }
 
-fn to_bucket((id, imsi, kind, v): (u64, String, String, [i64; 6])) -> Result<Bucket, StoreError> {
+fn to_bucket((id, imsi, kind, v, models): BucketRow) -> Result<Bucket, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { id, reason };
     Ok(Bucket {
         id,
@@ -171,6 +174,12 @@ fn to_bucket((id, imsi, kind, v): (u64, String, String, [i64; 6])) -> Result<Buc
         used: u64::try_from(v[3]).map_err(|_| corrupt("negative use".into()))?,
         used_period: u32::try_from(v[4]).map_err(|_| corrupt("bad period".into()))?,
         revoked: v[5] != 0,
+        models: match models.as_str() {
+            "" => Vec::new(),
+            json => {
+                serde_json::from_str(json).map_err(|e| corrupt(format!("models {json:?}: {e}")))?
+            }
+        },
     })
 }
 
@@ -188,7 +197,7 @@ fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Resul
 }
 
 const BUCKET_COLUMNS: &str =
-    "id, imsi, kind, allowance, valid_from, expires_at, used, used_period, revoked";
+    "id, imsi, kind, allowance, valid_from, expires_at, used, used_period, revoked, models";
 
 impl Store {
     /// Opens (creating) the store at `path`.
@@ -201,10 +210,13 @@ impl Store {
         // Columns added after the first release: a store made before them
         // gains them (rows from before read 0).
         add_column(&conn, "usage", "billed_units", "INTEGER NOT NULL DEFAULT 0")?;
+        // A package's models or tiers, JSON; empty: every model.
+        add_column(&conn, "buckets", "models", "TEXT NOT NULL DEFAULT ''")?;
         Ok(Store { conn })
     }
 
-    /// Adds a bucket and returns it (durable when this returns).
+    /// Adds a bucket for every model and returns it (durable when this
+    /// returns).
     pub fn grant(
         &mut self,
         imsi: &Imsi,
@@ -214,17 +226,36 @@ impl Store {
         expires_at: Timestamp,
         now: Timestamp,
     ) -> Result<Bucket, StoreError> {
+        self.grant_for(imsi, kind, allowance, (valid_from, expires_at), &[], now)
+    }
+
+    /// Adds a bucket that may be spent only on `models` (ids or tiers;
+    /// empty: every model) over `window` (from, until), and returns it.
+    pub fn grant_for(
+        &mut self,
+        imsi: &Imsi,
+        kind: BucketKind,
+        allowance: u64,
+        (valid_from, expires_at): (Timestamp, Timestamp),
+        models: &[String],
+        now: Timestamp,
+    ) -> Result<Bucket, StoreError> {
         let allowance_sql = i64::try_from(allowance).unwrap_or(i64::MAX);
+        let models_sql = match models {
+            [] => String::new(),
+            m => serde_json::to_string(m).unwrap_or_default(),
+        };
         self.conn.execute(
-            "INSERT INTO buckets (imsi, kind, allowance, valid_from, expires_at, granted_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO buckets (imsi, kind, allowance, valid_from, expires_at, granted_at, models)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 imsi.as_str(),
                 kind.as_str(),
                 allowance_sql,
                 valid_from,
                 expires_at,
-                now
+                now,
+                models_sql
             ],
         )?;
         let id = self.conn.last_insert_rowid() as u64;
@@ -238,6 +269,7 @@ impl Store {
             used: 0,
             used_period: 0,
             revoked: false,
+            models: models.to_vec(),
         })
     }
 

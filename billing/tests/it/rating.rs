@@ -19,6 +19,7 @@ fn flagship() -> AppliedRate {
         },
         version: 3,
         digest: vec![0xab; 32],
+        tier: Some("flagship".into()),
     }
 }
 
@@ -171,4 +172,65 @@ async fn a_stream_left_by_a_dead_process_is_billed_at_the_rate_it_started_with()
         (15, 120, 3)
     );
     assert_eq!(remaining(&bx.billing), 10_000 - 120);
+}
+
+#[tokio::test]
+async fn a_package_for_other_models_refuses_this_one_naming_its_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let bx = open_box(dir.path(), 1 << 20, 0);
+    let far = mec_billing::unix_now() + 86_400;
+    let entry = bx
+        .billing
+        .grant_for(
+            &imsi(),
+            mec_metering::BucketKind::Topup,
+            5_000,
+            (0, far),
+            &["entry".to_string(), "small".to_string()],
+        )
+        .unwrap();
+    let admit = |info: &RequestInfo| {
+        bx.billing.admit(Admit {
+            info,
+            prompt_tokens: 10,
+            max_completion: 10,
+            min_completion: 1,
+            stream: false,
+        })
+    };
+    // The flagship (tier "flagship"): the package is for "entry" and "small".
+    let e = admit(&rated_info()).unwrap_err();
+    assert!(
+        matches!(&e, mec_billing::BillingError::ModelNotCovered { model, packages, .. }
+            if model == "flagship" && packages == &vec![(entry.id, vec!["entry".to_string(), "small".to_string()])]),
+        "{e:?}"
+    );
+    let message = e.to_string();
+    assert!(
+        message.contains(&format!("package {} is for entry, small", entry.id))
+            && message.contains("a package for the model flagship or the tier flagship would allow it"),
+        "{message}"
+    );
+    assert_eq!(remaining(&bx.billing), 5_000, "nothing held");
+    // By the model's id, and by its tier.
+    let small = RequestInfo {
+        model: "small".into(),
+        ..info()
+    };
+    assert_eq!(admit(&small).unwrap().granted(), 20);
+    let entry_tier = RequestInfo {
+        model: "tiny-v2".into(),
+        rate: AppliedRate {
+            tier: Some("entry".into()),
+            ..Default::default()
+        },
+        ..info()
+    };
+    assert_eq!(admit(&entry_tier).unwrap().granted(), 20);
+    // A package for every model covers the flagship, beside the other.
+    bx.billing
+        .grant_for(&imsi(), mec_metering::BucketKind::Topup, 1_000, (0, far), &[])
+        .unwrap();
+    let a = admit(&rated_info()).unwrap();
+    assert_eq!(a.granted(), 200, "10 × 4 + 10 × 16, from the package for every model");
 }

@@ -116,6 +116,10 @@ pub struct GrantRequest {
     /// Unix seconds; default now.
     #[serde(default)]
     pub valid_from: Option<i64>,
+    /// The models (ids) or tiers (of the rate table) it may be spent on;
+    /// absent or empty: every model.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 fn imsi_of(s: &str) -> Result<Imsi, ApiError> {
@@ -149,14 +153,24 @@ async fn grant(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> R
         let from = req.valid_from.unwrap_or(now);
         let until = from + i64::from(days) * 86_400;
         let billing = state.billing.clone();
+        if req
+            .models
+            .iter()
+            .any(|m| m.is_empty() || m.len() > 128 || m.chars().any(char::is_control))
+        {
+            return Err(ApiError::invalid_param(
+                "models",
+                "each model or tier: 1 to 128 bytes, no control characters",
+            ));
+        }
         let bucket = tokio::task::spawn_blocking(move || {
-            billing.grant(&imsi, kind, req.tokens, from, until)
+            billing.grant_for(&imsi, kind, req.tokens, (from, until), &req.models)
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
         let id = bucket.id;
         let imsi = bucket.imsi.clone();
-        tracing::info!(imsi = %imsi, bucket = id, tokens = req.tokens, kind = kind.as_str(), "granted");
+        tracing::info!(imsi = %imsi, bucket = id, units = req.tokens, kind = kind.as_str(), models = ?bucket.models, "granted");
         let balance = state.billing.balance(&imsi);
         Ok((
             StatusCode::CREATED,

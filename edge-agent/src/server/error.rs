@@ -180,6 +180,10 @@ impl From<mec_billing::BillingError> for ApiError {
                 ApiError::rate_limited(message, retry_after_s.ceil() as u64)
             }
             B::InsufficientQuota { .. } => ApiError::insufficient_quota(message),
+            B::ModelNotCovered { .. } => ApiError {
+                param: Some("model"),
+                ..ApiError::forbidden("model_not_covered", message)
+            },
             B::GrantRefused { code, .. } if code == "invalid_request" => {
                 ApiError::invalid("invalid_request", message)
             }

@@ -210,6 +210,7 @@ fn the_boxs_own_packages_are_always_usable() {
         used: 0,
         used_period: 0,
         revoked: false,
+        models: Vec::new(),
     })
     .unwrap();
     assert!(take(&c, &mut l, "m", true, 10, at(0)).is_some());

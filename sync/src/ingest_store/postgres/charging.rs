@@ -154,6 +154,7 @@ impl PgStore {
                 used: r.get::<_, i64>(8) as u64,
                 used_period: r.get::<_, i32>(9) as u32,
                 revoked,
+                models: Vec::new(),
             };
             let package = Package {
                 id: r.get(0),

@@ -175,6 +175,7 @@ fn load(tx: &Transaction<'_>, imsi: &Imsi) -> Result<SubscriberState, IngestStor
             used: used as u64,
             used_period: period as u32,
             revoked,
+            models: Vec::new(),
         };
         let package = Package {
             id,
