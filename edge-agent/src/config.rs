@@ -32,6 +32,9 @@ pub struct Config {
     /// The operator's rate table.
     #[serde(default)]
     pub rating: RatingConfig,
+    /// Names that route each request to one of several models (`auto`).
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
     /// Rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -228,6 +231,37 @@ impl ModelConfig {
             load_at_start: self.load == LoadWhen::Start,
         }
     }
+}
+
+/// `[[routes]]`: a name clients may use as `model` that picks one of
+/// several models per request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The name (`auto`).
+    pub name: String,
+    /// The candidates: model ids, or `tier:NAME` for the models the rate
+    /// table puts in tier NAME (in the order of `[[models]]`).
+    pub models: Vec<String>,
+    /// `cheapest`: the candidates by their price in the rate table (prompt
+    /// plus completion), cheapest first; `first`: in the order given. Each
+    /// request goes to the first candidate that can take it now: a model
+    /// that is loading (its load starts), unloading, failed, overloaded, or
+    /// whose context cannot hold the prompt, or that the subscriber's
+    /// packages do not cover, passes it to the next.
+    #[serde(default)]
+    pub policy: RoutePolicy,
+}
+
+/// How a route orders its candidates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutePolicy {
+    /// Cheapest first (by the rate table in force).
+    #[default]
+    Cheapest,
+    /// In the order given.
+    First,
 }
 
 /// `[rating]`: what a token of each model costs in package units.
@@ -651,6 +685,33 @@ impl Config {
                     &key("keep_alive_s"),
                     "at least 1 (absent: stays loaded)".into(),
                 ));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            if !id_ok(&r.name) {
+                return Err(bad(&key("name"), format!("{:?}: {ID_RULE}", r.name)));
+            }
+            if let Some(first) = names.insert(&r.name, &r.name) {
+                return Err(bad(
+                    &key("name"),
+                    format!(
+                        "{:?} is also the model {first:?} (or another route)",
+                        r.name
+                    ),
+                ));
+            }
+            if r.models.is_empty() {
+                return Err(bad(&key("models"), "no candidate".into()));
+            }
+            for m in &r.models {
+                let known = self.models.iter().any(|x| &x.id == m);
+                if !known && !m.strip_prefix("tier:").is_some_and(|t| !t.is_empty()) {
+                    return Err(bad(
+                        &key("models"),
+                        format!("{m:?} is neither a model id nor tier:NAME"),
+                    ));
+                }
             }
         }
         if self.serving.max_loaded_models == Some(0) {

@@ -208,7 +208,8 @@ async fn a_package_for_other_models_refuses_this_one_naming_its_rule() {
     let message = e.to_string();
     assert!(
         message.contains(&format!("package {} is for entry, small", entry.id))
-            && message.contains("a package for the model flagship or the tier flagship would allow it"),
+            && message
+                .contains("a package for the model flagship or the tier flagship would allow it"),
         "{message}"
     );
     assert_eq!(remaining(&bx.billing), 5_000, "nothing held");
@@ -229,8 +230,18 @@ async fn a_package_for_other_models_refuses_this_one_naming_its_rule() {
     assert_eq!(admit(&entry_tier).unwrap().granted(), 20);
     // A package for every model covers the flagship, beside the other.
     bx.billing
-        .grant_for(&imsi(), mec_metering::BucketKind::Topup, 1_000, (0, far), &[])
+        .grant_for(
+            &imsi(),
+            mec_metering::BucketKind::Topup,
+            1_000,
+            (0, far),
+            &[],
+        )
         .unwrap();
     let a = admit(&rated_info()).unwrap();
-    assert_eq!(a.granted(), 200, "10 × 4 + 10 × 16, from the package for every model");
+    assert_eq!(
+        a.granted(),
+        200,
+        "10 × 4 + 10 × 16, from the package for every model"
+    );
 }

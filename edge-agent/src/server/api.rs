@@ -113,6 +113,81 @@ struct Prepared {
     include_usage: bool,
 }
 
+/// The models a request naming `name` may go to, in the order to try:
+/// a route's candidates (`[[routes]]`: tiers expanded through the rate
+/// table in force, ordered by its policy, those the app may not use left
+/// out), or `name` alone.
+fn candidates(state: &AppState, app: &App, name: &str) -> Result<(Vec<String>, bool), ApiError> {
+    use crate::config::RoutePolicy;
+    let Some(route) = state.config.routes.iter().find(|r| r.name == name) else {
+        return Ok((vec![name.to_string()], false));
+    };
+    if !app.models.iter().any(|m| m == "*" || m == name) {
+        return Err(ApiError::forbidden(
+            "model_not_allowed",
+            format!("this app may not use the model {name:?}"),
+        ));
+    }
+    let table = state.rates.current();
+    let mut ids: Vec<String> = Vec::new();
+    for c in &route.models {
+        match c.strip_prefix("tier:") {
+            Some(tier) => ids.extend(
+                state
+                    .config
+                    .models
+                    .iter()
+                    .filter(|m| {
+                        table
+                            .as_ref()
+                            .and_then(|t| t.model(&m.id))
+                            .is_some_and(|r| r.tier.as_deref() == Some(tier))
+                    })
+                    .map(|m| m.id.clone()),
+            ),
+            None => ids.push(c.clone()),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    ids.retain(|id| app.models.iter().any(|m| m == "*" || m == id));
+    if route.policy == RoutePolicy::Cheapest {
+        // A stable sort: equal prices (no table) keep the order given.
+        ids.sort_by_key(|id| {
+            let rate = state
+                .rates
+                .rate_for(id)
+                .map(|a| a.rate)
+                .unwrap_or(mec_billing::Rate::UNIT);
+            rate.prompt_milli + rate.completion_milli
+        });
+    }
+    if ids.is_empty() {
+        return Err(ApiError::unavailable(
+            "no_model",
+            format!("the route {name:?} has no model this app may use"),
+        ));
+    }
+    Ok((ids, true))
+}
+
+/// Whether a routed request tries its next candidate after `e`: the model
+/// cannot take it now (loading, unloading, failed, no room, overloaded,
+/// its context too small, unrated, or not covered by the packages).
+fn falls_through(e: &ApiError) -> bool {
+    [
+        "model_loading",
+        "model_unloading",
+        "model_capacity",
+        "model_failed",
+        "overloaded",
+        "context_length_exceeded",
+        "model_unrated",
+        "model_not_covered",
+    ]
+    .contains(&e.code)
+}
+
 /// The model a request names (an id or an alias), held for the request:
 /// 404 for a name no model has, 403 for a model the app may not use, 503
 /// (with `Retry-After`) while it loads or unloads, or when its load failed.
@@ -633,45 +708,60 @@ pub async fn chat_completions(
         let req: ChatRequest = parse_body(&body)?;
         let tools = req.sampling.tools()?;
         let messages = req.chat_messages(tools.as_ref())?;
-        let lease = lease_model(&state, app, &req.model)?;
-        let text = lease
-            .engine()
-            .tokenizer()
-            .apply_chat_template(&messages)
-            .map_err(|e| ApiError::invalid("invalid_messages", e))?;
-        let mut p = prepare(
-            &state,
-            lease,
-            &req.sampling,
-            text,
-            imsi,
-            app,
-            Endpoint::Chat,
-        )?;
-        // Compiling a schema is CPU work (about a millisecond, more for a
-        // large one): off the async workers' turn.
-        let engine = p.lease.as_ref().expect("held until start").engine();
-        let constraint = tokio::task::block_in_place(|| {
-            constraint_for(&state, engine, &req.sampling, tools.as_ref())
-        })?;
-        if constraint.is_some() && !p.params.stop.is_empty() {
-            // A stop sequence would cut the document the constraint holds
-            // the output to: the answer would not parse.
-            return Err(ApiError {
-                param: Some("stop"),
-                ..ApiError::invalid(
-                    "unsupported_parameter",
-                    "stop sequences cannot be combined with response_format or tools: they would cut the JSON",
-                )
-            });
+        let (models, routed) = candidates(&state, app, &req.model)?;
+        let mut first_refusal = None;
+        for model in &models {
+            let attempt = async {
+                let lease = lease_model(&state, app, model)?;
+                let text = lease
+                    .engine()
+                    .tokenizer()
+                    .apply_chat_template(&messages)
+                    .map_err(|e| ApiError::invalid("invalid_messages", e))?;
+                let mut p = prepare(
+                    &state,
+                    lease,
+                    &req.sampling,
+                    text,
+                    imsi.clone(),
+                    app,
+                    Endpoint::Chat,
+                )?;
+                // Compiling a schema is CPU work (about a millisecond, more
+                // for a large one): off the async workers' turn.
+                let engine = p.lease.as_ref().expect("held until start").engine();
+                let constraint = tokio::task::block_in_place(|| {
+                    constraint_for(&state, engine, &req.sampling, tools.as_ref())
+                })?;
+                if constraint.is_some() && !p.params.stop.is_empty() {
+                    // A stop sequence would cut the document the constraint
+                    // holds the output to: the answer would not parse.
+                    return Err(ApiError {
+                        param: Some("stop"),
+                        ..ApiError::invalid(
+                            "unsupported_parameter",
+                            "stop sequences cannot be combined with response_format or tools: they would cut the JSON",
+                        )
+                    });
+                }
+                if let Some((constraint, name, output)) = constraint {
+                    p.constraint = Some(constraint);
+                    p.info.detail.constraint = name.to_string();
+                    p.output = output;
+                }
+                let rx = start(&state, &mut p).await?;
+                Ok::<_, ApiError>((p, rx))
+            };
+            match attempt.await {
+                Ok(started) => return Ok(started),
+                Err(e) if routed && falls_through(&e) => {
+                    tracing::debug!(route = %req.model, %model, code = e.code, "passed to the next model");
+                    first_refusal.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        if let Some((constraint, name, output)) = constraint {
-            p.constraint = Some(constraint);
-            p.info.detail.constraint = name.to_string();
-            p.output = output;
-        }
-        let rx = start(&state, &mut p).await?;
-        Ok::<_, ApiError>((p, rx))
+        Err(first_refusal.expect("a route has a candidate"))
     };
     match run.await {
         Ok((p, rx)) => answer(Endpoint::Chat, p, rx).await,
@@ -694,19 +784,31 @@ pub async fn completions(
         if req.sampling.max_tokens.is_none() && req.sampling.max_completion_tokens.is_none() {
             req.sampling.max_tokens = Some(16);
         }
-        let lease = lease_model(&state, app, &req.model)?;
         let text = req.prompt_text()?.to_string();
-        let mut p = prepare(
-            &state,
-            lease,
-            &req.sampling,
-            text,
-            imsi,
-            app,
-            Endpoint::Completions,
-        )?;
-        let rx = start(&state, &mut p).await?;
-        Ok::<_, ApiError>((p, rx))
+        let (models, routed) = candidates(&state, app, &req.model)?;
+        let mut first_refusal = None;
+        for model in &models {
+            let attempt = async {
+                let lease = lease_model(&state, app, model)?;
+                let mut p = prepare(
+                    &state,
+                    lease,
+                    &req.sampling,
+                    text.clone(),
+                    imsi.clone(),
+                    app,
+                    Endpoint::Completions,
+                )?;
+                let rx = start(&state, &mut p).await?;
+                Ok::<_, ApiError>((p, rx))
+            };
+            match attempt.await {
+                Ok(started) => return Ok(started),
+                Err(e) if routed && falls_through(&e) => first_refusal.get_or_insert(e),
+                Err(e) => return Err(e),
+            };
+        }
+        Err(first_refusal.expect("a route has a candidate"))
     };
     match run.await {
         Ok((p, rx)) => answer(Endpoint::Completions, p, rx).await,
@@ -746,6 +848,29 @@ pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
             entry
         })
         .collect();
+    // Routes, after the models: what each may pick from.
+    let routes = state
+        .config
+        .routes
+        .iter()
+        .filter(|r| app.models.iter().any(|m| m == "*" || *m == r.name))
+        .map(|r| {
+            json!({
+                "id": r.name,
+                "object": "model",
+                "created": state.started_unix,
+                "owned_by": state.config.node.id,
+                "state": "route",
+                "route": {
+                    "policy": match r.policy {
+                        crate::config::RoutePolicy::Cheapest => "cheapest",
+                        crate::config::RoutePolicy::First => "first",
+                    },
+                    "models": r.models,
+                },
+            })
+        });
+    let data: Vec<serde_json::Value> = data.into_iter().chain(routes).collect();
     Json(json!({ "object": "list", "data": data })).into_response()
 }
 
