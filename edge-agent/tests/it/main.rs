@@ -15,6 +15,7 @@ mod log_cli;
 mod models;
 mod openai_client;
 mod provision_listen;
+mod rating;
 mod site;
 mod sync;
 mod systemd;
