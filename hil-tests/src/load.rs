@@ -78,6 +78,9 @@ pub struct Planned {
     pub prompt: usize,
     /// `max_tokens`.
     pub max_tokens: u64,
+    /// Which of the target's models it asks for: 0, or 1 for the second
+    /// (every other request, when the target has one).
+    pub model: usize,
 }
 
 impl Planned {
@@ -127,6 +130,7 @@ pub fn plan(imsis: &[String], count: usize, seed: u64) -> Vec<Planned> {
                 kind,
                 prompt: next(PROMPTS.len() as u64) as usize,
                 max_tokens,
+                model: index % 2,
             }
         })
         .collect()
@@ -203,6 +207,18 @@ pub struct ApiTarget {
     pub app_key: String,
     /// The model id.
     pub model: String,
+    /// A second model, asked for by every other request.
+    pub second_model: Option<String>,
+}
+
+impl ApiTarget {
+    /// The model `p` asks for.
+    pub fn model_for(&self, p: &Planned) -> &str {
+        match (p.model, &self.second_model) {
+            (1, Some(second)) => second,
+            _ => &self.model,
+        }
+    }
 }
 
 /// How long a request keeps trying to connect (an agent restarting).
@@ -295,7 +311,7 @@ struct NotSent(String);
 fn body(target: &ApiTarget, p: &Planned) -> String {
     let model = match p.kind {
         Kind::UnknownModel => "no-such-model".to_string(),
-        _ => target.model.clone(),
+        _ => target.model_for(p).to_string(),
     };
     match p.kind {
         Kind::BadJson => "{\"model\": \"x\", \"messages\": [".to_string(),

@@ -49,6 +49,9 @@ pub struct CoreRow {
     pub billed_tokens: u64,
     /// completed, length, cancelled, failed.
     pub outcome: String,
+    /// The model that served it.
+    #[serde(default)]
+    pub model_id: String,
 }
 
 /// One node in `core-ingest audit`: the core's own type.
@@ -82,6 +85,10 @@ pub struct Evidence<'a> {
     pub audit: &'a [AuditRow],
     /// The edge's balances per IMSI.
     pub balances: &'a BTreeMap<String, EdgeBalance>,
+    /// The models the load asked for, by [`crate::load::Planned::model`]:
+    /// each record must name the one its request asked for (empty: not
+    /// checked).
+    pub models: &'a [String],
 }
 
 /// Per subscriber: what the clients were told, and the bill.
@@ -210,6 +217,14 @@ pub fn reconcile(e: &Evidence) -> Reconciliation {
                         p.index, p.imsi, p.kind
                     )),
                     Some(r) => {
+                        if let Some(m) = e.models.get(p.model) {
+                            if r.model_id != *m {
+                                problems.push(format!(
+                                    "request #{} asked for {m}; its record names {}",
+                                    p.index, r.model_id
+                                ));
+                            }
+                        }
                         if r.imsi != p.imsi
                             || r.prompt_tokens != usage.prompt_tokens
                             || r.cached_prompt_tokens != usage.cached_prompt_tokens
@@ -232,6 +247,14 @@ pub fn reconcile(e: &Evidence) -> Reconciliation {
                     )),
                     Some(r) => {
                         totals.cancelled += r.billed_tokens;
+                        if let Some(m) = e.models.get(p.model) {
+                            if r.model_id != *m {
+                                problems.push(format!(
+                                    "request #{} asked for {m}; its record names {}",
+                                    p.index, r.model_id
+                                ));
+                            }
+                        }
                         let prompt_ok = prompt_tokens
                             .get(p.prompt_text())
                             .is_none_or(|&n| n == r.prompt_tokens);
@@ -373,6 +396,7 @@ mod tests {
             kind,
             prompt: 0,
             max_tokens: 16,
+            model: 0,
         }
     }
 
@@ -387,6 +411,7 @@ mod tests {
             completion_tokens: completion,
             billed_tokens: prompt + completion,
             outcome: outcome.into(),
+            model_id: String::new(),
         }
     }
 
@@ -475,6 +500,7 @@ mod tests {
             rows,
             audit,
             balances: &balances,
+            models: &[],
         })
         .problems
     }

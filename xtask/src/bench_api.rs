@@ -2,8 +2,11 @@
 //! (HTTP, auth, rate limits, reservation, one generated token, settlement,
 //! signed durable usage record) with `max_tokens = 1` at C concurrent
 //! clients, with metering on and off (`metering.enabled = false`, a
-//! benchmark-only switch), in alternating rounds. Reports medians, and the
-//! cost of metering as the difference of the p50s.
+//! benchmark-only switch), and with metering on under an operator's signed
+//! rate table (issue 25: every request rated in package units), in
+//! alternating rounds. Reports medians, the cost of metering as the
+//! difference of the p50s, and the cost of rating as the ratio of the rated
+//! run to the plain metered one.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -31,7 +34,53 @@ impl Drop for Server {
     }
 }
 
-fn start(agent: &Path, dir: &Path, metering: bool) -> anyhow::Result<Server> {
+/// What a round measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `metering.enabled = false`.
+    Off,
+    /// Metering on, no rate table (one unit per token).
+    On,
+    /// Metering on, a signed rate table in force.
+    Rated,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "metering off",
+            Mode::On => "metering on",
+            Mode::Rated => "metering on, rated",
+        }
+    }
+}
+
+/// A signed rate table for `model` (1.5 / 0.5 / 3 units a token) and the
+/// `[rating]` section that installs it.
+fn rating_section(agent: &Path, dir: &Path, model: &str) -> anyhow::Result<String> {
+    let (private, public) = (dir.join("operator.key"), dir.join("operator.pub"));
+    mec_image::manifest::generate_signing_key(&private, &public)?;
+    let table = dir.join("rates.toml");
+    std::fs::write(
+        &table,
+        format!("version = 1\n[[models]]\nid = \"{model}\"\nprompt = 1.5\ncached = 0.5\ncompletion = 3\n"),
+    )?;
+    output(
+        Command::new(agent)
+            .args(["sign-rates", "--key"])
+            .arg(&private)
+            .arg("--table")
+            .arg(&table),
+    )?;
+    Ok(format!(
+        "\n[rating]\ntable = \"{}\"\nkey = \"{}\"\n",
+        table.display(),
+        public.display()
+    ))
+}
+
+fn start(agent: &Path, dir: &Path, mode: Mode) -> anyhow::Result<Server> {
+    let metering = mode != Mode::Off;
     let out = output(Command::new(agent).args(["init", "--dir"]).arg(dir).args([
         "--api-listen",
         "127.0.0.1:0",
@@ -48,6 +97,16 @@ fn start(agent: &Path, dir: &Path, metering: bool) -> anyhow::Result<Server> {
     ));
     // More room in the queue than clients: the benchmark measures latency, not 503s.
     text = text.replace("[model]\n", "[model]\nqueue = 1024\n");
+    if mode == Mode::Rated {
+        // init names the model after its file: `id = "..."` under [model].
+        let model = text
+            .split("[model]\n")
+            .nth(1)
+            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("id = ")))
+            .map(|id| id.trim_matches('"').to_string())
+            .context("the model's id in the configuration")?;
+        text.push_str(&rating_section(agent, dir, &model)?);
+    }
     std::fs::write(&config, text)?;
     let mut child = Command::new(agent)
         .args(["serve", "--config", &config])
@@ -213,20 +272,17 @@ pub fn bench(rounds: usize, clients: usize, seconds: u64) -> anyhow::Result<()> 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let (mut on, mut off) = (Vec::new(), Vec::new());
+    let (mut on, mut off, mut rated) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        for metering in [true, false] {
+        for mode in [Mode::On, Mode::Off, Mode::Rated] {
             let dir = tempfile::tempdir()?;
-            let server = start(&agent, dir.path(), metering)?;
+            let server = start(&agent, dir.path(), mode)?;
             let r = rt.block_on(load(&server, clients, Duration::from_secs(seconds)))?;
-            eprintln!(
-                "round {round}, metering {}: {r}",
-                if metering { "on" } else { "off" }
-            );
-            if metering {
-                on.push(r)
-            } else {
-                off.push(r)
+            eprintln!("round {round}, {}: {r}", mode.name());
+            match mode {
+                Mode::On => on.push(r),
+                Mode::Off => off.push(r),
+                Mode::Rated => rated.push(r),
             }
         }
     }
@@ -239,21 +295,28 @@ pub fn bench(rounds: usize, clients: usize, seconds: u64) -> anyhow::Result<()> 
             "metering_p99_ms": median(runs, "metering_p99_ms"),
         })
     };
-    let (s_on, s_off) = (summary(&on), summary(&off));
+    let (s_on, s_off, s_rated) = (summary(&on), summary(&off), summary(&rated));
     let cost_p50 = median(&on, "p50_ms") - median(&off, "p50_ms");
+    let rated_over_on = median(&rated, "requests_per_s") / median(&on, "requests_per_s");
     println!(
-        "{:<18} {:>12} {:>10} {:>10}",
+        "{:<20} {:>12} {:>10} {:>10}",
         "median of rounds", "requests/s", "p50 ms", "p99 ms"
     );
-    for (name, s) in [("metering on", &s_on), ("metering off", &s_off)] {
+    for (mode, s) in [
+        (Mode::On, &s_on),
+        (Mode::Off, &s_off),
+        (Mode::Rated, &s_rated),
+    ] {
         println!(
-            "{name:<18} {:>12.1} {:>10.2} {:>10.2}",
+            "{:<20} {:>12.1} {:>10.2} {:>10.2}",
+            mode.name(),
             s["requests_per_s"].as_f64().unwrap_or(0.0),
             s["p50_ms"].as_f64().unwrap_or(0.0),
             s["p99_ms"].as_f64().unwrap_or(0.0)
         );
     }
     println!("end-to-end p50 difference (on - off): {cost_p50:.2} ms");
+    println!("requests/s rated / not rated (both metered): {rated_over_on:.3}");
     println!(
         "time in metering per request, server side (metering on): p50 <= {:.2} ms, p99 <= {:.2} ms",
         s_on["metering_p50_ms"].as_f64().unwrap_or(0.0),
@@ -266,8 +329,10 @@ pub fn bench(rounds: usize, clients: usize, seconds: u64) -> anyhow::Result<()> 
         "rounds": rounds,
         "metering_on": s_on,
         "metering_off": s_off,
+        "metering_rated": s_rated,
         "metering_cost_p50_ms": cost_p50,
-        "runs": { "on": on, "off": off },
+        "rated_over_unrated_requests_per_s": rated_over_on,
+        "runs": { "on": on, "off": off, "rated": rated },
     });
     let out = root.join("bench/out");
     std::fs::create_dir_all(&out)?;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 mod bench_api;
 mod bench_grants;
 mod bench_inference;
+mod bench_models;
 mod bench_structured;
 mod bench_sync;
 mod ci;
@@ -196,6 +197,14 @@ enum Task {
         #[arg(long, default_value_t = 128)]
         decode_tokens: usize,
     },
+    /// Benchmark several models on one box (issue 25): each model's load
+    /// and unload times, the first request on a cold model against a warm
+    /// one; writes bench/out/models-bench.json.
+    BenchModels {
+        /// Rounds per model (each figure is the median).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Remake llama.cpp's figures for the agreement check
     /// (inference/src/agreement/llamacpp.json: tokens, first-ranked token
     /// after each, perplexity), with llama-cpp-python in bench/venv.
@@ -352,6 +361,7 @@ fn main() -> anyhow::Result<()> {
             threads,
             decode_tokens,
         } => bench_structured::bench(rounds, threads, decode_tokens),
+        Task::BenchModels { rounds } => bench_models::bench(rounds),
         Task::AgreementReference => bench_inference::agreement_reference(),
     }
 }
@@ -365,6 +375,7 @@ fn bench_all(quick: bool) -> anyhow::Result<()> {
         bench_sync::bench(&bench_sync::Options::all(50_000))?;
         bench_grants::bench(100, 5)?;
         bench_structured::bench(1, 2, 64)?;
+        bench_models::bench(2)?;
     } else {
         bench_inference::bench(3, 2, 128)?;
         bench_log(200_000)?;
@@ -372,6 +383,7 @@ fn bench_all(quick: bool) -> anyhow::Result<()> {
         bench_sync::bench(&bench_sync::Options::all(200_000))?;
         bench_grants::bench(100, 20)?;
         bench_structured::bench(3, 2, 128)?;
+        bench_models::bench(5)?;
     }
     bench_report()
 }

@@ -19,7 +19,8 @@ pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 /// One figure of the report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Figure {
-    /// Which benchmark ("inference", "log", "api", "sync", "grants", "structured").
+    /// Which benchmark ("inference", "log", "api", "sync", "grants",
+    /// "structured", "models").
     pub bench: &'static str,
     /// What was measured.
     pub name: String,
@@ -158,6 +159,24 @@ pub fn figures(out: &Path) -> Vec<Figure> {
                 });
             }
         }
+        // Issue 25: a signed rate table in force, against metering alone.
+        let rated = &v["metering_rated"];
+        for (key, name, unit, higher) in [
+            ("requests_per_s", "API requests", "requests/s", true),
+            ("p50_ms", "API latency p50", "ms", false),
+        ] {
+            if let (Some(a), Some(b)) = (num(&rated[key]), num(&on[key])) {
+                f.push(Figure {
+                    bench: "api",
+                    name: format!("{name}, metering on, rated"),
+                    value: a,
+                    unit,
+                    peer: Some(("metering on, not rated".into(), b)),
+                    higher_is_better: higher,
+                    command: command.clone(),
+                });
+            }
+        }
         if let Some(m) = num(&on["metering_p50_ms"]) {
             f.push(Figure {
                 bench: "api",
@@ -168,6 +187,45 @@ pub fn figures(out: &Path) -> Vec<Figure> {
                 higher_is_better: false,
                 command: command.clone(),
             });
+        }
+    }
+    if let Some(v) = read("models-bench.json") {
+        // Issue 25: several models on one box.
+        let command = format!(
+            "{} ({} rounds per model)",
+            v["command"].as_str().unwrap_or("cargo xtask bench-models"),
+            v["rounds"]
+        );
+        for (id, m) in v["models"].as_object().into_iter().flatten() {
+            for (key, what) in [
+                ("load_ms", "load (file to serving engine)"),
+                ("unload_ms", "unload (engine stopped, memory freed)"),
+            ] {
+                if let Some(ms) = num(&m[key]) {
+                    f.push(Figure {
+                        bench: "models",
+                        name: format!("{id}: {what}"),
+                        value: ms,
+                        unit: "ms",
+                        peer: None,
+                        higher_is_better: false,
+                        command: command.clone(),
+                    });
+                }
+            }
+            if let (Some(cold), Some(warm)) =
+                (num(&m["cold_first_request_ms"]), num(&m["warm_request_ms"]))
+            {
+                f.push(Figure {
+                    bench: "models",
+                    name: format!("{id}: first request, model cold (503 model_loading, retried)"),
+                    value: cold,
+                    unit: "ms",
+                    peer: Some(("the same request, model warm".into(), warm)),
+                    higher_is_better: false,
+                    command: command.clone(),
+                });
+            }
         }
     }
     if let Some(v) = read("sync-bench.json") {
@@ -537,7 +595,10 @@ fn markdown(figures: &[Figure], machine: &Value, date: &str, charts: &[(String, 
             "log",
             "Usage log: durable, signed appends against the disk's own fdatasync rate",
         ),
-        ("api", "MEC API: metering on against metering off"),
+        (
+            "api",
+            "MEC API: metering on against metering off, and rated against not rated",
+        ),
         (
             "sync",
             "Sync: the upload into core-ingest over loopback QUIC",
@@ -549,6 +610,10 @@ fn markdown(figures: &[Figure], machine: &Value, date: &str, charts: &[(String, 
         (
             "structured",
             "Structured output: a JSON Schema's cost, llguidance against llama.cpp's GBNF",
+        ),
+        (
+            "models",
+            "Several models: load, unload, and the first request on a cold model against a warm one",
         ),
     ];
     for (bench, title) in sections {

@@ -27,6 +27,8 @@ use hil_tests::stack::{self, Admin, Core, LocalAgent, SiteSpec};
 use hil_tests::target::{Hardware, Mode};
 use mec_provisioning::pty::PtyLine;
 
+/// The second model of the local box.
+const SECOND_MODEL: &str = "smollm2-135m-q8_0";
 /// Requests in the load.
 const REQUESTS: usize = 400;
 /// Concurrent clients.
@@ -165,14 +167,28 @@ async fn box_to_bill(store: Option<String>) {
             let api: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
             let admin: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
             let mut agent = LocalAgent::init(&tmp.path().join("box"), api, admin, "");
-            if let Some(i) = gpu {
-                let text = std::fs::read_to_string(&agent.config).unwrap();
-                std::fs::write(
-                    &agent.config,
-                    text.replacen("[model]\n", &format!("[model]\ngpu = {i}\n"), 1),
-                )
+            // Two models side by side (issue 25): the real model, and its
+            // weights requantised to Q8_0 by the agent's own tool; every
+            // other request asks for the second.
+            let second = tmp.path().join("box/smollm2-q8_0.gguf");
+            let made = std::process::Command::new(hil_tests::procs::bin("edge-agent"))
+                .args(["requantize", "--to", "q8_0", "--out"])
+                .arg(&second)
+                .output()
                 .unwrap();
-            }
+            assert!(
+                made.status.success(),
+                "{}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+            let gpu_line = gpu.map(|i| format!("gpu = {i}\n")).unwrap_or_default();
+            let text = std::fs::read_to_string(&agent.config).unwrap();
+            let text = text.replacen("[model]\n", &format!("[[models]]\n{gpu_line}"), 1)
+                + &format!(
+                    "\n[[models]]\nid = \"{SECOND_MODEL}\"\npath = \"{}\"\n{gpu_line}",
+                    second.display()
+                );
+            std::fs::write(&agent.config, text).unwrap();
             let line = PtyLine::new().expect("a pty pair");
             let listener = stack::provision_listener(
                 &line.box_path,
@@ -192,6 +208,7 @@ async fn box_to_bill(store: Option<String>) {
                     base_url: format!("http://{api}"),
                     app_key: String::new(),
                     model: ready["model"].as_str().unwrap().to_string(),
+                    second_model: Some(SECOND_MODEL.to_string()),
                 },
             )
         }
@@ -217,6 +234,7 @@ async fn box_to_bill(store: Option<String>) {
                     base_url: h.api.clone(),
                     app_key: h.app_key.clone(),
                     model: models["data"][0]["id"].as_str().unwrap().to_string(),
+                    second_model: None,
                 },
             )
         }
@@ -328,7 +346,12 @@ async fn box_to_bill(store: Option<String>) {
             },
         );
     }
+    let asked: Vec<String> = [Some(api.model.clone()), api.second_model.clone()]
+        .into_iter()
+        .flatten()
+        .collect();
     let verdict = reconcile::reconcile(&Evidence {
+        models: &asked,
         node_id: NODE_ID,
         edge_last_seq,
         grants: &grants,
