@@ -498,6 +498,11 @@ fn print_summary(
         "== bill: {} records, {billed} tokens = {told} told in answers + {cancelled} for dropped streams + {interrupted} for broken connections",
         rows.len()
     );
+    let mut by_model: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rows {
+        *by_model.entry(r.model_id.as_str()).or_default() += 1;
+    }
+    println!("== records by model: {by_model:?}");
     for a in audit {
         println!(
             "== core: node {} records {} contiguous to {} gaps {:?} quarantined {} duplicates ignored {} chain {}",
