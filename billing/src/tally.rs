@@ -131,6 +131,8 @@ impl RateEntry {
 
 /// A slot as read from the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Slots are read once, at start-up, a few at a time: their size is no cost.
+#[allow(clippy::large_enum_variant)]
 pub enum Slot {
     /// Nothing in it.
     Free,

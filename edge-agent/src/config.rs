@@ -706,7 +706,7 @@ impl Config {
             }
             for m in &r.models {
                 let known = self.models.iter().any(|x| &x.id == m);
-                if !known && !m.strip_prefix("tier:").is_some_and(|t| !t.is_empty()) {
+                if !known && m.strip_prefix("tier:").is_none_or(str::is_empty) {
                     return Err(bad(
                         &key("models"),
                         format!("{m:?} is neither a model id nor tier:NAME"),

@@ -159,7 +159,7 @@ struct Line {
 /// A price in units (at most three decimals, at least 0.001) as thousandths.
 fn milli(what: &str, id: &str, price: f64) -> Result<u64, RateError> {
     let m = price * 1000.0;
-    if !m.is_finite() || m < 1.0 || m > 1e15 || (m - m.round()).abs() > 1e-6 {
+    if !m.is_finite() || !(1.0..=1e15).contains(&m) || (m - m.round()).abs() > 1e-6 {
         return Err(RateError::Format(format!(
             "models {id:?}: {what} = {price}: a price in units per token, at least 0.001, \
              with at most three decimals"
