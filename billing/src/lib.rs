@@ -127,6 +127,9 @@ pub struct BillingConfig {
     /// a dead process left is billed at the rate it started with, and its
     /// record names that table (the in-flight tally keeps the version).
     pub rate_digests: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// Each kept table's tiers (model id to tier), by version: such a
+    /// stream is billed first from the packages for its model or tier.
+    pub rate_tiers: std::collections::BTreeMap<u64, std::collections::BTreeMap<String, String>>,
 }
 
 /// How long after its end (wall clock) the box keeps a core's grant; the
@@ -283,6 +286,8 @@ struct Inner {
     pending: Mutex<Vec<Pending>>,
     /// Rate tables' digests by version.
     rate_digests: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// Rate tables' tiers by version.
+    rate_tiers: std::collections::BTreeMap<u64, std::collections::BTreeMap<String, String>>,
     /// One [`Billing::bill_pending`] at a time.
     billing_pending: tokio::sync::Mutex<()>,
 }
@@ -358,6 +363,7 @@ impl Billing {
                 known: Mutex::new(known),
                 pending: Mutex::default(),
                 rate_digests: config.rate_digests,
+                rate_tiers: config.rate_tiers,
                 billing_pending: tokio::sync::Mutex::default(),
             }),
         })
@@ -512,13 +518,28 @@ impl Billing {
     /// what is left of the subscriber's grants falls to their threshold.
     /// Without a core, the same as `admit`.
     pub async fn admit_or_ask(&self, a: Admit<'_>) -> Result<Admission, BillingError> {
+        self.admit_or_ask_with(a, true).await
+    }
+
+    /// [`Billing::admit_or_ask`] for a request whose rate limits were
+    /// already taken (a routed request trying its next model: one request,
+    /// counted once).
+    pub async fn admit_or_ask_again(&self, a: Admit<'_>) -> Result<Admission, BillingError> {
+        self.admit_or_ask_with(a, false).await
+    }
+
+    async fn admit_or_ask_with(
+        &self,
+        a: Admit<'_>,
+        take_limits: bool,
+    ) -> Result<Admission, BillingError> {
         let Some(asker) = self.inner.core.clone().filter(|_| self.inner.enabled) else {
-            return self.admit(a);
+            return self.admit_with(a, take_limits);
         };
         let (imsi, model) = (&a.info.imsi, a.info.model.as_str());
         let deadline = tokio::time::Instant::now() + GRANT_WAIT;
         // The rate limits are taken once, by the first try.
-        let mut first = true;
+        let mut first = take_limits;
         loop {
             match self.admit_with(a, std::mem::replace(&mut first, false)) {
                 Err(BillingError::InsufficientQuota { .. }) => {}
@@ -971,7 +992,13 @@ impl Billing {
                 continue;
             }
             let digest = self.rate_digest(e.rate.1);
-            let bill = bill_of_slot(&e, id, digest);
+            let tier = self
+                .inner
+                .rate_tiers
+                .get(&e.rate.1)
+                .and_then(|t| t.get(&e.model))
+                .cloned();
+            let bill = bill_of_slot(&e, id, digest, tier);
             let started_s = e.started_ms.div_euclid(1000);
             self.inner.pending.lock().unwrap().push(Pending {
                 bill,
@@ -1061,7 +1088,10 @@ impl Billing {
                 b.covers(&p.bill.model, tier) && grants.admits(b, &p.bill.model, connected, mono)
             })
             .ok()?;
-        if r.holds.is_empty() {
+        // Short of what the stream costs: every package of the subscriber
+        // pays (one that covers the model is not overdrawn while others have
+        // units).
+        if r.granted < p.bill.units() {
             let _ = ledger.release(r.id);
             r = ledger
                 .reserve_from(&imsi, 0, p.bill.units(), p.started_s, &|b| {
@@ -1184,7 +1214,7 @@ impl DownlinkSink for GrantSink {
 }
 
 /// The bill of a stream a dead process left in the tally.
-fn bill_of_slot(e: &Entry, id: uuid::Uuid, rate_digest: Vec<u8>) -> Bill {
+fn bill_of_slot(e: &Entry, id: uuid::Uuid, rate_digest: Vec<u8>, tier: Option<String>) -> Bill {
     Bill {
         request_id: *id.as_bytes(),
         imsi: e.imsi.clone(),
@@ -1213,7 +1243,7 @@ fn bill_of_slot(e: &Entry, id: uuid::Uuid, rate_digest: Vec<u8>) -> Bill {
             choices: e.choices,
             constraint: e.constraint.clone(),
         },
-        rate: e.rate.applied(rate_digest),
+        rate: e.rate.applied(rate_digest, tier),
     }
 }
 
@@ -1332,6 +1362,7 @@ impl Drop for Admission {
                     c.entry(),
                     self.info.request_id,
                     self.info.rate.digest.clone(),
+                    self.info.rate.tier.clone(),
                 );
                 self.billing.defer(bill, reservation, c);
                 return;

@@ -113,8 +113,8 @@ impl RateEntry {
         )
     }
 
-    /// Back to the rate, with the digest of its table (`digest`).
-    pub fn applied(&self, digest: Vec<u8>) -> AppliedRate {
+    /// Back to the rate, with its table's digest and the model's tier in it.
+    pub fn applied(&self, digest: Vec<u8>, tier: Option<String>) -> AppliedRate {
         let [p, c, k] = self.0;
         AppliedRate {
             rate: Rate {
@@ -124,7 +124,7 @@ impl RateEntry {
             },
             version: self.1,
             digest,
-            tier: None,
+            tier,
         }
     }
 }

@@ -660,6 +660,12 @@ impl Config {
             if !id_ok(&m.id) {
                 return Err(bad(&key("id"), format!("{:?}: {ID_RULE}", m.id)));
             }
+            if m.id.starts_with("tier:") || m.aliases.iter().any(|a| a.starts_with("tier:")) {
+                return Err(bad(
+                    &key("id"),
+                    "tier:NAME names a tier of the rate table in routes, not a model".into(),
+                ));
+            }
             for (k, name) in
                 std::iter::once(("id", &m.id)).chain(m.aliases.iter().map(|a| ("aliases", a)))
             {

@@ -159,7 +159,9 @@ struct Line {
 /// A price in units (at most three decimals, at least 0.001) as thousandths.
 fn milli(what: &str, id: &str, price: f64) -> Result<u64, RateError> {
     let m = price * 1000.0;
-    if !m.is_finite() || !(1.0..=1e15).contains(&m) || (m - m.round()).abs() > 1e-6 {
+    // Three decimals: what is billed is what was signed (the tolerance is
+    // only binary floating point's, relative).
+    if !m.is_finite() || !(1.0..=1e15).contains(&m) || (m - m.round()).abs() > m * 1e-12 {
         return Err(RateError::Format(format!(
             "models {id:?}: {what} = {price}: a price in units per token, at least 0.001, \
              with at most three decimals"
@@ -215,6 +217,15 @@ impl RateTable {
                 return Err(RateError::Format(format!(
                     "models {:?} is priced twice",
                     line.id
+                )));
+            }
+        }
+        // A package names models and tiers in one list: a tier that is also
+        // a model's id would make it cover both.
+        for m in models.values() {
+            if let Some(tier) = m.tier.as_deref().filter(|t| models.contains_key(*t)) {
+                return Err(RateError::Format(format!(
+                    "the tier {tier:?} is also a model's id"
                 )));
             }
         }
@@ -310,7 +321,7 @@ cached = 1
 completion = 1
 [[models]]
 id = "flagship"
-tier = "flagship"
+tier = "premium"
 prompt = 4
 cached = 0.25
 completion = 16
@@ -336,7 +347,7 @@ completion = 16
         assert_eq!(t.version, 2);
         assert_eq!(t.digest, <[u8; 32]>::from(Sha256::digest(TABLE.as_bytes())));
         let f = t.model("flagship").unwrap();
-        assert_eq!(f.tier.as_deref(), Some("flagship"));
+        assert_eq!(f.tier.as_deref(), Some("premium"));
         assert_eq!(
             f.rate,
             Rate {
@@ -384,6 +395,8 @@ completion = 16
             ("version = 0\n", "at least 1"),
             ("version = 1\n[[models]]\nid = \"m\"\nprompt = 1\ncached = 1\ncompletion = 1\n[[models]]\nid = \"m\"\nprompt = 1\ncached = 1\ncompletion = 1\n", "twice"),
             ("version = 1\nprice = 3\n", "price"),
+            ("version = 1\n[[models]]\nid = \"m\"\nprompt = 0.0010000001\ncached = 1\ncompletion = 1\n", "three decimals"),
+            ("version = 1\n[[models]]\nid = \"m\"\ntier = \"n\"\nprompt = 1\ncached = 1\ncompletion = 1\n[[models]]\nid = \"n\"\nprompt = 1\ncached = 1\ncompletion = 1\n", "also a model"),
         ] {
             let e = RateTable::verify(bad.as_bytes(), &sign(bad.as_bytes(), &k), &k.verifying_key())
                 .unwrap_err()

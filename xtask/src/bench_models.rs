@@ -5,7 +5,9 @@
 //! own `last_load_ms`, and the admin's load waited for), to unload it, and
 //! the first request's latency on the model cold (unloaded: `503
 //! model_loading`, retried every 20 ms, until answered) against warm (the
-//! same request again). Writes bench/out/models-bench.json.
+//! same request again); and how the two share the box: each model's decode
+//! rate alone, then both decoding at once. Writes
+//! bench/out/models-bench.json.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -159,6 +161,60 @@ async fn last_load_ms(http: &reqwest::Client, a: &Agent, model: &str) -> anyhow:
         .context("last_load_ms")
 }
 
+/// Streams per model, and tokens each, in the sharing measurement.
+const SHARING_STREAMS: usize = 2;
+const SHARING_TOKENS: u64 = 96;
+
+/// Decode tokens/s of each of `models` while all of them run
+/// `SHARING_STREAMS` requests of `SHARING_TOKENS` tokens at once (the
+/// end-of-turn token banned, so every request makes all of them).
+async fn decode_rate(
+    http: &reqwest::Client,
+    a: &Agent,
+    models: &[&str],
+) -> anyhow::Result<Vec<f64>> {
+    let mut tasks = Vec::new();
+    for model in models {
+        for i in 0..SHARING_STREAMS {
+            let (http, url, key) = (
+                http.clone(),
+                format!("{}/v1/completions", a.api),
+                a.key.clone(),
+            );
+            let body = json!({
+                "model": model,
+                "prompt": format!("Story {i}: once upon a time"),
+                "max_tokens": SHARING_TOKENS,
+                "temperature": 0,
+                // SmolLM2's end-of-turn and end-of-text tokens.
+                "logit_bias": { "0": -100, "2": -100 },
+            });
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let v: Value = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .header("X-Subscriber-Imsi", IMSI)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let n = v["usage"]["completion_tokens"].as_f64().context("usage")?;
+                Ok::<_, anyhow::Error>((n, t.elapsed().as_secs_f64()))
+            }));
+        }
+    }
+    let mut per_model = vec![(0.0, 0.0f64); models.len()];
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (n, secs) = t.await??;
+        let m = &mut per_model[i / SHARING_STREAMS];
+        m.0 += n;
+        m.1 = m.1.max(secs);
+    }
+    Ok(per_model.into_iter().map(|(n, secs)| n / secs).collect())
+}
+
 /// Runs `rounds` rounds per model and writes the report.
 pub fn bench(rounds: usize) -> anyhow::Result<()> {
     let root = root();
@@ -228,10 +284,34 @@ pub fn bench(rounds: usize) -> anyhow::Result<()> {
                 }),
             );
         }
+        // Sharing: each model decoding alone, then both at once.
+        for (id, _) in &models {
+            admin_ms(&http, &a, id, "load").await.ok();
+        }
+        let mut alone = serde_json::Map::new();
+        for (id, _) in &models {
+            alone.insert(
+                id.to_string(),
+                json!(decode_rate(&http, &a, &[id]).await?[0]),
+            );
+        }
+        let ids: Vec<&str> = models.iter().map(|(id, _)| *id).collect();
+        let together = decode_rate(&http, &a, &ids).await?;
+        let together: serde_json::Map<String, Value> = ids
+            .iter()
+            .zip(&together)
+            .map(|(id, r)| (id.to_string(), json!(r)))
+            .collect();
         Ok::<_, anyhow::Error>(json!({
             "command": "cargo xtask bench-models",
             "rounds": rounds,
             "models": per_model,
+            "sharing": {
+                "streams_per_model": SHARING_STREAMS,
+                "tokens_per_stream": SHARING_TOKENS,
+                "alone_tokens_per_s": alone,
+                "together_tokens_per_s": together,
+            },
         }))
     })?;
     println!(
@@ -247,6 +327,21 @@ pub fn bench(rounds: usize) -> anyhow::Result<()> {
             f("cold_first_request_ms"),
             f("warm_request_ms"),
             f("cold_over_warm")
+        );
+    }
+    let sharing = &report["sharing"];
+    for (id, alone) in sharing["alone_tokens_per_s"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        let together = sharing["together_tokens_per_s"][id]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let alone = alone.as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{id}: {alone:.1} tokens/s alone, {together:.1} beside the other ({:.2} of alone)",
+            together / alone
         );
     }
     let path = out.join("models-bench.json");

@@ -81,6 +81,7 @@ pub fn open_box(dir: &Path, budget: u64, tokens: u64) -> Box_ {
             welcome: Vec::new(),
             core: None,
             rate_digests: [(3, vec![0xab; 32])].into(),
+            rate_tiers: [(3, [("flagship".to_string(), "flagship".to_string())].into())].into(),
         },
         log.clone(),
         store,

@@ -127,6 +127,73 @@ async fn a_reservation_short_of_units_caps_the_completion_it_pays_for() {
     );
 }
 
+/// What a dead process left: a flagship stream of 10 prompt and 5
+/// completion tokens at [`flagship`]'s rate (120 units), in `dir`'s tally.
+fn leave_a_flagship_stream(dir: &std::path::Path, id: uuid::Uuid, log_seq: u64) {
+    let (tally, _) = Tally::open(&dir.join("inflight.tally")).unwrap();
+    let now = mec_billing::unix_now() * 1000;
+    let mut c = std::sync::Arc::new(tally)
+        .begin(Entry {
+            request_id: id.simple().to_string(),
+            imsi: imsi().to_string(),
+            app: "app".into(),
+            model: "flagship".into(),
+            started_ms: now,
+            updated_ms: now,
+            prompt_tokens: 10,
+            completion_tokens: 0,
+            reserved_tokens: 1640,
+            client_left: true,
+            log_seq,
+            end_user: String::new(),
+            choices: 1,
+            constraint: String::new(),
+            rate: RateEntry::of(&flagship()),
+        })
+        .unwrap();
+    c.count(5).unwrap();
+    drop(c); // the process dies: the slot is never released
+}
+
+#[tokio::test]
+async fn a_stream_left_short_by_its_tiers_package_is_paid_by_the_others_without_overdraft() {
+    let dir = tempfile::tempdir().unwrap();
+    let bx = open_box(dir.path(), 1 << 20, 0);
+    let far = mec_billing::unix_now() + 86_400;
+    let kind = mec_metering::BucketKind::Topup;
+    // The flagship tier's package holds 50 units; the stream costs 120.
+    let tiers = bx
+        .billing
+        .grant_for(&imsi(), kind, 50, (0, far), &["flagship".to_string()])
+        .unwrap();
+    let general = bx
+        .billing
+        .grant_for(&imsi(), kind, 1_000, (0, far), &[])
+        .unwrap();
+    let durable = bx.log.stats().durable_seq;
+    bx.billing.shutdown();
+    drop(bx);
+    leave_a_flagship_stream(dir.path(), uuid::Uuid::now_v7(), durable);
+    let bx = open_box(dir.path(), 1 << 20, 0);
+    assert_eq!(bx.billing.recover_streams(bx.left.clone()).await.billed, 1);
+    let balance = bx.billing.balance(&imsi());
+    let left = |id: u64| {
+        balance
+            .buckets
+            .iter()
+            .find(|b| b.id == id)
+            .unwrap()
+            .remaining
+    };
+    assert_eq!(left(tiers.id) + left(general.id), 1_050 - 120);
+    assert!(
+        left(tiers.id) <= 50 && left(general.id) <= 1_000,
+        "{balance:?}"
+    );
+    let r = last_record(&bx);
+    assert_eq!(r.debits.iter().map(|d| d.tokens).sum::<u64>(), 120);
+}
+
 #[tokio::test]
 async fn a_stream_left_by_a_dead_process_is_billed_at_the_rate_it_started_with() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,31 +202,7 @@ async fn a_stream_left_by_a_dead_process_is_billed_at_the_rate_it_started_with()
     bx.billing.shutdown();
     drop(bx);
     let id = uuid::Uuid::now_v7();
-    {
-        let (tally, _) = Tally::open(&dir.path().join("inflight.tally")).unwrap();
-        let now = mec_billing::unix_now() * 1000;
-        let mut c = std::sync::Arc::new(tally)
-            .begin(Entry {
-                request_id: id.simple().to_string(),
-                imsi: imsi().to_string(),
-                app: "app".into(),
-                model: "flagship".into(),
-                started_ms: now,
-                updated_ms: now,
-                prompt_tokens: 10,
-                completion_tokens: 0,
-                reserved_tokens: 1640,
-                client_left: true,
-                log_seq: durable,
-                end_user: String::new(),
-                choices: 1,
-                constraint: String::new(),
-                rate: RateEntry::of(&flagship()),
-            })
-            .unwrap();
-        c.count(5).unwrap();
-        drop(c); // the process dies: the slot is never released
-    }
+    leave_a_flagship_stream(dir.path(), id, durable);
     let bx = open_box(dir.path(), 1 << 20, 10_000);
     let recovered = bx.billing.recover_streams(bx.left.clone()).await;
     assert_eq!(recovered.billed, 1, "{recovered:?}");

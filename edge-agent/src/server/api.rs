@@ -113,6 +113,13 @@ struct Prepared {
     include_usage: bool,
 }
 
+/// Whether `app` may use the model `spec` (named `name` by the request).
+fn app_may_use(app: &App, name: &str, spec: &mec_inference::registry::ModelSpec) -> bool {
+    app.models
+        .iter()
+        .any(|m| m == "*" || m == name || *m == spec.id || spec.aliases.contains(m))
+}
+
 /// The models a request naming `name` may go to, in the order to try:
 /// a route's candidates (`[[routes]]`: tiers expanded through the rate
 /// table in force, ordered by its policy, those the app may not use left
@@ -150,7 +157,12 @@ fn candidates(state: &AppState, app: &App, name: &str) -> Result<(Vec<String>, b
     }
     let mut seen = std::collections::HashSet::new();
     ids.retain(|id| seen.insert(id.clone()));
-    ids.retain(|id| app.models.iter().any(|m| m == "*" || m == id));
+    ids.retain(|id| {
+        state
+            .models
+            .resolve(id)
+            .is_some_and(|spec| app_may_use(app, id, spec))
+    });
     if route.policy == RoutePolicy::Cheapest {
         // A stable sort: equal prices (no table) keep the order given.
         ids.sort_by_key(|id| {
@@ -165,7 +177,10 @@ fn candidates(state: &AppState, app: &App, name: &str) -> Result<(Vec<String>, b
     if ids.is_empty() {
         return Err(ApiError::unavailable(
             "no_model",
-            format!("the route {name:?} has no model this app may use"),
+            format!(
+                "the route {name:?} has no model to try: its tiers name none in the rate table in force, \
+                 or this app may use none of its models"
+            ),
         ));
     }
     Ok((ids, true))
@@ -191,19 +206,30 @@ fn falls_through(e: &ApiError) -> bool {
 /// The model a request names (an id or an alias), held for the request:
 /// 404 for a name no model has, 403 for a model the app may not use, 503
 /// (with `Retry-After`) while it loads or unloads, or when its load failed.
-fn lease_model(state: &AppState, app: &App, name: &str) -> Result<Lease, ApiError> {
+/// `may_load`: a model that is not loaded starts loading (else it is only
+/// reported as not ready: a route's first pass).
+fn lease_model(state: &AppState, app: &App, name: &str, may_load: bool) -> Result<Lease, ApiError> {
     let spec = state
         .models
         .resolve(name)
         .ok_or_else(|| ApiError::model_not_found(name))?;
-    let allowed = |m: &String| m == "*" || m == name || *m == spec.id || spec.aliases.contains(m);
-    if !app.models.iter().any(allowed) {
+    if !app_may_use(app, name, spec) {
         return Err(ApiError::forbidden(
             "model_not_allowed",
             format!("this app may not use the model {name:?}"),
         ));
     }
-    state.models.lease(name).map_err(|e| match e {
+    // A model the rate table does not price is refused before it is loaded
+    // (a load may evict others).
+    state
+        .rates
+        .rate_for(&spec.id)
+        .map_err(|e| ApiError::unavailable("model_unrated", e.to_string()))?;
+    let leased = match may_load {
+        true => state.models.lease(name),
+        false => state.models.lease_if_loaded(name),
+    };
+    leased.map_err(|e| match e {
         Unavailable::Unknown => ApiError::model_not_found(name),
         Unavailable::Loading { id, retry_after } => ApiError {
             retry_after: Some(retry_after.as_secs().max(1)),
@@ -455,7 +481,13 @@ fn close_objects(schema: &mut serde_json::Value) {
 
 /// Reserves, submits, and spawns the task that runs the generation to its
 /// settlement. Returns the event stream of the answer.
-async fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver<Event>, ApiError> {
+/// `limits_taken`: the request's rate limits were taken by an earlier try
+/// (a route's previous model); set once this try takes them.
+async fn start(
+    state: &Arc<AppState>,
+    p: &mut Prepared,
+    limits_taken: &mut bool,
+) -> Result<mpsc::Receiver<Event>, ApiError> {
     if state.draining.load(Ordering::Relaxed) {
         return Err(ApiError::unavailable(
             "shutting_down",
@@ -466,18 +498,24 @@ async fn start(state: &Arc<AppState>, p: &mut Prepared) -> Result<mpsc::Receiver
     // Rate limits, room in the log, the reservation (with a core: from its
     // grants, asked for when none covers it), a stream's slot. The
     // admission holds the reservation until it settles or is dropped.
-    let admission = state
-        .billing
-        .admit_or_ask(Admit {
-            info: &p.info,
-            prompt_tokens: p.prompt.len() as u64,
-            // Every choice may take its max_tokens; the prompt is billed once.
-            max_completion: p.max_completion * p.choices as u64,
-            // At least one token for each choice.
-            min_completion: p.choices as u64,
-            stream: p.stream,
-        })
-        .await?;
+    let admit = Admit {
+        info: &p.info,
+        prompt_tokens: p.prompt.len() as u64,
+        // Every choice may take its max_tokens; the prompt is billed once.
+        max_completion: p.max_completion * p.choices as u64,
+        // At least one token for each choice.
+        min_completion: p.choices as u64,
+        stream: p.stream,
+    };
+    let admitted = match *limits_taken {
+        false => state.billing.admit_or_ask(admit).await,
+        true => state.billing.admit_or_ask_again(admit).await,
+    };
+    // Past the rate limits (they are checked first): taken for this request.
+    if !matches!(admitted, Err(mec_billing::BillingError::RateLimited { .. })) {
+        *limits_taken = true;
+    }
+    let admission = admitted?;
     let reserve_time = metering_started.elapsed();
     // The reservation caps what may be generated, shared among the choices
     // (it covers at least one token each: `min_completion`).
@@ -710,9 +748,18 @@ pub async fn chat_completions(
         let messages = req.chat_messages(tools.as_ref())?;
         let (models, routed) = candidates(&state, app, &req.model)?;
         let mut first_refusal = None;
-        for model in &models {
+        let mut limits_taken = false;
+        // A route tries its loaded models first: loading one may evict
+        // another that could have served. Then any, loading the first it
+        // can.
+        let passes: &[bool] = if routed { &[false, true] } else { &[true] };
+        let tries: Vec<(bool, &String)> = passes
+            .iter()
+            .flat_map(|&l| models.iter().map(move |m| (l, m)))
+            .collect();
+        for &(may_load, model) in &tries {
             let attempt = async {
-                let lease = lease_model(&state, app, model)?;
+                let lease = lease_model(&state, app, model, may_load)?;
                 let text = lease
                     .engine()
                     .tokenizer()
@@ -749,7 +796,7 @@ pub async fn chat_completions(
                     p.info.detail.constraint = name.to_string();
                     p.output = output;
                 }
-                let rx = start(&state, &mut p).await?;
+                let rx = start(&state, &mut p, &mut limits_taken).await?;
                 Ok::<_, ApiError>((p, rx))
             };
             match attempt.await {
@@ -787,9 +834,15 @@ pub async fn completions(
         let text = req.prompt_text()?.to_string();
         let (models, routed) = candidates(&state, app, &req.model)?;
         let mut first_refusal = None;
-        for model in &models {
+        let mut limits_taken = false;
+        let passes: &[bool] = if routed { &[false, true] } else { &[true] };
+        let tries: Vec<(bool, &String)> = passes
+            .iter()
+            .flat_map(|&l| models.iter().map(move |m| (l, m)))
+            .collect();
+        for &(may_load, model) in &tries {
             let attempt = async {
-                let lease = lease_model(&state, app, model)?;
+                let lease = lease_model(&state, app, model, may_load)?;
                 let mut p = prepare(
                     &state,
                     lease,
@@ -799,7 +852,7 @@ pub async fn completions(
                     app,
                     Endpoint::Completions,
                 )?;
-                let rx = start(&state, &mut p).await?;
+                let rx = start(&state, &mut p, &mut limits_taken).await?;
                 Ok::<_, ApiError>((p, rx))
             };
             match attempt.await {
@@ -940,12 +993,18 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let engines = state.models.engines();
-    let stats: Vec<_> = engines.iter().map(|(_, e)| e.stats()).collect();
-    let pools: Vec<_> = engines
-        .iter()
-        .filter_map(|(_, e)| e.model().kv_pool_usage())
-        .collect();
+    // Read now, the engines let go of before any await: an engine held
+    // here would outlive its eviction.
+    let (stats, pools): (Vec<_>, Vec<_>) = {
+        let engines = state.models.engines();
+        (
+            engines.iter().map(|(_, e)| e.stats()).collect(),
+            engines
+                .iter()
+                .filter_map(|(_, e)| e.model().kv_pool_usage())
+                .collect(),
+        )
+    };
     let log = state.log.stats();
     let sync = {
         let state = state.clone();

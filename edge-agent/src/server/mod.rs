@@ -324,6 +324,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
             welcome: welcome_packages(&config),
             core: grant_asker.clone(),
             rate_digests: rates.digests(),
+            rate_tiers: rates.tiers(),
         },
         log.clone(),
         store,

@@ -45,25 +45,34 @@ pub enum InstallError {
 }
 
 impl RateBook {
-    /// The tables kept in `dir` (each checked again with `key`; one that no
-    /// longer verifies is skipped, loudly).
+    /// The tables kept in `dir`, each checked again with `key`. One that no
+    /// longer verifies, or kept tables and no key to check them with, stop
+    /// the start: serving at another price than the operator's (one unit a
+    /// token, or an older table) is not an option.
     pub fn open(dir: &Path, key: Option<VerifyingKey>) -> anyhow::Result<RateBook> {
         let mut tables = BTreeMap::new();
-        if let (Some(key), Ok(entries)) = (&key, std::fs::read_dir(dir)) {
-            for entry in entries {
-                let path = entry?.path();
-                if path.extension().and_then(|e| e.to_str()) != Some("toml") {
-                    continue;
-                }
-                match read_signed(&path, key) {
-                    Ok(t) => {
-                        tables.insert(t.version, Arc::new(t));
-                    }
-                    Err(e) => {
-                        tracing::error!(path = %path.display(), error = %e, "a kept rate table does not verify; skipped")
-                    }
-                }
-            }
+        let kept: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if !kept.is_empty() && key.is_none() {
+            anyhow::bail!(
+                "{} holds rate tables and this box has no operator key to check them with: \
+                 set [rating] key, or provision the site's image key",
+                dir.display()
+            );
+        }
+        for path in kept {
+            let key = key.as_ref().expect("checked above");
+            let t = read_signed(&path, key).map_err(|e| {
+                anyhow::anyhow!(
+                    "a kept rate table does not verify (move it aside to start without it): {e}"
+                )
+            })?;
+            tables.insert(t.version, Arc::new(t));
         }
         Ok(RateBook {
             dir: dir.to_path_buf(),
@@ -89,6 +98,23 @@ impl RateBook {
             .unwrap()
             .iter()
             .map(|(v, t)| (*v, t.digest.to_vec()))
+            .collect()
+    }
+
+    /// Every kept table's tiers (model id to tier), by version.
+    pub fn tiers(&self) -> BTreeMap<u64, BTreeMap<String, String>> {
+        self.tables
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(v, t)| {
+                let tiers = t
+                    .models
+                    .iter()
+                    .filter_map(|(id, m)| Some((id.clone(), m.tier.clone()?)))
+                    .collect();
+                (*v, tiers)
+            })
             .collect()
     }
 

@@ -153,7 +153,9 @@ impl std::fmt::Debug for Registry {
 /// A request's hold on a loaded model: its engine, and the promise that the
 /// model stays loaded until the lease drops.
 pub struct Lease {
-    engine: Arc<Engine>,
+    /// Always there until the lease drops (taken then, to be retired with
+    /// the map's reference when this was the model's last request).
+    engine: Option<Arc<Engine>>,
     spec: Arc<ModelSpec>,
     device: DeviceChoice,
     registry: Registry,
@@ -162,7 +164,9 @@ pub struct Lease {
 impl Lease {
     /// The model's engine.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        self.engine
+            .as_deref()
+            .expect("a lease holds its engine until it drops")
     }
 
     /// The model's configuration (its id is the one the request names in
@@ -189,13 +193,34 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let inner = &self.registry.inner;
         let now = self.registry.now();
-        let freed = inner.table.lock().unwrap().release(&self.spec.id, now);
-        if freed {
-            // An unloading model's last request: its engine goes.
+        let mut table = inner.table.lock().unwrap();
+        // An unloading model's last request: its engine leaves the map
+        // under the table's lock (a load that starts after this sees it
+        // gone), and stops off this thread.
+        let mine = self.engine.take();
+        if table.release(&self.spec.id, now) {
             let engine = inner.engines.lock().unwrap().remove(&self.spec.id);
-            drop(engine);
+            drop(table);
+            // Both references go to the retiring thread: whichever is the
+            // last, the engine stops there.
+            retire((engine, mine));
             tracing::info!(model = %self.spec.id, "unloaded (its last request ended)");
         }
+    }
+}
+
+/// Stops engines on a thread of their own: dropping one joins its
+/// scheduler thread and frees its weights and KV cache, which no lock
+/// holder or async worker should wait for. The lease that held the last
+/// reference may still hold one; it ends when that lease drops.
+fn retire<T: Send + 'static>(engines: T) {
+    let spawned = std::thread::Builder::new()
+        .name("engine-retire".into())
+        .spawn(move || drop(engines));
+    if let Err(e) = spawned {
+        // No thread to spare: the engines are dropped with the closure
+        // the failed spawn returned, here.
+        tracing::warn!(error = %e, "stopping engines on the caller's thread");
     }
 }
 
@@ -399,6 +424,18 @@ impl Registry {
     /// A model that is not loaded starts loading (evicting what its pool
     /// needs) and the request is told to come back.
     pub fn lease(&self, name: &str) -> Result<Lease, Unavailable> {
+        self.lease_with(name, true)
+    }
+
+    /// [`Registry::lease`] of a model only if it is loaded now: one that is
+    /// not is `Loading`/`Unavailable` as usual, but no load starts (a route
+    /// tries its loaded candidates first, so that loading one never evicts
+    /// another that could have served).
+    pub fn lease_if_loaded(&self, name: &str) -> Result<Lease, Unavailable> {
+        self.lease_with(name, false)
+    }
+
+    fn lease_with(&self, name: &str, may_load: bool) -> Result<Lease, Unavailable> {
         let &i = self.inner.names.get(name).ok_or(Unavailable::Unknown)?;
         let spec = self.inner.specs[i].clone();
         let now = self.now();
@@ -406,13 +443,26 @@ impl Registry {
         match table.lease(&spec.id, now) {
             Ok(()) => {
                 let engines = self.inner.engines.lock().unwrap();
-                let loaded = engines.get(&spec.id).expect("a ready model has its engine");
-                Ok(Lease {
-                    engine: loaded.engine.clone(),
-                    device: loaded.device.clone(),
-                    spec,
-                    registry: self.clone(),
-                })
+                match engines.get(&spec.id) {
+                    Some(loaded) => Ok(Lease {
+                        engine: Some(loaded.engine.clone()),
+                        device: loaded.device.clone(),
+                        spec,
+                        registry: self.clone(),
+                    }),
+                    None => {
+                        // Never so: a ready model's engine is in the map
+                        // (both change under the table's lock). Refused, not
+                        // a panic under two locks.
+                        table.release(&spec.id, now);
+                        tracing::error!(model = %spec.id, "a ready model without its engine");
+                        Err(Unavailable::Failed {
+                            id: spec.id.clone(),
+                            reason: "its engine is missing (a bug); load it again".into(),
+                            transient: true,
+                        })
+                    }
+                }
             }
             Err(NotNow::Unknown) => Err(Unavailable::Unknown),
             Err(NotNow::Loading { since }) => Err(Unavailable::Loading {
@@ -427,6 +477,10 @@ impl Registry {
                 reason,
                 transient: false,
             }),
+            Err(NotNow::Unloaded) if !may_load => Err(Unavailable::Loading {
+                retry_after: retry_after(table.get(&spec.id), 0),
+                id: spec.id.clone(),
+            }),
             Err(NotNow::Unloaded) => match self.begin_load(&mut table, i, now) {
                 Ok(()) => Err(Unavailable::Loading {
                     retry_after: retry_after(table.get(&spec.id), 0),
@@ -436,7 +490,9 @@ impl Registry {
                     id: spec.id.clone(),
                     transient: matches!(
                         e,
-                        LoadRefused::NoRoom { .. } | LoadRefused::TooMany { .. }
+                        LoadRefused::NoRoom { .. }
+                            | LoadRefused::TooMany { .. }
+                            | LoadRefused::NoThread(_)
                     ),
                     reason: e.to_string(),
                 }),
@@ -452,8 +508,30 @@ impl Registry {
             .names
             .get(id)
             .ok_or_else(|| LoadRefused::Unknown(id.to_string()))?;
+        let spec = self.inner.specs[i].clone();
+        // A failed model's file may have been fixed: read it again, before
+        // the table's lock (a file read is no work to do under it).
+        let failed = matches!(
+            self.inner
+                .table
+                .lock()
+                .unwrap()
+                .get(&spec.id)
+                .map(|s| &s.state),
+            Some(ModelState::Failed { .. })
+        );
+        let estimated = failed.then(|| estimate(&spec)).and_then(Result::ok);
         let now = self.now();
         let mut table = self.inner.table.lock().unwrap();
+        if let Some((bytes, config)) = estimated {
+            if matches!(
+                table.get(&spec.id).map(|s| &s.state),
+                Some(ModelState::Failed { .. })
+            ) {
+                table.set_bytes(&spec.id, bytes);
+                self.inner.contexts.lock().unwrap()[i] = Some(config.context_length);
+            }
+        }
         self.begin_load(&mut table, i, now)
     }
 
@@ -481,16 +559,13 @@ impl Registry {
         }
     }
 
-    /// The table's decision, then the evicted engines dropped and the load
+    /// The table's decision, then the evicted engines retired and the load
     /// started on a thread of its own. The table is locked by the caller.
     fn begin_load(&self, table: &mut Table, i: usize, now: Millis) -> Result<(), LoadRefused> {
         let spec = self.inner.specs[i].clone();
-        // A failed model's file may have been fixed: read it again.
-        if let Ok((bytes, config)) = estimate(&spec) {
-            table.set_bytes(&spec.id, bytes);
-            self.inner.contexts.lock().unwrap()[i] = Some(config.context_length);
-        }
         let plan = table.begin_load(&spec.id, now)?;
+        // Out of the map while the table is locked: a load of the same
+        // model that starts later finds the map without them.
         let evicted: Vec<Loaded> = {
             let mut engines = self.inner.engines.lock().unwrap();
             plan.evict
@@ -501,33 +576,45 @@ impl Registry {
         for id in &plan.evict {
             tracing::info!(model = %id, to_load = %spec.id, "evicted (least recently used)");
         }
+        if !evicted.is_empty() {
+            retire(evicted);
+        }
         let this = self.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("load-{}", spec.id))
-            .spawn(move || {
-                // The evicted engines stop here, off the caller's path (an
-                // idle engine's scheduler thread ends at once).
-                drop(evicted);
-                this.run_load(i)
-            })
-            .map_err(|e| {
-                LoadRefused::Unknown(format!("{}: cannot start a thread: {e}", spec.id))
-            })?;
+            .spawn(move || this.run_load(i));
+        if let Err(e) = spawned {
+            let reason = format!("cannot start a thread to load it: {e}");
+            table.finish_load(&spec.id, Err(reason.clone()), now);
+            self.inner.load_ended.notify_all();
+            return Err(LoadRefused::NoThread(reason));
+        }
         Ok(())
     }
 
-    /// Loads model `i` (on the load thread) and records how it ended.
+    /// Loads model `i` (on the load thread) and records how it ended,
+    /// whatever happens: a load that panics is a failed load, never a
+    /// model left `loading`.
     fn run_load(&self, i: usize) {
         let spec = &self.inner.specs[i];
         let started = Instant::now();
         tracing::info!(model = %spec.id, path = %spec.path.display(), "loading");
-        let result = self.load_engine(i);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load_engine(i)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                Err(format!("the load failed: {what}"))
+            });
         let inner = &self.inner;
         let mut table = inner.table.lock().unwrap();
         let now = self.now();
+        let mut stale = None;
         match result {
             Ok(loaded) => {
-                inner
+                stale = inner
                     .engines
                     .lock()
                     .unwrap()
@@ -542,6 +629,9 @@ impl Registry {
         }
         drop(table);
         inner.load_ended.notify_all();
+        if stale.is_some() {
+            retire(stale);
+        }
     }
 
     fn load_engine(&self, i: usize) -> Result<Loaded, String> {
@@ -579,10 +669,12 @@ impl Registry {
             .ok_or_else(|| format!("no model has the id {id:?}"))?
             .id
             .clone();
-        let now_free = self.inner.table.lock().unwrap().unload(&id)?;
+        let mut table = self.inner.table.lock().unwrap();
+        let now_free = table.unload(&id)?;
         if now_free {
             let engine = self.inner.engines.lock().unwrap().remove(&id);
-            drop(engine);
+            drop(table);
+            retire(engine);
             tracing::info!(model = %id, "unloaded");
         }
         Ok(now_free)
@@ -602,12 +694,16 @@ impl Registry {
     /// this every second). Returns their ids.
     pub fn expire_idle(&self) -> Vec<String> {
         let now = self.now();
-        let expired = self.inner.table.lock().unwrap().expire(now);
+        let mut table = self.inner.table.lock().unwrap();
+        let expired = table.expire(now);
         let engines: Vec<Loaded> = {
             let mut engines = self.inner.engines.lock().unwrap();
             expired.iter().filter_map(|id| engines.remove(id)).collect()
         };
-        drop(engines);
+        drop(table);
+        if !engines.is_empty() {
+            retire(engines);
+        }
         for id in &expired {
             tracing::info!(model = %id, "unloaded (keep-alive ran out)");
         }

@@ -152,6 +152,9 @@ pub enum LoadRefused {
         /// The models that hold the rest.
         held: Vec<String>,
     },
+    /// No thread could be started to load it.
+    #[error("{0}")]
+    NoThread(String),
     /// The most models that may be loaded at once are, and none is idle.
     #[error("{max} models are loaded, the most allowed, and none is idle: {held:?}")]
     TooMany {
