@@ -140,7 +140,7 @@ pub struct ExportQuery {
 }
 
 /// The columns of an exported record, in order.
-pub const RECORD_COLUMNS: [&str; 19] = [
+pub const RECORD_COLUMNS: [&str; 22] = [
     "node_id",
     "seq",
     "record_id",
@@ -163,10 +163,16 @@ pub const RECORD_COLUMNS: [&str; 19] = [
     "choices",
     "constraint",
     "end_user",
+    // Rating (issue 25): the package units charged (billed_tokens for
+    // records from before rating), the rate table's version (0: none) and
+    // its SHA-256, hex.
+    "billed_units",
+    "rate_version",
+    "rate_digest",
 ];
 
 /// The columns of an export summed per IMSI per day, in order.
-pub const DAY_COLUMNS: [&str; 7] = [
+pub const DAY_COLUMNS: [&str; 8] = [
     "imsi",
     "day",
     "records",
@@ -174,6 +180,7 @@ pub const DAY_COLUMNS: [&str; 7] = [
     "cached_prompt_tokens",
     "completion_tokens",
     "billed_tokens",
+    "billed_units",
 ];
 
 /// A stored record as a copy of the store reads it.

@@ -57,12 +57,13 @@ use crate::record::GENESIS_HASH;
 
 /// The migrations, in order: `MIGRATIONS[i]` brings the schema to version
 /// `i + 1`. Append only; never edit one that has shipped.
-pub const MIGRATIONS: [&str; 5] = [
+pub const MIGRATIONS: [&str; 6] = [
     SCHEMA_V1,
     charging::SCHEMA_V2,
     SCHEMA_V3,
     charging::SCHEMA_V4,
     SCHEMA_V5,
+    SCHEMA_V6,
 ];
 
 /// The schema version this binary writes.
@@ -162,6 +163,14 @@ const SCHEMA_V5: &str = "
 ALTER TABLE records ADD COLUMN end_user TEXT NOT NULL DEFAULT '';
 ALTER TABLE records ADD COLUMN choices INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE records ADD COLUMN output_constraint TEXT NOT NULL DEFAULT '';
+";
+
+/// Rating (issue 25): the package units charged (0 for records from
+/// before: read billed_tokens), the rate table's version and digest.
+const SCHEMA_V6: &str = "
+ALTER TABLE records ADD COLUMN billed_units BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE records ADD COLUMN rate_version BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE records ADD COLUMN rate_digest BYTEA NOT NULL DEFAULT '';
 ";
 
 /// How core-ingest connects to PostgreSQL (the configuration's
@@ -909,8 +918,11 @@ impl PgStore {
             .map(|x| i32::try_from(x.record.choices).unwrap_or(i32::MAX))
             .collect();
         let constraints = text(&|x| x.record.constraint.clone());
+        let units = col(&|x| to_i64(crate::record::units_charged(&x.record)));
+        let rate_versions = col(&|x| to_i64(x.record.rate_version));
+        let rate_digests = bytes(&|x| x.record.rate_digest.clone());
         // Every row: the check above makes each of them new.
-        let params: [&(dyn ToSql + Sync); 30] = [
+        let params: [&(dyn ToSql + Sync); 33] = [
             &node,
             &seqs,
             &record_ids,
@@ -941,6 +953,9 @@ impl PgStore {
             &end_users,
             &choices,
             &constraints,
+            &units,
+            &rate_versions,
+            &rate_digests,
         ];
         let insert = tx
             .prepare_cached(
@@ -948,24 +963,27 @@ impl PgStore {
                  model_id, prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens,
                  billed_tokens, package_ids, debits, outcome, failure_reason, start_time_unix_ms,
                  end_time_unix_ms, clock_sync, duration_us, ttft_us, offline, prev_hash, hash,
-                 signed, received_ms, end_user, choices, output_constraint)
+                 signed, received_ms, end_user, choices, output_constraint, billed_units,
+                 rate_version, rate_digest)
              SELECT $1::text, r.seq, r.record_id, r.schema_version, r.key_id, r.imsi, r.app_id,
                  r.model_id, r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens,
                  r.reserved_tokens, r.billed_tokens, r.package_ids, r.debits, r.outcome,
                  r.failure_reason, r.start_time_unix_ms, r.end_time_unix_ms, r.clock_sync,
                  r.duration_us, r.ttft_us, r.offline, r.prev_hash, r.hash, r.signed,
-                 $27::bigint, r.end_user, r.choices, r.output_constraint
+                 $27::bigint, r.end_user, r.choices, r.output_constraint, r.billed_units,
+                 r.rate_version, r.rate_digest
              FROM unnest($2::bigint[], $3::bytea[], $4::bigint[], $5::text[],
                  $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[],
                  $12::bigint[], $13::bigint[], $14::text[], $15::text[], $16::text[], $17::text[],
                  $18::bigint[], $19::bigint[], $20::text[], $21::bigint[], $22::bigint[],
                  $23::boolean[], $24::bytea[], $25::bytea[], $26::bytea[], $28::text[],
-                 $29::int[], $30::text[])
+                 $29::int[], $30::text[], $31::bigint[], $32::bigint[], $33::bytea[])
                  AS r(seq, record_id, schema_version, key_id, imsi, app_id, model_id,
                       prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens,
                       billed_tokens, package_ids, debits, outcome, failure_reason,
                       start_time_unix_ms, end_time_unix_ms, clock_sync, duration_us, ttft_us,
-                      offline, prev_hash, hash, signed, end_user, choices, output_constraint)",
+                      offline, prev_hash, hash, signed, end_user, choices, output_constraint,
+                      billed_units, rate_version, rate_digest)",
             )
             .await
             .map_err(|e| self.err(e))?;
@@ -1133,14 +1151,17 @@ impl IngestStore for PgStore {
         let sql = if q.by_imsi_day {
             "SELECT imsi, to_char(to_timestamp(end_time_unix_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day,
                     COUNT(*)::bigint, SUM(prompt_tokens)::bigint, SUM(cached_prompt_tokens)::bigint,
-                    SUM(completion_tokens)::bigint, SUM(billed_tokens)::bigint
+                    SUM(completion_tokens)::bigint, SUM(billed_tokens)::bigint,
+                    SUM(CASE billed_units WHEN 0 THEN billed_tokens ELSE billed_units END)::bigint
              FROM records WHERE end_time_unix_ms >= $1 AND end_time_unix_ms < $2
              GROUP BY imsi, day ORDER BY imsi, day"
         } else {
             "SELECT node_id, seq, encode(record_id, 'hex'), imsi, app_id, model_id, prompt_tokens,
                     cached_prompt_tokens, completion_tokens, billed_tokens, outcome, failure_reason,
                     start_time_unix_ms, end_time_unix_ms, package_ids, offline::int::int8,
-                    choices::int8, output_constraint, end_user
+                    choices::int8, output_constraint, end_user,
+                    CASE billed_units WHEN 0 THEN billed_tokens ELSE billed_units END,
+                    rate_version, encode(rate_digest, 'hex')
              FROM records WHERE end_time_unix_ms >= $1 AND end_time_unix_ms < $2
              ORDER BY node_id, seq"
         };

@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 /// Columns added since the first schema: (table, column, definition).
 /// Added at open when missing, so a store made by an older core opens.
-const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
     // 'edge_salvaged' (the edge's log was damaged) or 'core_lost' (the core
     // had acknowledged them and no longer holds them).
     ("gaps", "reason", "TEXT NOT NULL DEFAULT 'edge_salvaged'"),
@@ -102,6 +102,11 @@ const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
     ("records", "end_user", "TEXT NOT NULL DEFAULT ''"),
     ("records", "choices", "INTEGER NOT NULL DEFAULT 0"),
     ("records", "output_constraint", "TEXT NOT NULL DEFAULT ''"),
+    // Rating (issue 25): the units charged (0 for records from before: read
+    // billed_tokens), the rate table's version and digest.
+    ("records", "billed_units", "INTEGER NOT NULL DEFAULT 0"),
+    ("records", "rate_version", "INTEGER NOT NULL DEFAULT 0"),
+    ("records", "rate_digest", "BLOB NOT NULL DEFAULT x''"),
 ];
 
 const INDEXES: &str = "
@@ -227,9 +232,10 @@ fn commit(conn: &Connection, v: &BatchVerdict, now_ms: i64) -> Result<(), Ingest
                 app_id, model_id, prompt_tokens, cached_prompt_tokens, completion_tokens,
                 reserved_tokens, billed_tokens, package_ids, debits, outcome, failure_reason,
                 start_time_unix_ms, end_time_unix_ms, clock_sync, duration_us, ttft_us, offline,
-                prev_hash, hash, signed, received_ms, end_user, choices, output_constraint)
+                prev_hash, hash, signed, received_ms, end_user, choices, output_constraint,
+                billed_units, rate_version, rate_digest)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
+                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)",
         )?;
         for a in &v.accepted {
             let r = &a.record;
@@ -263,7 +269,10 @@ fn commit(conn: &Connection, v: &BatchVerdict, now_ms: i64) -> Result<(), Ingest
                 now_ms,
                 r.end_user,
                 r.choices,
-                r.constraint
+                r.constraint,
+                to_i64(crate::record::units_charged(r)),
+                to_i64(r.rate_version),
+                r.rate_digest
             ])?;
         }
     }
@@ -397,14 +406,17 @@ impl IngestStore for SqliteStore {
         let conn = self.connection();
         let sql = if q.by_imsi_day {
             "SELECT imsi, strftime('%Y-%m-%d', end_time_unix_ms / 1000, 'unixepoch') AS day, COUNT(*),
-                    SUM(prompt_tokens), SUM(cached_prompt_tokens), SUM(completion_tokens), SUM(billed_tokens)
+                    SUM(prompt_tokens), SUM(cached_prompt_tokens), SUM(completion_tokens), SUM(billed_tokens),
+                    SUM(CASE billed_units WHEN 0 THEN billed_tokens ELSE billed_units END)
              FROM records WHERE end_time_unix_ms >= ?1 AND end_time_unix_ms < ?2
              GROUP BY imsi, day ORDER BY imsi, day"
         } else {
             "SELECT node_id, seq, lower(hex(record_id)), imsi, app_id, model_id, prompt_tokens,
                     cached_prompt_tokens, completion_tokens, billed_tokens, outcome, failure_reason,
                     start_time_unix_ms, end_time_unix_ms, package_ids, offline, choices,
-                    output_constraint, end_user
+                    output_constraint, end_user,
+                    CASE billed_units WHEN 0 THEN billed_tokens ELSE billed_units END,
+                    rate_version, lower(hex(rate_digest))
              FROM records WHERE end_time_unix_ms >= ?1 AND end_time_unix_ms < ?2
              ORDER BY node_id, seq"
         };

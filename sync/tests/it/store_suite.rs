@@ -48,6 +48,10 @@ fn chain(node: &str, k: &SigningKey, n: u64, end_ms: impl Fn(u64) -> i64) -> Vec
                     String::new()
                 },
                 end_user: format!("user-{seq}"),
+                // Seq 5 is rated (issue 25): 40 units at table version 3.
+                billed_units: if seq == 5 { 40 } else { 0 },
+                rate_version: if seq == 5 { 3 } else { 0 },
+                rate_digest: if seq == 5 { vec![0xab; 32] } else { vec![] },
                 ..Default::default()
             };
             let body = encode_record(&r);
@@ -194,13 +198,31 @@ fn exports_stream_records_and_daily_sums(b: Backend) {
     assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     assert_eq!(rows[0][0], ExportValue::Text("edge-x".into()));
     assert_eq!(rows[0].len(), mec_sync::ingest_store::RECORD_COLUMNS.len());
-    // What the request asked (issue 24) is in the last three columns.
+    // What the request asked (issue 24).
     assert_eq!(
-        rows[1][16..],
+        rows[1][16..19],
         [
             ExportValue::Int(2),
             ExportValue::Text("json_schema".into()),
             ExportValue::Text("user-2".into())
+        ]
+    );
+    // Rating (issue 25): units, the table's version and digest; a record
+    // without units is read as one unit a token.
+    assert_eq!(
+        rows[1][19..],
+        [
+            ExportValue::Int(9),
+            ExportValue::Int(0),
+            ExportValue::Text(String::new())
+        ]
+    );
+    assert_eq!(
+        rows[4][19..],
+        [
+            ExportValue::Int(40),
+            ExportValue::Int(3),
+            ExportValue::Text("ab".repeat(32))
         ]
     );
     let dec1 = ExportQuery {
@@ -214,7 +236,8 @@ fn exports_stream_records_and_daily_sums(b: Backend) {
         Ok(())
     })
     .unwrap();
-    // Seq 5 and 6 (IMSIs ...2 and ...0): one row each, billed 12 and 13.
+    // Seq 5 and 6 (IMSIs ...2 and ...0): one row each, billed 12 and 13
+    // tokens, 40 and 13 units.
     assert_eq!(
         days,
         vec![
@@ -226,6 +249,7 @@ fn exports_stream_records_and_daily_sums(b: Backend) {
                 ExportValue::Int(0),
                 ExportValue::Int(6),
                 ExportValue::Int(13),
+                ExportValue::Int(13),
             ],
             vec![
                 ExportValue::Text("001010000000002".into()),
@@ -235,6 +259,7 @@ fn exports_stream_records_and_daily_sums(b: Backend) {
                 ExportValue::Int(0),
                 ExportValue::Int(5),
                 ExportValue::Int(12),
+                ExportValue::Int(40),
             ],
         ]
     );
