@@ -199,7 +199,10 @@ pub fn figures(out: &Path) -> Vec<Figure> {
         for (id, m) in v["models"].as_object().into_iter().flatten() {
             for (key, what) in [
                 ("load_ms", "load (file to serving engine)"),
-                ("unload_ms", "unload (engine stopped, memory freed)"),
+                (
+                    "unload_ms",
+                    "unload (answered; the engine stops on a thread of its own)",
+                ),
             ] {
                 if let Some(ms) = num(&m[key]) {
                     f.push(Figure {
@@ -224,6 +227,33 @@ pub fn figures(out: &Path) -> Vec<Figure> {
                     peer: Some(("the same request, model warm".into(), warm)),
                     higher_is_better: false,
                     command: command.clone(),
+                });
+            }
+        }
+    }
+    if let Some(v) = read("models-bench.json") {
+        // Issue 25: how two models share the box (decoding at once).
+        let sharing = &v["sharing"];
+        for (id, alone) in sharing["alone_tokens_per_s"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(together), Some(alone)) =
+                (num(&sharing["together_tokens_per_s"][id]), num(alone))
+            {
+                f.push(Figure {
+                    bench: "models",
+                    name: format!("{id}: decode while the other model decodes too"),
+                    value: together,
+                    unit: "tokens/s",
+                    peer: Some(("the same model decoding alone".into(), alone)),
+                    higher_is_better: true,
+                    command: format!(
+                        "{} ({} streams per model)",
+                        v["command"].as_str().unwrap_or("cargo xtask bench-models"),
+                        sharing["streams_per_model"]
+                    ),
                 });
             }
         }
