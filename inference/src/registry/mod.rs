@@ -393,17 +393,6 @@ impl Registry {
             .map(|&i| self.inner.specs[i].as_ref())
     }
 
-    /// Every model's configuration, in order.
-    pub fn specs(&self) -> impl Iterator<Item = &ModelSpec> {
-        self.inner.specs.iter().map(|s| s.as_ref())
-    }
-
-    /// A model's context length, once its file was read.
-    pub fn context_length(&self, id: &str) -> Option<usize> {
-        let i = *self.inner.names.get(id)?;
-        self.inner.contexts.lock().unwrap()[i]
-    }
-
     /// Loads the models marked to load at start, one after the other,
     /// waiting for each; a model that fails is marked failed (the others
     /// load all the same). Returns the failures.
@@ -750,19 +739,6 @@ impl Registry {
                     .then(|| now.saturating_sub(slot.last_used) / 1000),
             })
             .collect()
-    }
-
-    /// Unloads every model (at shutdown, after the requests drained).
-    pub fn unload_all(&self) {
-        let engines: Vec<Loaded> = self
-            .inner
-            .engines
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, l)| l)
-            .collect();
-        drop(engines);
     }
 }
 
